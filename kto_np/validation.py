@@ -1,0 +1,138 @@
+"""Input checks shared by the public functions.
+
+Each check raises ValueError or TypeError with the argument's name, what was expected and what was
+received, so a bad call fails at the door instead of as a NaN or a traceback deep inside NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .backend import array_module
+
+__all__ = [
+    "as_float_array",
+    "as_index_array",
+    "as_labels",
+    "check_choice",
+    "check_finite_scalar",
+    "check_positive_int",
+    "check_same_shape",
+]
+
+
+def _describe(value) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"{type(value).__name__} of shape {tuple(shape)} and dtype {getattr(value, 'dtype', '?')}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def as_float_array(name: str, value, *, ndim: int | None = None, allow_empty: bool = False,
+                   finite: bool = True):
+    """`value` as a floating array (NumPy or CuPy, whichever it is; lists become NumPy).
+
+    Integer and boolean input is promoted to float64; floating input keeps its dtype.
+    Checks the number of dimensions, non-emptiness and finiteness (NaN/inf are rejected).
+    """
+    xp = array_module(value)
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{name} must be an array of numbers, got {_describe(value)}")
+    try:
+        arr = xp.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array of numbers, got {_describe(value)}") from exc
+    if arr.dtype.kind in "biu":
+        arr = arr.astype(np.float64)
+    elif arr.dtype.kind != "f":
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(arr.shape)}")
+    if not allow_empty and arr.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(arr.shape)}")
+    if finite and arr.size and not bool(xp.isfinite(arr).all()):
+        bad = int((~xp.isfinite(arr)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} NaN or infinite value(s)")
+    return arr
+
+
+def as_index_array(name: str, value, *, upper: int, shape: tuple | None = None):
+    """`value` as an integer array with every entry in [0, upper)."""
+    xp = array_module(value)
+    try:
+        arr = xp.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an integer array, got {_describe(value)}") from exc
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{name} must be in [0, {upper}), got values from {lo} to {hi}")
+    return arr
+
+
+def as_labels(name: str, value, n: int):
+    """Binary labels (1 desirable, 0 undesirable) of length n, returned as a boolean array."""
+    xp = array_module(value)
+    try:
+        arr = xp.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array of 0/1 labels, got {_describe(value)}") from exc
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold 0/1 labels, got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(arr.shape)}")
+    if arr.dtype.kind != "b" and arr.size:
+        ok = (arr == 0) | (arr == 1)
+        if not bool(ok.all()):
+            bad = to_python_list(arr[~ok][:3])
+            raise ValueError(f"{name} must contain only 0 and 1, got {bad}")
+    return arr.astype(bool)
+
+
+def to_python_list(arr) -> list:
+    return [float(v) for v in arr.tolist()] if hasattr(arr, "tolist") else list(arr)
+
+
+def check_same_shape(name: str, arr, ref_name: str, ref) -> None:
+    if tuple(arr.shape) != tuple(ref.shape):
+        raise ValueError(
+            f"{name} must have the same shape as {ref_name} {tuple(ref.shape)}, got {tuple(arr.shape)}"
+        )
+
+
+def check_finite_scalar(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """A real, finite number; optionally > 0 or >= 0. Returns it as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        if getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None:
+            value = value.item()
+        else:
+            raise TypeError(f"{name} must be a real number, got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {_describe(value)}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
