@@ -156,3 +156,61 @@ def format_report(rows: list[GradCheckRow], title: str | None = None) -> str:
             f"{r.rel_error:>10.3e}  {'pass' if r.passed else 'FAIL'}"
         )
     return "\n".join(lines)
+
+
+def loss_and_logprob_checks(seed: int = 0, tolerance: float = DEFAULT_TOLERANCE) -> list[GradCheckRow]:
+    """Finite-difference checks of compute_logprobs, the shifted helper and every loss variant.
+
+    Random float64 inputs from `seed`; one row per function and option.
+    """
+    from . import logprobs, losses  # noqa: PLC0415  (gradcheck is imported by both modules' tests)
+
+    rng = np.random.default_rng(seed)
+    rows: list[GradCheckRow] = []
+
+    B, T, V = 3, 5, 7
+    logits = 2.0 * rng.standard_normal((B, T, V))
+    targets = rng.integers(0, V, (B, T))
+    mask = (rng.random((B, T)) > 0.25).astype(np.float64)
+    upstream = rng.standard_normal(B)
+    for name, forward, backward in [
+        ("compute_logprobs", logprobs.logprobs_forward, logprobs.logprobs_backward),
+        ("sequence_logprobs", logprobs.sequence_logprobs_forward, logprobs.sequence_logprobs_backward),
+    ]:
+        analytic = backward(upstream, forward(logits, targets, mask)[1])
+        rows += check_gradients(
+            lambda forward=forward: float(upstream @ forward(logits, targets, mask)[0]),
+            {f"{name} d/dlogits": logits}, {f"{name} d/dlogits": analytic},
+            tolerance=tolerance, max_full_size=B * T * V,
+        )
+
+    n = 6
+    policy = -5.0 + rng.standard_normal(n)
+    ref = policy + 0.5 * rng.standard_normal(n)
+    labels = np.array([1, 0, 1, 1, 0, 0])
+    kl_policy = -6.0 + rng.standard_normal(n)
+    kl_ref = kl_policy - np.abs(rng.standard_normal(n))  # positive KL estimate: the clamp is inactive
+    cases = [
+        ("edifice", dict(variant="edifice")),
+        ("edifice stop_z_grad", dict(variant="edifice", stop_z_grad=True)),
+        ("kto, no KL pairs", dict(variant="kto")),
+        ("kto, KL pairs", dict(variant="kto", kl_policy_logps=kl_policy, kl_ref_logps=kl_ref)),
+        ("apo_zero_unpaired", dict(variant="apo_zero_unpaired")),
+    ]
+    for label, kwargs in cases:
+        kwargs = dict(beta=0.5, desirable_weight=1.0, undesirable_weight=1.2, warn_balance=False, **kwargs)
+        _, grad, _ = losses.kto_loss_and_grad(policy, ref, labels, **kwargs)
+        name = f"kto_loss[{label}] d/dpolicy_logps"
+        rows += check_gradients(lambda kwargs=kwargs: losses.kto_loss(policy, ref, labels, **kwargs),
+                                {name: policy}, {name: grad}, tolerance=tolerance)
+
+    chosen, rejected = policy[:3].copy(), policy[3:].copy()
+    ref_chosen, ref_rejected = ref[:3], ref[3:]
+    _, (grad_chosen, grad_rejected), _ = losses.dpo_loss_and_grad(chosen, rejected, ref_chosen, ref_rejected, 0.5)
+    rows += check_gradients(
+        lambda: losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5),
+        {"dpo_loss d/dpolicy_chosen": chosen, "dpo_loss d/dpolicy_rejected": rejected},
+        {"dpo_loss d/dpolicy_chosen": grad_chosen, "dpo_loss d/dpolicy_rejected": grad_rejected},
+        tolerance=tolerance,
+    )
+    return rows
