@@ -1,0 +1,460 @@
+"""Checkpoints (one .npz file: parameters, config, optimizer and RNG state) and the GPT-2 mapping.
+
+A checkpoint is a zip of .npy entries, readable by `numpy.load(path, allow_pickle=False)`:
+
+    __kto_np_format__   int64 scalar, the format version (FORMAT_VERSION)
+    __config_json__     str scalar, GPTConfig.to_dict() as JSON
+    <parameter name>    every parameter under its own name: "wte.weight", "h.0.attn.c_attn.weight", ...
+    __extra_json__      str scalar, only when `extra` was given: `extra` as JSON, each array in it
+                        replaced by the marker {"__array__": "extra/<keys joined by />"}
+    extra/<path>        the arrays of `extra`, e.g. "extra/adamw/m/wte.weight", "extra/rng/0"
+
+Files are written atomically (temporary file in the same folder, fsync, os.replace) and with fixed zip
+timestamps, so the same state always gives the same bytes. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import re
+import stat
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import backend
+from .backend import to_numpy
+from .model import GPTConfig, check_params, param_shapes
+from .validation import check_positive_int
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointError",
+    "load",
+    "params_from_hf_gpt2",
+    "params_to_hf_gpt2",
+    "save",
+]
+
+FORMAT_VERSION = 1
+FORMAT_KEY = "__kto_np_format__"
+CONFIG_KEY = "__config_json__"
+EXTRA_JSON_KEY = "__extra_json__"
+EXTRA_PREFIX = "extra/"
+ARRAY_MARKER = "__array__"
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the zip epoch: byte-identical files for identical state
+
+HF_PREFIX = "transformer."
+HF_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not parameters
+HF_LAYER = re.compile(r"^h\.(\d+)\.")
+
+
+class Checkpoint(NamedTuple):
+    """What `load` returns. params: name -> array (selected backend); extra: {} when none was saved."""
+
+    params: dict
+    config: GPTConfig
+    extra: dict
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: missing, truncated, corrupt, foreign or too new."""
+
+
+# ----------------------------------------------------------------------------------------------
+# extra: nested dicts/lists of JSON values and arrays <-> JSON text + named arrays
+
+
+def _is_array(value) -> bool:
+    """NumPy arrays and scalars, CuPy arrays: stored as .npy entries (a NumPy scalar comes back 0-d)."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return True
+    return type(value).__module__.split(".")[0] == "cupy" and hasattr(value, "shape")
+
+
+def _encode_extra(value, where: str, path: tuple[str, ...], arrays: dict[str, Any]):
+    """JSON-able copy of `value`, its arrays replaced by markers and collected into `arrays`."""
+    if _is_array(value):
+        dtype = np.dtype(value.dtype)
+        if dtype.hasobject:
+            raise TypeError(f"{where} must not hold Python objects (dtype {dtype}): nothing is pickled")
+        for part in path:
+            if part in ("", ".", "..") or "/" in part or "\\" in part:
+                raise ValueError(
+                    f"{where}: keys on the way to an array must be non-empty names without '/' "
+                    f"or '\\', got {part!r}"
+                )
+        name = EXTRA_PREFIX + "/".join(path)
+        arrays[name] = value
+        return {ARRAY_MARKER: name}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Mapping):
+        encoded = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} keys must be str (JSON), got {type(key).__name__} {key!r}")
+            if key == ARRAY_MARKER:
+                raise ValueError(f"{where} must not use the reserved key {ARRAY_MARKER!r}")
+            encoded[key] = _encode_extra(item, f"{where}[{key!r}]", (*path, key), arrays)
+        return encoded
+    if isinstance(value, (list, tuple)):
+        return [
+            _encode_extra(item, f"{where}[{i}]", (*path, str(i)), arrays) for i, item in enumerate(value)
+        ]
+    raise TypeError(
+        f"{where} must be an array, a JSON value (None, bool, int, float, str) or a dict/list of "
+        f"them, got {type(value).__name__}"
+    )
+
+
+def _decode_extra(value, arrays: dict[str, Any], used: set[str]):
+    if isinstance(value, dict):
+        if set(value) == {ARRAY_MARKER}:
+            name = value[ARRAY_MARKER]
+            if name not in arrays:
+                raise KeyError(f"the extra state refers to a missing array entry {name!r}")
+            used.add(name)
+            return arrays[name]
+        return {key: _decode_extra(item, arrays, used) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decode_extra(item, arrays, used) for item in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+
+
+def _new_file_mode(path: str) -> int:
+    """The mode of the file being replaced, or what a plain open() would give a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_directory(folder: str) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    if os.name != "posix":  # pragma: no cover - Windows
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_entry(archive: zipfile.ZipFile, key: str, value) -> None:
+    host = to_numpy(value)
+    if host.dtype.hasobject:
+        raise TypeError(
+            f"checkpoint entry {key!r} holds Python objects (dtype {host.dtype}): nothing is pickled"
+        )
+    info = zipfile.ZipInfo(key + ".npy", date_time=ZIP_DATE_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    with archive.open(info, "w", force_zip64=True) as entry:
+        np.lib.format.write_array(entry, host, allow_pickle=False)
+
+
+def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) -> None:
+    """Write params, config and optional extra state to one .npz file at `path`, atomically.
+
+    params: name -> array (NumPy or CuPy), exactly the keys and shapes of param_shapes(config), in
+        the config's dtype. extra: a dict whose leaves are arrays or JSON values (None, bool, int,
+        float, str; tuples become lists), nested in dicts with str keys and lists: optimizer state,
+        step counter, RNG state (`rng.bit_generator.state`), metrics. Missing parent folders are
+        created. On any failure the temporary file is removed and an existing file at `path` is
+        left as it was.
+    """
+    path = os.fspath(path)
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+    check_params(params, config)
+    for name, value in params.items():
+        dtype = getattr(value, "dtype", None)
+        if dtype is None:
+            raise TypeError(f"params[{name!r}] must be an array, got {type(value).__name__}")
+        if np.dtype(dtype) != config.np_dtype:
+            raise ValueError(f"params[{name!r}] must have the config's dtype {config.dtype}, got {dtype}")
+    if extra is not None and not isinstance(extra, Mapping):
+        raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
+    extra_arrays: dict[str, Any] = {}
+    extra_json = None
+    if extra is not None:
+        extra_json = json.dumps(_encode_extra(extra, "extra", (), extra_arrays))
+    if os.path.isdir(path):
+        raise ValueError(f"path must be a file name, got the directory {path!r}")
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    mode = _new_file_mode(path)
+    fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            with zipfile.ZipFile(file, "w", allowZip64=True) as archive:
+                _write_entry(archive, FORMAT_KEY, np.array(FORMAT_VERSION, dtype=np.int64))
+                _write_entry(archive, CONFIG_KEY, np.array(json.dumps(config.to_dict())))
+                for name in param_shapes(config):
+                    _write_entry(archive, name, params[name])
+                if extra_json is not None:
+                    _write_entry(archive, EXTRA_JSON_KEY, np.array(extra_json))
+                    for name, value in extra_arrays.items():
+                        _write_entry(archive, name, value)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp_path, mode)
+        os.replace(temp_path, path)
+    except BaseException:
+        try:
+            os.unlink(temp_path)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(folder)
+
+
+def _json_entry(path: str, arrays: dict, key: str):
+    value = arrays[key]
+    if value.ndim != 0 or value.dtype.kind != "U":
+        raise CheckpointError(f"checkpoint {path!r}: entry {key!r} must be a JSON string, got {value.dtype}")
+    try:
+        return json.loads(str(value[()]))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path!r}: entry {key!r} is not valid JSON ({exc})") from exc
+
+
+def load(path) -> Checkpoint:
+    """Read a checkpoint written by `save`. Arrays come back in the selected backend, bit for bit.
+
+    Raises CheckpointError (a ValueError naming the path) for a missing file, a file that is not a
+    kto_np checkpoint, a truncated or corrupt file, a newer format version, or parameters that do
+    not match the stored config (every missing, unexpected and mis-shaped key is listed).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a file")
+    try:
+        with open(path, "rb") as file:  # ours to close, also when numpy fails half-way
+            loaded = np.load(file, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise CheckpointError(
+                    f"checkpoint {path!r} is not a kto_np checkpoint: a single .npy array, "
+                    "not an .npz archive"
+                )
+            with loaded:
+                arrays = {key: loaded[key] for key in loaded.files}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, EOFError, ValueError, OSError, zlib.error, ...
+        raise CheckpointError(
+            f"cannot read checkpoint {path!r}: the file is truncated, corrupt or not a kto_np "
+            f"checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+
+    if FORMAT_KEY not in arrays:
+        raise CheckpointError(f"{path!r} is not a kto_np checkpoint: it has no {FORMAT_KEY!r} entry")
+    version = arrays[FORMAT_KEY]
+    if version.ndim != 0 or version.dtype.kind not in "iu":
+        raise CheckpointError(f"checkpoint {path!r}: {FORMAT_KEY!r} must be an integer, got {version!r}")
+    version = int(version)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path!r} has format version {version}, newer than this kto_np reads "
+            f"({FORMAT_VERSION}): upgrade kto_np"
+        )
+    if version < 1:
+        raise CheckpointError(f"checkpoint {path!r} has an invalid format version {version}")
+    if CONFIG_KEY not in arrays:
+        raise CheckpointError(f"checkpoint {path!r} has no {CONFIG_KEY!r} entry")
+    config_dict = _json_entry(path, arrays, CONFIG_KEY)
+    try:
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"expected a JSON object, got {type(config_dict).__name__}")
+        config = GPTConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path!r} holds an invalid config: {exc}") from exc
+
+    reserved = {FORMAT_KEY, CONFIG_KEY, EXTRA_JSON_KEY}
+    unknown_meta = [k for k in arrays if k.startswith("__") and k not in reserved]
+    if unknown_meta:
+        raise CheckpointError(f"checkpoint {path!r} has unknown metadata entries {unknown_meta}")
+    stored_params = {k: v for k, v in arrays.items() if k not in reserved and not k.startswith(EXTRA_PREFIX)}
+    try:
+        check_params(stored_params, config, name="stored parameters")
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path!r}: {exc}") from exc
+    wrong_dtype = [f"{k}: {v.dtype}" for k, v in stored_params.items() if v.dtype != config.np_dtype]
+    if wrong_dtype:
+        raise CheckpointError(
+            f"checkpoint {path!r}: parameters must have the config's dtype {config.dtype}, got {wrong_dtype}"
+        )
+
+    xp = backend.xp()
+    extra_arrays = {k: xp.asarray(v) for k, v in arrays.items() if k.startswith(EXTRA_PREFIX)}
+    extra: dict = {}
+    if EXTRA_JSON_KEY in arrays:
+        used: set[str] = set()
+        try:
+            extra = _decode_extra(_json_entry(path, arrays, EXTRA_JSON_KEY), extra_arrays, used)
+        except KeyError as exc:
+            raise CheckpointError(f"checkpoint {path!r}: {exc.args[0]}") from exc
+        if not isinstance(extra, dict):
+            raise CheckpointError(f"checkpoint {path!r}: the extra state must be a JSON object")
+    else:
+        used = set()
+    unused = sorted(set(extra_arrays) - used)
+    if unused:
+        raise CheckpointError(f"checkpoint {path!r} has extra arrays no extra state refers to: {unused}")
+    params = {name: xp.asarray(stored_params[name]) for name in param_shapes(config)}
+    return Checkpoint(params=params, config=config, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 state dicts
+
+
+def _hf_to_numpy(key: str, value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        try:
+            return value.detach().cpu().numpy()
+        except (TypeError, RuntimeError) as exc:
+            raise TypeError(
+                f"state_dict[{key!r}] cannot be converted to NumPy ({exc}); convert it with .float() first"
+            ) from exc
+    return to_numpy(value)
+
+
+def params_from_hf_gpt2(state_dict, *, num_heads: int, config_overrides: dict | None = None):
+    """Our params and GPTConfig from a Hugging Face GPT-2 state dict. Returns (params, config).
+
+    state_dict: name -> array (NumPy, CuPy or torch tensor), names with or without "transformer.";
+    the causal-mask buffers h.{i}.attn.bias / h.{i}.attn.masked_bias are ignored. vocab_size and
+    hidden_size come from wte.weight [V, C], max_seq_len from wpe.weight [T, C] (when wpe is absent,
+    positions are sinusoidal and config_overrides must give max_seq_len), num_layers from the h.{i}
+    blocks. lm_head.weight absent or equal to wte.weight → tied; different → untied. num_heads cannot
+    be inferred. config_overrides sets any other GPTConfig field (dropout, dtype, tie_embeddings=False
+    to untie a tied model); a dtype override converts the tensors, otherwise they must all be float32
+    or all float64. Arrays are copied into the selected backend.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+    num_heads = check_positive_int("num_heads", num_heads)
+    if config_overrides is None:
+        config_overrides = {}
+    if not isinstance(config_overrides, Mapping):
+        raise TypeError(f"config_overrides must be a dict or None, got {type(config_overrides).__name__}")
+    unknown = sorted(set(config_overrides) - set(GPTConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(
+            f"config_overrides has unknown keys {unknown}; GPTConfig fields are "
+            f"{sorted(GPTConfig.__dataclass_fields__)}"
+        )
+    if "num_heads" in config_overrides:
+        raise ValueError("config_overrides must not set num_heads: pass it as the num_heads argument")
+
+    tensors: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict keys must be str, got {type(key).__name__} {key!r}")
+        name = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
+        if HF_BUFFER.match(name):
+            continue
+        if name in tensors:
+            raise ValueError(f"state_dict has {name!r} both with and without the {HF_PREFIX!r} prefix")
+        tensors[name] = _hf_to_numpy(key, value)
+
+    wte = tensors.get("wte.weight")
+    if wte is None:
+        raise ValueError("state_dict must contain 'wte.weight' (or 'transformer.wte.weight'), got none")
+    if wte.ndim != 2:
+        raise ValueError(f"state_dict['wte.weight'] must be 2-D [V, C], got shape {wte.shape}")
+    layer_ids = sorted({int(m.group(1)) for name in tensors if (m := HF_LAYER.match(name))})
+    if not layer_ids or layer_ids != list(range(len(layer_ids))):
+        raise ValueError(f"state_dict must hold blocks h.0 ... h.{{L-1}}, got block numbers {layer_ids}")
+    inferred: dict[str, Any] = {
+        "vocab_size": int(wte.shape[0]),
+        "hidden_size": int(wte.shape[1]),
+        "num_layers": len(layer_ids),
+        "num_heads": num_heads,
+    }
+    wpe = tensors.get("wpe.weight")
+    if wpe is not None:
+        if wpe.ndim != 2:
+            raise ValueError(f"state_dict['wpe.weight'] must be 2-D [T, C], got shape {wpe.shape}")
+        inferred["positional"] = "learned"
+        inferred["max_seq_len"] = int(wpe.shape[0])
+    else:
+        inferred["positional"] = "sinusoidal"
+        if "max_seq_len" not in config_overrides:
+            raise ValueError(
+                "state_dict has no 'wpe.weight', so max_seq_len cannot be inferred: "
+                "pass config_overrides={'max_seq_len': ...}"
+            )
+    lm_head = tensors.get("lm_head.weight")
+    tied_in_file = lm_head is None or (lm_head.shape == wte.shape and bool(np.array_equal(lm_head, wte)))
+    inferred["tie_embeddings"] = tied_in_file
+    if "dtype" not in config_overrides:
+        dtypes = sorted({str(t.dtype) for t in tensors.values()})
+        if len(dtypes) != 1 or dtypes[0] not in ("float32", "float64"):
+            raise ValueError(
+                f"state_dict tensors must all be float32 or all float64, got dtypes {dtypes}; pass "
+                "config_overrides={'dtype': 'float32'} (or 'float64') to convert them"
+            )
+        inferred["dtype"] = dtypes[0]
+
+    try:
+        config = GPTConfig.from_dict({**inferred, **config_overrides})
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"state_dict and config_overrides do not make a valid GPTConfig: {exc}") from exc
+    if config.tie_embeddings:
+        if not tied_in_file:
+            raise ValueError(
+                "config_overrides sets tie_embeddings=True but state_dict's lm_head.weight differs "
+                "from wte.weight"
+            )
+        tensors.pop("lm_head.weight", None)
+    check_params(tensors, config, name="state_dict tensors (names without 'transformer.')")
+    xp = backend.xp()
+    params = {
+        name: xp.asarray(np.array(tensors[name], dtype=config.np_dtype, copy=True))
+        for name in param_shapes(config)
+    }
+    return params, config
+
+
+def params_to_hf_gpt2(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
+    """A Hugging Face GPT2LMHeadModel state dict (NumPy copies) from our params.
+
+    Names get the "transformer." prefix; "lm_head.weight" [V, C] is a copy of wte.weight when the
+    embeddings are tied. The causal-mask buffers are not included (load with strict=False on old
+    transformers versions); a sinusoidal-position model has no wpe.weight, which GPT-2 itself needs.
+    Use torch.from_numpy on each value to load it into a torch model.
+    """
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+    check_params(params, config)
+    state_dict = {}
+    for name in param_shapes(config):
+        hf_name = name if name == "lm_head.weight" else HF_PREFIX + name
+        state_dict[hf_name] = np.array(to_numpy(params[name]), copy=True)
+    if config.tie_embeddings:
+        state_dict["lm_head.weight"] = state_dict[HF_PREFIX + "wte.weight"].copy()
+    return state_dict
