@@ -19,8 +19,6 @@ import json
 import numbers
 import os
 import re
-import stat
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -29,6 +27,7 @@ import numpy as np
 
 from . import backend
 from .backend import to_numpy
+from .files import atomic_write
 from .model import GPTConfig, check_params, param_shapes
 from .validation import check_positive_int
 
@@ -136,29 +135,6 @@ def _decode_extra(value, arrays: dict[str, Any], used: set[str]):
 # save / load
 
 
-def _new_file_mode(path: str) -> int:
-    """The mode of the file being replaced, or what a plain open() would give a new file."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _fsync_directory(folder: str) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    if os.name != "posix":  # pragma: no cover - Windows
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_entry(archive: zipfile.ZipFile, key: str, value) -> None:
     host = to_numpy(value)
     if host.dtype.hasobject:
@@ -201,32 +177,16 @@ def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) ->
     if os.path.isdir(path):
         raise ValueError(f"path must be a file name, got the directory {path!r}")
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    mode = _new_file_mode(path)
-    fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            with zipfile.ZipFile(file, "w", allowZip64=True) as archive:
-                _write_entry(archive, FORMAT_KEY, np.array(FORMAT_VERSION, dtype=np.int64))
-                _write_entry(archive, CONFIG_KEY, np.array(json.dumps(config.to_dict())))
-                for name in param_shapes(config):
-                    _write_entry(archive, name, params[name])
-                if extra_json is not None:
-                    _write_entry(archive, EXTRA_JSON_KEY, np.array(extra_json))
-                    for name, value in extra_arrays.items():
-                        _write_entry(archive, name, value)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp_path, mode)
-        os.replace(temp_path, path)
-    except BaseException:
-        try:
-            os.unlink(temp_path)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(folder)
+    with atomic_write(path, "wb") as file:
+        with zipfile.ZipFile(file, "w", allowZip64=True) as archive:
+            _write_entry(archive, FORMAT_KEY, np.array(FORMAT_VERSION, dtype=np.int64))
+            _write_entry(archive, CONFIG_KEY, np.array(json.dumps(config.to_dict())))
+            for name in param_shapes(config):
+                _write_entry(archive, name, params[name])
+            if extra_json is not None:
+                _write_entry(archive, EXTRA_JSON_KEY, np.array(extra_json))
+                for name, value in extra_arrays.items():
+                    _write_entry(archive, name, value)
 
 
 def _json_entry(path: str, arrays: dict, key: str):

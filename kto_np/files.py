@@ -1,0 +1,78 @@
+"""Atomic file writes: a temporary file in the target's folder, fsync, then os.replace.
+
+Whatever fails half-way, the file that was at `path` before stays as it was and no temporary file
+is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import tempfile
+
+__all__ = ["atomic_write", "write_json", "write_text"]
+
+
+def _new_file_mode(path: str) -> int:
+    """The mode of the file being replaced, or what a plain open() would give a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_directory(folder: str) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    if os.name != "posix":  # pragma: no cover - Windows
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Open a temporary file for writing; on success it replaces `path`, on error it is removed.
+
+        with atomic_write("out.json", "w") as f:
+            f.write(text)
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"path must be a file name, got the directory {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    file_mode = _new_file_mode(path)
+    fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp_path, file_mode)
+        os.replace(temp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_path)
+        raise
+    _fsync_directory(folder)
+
+
+def write_text(path, text: str) -> None:
+    with atomic_write(path, "w") as file:
+        file.write(text)
+
+
+def write_json(path, obj) -> None:
+    """Write `obj` as indented JSON (keys in insertion order), atomically."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
