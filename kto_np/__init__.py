@@ -7,5 +7,25 @@ its explicit gradient, and float64 reference cases for checking other implementa
 __version__ = "0.1.0"
 
 from .logprobs import compute_logprobs, sequence_logprobs  # noqa: E402
+from .losses import (  # noqa: E402
+    VARIANTS,
+    check_balance,
+    default_beta,
+    dpo_loss,
+    dpo_loss_and_grad,
+    kto_loss,
+    kto_loss_and_grad,
+)
 
-__all__ = ["__version__", "compute_logprobs", "sequence_logprobs"]
+__all__ = [
+    "VARIANTS",
+    "__version__",
+    "check_balance",
+    "compute_logprobs",
+    "default_beta",
+    "dpo_loss",
+    "dpo_loss_and_grad",
+    "kto_loss",
+    "kto_loss_and_grad",
+    "sequence_logprobs",
+]

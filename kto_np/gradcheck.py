@@ -147,12 +147,15 @@ def check_gradients(
 
 def format_report(rows: list[GradCheckRow], title: str | None = None) -> str:
     """A fixed-width table: name, shape, mode, max abs error, relative error, pass/FAIL."""
-    header = f"{'tensor':<32} {'shape':<16} {'mode':<6} {'max abs err':>12} {'rel err':>10}  result"
+    name_width = max([len("tensor"), *(len(r.name) for r in rows)])
+    shape_width = max([len("shape"), *(len(str(r.shape)) for r in rows)])
+    header = (f"{'tensor':<{name_width}}  {'shape':<{shape_width}}  {'mode':<6} {'max abs err':>12} "
+              f"{'rel err':>10}  result")
     lines = [title] if title else []
     lines += [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.name:<32} {str(r.shape):<16} {r.mode:<6} {r.max_abs_error:>12.3e} "
+            f"{r.name:<{name_width}}  {str(r.shape):<{shape_width}}  {r.mode:<6} {r.max_abs_error:>12.3e} "
             f"{r.rel_error:>10.3e}  {'pass' if r.passed else 'FAIL'}"
         )
     return "\n".join(lines)
@@ -201,8 +204,11 @@ def loss_and_logprob_checks(seed: int = 0, tolerance: float = DEFAULT_TOLERANCE)
         kwargs = dict(beta=0.5, desirable_weight=1.0, undesirable_weight=1.2, warn_balance=False, **kwargs)
         _, grad, _ = losses.kto_loss_and_grad(policy, ref, labels, **kwargs)
         name = f"kto_loss[{label}] d/dpolicy_logps"
-        rows += check_gradients(lambda kwargs=kwargs: losses.kto_loss(policy, ref, labels, **kwargs),
-                                {name: policy}, {name: grad}, tolerance=tolerance)
+        if kwargs.get("stop_z_grad"):
+            loss_fn = _edifice_loss_with_frozen_z(policy, ref, labels, **kwargs)
+        else:
+            loss_fn = lambda kwargs=kwargs: losses.kto_loss(policy, ref, labels, **kwargs)  # noqa: E731
+        rows += check_gradients(loss_fn, {name: policy}, {name: grad}, tolerance=tolerance)
 
     chosen, rejected = policy[:3].copy(), policy[3:].copy()
     ref_chosen, ref_rejected = ref[:3], ref[3:]
@@ -214,3 +220,20 @@ def loss_and_logprob_checks(seed: int = 0, tolerance: float = DEFAULT_TOLERANCE)
         tolerance=tolerance,
     )
     return rows
+
+
+def _edifice_loss_with_frozen_z(policy, ref, labels, *, beta, desirable_weight, undesirable_weight, **_):
+    """The edifice loss as a function of policy with z held at its current value: the function whose
+    gradient kto_loss_and_grad(..., stop_z_grad=True) returns."""
+    from .losses import sigmoid  # noqa: PLC0415
+
+    z = float(np.mean(beta * (policy - ref)))
+    desirable = np.asarray(labels) == 1
+
+    def loss() -> float:
+        reward = beta * (policy - ref) - z
+        per_example = np.where(desirable, -desirable_weight * sigmoid(reward),
+                               -undesirable_weight * sigmoid(-reward))
+        return float(np.mean(per_example))
+
+    return loss

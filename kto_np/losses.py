@@ -1,0 +1,410 @@
+"""The KTO loss family with hand-written gradients: the Edifice seed formula, the paper/TRL formula,
+APO-zero (unpaired), and DPO for side-by-side comparison.
+
+Shape letter: n, the batch size; every per-example array is [n]. Each loss is a forward/backward
+pair, `loss, cache = *_forward(...)` and `grads = *_backward(dloss, cache)`, plus a one-call
+`*_loss_and_grad` that also returns TRL-style metrics.
+
+Notation: r_i = policy_logps_i - ref_logps_i (the log-ratio), w_i = desirable_weight (λ_D) when
+label_i = 1 else undesirable_weight (λ_U), s_i = +1 (desirable) or -1 (undesirable), σ the logistic.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .backend import array_module, to_numpy
+from .validation import as_float_array, as_labels, check_choice, check_finite_scalar, check_same_shape
+
+__all__ = [
+    "BALANCE_RANGE",
+    "VARIANTS",
+    "DPOCache",
+    "KTOCache",
+    "check_balance",
+    "default_beta",
+    "dpo_backward",
+    "dpo_forward",
+    "dpo_loss",
+    "dpo_loss_and_grad",
+    "dpo_metrics",
+    "kto_backward",
+    "kto_forward",
+    "kto_loss",
+    "kto_loss_and_grad",
+    "kto_metrics",
+    "log_sigmoid",
+    "sigmoid",
+]
+
+VARIANTS = ("edifice", "kto", "apo_zero_unpaired")
+BALANCE_RANGE = (1.0, 4.0 / 3.0)  # KTO paper, Eq. 8: λ_D n_D / (λ_U n_U) in [1, 4/3]
+_BALANCE_SLACK = 1e-12
+
+
+def default_beta() -> float:
+    """The seed's default β: 0.1."""
+    return 0.1
+
+
+def sigmoid(x):
+    """σ(x) = 1 / (1 + exp(-x)) without overflow: e = exp(-|x|), σ = 1/(1+e) if x >= 0 else e/(1+e)."""
+    xp = array_module(x)
+    x = xp.asarray(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def log_sigmoid(x):
+    """log σ(x) = -log(1 + exp(-x)) = -logaddexp(0, -x), stable for any finite x."""
+    xp = array_module(x)
+    x = xp.asarray(x)
+    return -xp.logaddexp(xp.zeros_like(x), -x)
+
+
+def _as_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _on_module(xp, arr):
+    return to_numpy(arr) if xp is np else xp.asarray(arr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# desirable/undesirable balance
+
+
+def _balance_ratio(num_desirable: int, num_undesirable: int, desirable_weight: float,
+                   undesirable_weight: float) -> float | None:
+    if num_desirable == 0 or num_undesirable == 0:
+        return None
+    if undesirable_weight == 0.0:
+        return math.inf
+    return desirable_weight * num_desirable / (undesirable_weight * num_undesirable)
+
+
+def _warn_if_unbalanced(ratio, num_desirable, num_undesirable, desirable_weight, undesirable_weight,
+                        stacklevel: int) -> None:
+    low, high = BALANCE_RANGE
+    if ratio is None or low * (1 - _BALANCE_SLACK) <= ratio <= high * (1 + _BALANCE_SLACK):
+        return
+    if num_desirable and undesirable_weight > 0:
+        base = undesirable_weight * num_undesirable / num_desirable
+        hint = f"; desirable_weight in [{low * base:.4g}, {high * base:.4g}] would balance this batch"
+    else:
+        hint = ""
+    warnings.warn(
+        f"desirable/undesirable balance λ_D·n_D/(λ_U·n_U) = {ratio:.4g} (desirable_weight="
+        f"{desirable_weight} × {num_desirable} desirable, undesirable_weight={undesirable_weight} × "
+        f"{num_undesirable} undesirable) is outside [1, 4/3], the range the KTO paper recommends "
+        f"(Eq. 8){hint}. kto_loss and kto_loss_and_grad take warn_balance=False to silence this.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def check_balance(labels, desirable_weight=1.0, undesirable_weight=1.0) -> float | None:
+    """The balance λ_D n_D / (λ_U n_U) of a batch; warns (UserWarning) when it is outside [1, 4/3].
+
+    labels: [n] 0/1. Returns None when one class is absent (no balance to speak of), math.inf
+    when undesirable_weight is 0 and both classes are present.
+    """
+    try:
+        shape = array_module(labels).asarray(labels).shape
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"labels must be an array of 0/1 labels, got {type(labels).__name__}") from exc
+    desirable = as_labels("labels", labels, shape[0] if len(shape) else 0)
+    desirable_weight = check_finite_scalar("desirable_weight", desirable_weight, nonnegative=True)
+    undesirable_weight = check_finite_scalar("undesirable_weight", undesirable_weight, nonnegative=True)
+    _check_weights_not_both_zero(desirable_weight, undesirable_weight)
+    num_desirable = int(desirable.sum())
+    num_undesirable = int(desirable.shape[0]) - num_desirable
+    ratio = _balance_ratio(num_desirable, num_undesirable, desirable_weight, undesirable_weight)
+    _warn_if_unbalanced(ratio, num_desirable, num_undesirable, desirable_weight, undesirable_weight,
+                        stacklevel=3)
+    return ratio
+
+
+def _check_weights_not_both_zero(desirable_weight: float, undesirable_weight: float) -> None:
+    if desirable_weight == 0.0 and undesirable_weight == 0.0:
+        raise ValueError(
+            "desirable_weight and undesirable_weight must not both be 0 (the loss would be constant), "
+            "got desirable_weight=0.0, undesirable_weight=0.0"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# KTO family
+
+
+class KTOCache(NamedTuple):
+    """Saved by kto_forward for kto_backward and kto_metrics."""
+
+    variant: str
+    beta: float
+    z_has_grad: bool  # edifice without stop_z_grad: z = mean(β r) passes gradient back to every r_j
+    z: float  # the variant's z: mean(β r) (edifice, reward units), z_ref (kto, log-ratio units), 0.0
+    dloss_du: Any  # [n] ∂loss_i/∂u_i, u_i the sigmoid argument (β r_i - z or β(r_i - z_ref) or β r_i)
+    policy_logps: Any  # [n], as given (its dtype is the gradient's dtype)
+    log_ratios: Any  # [n] r_i
+    desirable: Any  # [n] bool
+
+
+def _check_kto_inputs(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                      variant, stop_z_grad, kl_policy_logps, kl_ref_logps, warn_balance):
+    check_choice("variant", variant, VARIANTS)
+    stop_z_grad = _as_bool("stop_z_grad", stop_z_grad)
+    warn_balance = _as_bool("warn_balance", warn_balance)
+    policy_logps = as_float_array("policy_logps", policy_logps, ndim=1)
+    ref_logps = as_float_array("ref_logps", ref_logps, ndim=1)
+    check_same_shape("ref_logps", ref_logps, "policy_logps", policy_logps)
+    xp = array_module(policy_logps, ref_logps)
+    desirable = _on_module(xp, as_labels("labels", labels, policy_logps.shape[0]))
+    beta = check_finite_scalar("beta", beta, positive=True)
+    desirable_weight = check_finite_scalar("desirable_weight", desirable_weight, nonnegative=True)
+    undesirable_weight = check_finite_scalar("undesirable_weight", undesirable_weight, nonnegative=True)
+    _check_weights_not_both_zero(desirable_weight, undesirable_weight)
+
+    given = [name for name, value in (("kl_policy_logps", kl_policy_logps), ("kl_ref_logps", kl_ref_logps))
+             if value is not None]
+    if variant != "kto" and given:
+        reason = ("the edifice variant estimates z from the batch itself (z = mean β r)"
+                  if variant == "edifice" else "apo_zero_unpaired has no z")
+        raise ValueError(
+            f"{given[0]} is only used by variant='kto'; {reason}. Got variant={variant!r} with "
+            f"{' and '.join(given)}"
+        )
+    if len(given) == 1:
+        missing = "kl_ref_logps" if given[0] == "kl_policy_logps" else "kl_policy_logps"
+        raise ValueError(f"{missing} must be given together with {given[0]} (both or neither), got None")
+    if given:
+        kl_policy_logps = _on_module(xp, as_float_array("kl_policy_logps", kl_policy_logps, ndim=1))
+        kl_ref_logps = _on_module(xp, as_float_array("kl_ref_logps", kl_ref_logps, ndim=1))
+        check_same_shape("kl_ref_logps", kl_ref_logps, "kl_policy_logps", kl_policy_logps)
+    return (xp, policy_logps, ref_logps, desirable, beta, desirable_weight, undesirable_weight,
+            stop_z_grad, kl_policy_logps, kl_ref_logps, warn_balance)
+
+
+def _kto_forward(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
+                 *, variant="edifice", stop_z_grad=False, kl_policy_logps=None, kl_ref_logps=None,
+                 warn_balance=True):
+    (xp, policy_logps, ref_logps, desirable, beta, desirable_weight, undesirable_weight, stop_z_grad,
+     kl_policy_logps, kl_ref_logps, warn_balance) = _check_kto_inputs(
+        policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight, variant,
+        stop_z_grad, kl_policy_logps, kl_ref_logps, warn_balance)
+    n = policy_logps.shape[0]
+    if warn_balance and variant in ("edifice", "kto"):
+        num_desirable = int(desirable.sum())
+        ratio = _balance_ratio(num_desirable, n - num_desirable, desirable_weight, undesirable_weight)
+        _warn_if_unbalanced(ratio, num_desirable, n - num_desirable, desirable_weight, undesirable_weight,
+                            stacklevel=4)  # the caller of the public function
+
+    log_ratios = policy_logps - ref_logps  # [n] r
+    dtype = log_ratios.dtype
+    weights = xp.where(desirable, xp.asarray(desirable_weight, dtype=dtype),
+                       xp.asarray(undesirable_weight, dtype=dtype))  # [n] w
+    signs = xp.where(desirable, xp.asarray(1.0, dtype=dtype), xp.asarray(-1.0, dtype=dtype))  # [n] s
+
+    if variant == "edifice":
+        kl_terms = beta * log_ratios  # [n] KL_i = β r_i
+        z_array = xp.mean(kl_terms)
+        z = float(z_array)
+        u = kl_terms - z_array  # [n] reward_i
+        losses = -weights * sigmoid(signs * u)
+    else:
+        if variant == "kto" and kl_policy_logps is not None:
+            z = max(0.0, float(xp.mean(kl_policy_logps - kl_ref_logps)))
+        else:
+            z = 0.0
+        u = beta * (log_ratios - z)  # [n]
+        losses = weights * sigmoid(-signs * u)  # 1 - σ(s u) = σ(-s u)
+    loss = float(xp.mean(losses))
+    dloss_du = -weights * signs * sigmoid(u) * sigmoid(-u)  # [n]
+    cache = KTOCache(variant, beta, variant == "edifice" and not stop_z_grad, z, dloss_du, policy_logps,
+                     log_ratios, desirable)
+    return loss, cache
+
+
+def kto_forward(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
+                *, variant="edifice", stop_z_grad=False, kl_policy_logps=None, kl_ref_logps=None,
+                warn_balance=True):
+    """The KTO loss of a batch. policy_logps, ref_logps: [n]; labels: [n] 0/1. Returns (loss, cache).
+
+    variant="edifice" (the seed's formula, default):
+        KL_i = β r_i, z = mean_i KL_i (whole batch, not clamped), reward_i = KL_i - z,
+        loss_i = -λ_D σ(reward_i) (desirable) or -λ_U σ(-(reward_i)) (undesirable), L = mean_i loss_i.
+        The seed's module doc writes σ(-KL - z) for the undesirable case; its function doc and code
+        use σ(-(KL - z)), which is what is implemented. Gradient flows through z unless stop_z_grad.
+        kl_policy_logps/kl_ref_logps are rejected: this variant estimates z from the batch.
+    variant="kto" (paper / TRL):
+        z_ref = max(0, mean_j(kl_policy_logps_j - kl_ref_logps_j)), detached, 0 without KL pairs;
+        loss_i = λ_D (1 - σ(β(r_i - z_ref))) or λ_U (1 - σ(β(z_ref - r_i))), L = mean over all n.
+        z_ref never passes gradient, so stop_z_grad has no effect.
+    variant="apo_zero_unpaired" (TRL): loss_i = λ_D (1 - σ(β r_i)) or λ_U σ(β r_i); no z.
+        (The same numbers as "kto" without KL pairs.)
+
+    Note kto/apo loss_i = edifice-shaped loss_i + λ_i: they share ∂loss_i/∂u_i = -w_i s_i σ(u_i) σ(-u_i).
+    A UserWarning is raised for "edifice" and "kto" when both classes are present and
+    λ_D n_D / (λ_U n_U) is outside [1, 4/3] (see check_balance), unless warn_balance=False.
+    """
+    return _kto_forward(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                        variant=variant, stop_z_grad=stop_z_grad, kl_policy_logps=kl_policy_logps,
+                        kl_ref_logps=kl_ref_logps, warn_balance=warn_balance)
+
+
+def kto_backward(dloss, cache: KTOCache):
+    """dL/dpolicy_logps [n] (dtype and module of policy_logps), given dloss = upstream dL (a scalar).
+
+    With g_i = dloss · ∂loss_i/∂u_i / n: dL/dr_j = β (g_j - mean_i g_i) when z = mean(β r) carries
+    gradient (edifice, stop_z_grad=False), else β g_j. dL/dref_logps is the negative of the result;
+    no gradient reaches kl_policy_logps (z_ref is detached).
+    """
+    dloss = check_finite_scalar("dloss", dloss)
+    xp = array_module(cache.dloss_du)
+    n = cache.dloss_du.shape[0]
+    per_example = (dloss / n) * cache.dloss_du  # [n] g
+    if cache.z_has_grad:
+        per_example = per_example - xp.mean(per_example)  # z = mean(β r): dz/dr_j = β / n
+    return (cache.beta * per_example).astype(cache.policy_logps.dtype)
+
+
+def _class_mean(values, mask, count: int) -> float | None:
+    return None if count == 0 else float(values[mask].mean())
+
+
+def kto_metrics(cache: KTOCache) -> dict:
+    """TRL-named metrics, as Python floats (counts as ints).
+
+    kl: the z used: mean(β r) for edifice (reward units, can be negative), z_ref = max(0, mean KL-pair
+    log-ratio) for kto (log-ratio units, as TRL reports it), 0.0 for apo_zero_unpaired;
+    rewards/chosen, rewards/rejected:
+    mean β r_i over desirable / undesirable examples; rewards/margins: chosen - rejected;
+    logps/chosen, logps/rejected: mean policy log-prob per class; count/chosen, count/rejected.
+    When a class is absent its entries (and margins) are None, never NaN.
+    """
+    desirable = cache.desirable
+    num_chosen = int(desirable.sum())
+    num_rejected = int(desirable.shape[0]) - num_chosen
+    rewards = cache.beta * cache.log_ratios
+    chosen = _class_mean(rewards, desirable, num_chosen)
+    rejected = _class_mean(rewards, ~desirable, num_rejected)
+    return {
+        "kl": float(cache.z),
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": None if chosen is None or rejected is None else chosen - rejected,
+        "logps/chosen": _class_mean(cache.policy_logps, desirable, num_chosen),
+        "logps/rejected": _class_mean(cache.policy_logps, ~desirable, num_rejected),
+        "count/chosen": num_chosen,
+        "count/rejected": num_rejected,
+    }
+
+
+def kto_loss_and_grad(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0,
+                      undesirable_weight=1.0, *, variant="edifice", stop_z_grad=False,
+                      kl_policy_logps=None, kl_ref_logps=None, warn_balance=True):
+    """(loss, dL/dpolicy_logps [n], metrics) for any KTO variant; arguments as kto_forward."""
+    loss, cache = _kto_forward(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                               variant=variant, stop_z_grad=stop_z_grad, kl_policy_logps=kl_policy_logps,
+                               kl_ref_logps=kl_ref_logps, warn_balance=warn_balance)
+    return loss, kto_backward(1.0, cache), kto_metrics(cache)
+
+
+def kto_loss(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
+             *, variant="edifice", stop_z_grad=False, kl_policy_logps=None, kl_ref_logps=None,
+             warn_balance=True) -> float:
+    """The KTO loss as a Python float (the seed API); formulas in kto_forward."""
+    loss, _ = _kto_forward(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                           variant=variant, stop_z_grad=stop_z_grad, kl_policy_logps=kl_policy_logps,
+                           kl_ref_logps=kl_ref_logps, warn_balance=warn_balance)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPO, for comparison
+
+
+class DPOCache(NamedTuple):
+    """Saved by dpo_forward for dpo_backward and dpo_metrics."""
+
+    beta: float
+    margins: Any  # [n] h_i = β((πc_i - refc_i) - (πr_i - refr_i))
+    chosen_log_ratios: Any  # [n]
+    rejected_log_ratios: Any  # [n]
+    policy_chosen_logps: Any  # [n]
+    policy_rejected_logps: Any  # [n]
+
+
+def dpo_forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                beta=0.1):
+    """DPO: L = mean_i -log σ(h_i), h_i = β((πc_i - refc_i) - (πr_i - refr_i)); all inputs [n].
+
+    -log σ(h) is computed as logaddexp(0, -h). Returns (loss, cache).
+    """
+    policy_chosen_logps = as_float_array("policy_chosen_logps", policy_chosen_logps, ndim=1)
+    arrays = {"policy_chosen_logps": policy_chosen_logps}
+    for name, value in (("policy_rejected_logps", policy_rejected_logps),
+                        ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        arrays[name] = as_float_array(name, value, ndim=1)
+        check_same_shape(name, arrays[name], "policy_chosen_logps", policy_chosen_logps)
+    beta = check_finite_scalar("beta", beta, positive=True)
+    xp = array_module(*arrays.values())
+    arrays = {name: _on_module(xp, value) for name, value in arrays.items()}
+    chosen_log_ratios = arrays["policy_chosen_logps"] - arrays["ref_chosen_logps"]
+    rejected_log_ratios = arrays["policy_rejected_logps"] - arrays["ref_rejected_logps"]
+    margins = beta * (chosen_log_ratios - rejected_log_ratios)  # [n] h
+    loss = float(xp.mean(-log_sigmoid(margins)))
+    cache = DPOCache(beta, margins, chosen_log_ratios, rejected_log_ratios, arrays["policy_chosen_logps"],
+                     arrays["policy_rejected_logps"])
+    return loss, cache
+
+
+def dpo_backward(dloss, cache: DPOCache):
+    """(dL/dpolicy_chosen_logps, dL/dpolicy_rejected_logps), each [n] in its input's dtype.
+
+    d(-log σ(h))/dh = -σ(-h), so dL/dπc_i = -β σ(-h_i) dloss / n and dL/dπr_i = +β σ(-h_i) dloss / n.
+    """
+    dloss = check_finite_scalar("dloss", dloss)
+    n = cache.margins.shape[0]
+    dchosen = -(cache.beta * dloss / n) * sigmoid(-cache.margins)  # [n]
+    return (dchosen.astype(cache.policy_chosen_logps.dtype),
+            (-dchosen).astype(cache.policy_rejected_logps.dtype))
+
+
+def dpo_metrics(cache: DPOCache) -> dict:
+    """TRL-named DPO metrics as Python floats: rewards/chosen, rewards/rejected (mean β r per side),
+    rewards/margins, rewards/accuracies (fraction with chosen reward > rejected), logps/chosen,
+    logps/rejected."""
+    xp = array_module(cache.margins)
+    chosen_rewards = cache.beta * cache.chosen_log_ratios
+    rejected_rewards = cache.beta * cache.rejected_log_ratios
+    return {
+        "rewards/chosen": float(xp.mean(chosen_rewards)),
+        "rewards/rejected": float(xp.mean(rejected_rewards)),
+        "rewards/margins": float(xp.mean(chosen_rewards - rejected_rewards)),
+        "rewards/accuracies": float(xp.mean(chosen_rewards > rejected_rewards)),
+        "logps/chosen": float(xp.mean(cache.policy_chosen_logps)),
+        "logps/rejected": float(xp.mean(cache.policy_rejected_logps)),
+    }
+
+
+def dpo_loss_and_grad(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                      beta=0.1):
+    """(loss, (dL/dpolicy_chosen_logps, dL/dpolicy_rejected_logps), metrics); formula in dpo_forward."""
+    loss, cache = dpo_forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                              ref_rejected_logps, beta)
+    return loss, dpo_backward(1.0, cache), dpo_metrics(cache)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1) -> float:
+    """The DPO loss as a Python float; formula in dpo_forward."""
+    loss, _ = dpo_forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                          beta)
+    return loss
