@@ -6,6 +6,7 @@ its explicit gradient, and float64 reference cases for checking other implementa
 
 __version__ = "0.1.0"
 
+from .generate import generate  # noqa: E402
 from .logprobs import compute_logprobs, sequence_logprobs  # noqa: E402
 from .losses import (  # noqa: E402
     VARIANTS,
@@ -16,15 +17,20 @@ from .losses import (  # noqa: E402
     kto_loss,
     kto_loss_and_grad,
 )
+from .model import GPT, GPTConfig, build  # noqa: E402
 
 __all__ = [
+    "GPT",
+    "GPTConfig",
     "VARIANTS",
     "__version__",
+    "build",
     "check_balance",
     "compute_logprobs",
     "default_beta",
     "dpo_loss",
     "dpo_loss_and_grad",
+    "generate",
     "kto_loss",
     "kto_loss_and_grad",
     "sequence_logprobs",

@@ -9,13 +9,38 @@ orientation [in, out], so a GPT-2 state dict maps 1:1 onto ours.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
-from .backend import resolve_dtype
-from .validation import check_choice, check_positive_int
+import numpy as np
+
+from . import backend
+from .backend import array_module, resolve_dtype
+from .layers import (
+    LAYERNORM_EPS,
+    AttentionCache,
+    DropoutCache,
+    EmbeddingCache,
+    GeluCache,
+    LayerNormCache,
+    LinearCache,
+    attention_backward,
+    attention_forward,
+    dropout_backward,
+    dropout_forward,
+    embedding_backward,
+    embedding_forward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+)
+from .validation import as_float_array, as_index_array, check_choice, check_positive_int
 
 POSITIONAL = ("learned", "sinusoidal")
-LAYERNORM_EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -116,3 +141,260 @@ def check_params(params, config: GPTConfig, name: str = "params") -> None:
         problems.append("wrong shapes: " + "; ".join(wrong))
     if problems:
         raise ValueError(f"{name} do not match the config: " + ". ".join(problems))
+
+
+INIT_STD = 0.02
+
+
+def sinusoidal_positions(num_positions: int, hidden_size: int, start: int = 0) -> np.ndarray:
+    """Fixed position table (Vaswani et al. 2017), float64 on the host: [T, C] for positions start..start+T-1.
+
+    PE[pos, 2i] = sin(pos / 10000^(2i / C)),  PE[pos, 2i + 1] = cos(pos / 10000^(2i / C)).
+    """
+    positions = np.arange(start, start + num_positions, dtype=np.float64)[:, None]  # [T, 1]
+    pair_index = np.arange(hidden_size) // 2  # [C]
+    inverse_frequency = 10000.0 ** (-2.0 * pair_index / hidden_size)  # [C]
+    angles = positions * inverse_frequency  # [T, C]
+    return np.where(np.arange(hidden_size) % 2 == 0, np.sin(angles), np.cos(angles))
+
+
+class BlockCache(NamedTuple):
+    ln_1: LayerNormCache  # x [B, T, C]
+    attn: AttentionCache  # ln_1 out [B, T, C]
+    attn_dropout: DropoutCache  # after attn.c_proj [B, T, C]
+    ln_2: LayerNormCache  # x_mid [B, T, C]
+    fc: LinearCache  # ln_2 out [B, T, C] -> [B, T, 4C]
+    gelu: GeluCache  # [B, T, 4C]
+    mlp_proj: LinearCache  # gelu out [B, T, 4C] -> [B, T, C]
+    mlp_dropout: DropoutCache  # after mlp.c_proj [B, T, C]
+
+
+class GPTCache(NamedTuple):
+    tokens: Any  # [B, T] int
+    wte: EmbeddingCache  # token lookup
+    embedding_dropout: DropoutCache  # on wte[tokens] + positions [B, T, C]
+    blocks: list  # L x BlockCache
+    ln_f: LayerNormCache  # [B, T, C]
+    x_final: Any  # [B, T, C]  ln_f output, the input of the head
+    head_weight: Any  # [V, C]  wte.weight (tied) or lm_head.weight
+    logits_shape: tuple  # (B, T, V)
+    dtype: Any  # the model dtype
+
+
+def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool, rng):
+    """One pre-LN transformer block.  x [B, T, C] -> out [B, T, C]
+
+    x_mid = x + dropout(attn(ln_1(x)))
+    out = x_mid + dropout(mlp.c_proj(gelu(mlp.c_fc(ln_2(x_mid)))))
+    """
+    p = f"h.{layer}."
+    ln_1_out, ln_1_cache = layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"],
+                                             LAYERNORM_EPS)
+    attn_out, attn_cache = attention_forward(
+        ln_1_out, params[p + "attn.c_attn.weight"], params[p + "attn.c_attn.bias"],
+        params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"], config.num_heads,
+        dropout=config.dropout, train=train, rng=rng,
+    )
+    attn_out, attn_dropout_cache = dropout_forward(attn_out, config.dropout, train=train, rng=rng)
+    x_mid = x + attn_out
+    ln_2_out, ln_2_cache = layernorm_forward(x_mid, params[p + "ln_2.weight"], params[p + "ln_2.bias"],
+                                             LAYERNORM_EPS)
+    fc_out, fc_cache = linear_forward(ln_2_out, params[p + "mlp.c_fc.weight"], params[p + "mlp.c_fc.bias"])
+    gelu_out, gelu_cache = gelu_forward(fc_out)
+    mlp_out, mlp_proj_cache = linear_forward(gelu_out, params[p + "mlp.c_proj.weight"],
+                                             params[p + "mlp.c_proj.bias"])
+    mlp_out, mlp_dropout_cache = dropout_forward(mlp_out, config.dropout, train=train, rng=rng)
+    out = x_mid + mlp_out
+    cache = BlockCache(ln_1_cache, attn_cache, attn_dropout_cache, ln_2_cache, fc_cache, gelu_cache,
+                       mlp_proj_cache, mlp_dropout_cache)
+    return out, cache
+
+
+def block_backward(dout, cache: BlockCache, layer: int, grads: dict):
+    """Backward of block_forward: fills grads["h.{layer}.*"] and returns dx [B, T, C]."""
+    p = f"h.{layer}."
+    # out = x_mid + dropout(mlp_out)
+    dmlp_out = dropout_backward(dout, cache.mlp_dropout)
+    dgelu_out, grads[p + "mlp.c_proj.weight"], grads[p + "mlp.c_proj.bias"] = linear_backward(
+        dmlp_out, cache.mlp_proj)
+    dfc_out = gelu_backward(dgelu_out, cache.gelu)
+    dln_2_out, grads[p + "mlp.c_fc.weight"], grads[p + "mlp.c_fc.bias"] = linear_backward(dfc_out, cache.fc)
+    dx_mid, grads[p + "ln_2.weight"], grads[p + "ln_2.bias"] = layernorm_backward(dln_2_out, cache.ln_2)
+    dx_mid += dout  # the residual path of out = x_mid + ...
+    # x_mid = x + dropout(attn_out)
+    dattn_out = dropout_backward(dx_mid, cache.attn_dropout)
+    attn_grads = attention_backward(dattn_out, cache.attn)
+    grads[p + "attn.c_attn.weight"] = attn_grads.dc_attn_weight
+    grads[p + "attn.c_attn.bias"] = attn_grads.dc_attn_bias
+    grads[p + "attn.c_proj.weight"] = attn_grads.dc_proj_weight
+    grads[p + "attn.c_proj.bias"] = attn_grads.dc_proj_bias
+    dx, grads[p + "ln_1.weight"], grads[p + "ln_1.bias"] = layernorm_backward(attn_grads.dx, cache.ln_1)
+    dx += dx_mid  # the residual path of x_mid = x + ...
+    return dx
+
+
+class GPT:
+    """A GPT-2 style model: a frozen GPTConfig plus pure functions of a params dict.
+
+    params = model.init(seed); logits, cache = model.forward(params, tokens);
+    grads = model.backward(dlogits, cache)  (same keys and shapes as params).
+    """
+
+    def __init__(self, config: GPTConfig):
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"GPT({self.config})"
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    def init(self, seed: int) -> dict:
+        """GPT-2 initialisation: normal(0, 0.02) weights, residual projections (attn.c_proj, mlp.c_proj)
+        normal(0, 0.02 / sqrt(2 L)), biases 0, LayerNorm weights 1.
+
+        Drawn in float64 from numpy.random.default_rng(seed) in param_shapes order, then cast to
+        config.dtype and moved to the selected backend, so float32 and float64 models agree to rounding.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
+        config = self.config
+        rng = np.random.default_rng(seed)
+        xp, dtype = backend.xp(), config.np_dtype
+        residual_std = INIT_STD / math.sqrt(2 * config.num_layers)
+        params = {}
+        for name, shape in param_shapes(config).items():
+            module_name, kind = name.rsplit(".", 1)
+            if module_name.split(".")[-1].startswith("ln_"):
+                values = np.ones(shape) if kind == "weight" else np.zeros(shape)
+            elif kind == "bias":
+                values = np.zeros(shape)
+            elif module_name.endswith("c_proj"):
+                values = rng.normal(0.0, residual_std, size=shape)
+            else:
+                values = rng.normal(0.0, INIT_STD, size=shape)
+            params[name] = xp.asarray(values.astype(dtype))
+        return params
+
+    def num_params(self, params: dict | None = None) -> int:
+        """Number of scalars in params (or in the config's parameter layout when params is None)."""
+        if params is None:
+            return sum(math.prod(shape) for shape in param_shapes(self.config).values())
+        self.check_params(params)
+        return sum(int(p.size) for p in params.values())
+
+    def check_params(self, params, name: str = "params") -> None:
+        """Keys and shapes as param_shapes(config), dtype config.dtype; ValueError/TypeError otherwise."""
+        check_params(params, self.config, name)
+        dtype = self.config.np_dtype
+        wrong = [f"{k}: {p.dtype}" for k, p in params.items() if p.dtype != dtype]
+        if wrong:
+            raise TypeError(f"{name} must all have dtype {dtype} (config.dtype), got " + ", ".join(wrong))
+
+    def position_embeddings(self, params: dict, num_positions: int, start: int = 0):
+        """[T, C] position vectors for positions start..start+T-1, in the model dtype."""
+        config = self.config
+        if config.positional == "learned":
+            return params["wpe.weight"][start:start + num_positions]
+        xp = array_module(params["wte.weight"])
+        table = sinusoidal_positions(num_positions, config.hidden_size, start)
+        return xp.asarray(table.astype(config.np_dtype))
+
+    def check_tokens(self, tokens, name: str = "tokens", *, max_len: int | None = None):
+        """tokens as a 2-D integer array [B, T] with 1 <= T <= max_len (default max_seq_len), ids in [0, V)."""
+        config = self.config
+        max_len = config.max_seq_len if max_len is None else max_len
+        tokens = as_index_array(name, tokens, upper=config.vocab_size)
+        if tokens.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(tokens.shape)}")
+        if tokens.size == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > max_len:
+            raise ValueError(
+                f"{name} has sequence length {tokens.shape[1]}, more than max_seq_len={max_len}")
+        return tokens
+
+    # -- forward and backward --------------------------------------------------------------------
+
+    def forward(self, params: dict, tokens, *, train: bool = False, rng: np.random.Generator | None = None):
+        """tokens [B, T] int -> (logits [B, T, V] in the model dtype, cache for backward).
+
+        x = dropout(wte[tokens] + positions); x = block_l(x) for l = 0..L-1; x_final = ln_f(x);
+        logits = x_final @ head.T with head = wte.weight (tied) or lm_head.weight.
+        train=True applies dropout (GPT-2 placement) with masks drawn from rng.
+        """
+        config = self.config
+        self.check_params(params)
+        if not isinstance(train, bool):
+            raise TypeError(f"train must be a bool, got {train!r}")
+        dropout_active = train and config.dropout > 0
+        if dropout_active and rng is None:
+            raise ValueError("rng must be a numpy.random.Generator when train=True and dropout > 0, got None")
+        if dropout_active and not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        xp = array_module(params["wte.weight"])
+        tokens = xp.asarray(self.check_tokens(tokens))
+        B, T = tokens.shape
+
+        token_vectors, wte_cache = embedding_forward(params["wte.weight"], tokens)  # [B, T, C]
+        x = token_vectors
+        x += self.position_embeddings(params, T)  # [T, C] broadcast over B
+        x, embedding_dropout_cache = dropout_forward(x, config.dropout, train=train, rng=rng)
+        block_caches = []
+        for layer in range(config.num_layers):
+            x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng)
+            block_caches.append(block_cache)
+        x_final, ln_f_cache = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
+        head_weight = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]  # [V, C]
+        V = head_weight.shape[0]
+        logits = (x_final.reshape(B * T, -1) @ head_weight.T).reshape(B, T, V)
+        cache = GPTCache(tokens, wte_cache, embedding_dropout_cache, block_caches, ln_f_cache, x_final,
+                         head_weight, (B, T, V), config.np_dtype)
+        return logits, cache
+
+    def backward(self, dlogits, cache: GPTCache) -> dict:
+        """dlogits [B, T, V] (d loss / d logits) -> grads, same keys and shapes as params."""
+        config = self.config
+        if not isinstance(cache, GPTCache):
+            raise TypeError(f"cache must be the GPTCache returned by forward, got {type(cache).__name__}")
+        dlogits = as_float_array("dlogits", dlogits, ndim=3)
+        if tuple(dlogits.shape) != cache.logits_shape:
+            raise ValueError(f"dlogits must have the logits' shape {cache.logits_shape}, got {tuple(dlogits.shape)}")
+        if dlogits.dtype != cache.dtype:
+            raise TypeError(f"dlogits must have the model dtype {cache.dtype}, got {dlogits.dtype}")
+        xp = array_module(cache.x_final)
+        dlogits = xp.asarray(dlogits)
+        B, T, V = cache.logits_shape
+        grads: dict = {}
+
+        # logits = x_final @ head_weight.T
+        dlogits_rows = dlogits.reshape(B * T, V)
+        dx_final = (dlogits_rows @ cache.head_weight).reshape(B, T, -1)  # [B, T, C]
+        dhead_weight = dlogits_rows.T @ cache.x_final.reshape(B * T, -1)  # [V, C]
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dx_final, cache.ln_f)
+        for layer in reversed(range(config.num_layers)):
+            dx = block_backward(dx, cache.blocks[layer], layer, grads)
+        dx = dropout_backward(dx, cache.embedding_dropout)
+        # x = wte[tokens] + positions
+        dwte_from_embedding = embedding_backward(dx, cache.wte)  # [V, C]
+        if config.positional == "learned":
+            dwpe = xp.zeros(param_shapes(config)["wpe.weight"], dtype=cache.dtype)
+            dwpe[:T] = dx.sum(axis=0)
+            grads["wpe.weight"] = dwpe
+        if config.tie_embeddings:
+            grads["wte.weight"] = dwte_from_embedding + dhead_weight  # wte is used twice: lookup and head
+        else:
+            grads["wte.weight"] = dwte_from_embedding
+            grads["lm_head.weight"] = dhead_weight
+        return {name: grads[name] for name in param_shapes(config)}
+
+
+def build(hidden_size: int = 512, num_layers: int = 6, num_heads: int = 8, vocab_size: int = 32000,
+          dropout: float = 0.1, max_seq_len: int = 2048, *, dtype: str = "float32",
+          positional: str = "learned", tie_embeddings: bool = True) -> GPT:
+    """A GPT-2 style model (seed API: Edifice.Meta.KTO.build). The config is validated here."""
+    config = GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, hidden_size=hidden_size,
+                       num_layers=num_layers, num_heads=num_heads, dropout=dropout, dtype=dtype,
+                       positional=positional, tie_embeddings=tie_embeddings)
+    return GPT(config)

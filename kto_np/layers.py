@@ -1,0 +1,346 @@
+"""Forward/backward pairs for every op of the GPT-2 block, in NumPy (or CuPy) by hand.
+
+Each op is `out, cache = X_forward(...)` and `grads = X_backward(dout, cache)`; the cache is a small
+NamedTuple holding what the backward needs. Shape letters: B batch, T time, C channels, NH heads,
+HS head size (C // NH), V vocabulary; `...` is any number of leading axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .backend import array_module, scatter_add
+
+__all__ = [
+    "AttentionCache",
+    "AttentionGrads",
+    "DropoutCache",
+    "EmbeddingCache",
+    "GeluCache",
+    "LayerNormCache",
+    "LinearCache",
+    "SoftmaxCache",
+    "attention_backward",
+    "attention_forward",
+    "causal_mask",
+    "dropout_backward",
+    "dropout_forward",
+    "embedding_backward",
+    "embedding_forward",
+    "gelu_backward",
+    "gelu_forward",
+    "layernorm_backward",
+    "layernorm_forward",
+    "linear_backward",
+    "linear_forward",
+    "merge_heads",
+    "softmax_backward",
+    "softmax_forward",
+    "split_heads",
+]
+
+LAYERNORM_EPS = 1e-5
+GELU_COEFF = 0.044715
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+# ----------------------------------------------------------------------------------------------
+# embedding
+
+
+class EmbeddingCache(NamedTuple):
+    indices: Any  # [...] integer token ids
+    num_embeddings: int  # V
+    dtype: Any  # dtype of the weight
+
+
+def embedding_forward(weight, indices):
+    """Row lookup: out[...] = weight[indices[...]].  weight [V, C], indices [...] -> out [..., C]."""
+    out = weight[indices]
+    return out, EmbeddingCache(indices, weight.shape[0], weight.dtype)
+
+
+def embedding_backward(dout, cache: EmbeddingCache):
+    """dweight[v] = sum of dout[...] over the positions where indices[...] == v.  -> dweight [V, C]."""
+    xp = array_module(dout)
+    dweight = xp.zeros((cache.num_embeddings, dout.shape[-1]), dtype=cache.dtype)
+    scatter_add(dweight, cache.indices, dout)
+    return dweight
+
+
+# ----------------------------------------------------------------------------------------------
+# linear (GPT-2 Conv1D orientation)
+
+
+class LinearCache(NamedTuple):
+    x: Any  # [..., in]
+    weight: Any  # [in, out]
+    has_bias: bool
+
+
+def linear_forward(x, weight, bias=None):
+    """out = x @ weight + bias.  x [..., in], weight [in, out], bias [out] or None -> out [..., out]."""
+    n_in, n_out = weight.shape
+    out = (x.reshape(-1, n_in) @ weight).reshape(*x.shape[:-1], n_out)
+    if bias is not None:
+        out += bias
+    return out, LinearCache(x, weight, bias is not None)
+
+
+def linear_backward(dout, cache: LinearCache):
+    """dx = dout @ weight.T, dweight = x.T @ dout, dbias = sum of dout over rows.
+
+    Returns (dx [..., in], dweight [in, out], dbias [out] or None).
+    """
+    n_in, n_out = cache.weight.shape
+    dout_rows = dout.reshape(-1, n_out)  # [N, out]
+    dx = (dout_rows @ cache.weight.T).reshape(cache.x.shape)
+    dweight = cache.x.reshape(-1, n_in).T @ dout_rows
+    dbias = dout_rows.sum(axis=0) if cache.has_bias else None
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+class LayerNormCache(NamedTuple):
+    x: Any  # [..., C]
+    weight: Any  # [C]
+    mean: Any  # [..., 1]
+    rstd: Any  # [..., 1]  1 / sqrt(var + eps)
+
+
+def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
+    """out = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance).
+
+    x [..., C], weight [C], bias [C] -> out [..., C].
+    """
+    xp = array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    var = (centered * centered).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    centered *= rstd  # now x_hat
+    centered *= weight
+    centered += bias
+    return centered, LayerNormCache(x, weight, mean, rstd)
+
+
+def layernorm_backward(dout, cache: LayerNormCache):
+    """With x_hat = (x - mean) * rstd and g = dout * weight:
+    dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), dweight = sum(dout * x_hat), dbias = sum(dout).
+
+    Returns (dx [..., C], dweight [C], dbias [C]).
+    """
+    C = cache.x.shape[-1]
+    x_hat = (cache.x - cache.mean) * cache.rstd
+    dbias = dout.reshape(-1, C).sum(axis=0)
+    dweight = (dout * x_hat).reshape(-1, C).sum(axis=0)
+    dx_hat = dout * cache.weight
+    dx = dx_hat - dx_hat.mean(axis=-1, keepdims=True)
+    dx_hat *= x_hat
+    x_hat *= dx_hat.mean(axis=-1, keepdims=True)
+    dx -= x_hat
+    dx *= cache.rstd
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU, tanh approximation ("gelu_new")
+
+
+class GeluCache(NamedTuple):
+    x: Any  # [...]
+    tanh_inner: Any  # [...]  tanh(sqrt(2/pi) (x + 0.044715 x^3))
+
+
+def gelu_forward(x):
+    """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    xp = array_module(x)
+    tanh_inner = xp.tanh(SQRT_2_OVER_PI * (x + GELU_COEFF * x * x * x))
+    out = 0.5 * x * (1.0 + tanh_inner)
+    return out, GeluCache(x, tanh_inner)
+
+
+def gelu_backward(dout, cache: GeluCache):
+    """dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)), t = tanh(...)."""
+    x, t = cache.x, cache.tanh_inner
+    dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEFF * x * x)
+    local = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
+    local *= dout
+    return local
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax (last axis)
+
+
+class SoftmaxCache(NamedTuple):
+    probs: Any  # [..., N]
+
+
+def softmax_forward(x, mask=None):
+    """probs = exp(x - max) / sum(exp(x - max)) over the last axis.
+
+    mask (bool, broadcastable to x, True = keep) sets the excluded entries' probability to exactly 0;
+    a row with no kept entry gives all zeros (and zero gradient) rather than NaN.
+    """
+    xp = array_module(x)
+    if mask is None:
+        shifted = x - x.max(axis=-1, keepdims=True)
+    else:
+        shifted = xp.where(mask, x, x.dtype.type(-np.inf))
+        row_max = shifted.max(axis=-1, keepdims=True)
+        row_max = xp.where(xp.isfinite(row_max), row_max, x.dtype.type(0))  # fully masked row
+        shifted -= row_max
+    probs = xp.exp(shifted, out=shifted)
+    total = probs.sum(axis=-1, keepdims=True)
+    if mask is not None:
+        total = xp.where(total > 0, total, x.dtype.type(1))
+    probs /= total
+    return probs, SoftmaxCache(probs)
+
+
+def softmax_backward(dprobs, cache: SoftmaxCache):
+    """dx = probs * (dprobs - sum(dprobs * probs, last axis))."""
+    probs = cache.probs
+    dx = dprobs * probs
+    dx -= probs * dx.sum(axis=-1, keepdims=True)
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout (inverted)
+
+
+class DropoutCache(NamedTuple):
+    keep: Any  # [...] bool, True where kept; None when the op is the identity
+    scale: float  # 1 / (1 - p)
+
+
+def dropout_forward(x, p: float, *, train: bool, rng: np.random.Generator | None = None):
+    """out = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn on the host from `rng`.
+
+    The identity when train is False or p == 0 (rng is then not used). The mask is drawn with NumPy
+    and moved to x's array module, so NumPy and CuPy runs with the same rng use the same mask.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    if not train or p == 0.0:
+        return x, DropoutCache(None, 1.0)
+    if rng is None:
+        raise ValueError("rng must be a numpy.random.Generator when train=True and p > 0, got None")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    xp = array_module(x)
+    keep = xp.asarray(rng.random(x.shape) >= p)
+    scale = 1.0 / (1.0 - p)
+    out = x * keep
+    out *= scale
+    return out, DropoutCache(keep, scale)
+
+
+def dropout_backward(dout, cache: DropoutCache):
+    """dx = dout * keep / (1 - p), with the mask of the forward pass."""
+    if cache.keep is None:
+        return dout
+    dx = dout * cache.keep
+    dx *= cache.scale
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# causal multi-head self-attention
+
+
+def causal_mask(num_queries: int, num_keys: int, xp: Any = np):
+    """[Tq, Tk] bool: query i, at absolute position num_keys - num_queries + i, sees keys j <= it."""
+    return xp.tri(num_queries, num_keys, k=num_keys - num_queries, dtype=bool)
+
+
+def split_heads(x, num_heads: int):
+    """[B, T, C] -> [B, NH, T, HS] (a view)."""
+    B, T, C = x.shape
+    return x.reshape(B, T, num_heads, C // num_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(y):
+    """[B, NH, T, HS] -> [B, T, C] (contiguous)."""
+    B, NH, T, HS = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
+
+
+class AttentionCache(NamedTuple):
+    qkv_cache: LinearCache  # x [B, T, C] -> qkv [B, T, 3C]
+    q: Any  # [B, NH, T, HS]
+    k: Any  # [B, NH, T, HS]
+    v: Any  # [B, NH, T, HS]
+    softmax_cache: SoftmaxCache  # probs [B, NH, T, T]
+    dropout_cache: DropoutCache  # mask [B, NH, T, T] or None
+    probs_dropped: Any  # [B, NH, T, T]  (the same array as the probs without dropout)
+    proj_cache: LinearCache  # merged heads [B, T, C] -> out [B, T, C]
+    scale: float  # 1 / sqrt(HS)
+
+
+class AttentionGrads(NamedTuple):
+    dx: Any  # [B, T, C]
+    dc_attn_weight: Any  # [C, 3C]
+    dc_attn_bias: Any  # [3C]
+    dc_proj_weight: Any  # [C, C]
+    dc_proj_bias: Any  # [C]
+
+
+def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads: int, *,
+                      dropout: float = 0.0, train: bool = False, rng: np.random.Generator | None = None):
+    """Causal multi-head self-attention, GPT-2 style.
+
+    q, k, v = split(x @ c_attn_weight + c_attn_bias)             x [B, T, C] -> 3 x [B, NH, T, HS]
+    probs = softmax(q @ k^T / sqrt(HS), causal mask)             [B, NH, T, T]
+    y = dropout(probs) @ v                                       [B, NH, T, HS]
+    out = merge(y) @ c_proj_weight + c_proj_bias                 [B, T, C]
+    """
+    xp = array_module(x)
+    B, T, C = x.shape
+    HS = C // num_heads
+    qkv, qkv_cache = linear_forward(x, c_attn_weight, c_attn_bias)  # [B, T, 3C]
+    # contiguous heads: NumPy's batched matmul falls back to a slow loop on strided views
+    qkv_heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, num_heads, HS).transpose(2, 0, 3, 1, 4))
+    q, k, v = qkv_heads[0], qkv_heads[1], qkv_heads[2]  # [B, NH, T, HS] each
+    scale = 1.0 / math.sqrt(HS)
+    scores = q @ k.transpose(0, 1, 3, 2)  # [B, NH, T, T]
+    scores *= scale
+    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, T, xp))
+    probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
+    y = probs_dropped @ v  # [B, NH, T, HS]
+    out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
+    cache = AttentionCache(qkv_cache, q, k, v, softmax_cache, dropout_cache, probs_dropped, proj_cache, scale)
+    return out, cache
+
+
+def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
+    """Backward of attention_forward, read bottom-up. dout [B, T, C] -> AttentionGrads."""
+    xp = array_module(dout)
+    B, NH, T, HS = cache.q.shape
+    # out = merge(y) @ c_proj_weight + c_proj_bias
+    dy_merged, dc_proj_weight, dc_proj_bias = linear_backward(dout, cache.proj_cache)
+    dy = xp.ascontiguousarray(split_heads(dy_merged, NH))  # [B, NH, T, HS]
+    # y = probs_dropped @ v
+    dprobs_dropped = dy @ cache.v.transpose(0, 1, 3, 2)  # [B, NH, T, T]
+    dv = cache.probs_dropped.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, HS]
+    dprobs = dropout_backward(dprobs_dropped, cache.dropout_cache)
+    dscores = softmax_backward(dprobs, cache.softmax_cache)  # masked entries get exactly 0
+    # scores = q @ k^T * scale
+    dscores *= cache.scale
+    dq = dscores @ cache.k  # [B, NH, T, HS]
+    dk = dscores.transpose(0, 1, 3, 2) @ cache.q  # [B, NH, T, HS]
+    dqkv = xp.empty((B, T, 3, NH, HS), dtype=dout.dtype)
+    dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
+    dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
+    dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
+    # qkv = x @ c_attn_weight + c_attn_bias
+    dx, dc_attn_weight, dc_attn_bias = linear_backward(dqkv.reshape(B, T, 3 * NH * HS), cache.qkv_cache)
+    return AttentionGrads(dx, dc_attn_weight, dc_attn_bias, dc_proj_weight, dc_proj_bias)
