@@ -1,0 +1,778 @@
+"""Figures of the KTO loss family: value functions, loss and gradient surfaces, KTO against DPO, the
+effect of the gradient through z, class balance, training curves and where in a sequence the gradient
+goes. Every number drawn is computed with kto_np.losses (and kto_np.logprobs for token gradients).
+
+Each `plot_*` function draws on the axes it is given (or on a new `matplotlib.figure.Figure`, which
+needs no backend and no pyplot) and returns the Figure; the `*_curves`/`*_surface`/`*_batch`/
+`*_shares` functions return the data behind a figure. `make_all_figures` writes them all as PNGs.
+
+Conventions: r = log π(y|x) − log π_ref(y|x) (the log-ratio); z is the reference point in log-ratio
+units, so the sigmoid argument is u = β(r − z); gradients are ∂loss_i/∂r_i = ∂loss_i/∂ log π(y_i|x_i).
+Shape letters: N points on a curve, NY × NX a grid, S weight settings, F desirable fractions,
+B examples, T positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from numbers import Real
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from .logprobs import sequence_logprobs, sequence_logprobs_backward, sequence_logprobs_forward
+from .losses import BALANCE_RANGE, VARIANTS, dpo_loss_and_grad, kto_loss_and_grad
+from .validation import as_float_array, check_choice, check_finite_scalar, check_positive_int
+
+__all__ = [
+    "DESIRABLE_COLOR",
+    "FIGURE_DPI",
+    "FIGURE_NAMES",
+    "UNDESIRABLE_COLOR",
+    "LossSurface",
+    "MethodCurves",
+    "TokenGradients",
+    "ValueCurves",
+    "ZGradientBatch",
+    "balanced_fraction_range",
+    "class_balance_shares",
+    "kto_vs_dpo_curves",
+    "load_metrics_records",
+    "loss_surface",
+    "make_all_figures",
+    "plot_class_balance",
+    "plot_kto_vs_dpo",
+    "plot_loss_surface",
+    "plot_token_gradients",
+    "plot_training_curves",
+    "plot_value_functions",
+    "plot_z_gradient_effect",
+    "synthetic_token_gradients",
+    "value_curves",
+    "z_gradient_batch",
+]
+
+# Okabe–Ito colours (readable with colour-vision deficiencies), the same in every figure.
+DESIRABLE_COLOR = "#0072B2"
+UNDESIRABLE_COLOR = "#D55E00"
+CLASS_COLORS = {True: DESIRABLE_COLOR, False: UNDESIRABLE_COLOR}
+CLASS_NAMES = {True: "desirable", False: "undesirable"}
+METHOD_STYLES = {  # method -> (legend name, colour, line style)
+    "kto": ("KTO", "#009E73", "-"),
+    "apo_zero_unpaired": ("APO-zero (unpaired)", "#E69F00", "--"),
+    "dpo": ("DPO", "#CC79A7", ":"),
+}
+SETTING_COLORS = ("#000000", "#56B4E9", "#009E73", "#CC79A7", "#E69F00", "#F0E442")
+
+FIGURE_DPI = 110
+FIGURE_NAMES = (
+    "value_functions.png", "loss_surface_z.png", "loss_surface_beta.png", "kto_vs_dpo.png",
+    "z_gradient.png", "class_balance.png", "token_gradients.png", "training_curves.png",
+)
+SURFACE_AXES = ("z", "beta")
+TRAINING_PHASES = ("sft", "kto", "eval")
+
+# ---------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _prepare_axes(axes, shape: tuple[int, int], figsize: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    """The figure and a flat list of rows*cols axes: new ones on a new Figure when axes is None."""
+    count = shape[0] * shape[1]
+    if axes is None:
+        fig = Figure(figsize=figsize, layout="constrained")
+        return fig, list(fig.subplots(*shape, squeeze=False).ravel())
+    flat = [axes] if isinstance(axes, Axes) else list(np.asarray(axes, dtype=object).ravel())
+    if len(flat) != count or not all(isinstance(ax, Axes) for ax in flat):
+        raise ValueError(
+            f"axes must be None or {count} matplotlib Axes (a {shape[0]}x{shape[1]} grid), got "
+            f"{len(flat)} object(s) of type(s) {sorted({type(ax).__name__ for ax in flat})}"
+        )
+    figures = {id(ax.get_figure(root=True)) for ax in flat}
+    if len(figures) != 1:
+        raise ValueError(f"axes must all belong to one figure, got axes from {len(figures)} figures")
+    return flat[0].get_figure(root=True), flat
+
+
+def _as_label(name: str, value) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{name} must be 1 (desirable) or 0 (undesirable), got {value!r}")
+
+
+def _as_grid(name: str, values, *, positive: bool = False) -> np.ndarray:
+    """A 1-D, finite, strictly increasing float64 array of at least 2 points."""
+    arr = np.asarray(as_float_array(name, values, ndim=1), dtype=np.float64)
+    if arr.shape[0] < 2 or not bool(np.all(np.diff(arr) > 0)):
+        raise ValueError(f"{name} must be strictly increasing with at least 2 points, got {arr[:5]}...")
+    if positive and not bool(np.all(arr > 0)):
+        raise ValueError(f"{name} must be > 0 everywhere, got minimum {arr.min()}")
+    return arr
+
+
+def _add_legend_if_several(ax: Axes, **kwargs) -> None:
+    handles, _ = ax.get_legend_handles_labels()
+    if len(handles) > 1:
+        ax.legend(**kwargs)
+
+
+def _example_loss_and_slope(variant: str, log_ratio: float, desirable: bool, *, beta: float, z: float,
+                            weight: float) -> tuple[float, float]:
+    """(loss_i, ∂loss_i/∂r_i with z held fixed) of one example, computed with kto_loss_and_grad.
+
+    z is in log-ratio units for every variant. "kto": a KL pair with log-ratio z (the variant clamps
+    it at 0). "edifice": z is the batch mean of β r, so the example is paired with a zero-weight
+    example of the other class at log-ratio 2z − r (pair mean z); loss and gradient of the pair are
+    halved by the batch mean, hence the factor 2, and stop_z_grad holds z fixed.
+    "apo_zero_unpaired": no z (the caller passes z = 0).
+    """
+    class_weights = {"desirable_weight": weight if desirable else 0.0,
+                     "undesirable_weight": 0.0 if desirable else weight}
+    if variant == "edifice":
+        loss, grad, _ = kto_loss_and_grad(
+            np.array([log_ratio, 2.0 * z - log_ratio]), np.zeros(2), [int(desirable), int(not desirable)],
+            beta, **class_weights, variant="edifice", stop_z_grad=True, warn_balance=False)
+        return 2.0 * loss, 2.0 * float(grad[0])
+    kl_pair = {"kl_policy_logps": np.array([z]), "kl_ref_logps": np.zeros(1)} if variant == "kto" else {}
+    loss, grad, _ = kto_loss_and_grad(np.array([log_ratio]), np.zeros(1), [int(desirable)], beta,
+                                      **class_weights, variant=variant, warn_balance=False, **kl_pair)
+    return loss, float(grad[0])
+
+
+def _atomic_savefig(fig: Figure, path: Path) -> Path:
+    """Write a PNG with no date or version in its bytes, via a temporary file and os.replace."""
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            fig.savefig(stream, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# value functions
+
+
+class ValueCurves(NamedTuple):
+    rewards: np.ndarray  # [N] x = β(r − z)
+    desirable: np.ndarray  # [N] v_D(x) = λ_D σ(x), what KTO rewards for a desirable example
+    undesirable: np.ndarray  # [N] v_U(x) = λ_U σ(−x), what KTO rewards for an undesirable example
+    implied: np.ndarray  # [N] λ_D (σ(x) − ½) for x >= 0 (gains), λ_U (σ(x) − ½) for x < 0 (losses)
+
+
+def value_curves(rewards, desirable_weight: float = 1.0, undesirable_weight: float = 1.5) -> ValueCurves:
+    """KTO's value functions over the reward x = β(r − z), from the "kto" loss: v = λ − loss.
+
+    v_D(x) = λ_D σ(x), v_U(x) = λ_U σ(−x). The implied value of an outcome relative to the reference
+    point is v_D(x) − λ_D/2 for gains (x >= 0) and λ_U/2 − v_U(x) for losses: concave gains, convex
+    losses, losses steeper by λ_U/λ_D (loss aversion), the Kahneman–Tversky shape.
+    """
+    rewards = np.asarray(as_float_array("rewards", rewards, ndim=1), dtype=np.float64)
+    desirable_weight = check_finite_scalar("desirable_weight", desirable_weight, positive=True)
+    undesirable_weight = check_finite_scalar("undesirable_weight", undesirable_weight, positive=True)
+    weights = {True: desirable_weight, False: undesirable_weight}
+    values = {}
+    for desirable in (True, False):  # β = 1 and z = 0, so the log-ratio is the reward itself
+        losses = [_example_loss_and_slope("kto", x, desirable, beta=1.0, z=0.0, weight=weights[desirable])[0]
+                  for x in rewards]
+        values[desirable] = weights[desirable] - np.array(losses)
+    implied = np.where(rewards >= 0, values[True] - desirable_weight / 2,
+                       undesirable_weight / 2 - values[False])
+    return ValueCurves(rewards, values[True], values[False], implied)
+
+
+def plot_value_functions(axes=None, *, rewards=None, desirable_weight: float = 1.0,
+                         undesirable_weight: float = 1.5) -> Figure:
+    """Two panels: KTO's per-class values v_D, v_U against x = β(r − z); the implied value with loss
+    aversion (λ_U > λ_D) next to the symmetric one (λ_U = λ_D)."""
+    rewards = np.linspace(-6.0, 6.0, 241) if rewards is None else rewards
+    curves = value_curves(rewards, desirable_weight, undesirable_weight)
+    symmetric = value_curves(curves.rewards, desirable_weight, desirable_weight)
+    fig, (ax_class, ax_implied) = _prepare_axes(axes, (1, 2), (11.0, 4.4))
+    x = curves.rewards
+
+    ax_class.plot(x, curves.desirable, color=DESIRABLE_COLOR,
+                  label=rf"desirable: $\lambda_D\,\sigma(x)$, $\lambda_D$={desirable_weight:g}")
+    ax_class.plot(x, curves.undesirable, color=UNDESIRABLE_COLOR,
+                  label=rf"undesirable: $\lambda_U\,\sigma(-x)$, $\lambda_U$={undesirable_weight:g}")
+    ax_class.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--")
+    ax_class.set(title="KTO value of each class (loss = λ − value)",
+                 xlabel=r"reward $x = \beta\,(r - z)$", ylabel="value v(x)")
+    ax_class.set_ylim(-0.05, 1.3 * max(desirable_weight, undesirable_weight))  # room for the legend
+    ax_class.legend(loc="upper center", fontsize="small")
+
+    gains, losses = x >= 0, x <= 0
+    ax_implied.plot(x, symmetric.implied, color="0.55", linestyle="--", linewidth=1.2,
+                    label=rf"no loss aversion ($\lambda_U = \lambda_D$ = {desirable_weight:g})")
+    ax_implied.plot(x[gains], curves.implied[gains], color=DESIRABLE_COLOR, linewidth=2.2,
+                    label=r"gains: $\lambda_D(\sigma(x) - \frac{1}{2})$, concave")
+    ax_implied.plot(x[losses], curves.implied[losses], color=UNDESIRABLE_COLOR, linewidth=2.2,
+                    label=rf"losses: $\lambda_U(\sigma(x) - \frac{{1}}{{2}})$, convex, "
+                          rf"$\lambda_U/\lambda_D$ = {undesirable_weight / desirable_weight:.3g}")
+    ax_implied.axhline(0.0, color="0.6", linewidth=0.8)
+    ax_implied.axvline(0.0, color="0.6", linewidth=0.8)
+    ax_implied.set(title="Implied value: the Kahneman–Tversky shape",
+                   xlabel=r"reward $x = \beta\,(r - z)$", ylabel="value relative to the reference point")
+    ax_implied.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# loss and gradient surfaces
+
+
+class LossSurface(NamedTuple):
+    xs: np.ndarray  # [NX] log-ratios r
+    ys: np.ndarray  # [NY] z (log-ratio units) or β
+    loss: np.ndarray  # [NY, NX] the example's loss
+    grad_norm: np.ndarray  # [NY, NX] |∂loss/∂r| with z held fixed
+
+
+def _default_surface_ys(variant: str, y: str) -> np.ndarray:
+    if y == "beta":
+        return np.geomspace(0.01, 1.0, 61)
+    return np.linspace(0.0 if variant == "kto" else -20.0, 20.0, 61)
+
+
+def loss_surface(variant: str = "kto", x: str = "log_ratio", y: str = "z", *, label=1, xs=None, ys=None,
+                 beta: float = 0.1, z: float = 0.0, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0) -> LossSurface:
+    """Loss and |gradient| of one example over (log-ratio r, z) or (log-ratio r, β), via kto_loss_and_grad.
+
+    y="z": ys are reference points z (log-ratio units; "kto" clamps z < 0 to 0), β fixed.
+    y="beta": ys are β values, z fixed. The sigmoid argument is u = β(r − z).
+    loss[i, j] = the variant's loss_i of an example with label `label` at r = xs[j], y = ys[i]
+    ("edifice": −λσ(±u); "kto": λ(1 − σ(±u)); "apo_zero_unpaired": as "kto" with z = 0);
+    grad_norm[i, j] = |∂loss_i/∂r_i| = β λ σ(u) σ(−u), with z held fixed.
+    """
+    variant = check_choice("variant", variant, VARIANTS)
+    check_choice("x", x, ("log_ratio",))
+    y = check_choice("y", y, SURFACE_AXES)
+    desirable = _as_label("label", label)
+    beta = check_finite_scalar("beta", beta, positive=True)
+    z = check_finite_scalar("z", z)
+    weight = check_finite_scalar("desirable_weight" if desirable else "undesirable_weight",
+                                 desirable_weight if desirable else undesirable_weight, positive=True)
+    if variant == "apo_zero_unpaired" and (y == "z" or z != 0.0):
+        raise ValueError(
+            f"variant='apo_zero_unpaired' has no reference point z: use y='beta' and z=0, got y={y!r}, z={z}"
+        )
+    xs = _as_grid("xs", np.linspace(-30.0, 30.0, 101) if xs is None else xs)
+    ys = _as_grid("ys", _default_surface_ys(variant, y) if ys is None else ys, positive=y == "beta")
+    loss = np.empty((ys.shape[0], xs.shape[0]))  # [NY, NX]
+    grad_norm = np.empty_like(loss)
+    for i, y_value in enumerate(ys):
+        point_beta, point_z = (beta, float(y_value)) if y == "z" else (float(y_value), z)
+        for j, log_ratio in enumerate(xs):
+            loss[i, j], slope = _example_loss_and_slope(variant, float(log_ratio), desirable, beta=point_beta,
+                                                        z=point_z, weight=weight)
+            grad_norm[i, j] = abs(slope)
+    return LossSurface(xs, ys, loss, grad_norm)
+
+
+def _draw_heatmap(ax: Axes, xs, ys, values, *, cmap: str, colorbar_label: str) -> None:
+    mesh = ax.pcolormesh(xs, ys, values, cmap=cmap, shading="nearest")
+    colorbar = ax.get_figure(root=True).colorbar(mesh, ax=ax)
+    colorbar.set_label(colorbar_label)
+    low, high = float(values.min()), float(values.max())
+    if high - low > 1e-12 * max(1.0, abs(high)):
+        contours = ax.contour(xs, ys, values, levels=np.linspace(low, high, 8)[1:-1], colors="white",
+                              linewidths=0.7, alpha=0.8)
+        ax.clabel(contours, fontsize=7, fmt="%.3g")
+
+
+def plot_loss_surface(variant: str = "kto", y: str = "z", axes=None, *, xs=None, ys=None, beta: float = 0.1,
+                      z: float = 0.0, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Figure:
+    """2x2 heatmaps with contours: rows desirable / undesirable, columns loss / |∂loss/∂r| (z fixed),
+    over (log-ratio, z) for y="z" or (log-ratio, β) for y="beta"; data from loss_surface."""
+    fig, flat_axes = _prepare_axes(axes, (2, 2), (11.5, 8.5))
+    y_label = r"reference point $z$ (log-ratio units)" if y == "z" else r"$\beta$ (log scale)"
+    for row, desirable in enumerate((True, False)):
+        surface = loss_surface(variant, "log_ratio", y, label=int(desirable), xs=xs, ys=ys, beta=beta, z=z,
+                               desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        for col, (values, cmap, what) in enumerate(((surface.loss, "viridis", "loss"),
+                                                     (surface.grad_norm, "magma", "|∂loss/∂r|"))):
+            ax = flat_axes[2 * row + col]
+            _draw_heatmap(ax, surface.xs, surface.ys, values, cmap=cmap, colorbar_label=what)
+            if y == "z":
+                reference = np.maximum(surface.ys, 0.0) if variant == "kto" else surface.ys
+                ax.plot(reference, surface.ys, color="cyan", linestyle="--", linewidth=1.0,
+                        label="reward 0 (r = z)")
+                ax.set_xlim(surface.xs[0], surface.xs[-1])
+            else:
+                ax.set_yscale("log")
+                ax.axvline(z, color="cyan", linestyle="--", linewidth=1.0, label=f"reward 0 (r = z = {z:g})")
+            ax.set_title(f"{CLASS_NAMES[desirable]} example: {what}", color=CLASS_COLORS[desirable])
+            ax.set(xlabel=r"log-ratio $r = \log \pi - \log \pi_{ref}$", ylabel=y_label)
+    fixed = rf"$\beta$ = {beta:g}" if y == "z" else f"z = {z:g}"
+    fig.suptitle(f"KTO loss surface, variant={variant!r}, {fixed}; gradient with z held fixed")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# KTO against DPO and APO-zero
+
+
+class MethodCurves(NamedTuple):
+    loss_desirable: np.ndarray  # [N] loss of a desirable (chosen) completion with reward x
+    loss_undesirable: np.ndarray  # [N] loss of an undesirable (rejected) completion with reward x
+    grad_desirable: np.ndarray  # [N] |∂loss/∂ log π| of that desirable completion
+    grad_undesirable: np.ndarray  # [N] |∂loss/∂ log π| of that undesirable completion
+
+
+def kto_vs_dpo_curves(rewards, *, beta: float = 0.1, kto_z: float = 5.0, desirable_weight: float = 1.0,
+                      undesirable_weight: float = 1.0) -> dict[str, MethodCurves]:
+    """Loss and |gradient| of one completion against its reward x = β r, per method.
+
+    "kto": λ_D(1 − σ(x − β z)) / λ_U(1 − σ(β z − x)), z = kto_z (a KL estimate, log-ratio units);
+    "apo_zero_unpaired": λ_D(1 − σ(x)) / λ_U σ(x); "dpo": −log σ(x) for a chosen completion and
+    −log σ(−x) for a rejected one, the other completion of the pair at reward 0 (so x is the margin).
+    """
+    rewards = np.asarray(as_float_array("rewards", rewards, ndim=1), dtype=np.float64)
+    beta = check_finite_scalar("beta", beta, positive=True)
+    kto_z = check_finite_scalar("kto_z", kto_z, nonnegative=True)
+    weights = {True: check_finite_scalar("desirable_weight", desirable_weight, positive=True),
+               False: check_finite_scalar("undesirable_weight", undesirable_weight, positive=True)}
+    log_ratios = rewards / beta
+    curves = {}
+    for variant, z in (("kto", kto_z), ("apo_zero_unpaired", 0.0)):
+        columns = {}
+        for desirable in (True, False):
+            points = np.array([_example_loss_and_slope(variant, r, desirable, beta=beta, z=z,
+                                                       weight=weights[desirable]) for r in log_ratios])
+            columns[desirable] = (points[:, 0], np.abs(points[:, 1]))
+        curves[variant] = MethodCurves(columns[True][0], columns[False][0], columns[True][1], columns[False][1])
+    zero = np.zeros(1)
+    chosen, rejected = [], []
+    for r in log_ratios:
+        loss, (grad_chosen, _), _ = dpo_loss_and_grad(np.array([r]), zero, zero, zero, beta)
+        chosen.append((loss, abs(float(grad_chosen[0]))))
+        loss, (_, grad_rejected), _ = dpo_loss_and_grad(zero, np.array([r]), zero, zero, beta)
+        rejected.append((loss, abs(float(grad_rejected[0]))))
+    chosen, rejected = np.array(chosen), np.array(rejected)
+    curves["dpo"] = MethodCurves(chosen[:, 0], rejected[:, 0], chosen[:, 1], rejected[:, 1])
+    return curves
+
+
+def plot_kto_vs_dpo(axes=None, *, rewards=None, beta: float = 0.1, kto_z: float = 5.0,
+                    desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Figure:
+    """2x2: rows loss / |gradient| (log scale), columns desirable (chosen) / undesirable (rejected),
+    one line per method, against the completion's reward β r. KTO's σ flattens on both sides; DPO's
+    −log σ keeps a gradient of β wherever its margin is negative."""
+    rewards = np.linspace(-12.0, 12.0, 241) if rewards is None else rewards
+    curves = kto_vs_dpo_curves(rewards, beta=beta, kto_z=kto_z, desirable_weight=desirable_weight,
+                               undesirable_weight=undesirable_weight)
+    x = np.asarray(rewards, dtype=np.float64)
+    fig, (ax_loss_d, ax_loss_u, ax_grad_d, ax_grad_u) = _prepare_axes(axes, (2, 2), (11.5, 8.0))
+    for method, method_curves in curves.items():
+        name, color, style = METHOD_STYLES[method]
+        if method == "kto":
+            name = f"{name} (z = {kto_z:g}: centred at β z = {beta * kto_z:.3g})"
+        for ax, values in ((ax_loss_d, method_curves.loss_desirable), (ax_loss_u, method_curves.loss_undesirable),
+                           (ax_grad_d, method_curves.grad_desirable), (ax_grad_u, method_curves.grad_undesirable)):
+            ax.plot(x, values, color=color, linestyle=style, linewidth=2.0, label=name)
+    for desirable, ax_loss, ax_grad in ((True, ax_loss_d, ax_grad_d), (False, ax_loss_u, ax_grad_u)):
+        who = "desirable / chosen" if desirable else "undesirable / rejected"
+        ax_loss.set_title(f"loss of a {who} completion", color=CLASS_COLORS[desirable])
+        ax_grad.set_title(f"|gradient| of a {who} completion (log scale)", color=CLASS_COLORS[desirable])
+        ax_loss.set(xlabel=r"its reward $\beta r$ (DPO: margin vs. the other completion at 0)", ylabel="loss")
+        ax_grad.set(xlabel=r"its reward $\beta r$ (DPO: margin vs. the other completion at 0)",
+                    ylabel=r"$|\partial loss / \partial \log \pi(y|x)|$")
+        ax_grad.set_yscale("log")
+        for ax in (ax_loss, ax_grad):
+            ax.axvline(0.0, color="0.7", linewidth=0.8)
+            ax.legend(fontsize="small")
+    fig.suptitle(rf"KTO vs DPO vs APO-zero, $\beta$ = {beta:g}: KTO's sigmoid saturates both ways, "
+                 "DPO keeps a gradient for negative margins")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# the gradient through z (edifice formula)
+
+
+class ZGradientBatch(NamedTuple):
+    labels: np.ndarray  # [B] bool, True = desirable
+    log_ratios: np.ndarray  # [B] r
+    grad_through_z: np.ndarray  # [B] dL/dpolicy_logps, z = mean(β r) passes gradient
+    grad_stop_z: np.ndarray  # [B] dL/dpolicy_logps, z detached
+
+
+def z_gradient_batch(*, seed: int = 0, batch_size: int = 12, beta: float = 0.1, desirable_weight: float = 1.0,
+                     undesirable_weight: float = 1.0) -> ZGradientBatch:
+    """Per-example gradients of one seeded random batch under the edifice formula, with and without
+    stop-gradient on z. Through z: dL/dr_j = β(g_j − mean_i g_i), which sums to 0 over the batch."""
+    batch_size = check_positive_int("batch_size", batch_size, minimum=2)
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(batch_size) < (batch_size + 1) // 2 + 1)
+    log_ratios = rng.normal(2.0, 8.0, batch_size)
+    ref_logps = rng.normal(-40.0, 5.0, batch_size)
+    policy_logps = ref_logps + log_ratios
+    grads = {}
+    for stop_z_grad in (False, True):
+        _, grads[stop_z_grad], _ = kto_loss_and_grad(
+            policy_logps, ref_logps, labels.astype(np.int64), beta, desirable_weight, undesirable_weight,
+            variant="edifice", stop_z_grad=stop_z_grad, warn_balance=False)
+    return ZGradientBatch(labels, log_ratios, np.asarray(grads[False]), np.asarray(grads[True]))
+
+
+def plot_z_gradient_effect(ax=None, *, seed: int = 0, batch_size: int = 12, beta: float = 0.1,
+                           desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Figure:
+    """Side-by-side bars of each example's gradient with the gradient through z (filled) and with
+    stop-gradient on z (hatched); bar colour is the example's class. Sums are in the legend."""
+    batch = z_gradient_batch(seed=seed, batch_size=batch_size, beta=beta, desirable_weight=desirable_weight,
+                             undesirable_weight=undesirable_weight)
+    fig, (ax,) = _prepare_axes(ax, (1, 1), (10.0, 4.8))
+    positions = np.arange(batch.labels.shape[0])
+    colors = [CLASS_COLORS[bool(d)] for d in batch.labels]
+    ax.bar(positions - 0.2, batch.grad_through_z, width=0.4, color=colors, edgecolor=colors)
+    ax.bar(positions + 0.2, batch.grad_stop_z, width=0.4, color="white", edgecolor=colors, hatch="///")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    handles = [
+        Patch(facecolor="0.4", edgecolor="0.4",
+              label=f"gradient through z: sum = {batch.grad_through_z.sum():+.2e}"),
+        Patch(facecolor="white", edgecolor="0.4", hatch="///",
+              label=f"stop-gradient on z: sum = {batch.grad_stop_z.sum():+.2e}"),
+        Patch(color=DESIRABLE_COLOR, label="desirable example"),
+        Patch(color=UNDESIRABLE_COLOR, label="undesirable example"),
+    ]
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xticks(positions, [f"{i}\nr={r:.1f}" for i, r in enumerate(batch.log_ratios)], fontsize=7)
+    ax.set(title=r"Edifice KTO, z = mean($\beta r$): with z's gradient the per-example gradients sum to 0",
+           xlabel="example in the batch (log-ratio r)", ylabel=r"$\partial L / \partial \log \pi(y_i|x_i)$")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# class balance
+
+
+def _weight_settings(weight_settings) -> list[tuple[float, float]]:
+    try:
+        pairs = [tuple(pair) for pair in weight_settings]
+    except TypeError as exc:
+        raise TypeError(f"weight_settings must be a sequence of (desirable_weight, undesirable_weight) "
+                        f"pairs, got {weight_settings!r}") from exc
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"weight_settings must be a non-empty sequence of (desirable_weight, "
+                         f"undesirable_weight) pairs, got {weight_settings!r}")
+    return [(check_finite_scalar(f"weight_settings[{i}][0]", d, positive=True),
+             check_finite_scalar(f"weight_settings[{i}][1]", u, positive=True)) for i, (d, u) in enumerate(pairs)]
+
+
+def class_balance_shares(desirable_fractions, weight_settings, *, variant: str = "kto", beta: float = 0.1,
+                         batch_size: int = 100, log_ratios=None) -> np.ndarray:
+    """Desirable share of the gradient, sum_{desirable}|g_i| / sum_i |g_i|, g = dL/dpolicy_logps.
+
+    For each (λ_D, λ_U) in weight_settings [S] and fraction f in desirable_fractions [F], a batch of
+    batch_size examples whose first round(f·n) are desirable, with the given log-ratios [n]
+    (default 0: policy = reference, the start of KTO training). Returns [S, F].
+    """
+    variant = check_choice("variant", variant, VARIANTS)
+    fractions = np.asarray(as_float_array("desirable_fractions", desirable_fractions, ndim=1), dtype=np.float64)
+    settings = _weight_settings(weight_settings)
+    batch_size = check_positive_int("batch_size", batch_size, minimum=2)
+    if log_ratios is None:
+        log_ratios = np.zeros(batch_size)
+    log_ratios = np.asarray(as_float_array("log_ratios", log_ratios, ndim=1), dtype=np.float64)
+    if log_ratios.shape[0] != batch_size:
+        raise ValueError(f"log_ratios must have shape ({batch_size},) = (batch_size,), got {log_ratios.shape}")
+    desirable_counts = np.rint(fractions * batch_size).astype(np.int64)
+    if desirable_counts.min() < 1 or desirable_counts.max() > batch_size - 1:
+        raise ValueError(f"desirable_fractions must leave both classes non-empty in a batch of {batch_size} "
+                         f"(each in [1/{batch_size}, 1 − 1/{batch_size}]), got {fractions.min()} to "
+                         f"{fractions.max()}")
+    shares = np.empty((len(settings), fractions.shape[0]))  # [S, F]
+    for s, (desirable_weight, undesirable_weight) in enumerate(settings):
+        for f, num_desirable in enumerate(desirable_counts):
+            labels = (np.arange(batch_size) < num_desirable).astype(np.int64)
+            _, grad, _ = kto_loss_and_grad(log_ratios, np.zeros(batch_size), labels, beta, desirable_weight,
+                                           undesirable_weight, variant=variant, warn_balance=False)
+            magnitudes = np.abs(grad)
+            total = float(magnitudes.sum())
+            if total == 0.0:
+                raise ValueError(f"every gradient is 0 at desirable fraction {fractions[f]} with weights "
+                                 f"{(desirable_weight, undesirable_weight)}: log_ratios saturate the sigmoid")
+            shares[s, f] = float(magnitudes[:num_desirable].sum()) / total
+    return shares
+
+
+def balanced_fraction_range(desirable_weight: float, undesirable_weight: float) -> tuple[float, float]:
+    """Desirable fractions f with λ_D f / (λ_U (1 − f)) in the paper's [1, 4/3]: f = ρλ_U / (λ_D + ρλ_U)."""
+    return tuple(ratio * undesirable_weight / (desirable_weight + ratio * undesirable_weight)
+                 for ratio in BALANCE_RANGE)
+
+
+def plot_class_balance(ax=None, *, weight_settings=((1.0, 1.0), (2.0, 1.0), (4.0, 1.0), (1.0, 2.0)),
+                       desirable_fractions=None, variant: str = "kto", beta: float = 0.1, batch_size: int = 100,
+                       log_ratios=None) -> Figure:
+    """Desirable share of the gradient against the desirable fraction, one line per (λ_D, λ_U);
+    the fractions where λ_D n_D / (λ_U n_U) is in the paper's [1, 4/3] are shaded and drawn thick."""
+    fractions = np.linspace(0.05, 0.95, 91) if desirable_fractions is None else desirable_fractions
+    settings = _weight_settings(weight_settings)
+    shares = class_balance_shares(fractions, settings, variant=variant, beta=beta, batch_size=batch_size,
+                                  log_ratios=log_ratios)
+    fractions = np.asarray(fractions, dtype=np.float64)
+    fig, (ax,) = _prepare_axes(ax, (1, 1), (9.0, 5.5))
+    for s, (desirable_weight, undesirable_weight) in enumerate(settings):
+        color = SETTING_COLORS[s % len(SETTING_COLORS)]
+        ax.plot(fractions, shares[s], color=color, linewidth=1.4,
+                label=rf"$\lambda_D$ = {desirable_weight:g}, $\lambda_U$ = {undesirable_weight:g}")
+        low, high = balanced_fraction_range(desirable_weight, undesirable_weight)
+        ax.axvspan(low, high, color=color, alpha=0.12, linewidth=0)
+        inside = (fractions >= low) & (fractions <= high)
+        ax.plot(fractions[inside], shares[s][inside], color=color, linewidth=4.0, solid_capstyle="butt")
+    ax.axhline(0.5, color="0.6", linestyle="--", linewidth=0.8)
+    ax.plot([], [], color="0.3", linewidth=4.0,
+            label=r"paper's band: $\lambda_D n_D / (\lambda_U n_U) \in [1, 4/3]$ (shaded)")
+    ax.set(title=f"Gradient share of the desirable class (variant={variant!r})",
+           xlabel=r"desirable fraction of the batch $n_D / n$",
+           ylabel="desirable share of the summed |gradient|", xlim=(0.0, 1.0), ylim=(0.0, 1.0))
+    ax.legend(fontsize="small", loc="upper left")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# training curves
+
+
+def load_metrics_records(path) -> list[dict]:
+    """The records of a run's metrics.jsonl, one dict per non-empty line."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    records = []
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
+    return records
+
+
+def _check_records(records) -> dict[str, list[tuple[int, Mapping]]]:
+    """Records grouped by phase as (index, record), after checking each has a phase and a step."""
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Sequence):
+        raise TypeError(f"records must be a list of dicts (one per metrics.jsonl line), got "
+                        f"{type(records).__name__}")
+    if len(records) == 0:
+        raise ValueError("records must not be empty: give at least one metrics record")
+    by_phase: dict[str, list[tuple[int, Mapping]]] = {phase: [] for phase in TRAINING_PHASES}
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise TypeError(f"records[{index}] must be a dict, got {type(record).__name__}")
+        if "phase" not in record:
+            raise ValueError(f"records[{index}] has no 'phase' key (expected one of {TRAINING_PHASES}), "
+                             f"got keys {sorted(record)}")
+        if record["phase"] not in by_phase:
+            continue
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, Real):
+            raise ValueError(f"records[{index}]['step'] must be a number, got {step!r}")
+        by_phase[record["phase"]].append((index, record))
+    if not any(by_phase.values()):
+        phases = sorted({str(record["phase"]) for record in records})
+        raise ValueError(f"records have no phase in {TRAINING_PHASES}, got phases {phases}")
+    return by_phase
+
+
+def _series(indexed_records, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one metric, skipping records where it is None or missing."""
+    steps, values = [], []
+    for index, record in indexed_records:
+        value = record.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"records[{index}][{key!r}] must be a number or None, got {value!r}")
+        steps.append(float(record["step"]))
+        values.append(float(value))
+    return np.array(steps), np.array(values)
+
+
+def plot_training_curves(records, axes=None) -> Figure:
+    """Six panels from metrics records: SFT loss, KTO loss, rewards per class and margin, KL (z),
+    eval desirable rate, gradient norm. Values that are None (a class absent from a batch) are skipped."""
+    by_phase = _check_records(records)
+    fig, flat_axes = _prepare_axes(axes, (2, 3), (15.0, 8.0))
+    ax_sft, ax_kto, ax_rewards, ax_kl, ax_rate, ax_grad = flat_axes
+    panels = (
+        (ax_sft, "SFT loss (reference model)", "cross-entropy", [("sft", "loss", "SFT loss", "0.2", "-")]),
+        (ax_kto, "KTO loss", "loss", [("kto", "loss", "KTO loss", "#009E73", "-")]),
+        (ax_rewards, r"Rewards $\beta r$ per class", "reward",
+         [("kto", "rewards/chosen", "desirable (chosen)", DESIRABLE_COLOR, "-"),
+          ("kto", "rewards/rejected", "undesirable (rejected)", UNDESIRABLE_COLOR, "-"),
+          ("kto", "rewards/margins", "margin (chosen − rejected)", "0.2", "--")]),
+        (ax_kl, "KL estimate z", "kl (z)", [("kto", "kl", "KL (z)", "#CC79A7", "-")]),
+        (ax_rate, "Desirable rate (evaluation)", "fraction desirable",
+         [("eval", "desirable_rate", "desirable rate", DESIRABLE_COLOR, "-")]),
+        (ax_grad, "Gradient norm", "global grad norm",
+         [("sft", "grad_norm", "SFT", "0.2", "-"), ("kto", "grad_norm", "KTO", "#009E73", "-")]),
+    )
+    for ax, title, ylabel, lines in panels:
+        drawn = 0
+        for phase, key, name, color, style in lines:
+            steps, values = _series(by_phase[phase], key)
+            if steps.size:
+                few_points = steps.size <= 1 or len(by_phase[phase]) < 30
+                ax.plot(steps, values, color=color, linestyle=style, marker="." if few_points else None,
+                        label=name)
+                drawn += 1
+        if drawn == 0:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        _add_legend_if_several(ax, fontsize="small")
+    ax_rewards.axhline(0.0, color="0.7", linewidth=0.8)
+    if ax_rate.lines:
+        ax_rate.set_ylim(0.0, 1.0)
+    fig.suptitle("Training curves")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# where in a sequence the gradient goes
+
+
+class TokenGradients(NamedTuple):
+    norms: np.ndarray  # [B, T] |dL/dlogits| of the logits that score token t (0 where not scored)
+    tokens_text: list[list[str]]  # [B][T] the text of each token ("" for padding)
+    labels: np.ndarray  # [B] bool, True = desirable
+
+
+_SYNTHETIC_EXAMPLES = (  # (prompt, completion, desirable)
+    ("Q: 2+3? A:", " 5, easy.", True),
+    ("Q: 2+3? A:", " 6, I think", False),
+    ("Say hi:", " Hello there!", True),
+    ("Say hi:", " Go away.", False),
+)
+
+
+def synthetic_token_gradients(*, seed: int = 0, beta: float = 0.1) -> TokenGradients:
+    """Per-token gradient norms of a synthetic KTO batch, from kto_np.logprobs only.
+
+    Random policy logits [B, T, V] (reference = policy + noise) over the characters of four
+    prompt/completion pairs; shifted completion log-probs; dL/dlogps from the "kto" loss;
+    sequence_logprobs_backward -> dlogits; norm over V. Column t holds the norm at the logits that
+    score token t (position t − 1), so prompt tokens and padding show 0.
+    """
+    rng = np.random.default_rng(seed)
+    texts = [prompt + completion for prompt, completion, _ in _SYNTHETIC_EXAMPLES]
+    vocabulary = sorted(set("".join(texts)))
+    B, T, V = len(texts), max(len(text) for text in texts), len(vocabulary)
+    tokens = np.zeros((B, T), dtype=np.int64)
+    completion_mask = np.zeros((B, T))
+    tokens_text = []
+    for b, (prompt, completion, _) in enumerate(_SYNTHETIC_EXAMPLES):
+        text = prompt + completion
+        tokens[b, : len(text)] = [vocabulary.index(char) for char in text]
+        completion_mask[b, len(prompt): len(text)] = 1.0
+        tokens_text.append(list(text) + [""] * (T - len(text)))
+    policy_logits = rng.normal(0.0, 1.0, (B, T, V))  # [B, T, V]
+    ref_logits = policy_logits + rng.normal(0.0, 0.5, (B, T, V))
+    labels = np.array([desirable for _, _, desirable in _SYNTHETIC_EXAMPLES])
+    policy_logps, cache = sequence_logprobs_forward(policy_logits, tokens, completion_mask)  # [B]
+    ref_logps = sequence_logprobs(ref_logits, tokens, completion_mask)
+    _, dlogps, _ = kto_loss_and_grad(policy_logps, ref_logps, labels.astype(np.int64), beta, variant="kto")
+    dlogits = sequence_logprobs_backward(dlogps, cache)  # [B, T, V]; position t scores token t + 1
+    norms = np.zeros((B, T))
+    norms[:, 1:] = np.sqrt((dlogits[:, :-1] ** 2).sum(axis=-1))
+    return TokenGradients(norms, tokens_text, labels)
+
+
+def _tokens_text(tokens_text, shape: tuple[int, int]) -> list[list[str]]:
+    B, T = shape
+    if isinstance(tokens_text, str) or not isinstance(tokens_text, Sequence):
+        raise TypeError(f"tokens_text must be a sequence of {B} rows (str or list of str), got "
+                        f"{type(tokens_text).__name__}")
+    if len(tokens_text) != B:
+        raise ValueError(f"tokens_text must have {B} rows (one per row of dlogits_norms), got {len(tokens_text)}")
+    rows = []
+    for b, row in enumerate(tokens_text):
+        row = list(row)
+        if len(row) != T or not all(isinstance(token, str) for token in row):
+            raise ValueError(f"tokens_text[{b}] must be {T} strings (a str of {T} characters or a list of "
+                             f"{T} str), got {len(row)} item(s)")
+        rows.append(row)
+    return rows
+
+
+def plot_token_gradients(dlogits_norms, tokens_text, ax=None, *, labels=None,
+                         title: str = "Where the gradient goes: |dL/dlogits| per token") -> Figure:
+    """Heatmap of per-token gradient norms, rows = examples [B], columns = positions [T], each cell
+    annotated with its token's text. dlogits_norms [B, T] >= 0; tokens_text: B strings of T characters
+    or B lists of T strings; labels [B] 0/1 (optional) name and colour the rows."""
+    norms = np.asarray(as_float_array("dlogits_norms", dlogits_norms, ndim=2), dtype=np.float64)
+    if float(norms.min()) < 0:
+        raise ValueError(f"dlogits_norms must be >= 0 (they are norms), got minimum {norms.min()}")
+    B, T = norms.shape
+    rows = _tokens_text(tokens_text, (B, T))
+    if labels is not None:
+        labels = [_as_label(f"labels[{b}]", label) for b, label in enumerate(np.asarray(labels).tolist())]
+        if len(labels) != B:
+            raise ValueError(f"labels must have shape ({B},), got ({len(labels)},)")
+    fig, (ax,) = _prepare_axes(ax, (1, 1), (max(6.0, 0.42 * T + 2.5), 0.6 * B + 1.8))
+    image = ax.imshow(norms, aspect="auto", cmap="Blues", interpolation="nearest")
+    colorbar = fig.colorbar(image, ax=ax)
+    colorbar.set_label("|dL/dlogits|")
+    bright = 0.6 * float(norms.max())
+    for b, row in enumerate(rows):
+        for t, token in enumerate(row):
+            shown = "·" if token == " " else token
+            ax.text(t, b, shown, ha="center", va="center", fontsize=9, parse_math=False,
+                    color="white" if norms[b, t] > bright else "black")
+    ax.set_xticks(np.arange(T))
+    if labels is None:
+        ax.set_yticks(np.arange(B))
+    else:
+        ax.set_yticks(np.arange(B), [f"{b}: {CLASS_NAMES[d]}" for b, d in enumerate(labels)])
+        for tick, desirable in zip(ax.get_yticklabels(), labels, strict=True):
+            tick.set_color(CLASS_COLORS[desirable])
+    ax.set(title=title, xlabel="position t (token shown; · is a space)", ylabel="example")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# everything
+
+
+def make_all_figures(out_dir, *, metrics_records=None, seed: int = 0) -> list[Path]:
+    """Write every figure as a PNG into out_dir (created if needed) and return the paths.
+
+    Names: value_functions, loss_surface_z, loss_surface_beta, kto_vs_dpo, z_gradient, class_balance,
+    token_gradients (+ training_curves when metrics_records is given). Fixed dpi, no date or version
+    in the bytes (same inputs, same bytes); each file is written to a temporary name and renamed.
+    """
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a str or os.PathLike, got {type(out_dir).__name__} {out_dir!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if metrics_records is not None:
+        _check_records(metrics_records)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    token_gradients = synthetic_token_gradients(seed=seed)
+    figures = [
+        ("value_functions.png", lambda: plot_value_functions()),
+        ("loss_surface_z.png", lambda: plot_loss_surface("kto", "z")),
+        ("loss_surface_beta.png", lambda: plot_loss_surface("kto", "beta")),
+        ("kto_vs_dpo.png", lambda: plot_kto_vs_dpo()),
+        ("z_gradient.png", lambda: plot_z_gradient_effect(seed=seed)),
+        ("class_balance.png", lambda: plot_class_balance()),
+        ("token_gradients.png", lambda: plot_token_gradients(token_gradients.norms, token_gradients.tokens_text,
+                                                             labels=token_gradients.labels)),
+    ]
+    if metrics_records is not None:
+        figures.append(("training_curves.png", lambda: plot_training_curves(metrics_records)))
+    return [_atomic_savefig(draw(), out_dir / name) for name, draw in figures]
