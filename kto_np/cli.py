@@ -3,20 +3,193 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from . import __version__
 
+# TrainConfig fields that have a command-line option (the rest come from the preset)
+TRAINING_OPTIONS = ("steps", "sft_steps", "variant", "beta", "desirable_weight", "undesirable_weight",
+                    "desirable_fraction", "lr", "seed", "dtype", "backend")
+
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
-    from .gradcheck import format_report, loss_and_logprob_checks  # noqa: PLC0415
+    from .gradcheck import format_report, loss_and_logprob_checks, model_checks  # noqa: PLC0415
+    from .losses import VARIANTS  # noqa: PLC0415
 
     rows = loss_and_logprob_checks(seed=args.seed)
-    print(format_report(rows, title="Log-probabilities and KTO losses (float64, central differences)"))
-    failed = [r for r in rows if not r.passed]
-    worst = max(rows, key=lambda r: r.rel_error)
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} passed; worst relative error {worst.rel_error:.2e} ({worst.name})")
+    print(format_report(rows, title="Log-probabilities and KTO losses (float64, central differences, "
+                                    "pass: rel err <= 1e-7)"))
+    model_rows = model_checks(seed=args.seed, variant="kto")
+    print()
+    print(format_report(model_rows, title="GPT-2 end to end: d(KTO loss, variant kto)/d(every parameter) "
+                                          "(V=11 C=12 NH=3 L=2 T=6 B=4, float64, pass: rel err <= 1e-6)"))
+    print("\nOther model variants and options (worst tensor of each):")
+    all_rows = rows + model_rows
+    for variant in VARIANTS:
+        for positional in ("learned", "sinusoidal"):
+            for tie in (True, False):
+                checked = model_checks(seed=args.seed, variant=variant, positional=positional, tie_embeddings=tie)
+                all_rows += checked
+                worst = max(checked, key=lambda r: r.rel_error)
+                ok = all(r.passed for r in checked)
+                print(f"  {variant:<18} {positional:<10} {'tied' if tie else 'untied':<6} "
+                      f"worst {worst.rel_error:.2e} ({worst.name})  {'pass' if ok else 'FAIL'}")
+    failed = [r for r in all_rows if not r.passed]
+    worst = max(all_rows, key=lambda r: r.rel_error / r.tolerance)
+    print(f"\n{len(all_rows) - len(failed)}/{len(all_rows)} tensors passed; closest to its tolerance: "
+          f"{worst.name} at {worst.rel_error:.2e} (tolerance {worst.tolerance:.0e})")
     return 1 if failed else 0
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from .plots import load_metrics_records, make_all_figures  # noqa: PLC0415
+
+    records = None
+    if args.run is not None:
+        metrics_path = os.path.join(args.run, "metrics.jsonl")
+        if not os.path.isfile(metrics_path):
+            print(f"kto-np figures: error: --run {args.run!r} has no metrics.jsonl (run kto-np demo first)",
+                  file=sys.stderr)
+            return 2
+        records = load_metrics_records(metrics_path)
+    try:
+        paths = make_all_figures(args.out, metrics_records=records, seed=args.seed)
+    except OSError as exc:
+        print(f"kto-np figures: error: cannot write to {args.out!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    if records is None:
+        print("(training_curves.png needs a run: kto-np figures --run runs/demo)")
+    return 0
+
+
+def _cmd_oracle_export(args: argparse.Namespace) -> int:
+    from .oracle import main_export  # noqa: PLC0415
+
+    return main_export(args.out_dir, overwrite=args.overwrite)
+
+
+def _cmd_oracle_check(args: argparse.Namespace) -> int:
+    from .oracle import main_check  # noqa: PLC0415
+
+    return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
+                      tolerance=args.tolerance)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _float_in(low: float, high: float | None = None, *, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high else ')'}"
+            raise argparse.ArgumentTypeError(f"expected a number in {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
+    from .losses import VARIANTS  # noqa: PLC0415
+
+    p.add_argument("--steps", type=_positive_int, default=defaults.steps,
+                   help=f"KTO steps (default: {defaults.steps})")
+    p.add_argument("--sft-steps", type=_nonnegative_int, default=defaults.sft_steps,
+                   help=f"SFT steps of the reference (default: {defaults.sft_steps})")
+    p.add_argument("--variant", choices=VARIANTS, default=defaults.variant,
+                   help=f"KTO loss variant (default: {defaults.variant})")
+    p.add_argument("--beta", type=_float_in(0.0, low_open=True), default=defaults.beta,
+                   help=f"KTO beta, > 0 (default: {defaults.beta})")
+    p.add_argument("--desirable-weight", type=_float_in(0.0), default=defaults.desirable_weight,
+                   help=f"lambda_D (default: {defaults.desirable_weight})")
+    p.add_argument("--undesirable-weight", type=_float_in(0.0), default=defaults.undesirable_weight,
+                   help=f"lambda_U (default: {defaults.undesirable_weight})")
+    p.add_argument("--desirable-fraction", type=_float_in(0.0, 1.0), default=defaults.desirable_fraction,
+                   help="fraction of thumbs-up examples in the KTO data, e.g. 0.1 for an imbalanced "
+                   f"set (default: {defaults.desirable_fraction})")
+    p.add_argument("--lr", type=_float_in(0.0, low_open=True), default=defaults.lr,
+                   help=f"KTO learning rate (default: {defaults.lr})")
+    p.add_argument("--seed", type=_nonnegative_int, default=defaults.seed, help="seed of everything (default: 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=defaults.dtype,
+                   help=f"parameter and activation dtype (default: {defaults.dtype})")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default=defaults.backend,
+                   help="array library: numpy (CPU) or cupy (GPU, needs the gpu extra) (default: numpy)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<command>)")
+    p.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last checkpoint (its saved options win)")
+    p.add_argument("--quiet", action="store_true", help="print only the final table; no progress bar")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import RunError, TrainConfig, TrainingDiverged, run  # noqa: PLC0415
+
+    if args.force and args.resume:
+        print(f"kto-np {args.command}: error: --force and --resume cannot be used together", file=sys.stderr)
+        return 2
+    out = args.out or f"runs/{args.command}"
+    try:
+        config = TrainConfig(
+            steps=args.steps, sft_steps=args.sft_steps, variant=args.variant, beta=args.beta,
+            desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
+            desirable_fraction=args.desirable_fraction, lr=args.lr, seed=args.seed, dtype=args.dtype,
+            backend=args.backend, **args.preset)
+    except (TypeError, ValueError) as exc:
+        print(f"kto-np {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    log = (lambda *a, **k: None) if args.quiet else print
+    try:
+        summary = run(config, out, force=args.force, resume=args.resume, progress=not args.quiet, log=log)
+    except (RunError, ImportError) as exc:
+        print(f"kto-np {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"kto-np {args.command}: training diverged: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(summary, out))
+    return 0
+
+
+def format_summary(summary: dict, out: str) -> str:
+    """The before/after table printed at the end of a run."""
+    before, after = summary["modes_before"], summary["modes_after"]
+    rows = [("desirable rate", f"{summary['desirable_rate_before']:.1%}", f"{summary['desirable_rate_after']:.1%}")]
+    for kind in sorted(set(before) | set(after), key=lambda k: (k != "correct", k)):
+        rows.append((f"  {kind}", f"{before.get(kind, 0.0):.1%}", f"{after.get(kind, 0.0):.1%}"))
+    margin, kl = summary.get("reward_margin"), summary.get("kl")
+    rows.append(("reward margin (chosen - rejected)", "", "n/a" if margin is None else f"{margin:+.3f}"))
+    rows.append(("KL estimate z", "", "n/a" if kl is None else f"{kl:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{width}}  {'reference':>10}  {'policy':>10}"]
+    lines += [f"{name:<{width}}  {b:>10}  {a:>10}" for name, b, a in rows]
+    lines.append(f"\n{summary['eval_prompts']} held-out prompts, {summary['steps']} KTO steps "
+                 f"({summary['variant']}), {summary['seconds']:.0f} s. Run folder: {out}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +201,58 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("gradcheck", help="check every hand-written gradient against finite differences",
-                       description="Check compute_logprobs, every KTO loss variant and DPO against "
-                       "central finite differences in float64; print one row per tensor. "
+                       description="Check compute_logprobs, every KTO loss variant, DPO and the whole "
+                       "model (every parameter, through every variant) against central finite differences "
+                       "in float64; print one row per tensor. "
                        "Exit status 0 when every row passes, 1 otherwise.")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     p.set_defaults(func=_cmd_gradcheck)
+
+    p = sub.add_parser("figures", help="regenerate every figure (PNG) from code",
+                       description="Write every figure as a PNG into --out, deterministically: the value "
+                       "functions, loss and gradient surfaces, KTO vs DPO vs APO-zero, the z gradient, class "
+                       "balance, per-token gradients, and the training curves of a run (--run).")
+    p.add_argument("--out", default="figures", help="output folder (default: figures)")
+    p.add_argument("--run", default=None, help="a run folder whose metrics.jsonl gives training_curves.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic batches (default: 0)")
+    p.set_defaults(func=_cmd_figures)
+
+    from .oracle import KINDS, TOLERANCES  # noqa: PLC0415
+
+    oracle = sub.add_parser("oracle", help="export float64 reference cases, or check another KTO implementation",
+                            description="The gradient oracle: reference cases (float64) for other KTO "
+                            "implementations, and a checker that names the wrong number and the likely mistake.")
+    oracle_sub = oracle.add_subparsers(dest="oracle_command", metavar="ACTION", required=True)
+    p = oracle_sub.add_parser("export", help="write the reference cases (.npz + manifest.json) to OUT_DIR",
+                              description="Write every reference case (one .npz each, readable with NumPy "
+                              "alone) and manifest.json to OUT_DIR. Refuses a non-empty OUT_DIR without --overwrite.")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the cases in a non-empty OUT_DIR")
+    p.set_defaults(func=_cmd_oracle_export)
+    p = oracle_sub.add_parser("check", help="check a function (package.module:function) against the cases",
+                              description="Import SPEC (package.module:function or path/file.py:function), "
+                              "run it on every case of --kind and compare loss, gradient and metrics. "
+                              "Exit status 0 when it passes, 1 when it does not, 2 when it cannot be loaded.")
+    p.add_argument("spec", metavar="SPEC", help="package.module:function or path/to/file.py:function")
+    p.add_argument("--kind", choices=KINDS, default="kto_loss", help="what the function computes (default: kto_loss)")
+    p.add_argument("--variant", default=None,
+                   help="loss variant for --kind kto_loss (kto, edifice, edifice_stop_z_grad, apo_zero_unpaired; "
+                   "default: kto)")
+    p.add_argument("--cases", default=None, help="a folder written by 'oracle export' (default: generate in memory)")
+    p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
+                   help="tolerances for a float64 or a float32 implementation (default: float64)")
+    p.set_defaults(func=_cmd_oracle_check)
+
+    from .train import DEMO_PRESET, TRAIN_PRESET, TrainConfig  # noqa: PLC0415
+
+    for name, preset, text in [
+        ("demo", DEMO_PRESET, "SFT a small reference on a digit-sorting task, then align it with KTO "
+         "from thumbs-up/down labels; print the desirable rate before and after (a few minutes on 2 cores)"),
+        ("train", TRAIN_PRESET, "the same as demo with a larger model and more steps, for longer runs"),
+    ]:
+        p = sub.add_parser(name, help=text.split(";")[0], description=text + ".")
+        _add_training_options(p, TrainConfig(**preset))
+        p.set_defaults(func=_cmd_train, preset={k: v for k, v in preset.items() if k not in TRAINING_OPTIONS})
     return parser
 
 

@@ -12,8 +12,8 @@ entry; large ones are checked along random unit directions (a directional deriva
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -237,3 +237,45 @@ def _edifice_loss_with_frozen_z(policy, ref, labels, *, beta, desirable_weight, 
         return float(np.mean(per_example))
 
     return loss
+
+
+def model_checks(seed: int = 0, variant: str = "kto", tolerance: float = 1e-6, *, positional: str = "learned",
+                 tie_embeddings: bool = True) -> list[GradCheckRow]:
+    """End to end: the gradient of the KTO loss w.r.t. every parameter of a small GPT-2, through the
+    model, the shifted completion log-probs and the loss `variant`, against finite differences.
+
+    Config V=11, C=12, NH=3, L=2, T=6, B=4 in float64; prompts of 2 tokens, right padding on two rows.
+    """
+    from .data import Batch  # noqa: PLC0415
+    from .losses import kto_loss  # noqa: PLC0415
+    from .model import build  # noqa: PLC0415
+    from .train import completion_logps, kto_loss_and_grads  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    model = build(hidden_size=12, num_layers=2, num_heads=3, vocab_size=11, dropout=0.0, max_seq_len=8,
+                  dtype="float64", positional=positional, tie_embeddings=tie_embeddings)
+    params = model.init(seed)
+    params = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in params.items()}  # off the init's symmetry
+    B, T = 4, 6
+    tokens = rng.integers(1, 11, (B, T))
+    mask = np.zeros((B, T))
+    mask[:, 2:] = 1.0
+    mask[1, 5:] = mask[3, 4:] = 0.0  # padding
+    kl_tokens = np.concatenate([tokens[:, :2], np.roll(tokens[:, 2:], 1, axis=0)], axis=1)
+    kl_mask = np.concatenate([mask[:, :2], np.roll(mask[:, 2:], 1, axis=0)], axis=1)
+    batch = Batch(tokens, mask, np.array([1, 0, 1, 0]), kl_tokens, kl_mask, (), (), ())
+    ref_logps = completion_logps(model, params, tokens, mask)[0] + 0.3 * rng.standard_normal(B)
+    kl_ref_logps = completion_logps(model, params, kl_tokens, kl_mask)[0] - 0.5  # z > 0: clamp inactive
+    options = dict(variant=variant, beta=0.5, desirable_weight=1.0, undesirable_weight=1.2,
+                   kl_ref_logps=kl_ref_logps if variant == "kto" else None)
+    _, _, grads = kto_loss_and_grads(model, params, batch, ref_logps, **options)
+    # z is detached in "kto": the function differentiated holds the KL rows' policy log-probs fixed.
+    frozen_kl_logps = completion_logps(model, params, kl_tokens, kl_mask)[0] if variant == "kto" else None
+
+    def loss() -> float:
+        logps = completion_logps(model, params, tokens, mask)[0]
+        return kto_loss(logps, ref_logps, batch.labels, options["beta"], options["desirable_weight"],
+                        options["undesirable_weight"], variant=variant, kl_policy_logps=frozen_kl_logps,
+                        kl_ref_logps=options["kl_ref_logps"], warn_balance=False)
+
+    return check_gradients(loss, params, grads, tolerance=tolerance, seed=seed)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -27,6 +26,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .files import atomic_write
 from .logprobs import sequence_logprobs, sequence_logprobs_backward, sequence_logprobs_forward
 from .losses import BALANCE_RANGE, VARIANTS, dpo_loss_and_grad, kto_loss_and_grad
 from .validation import as_float_array, check_choice, check_finite_scalar, check_positive_int
@@ -146,17 +146,11 @@ def _example_loss_and_slope(variant: str, log_ratio: float, desirable: bool, *, 
     return loss, float(grad[0])
 
 
-def _atomic_savefig(fig: Figure, path: Path) -> Path:
-    """Write a PNG with no date or version in its bytes, via a temporary file and os.replace."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+def save_figure(fig: Figure, path) -> Path:
+    """Write `fig` as a PNG with no date or version in its bytes, atomically (files.atomic_write)."""
+    path = Path(path)
+    with atomic_write(path, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
     return path
 
 
@@ -775,4 +769,4 @@ def make_all_figures(out_dir, *, metrics_records=None, seed: int = 0) -> list[Pa
     ]
     if metrics_records is not None:
         figures.append(("training_curves.png", lambda: plot_training_curves(metrics_records)))
-    return [_atomic_savefig(draw(), out_dir / name) for name, draw in figures]
+    return [save_figure(draw(), out_dir / name) for name, draw in figures]

@@ -1,0 +1,508 @@
+"""Training from binary feedback: supervised fine-tuning (SFT) of a reference, then KTO of a policy.
+
+The run, end to end (`run(config, out_dir)`, `kto-np demo`, `kto-np train`):
+  1. SFT: a fresh model learns the synthetic task from a MIX of desirable and undesirable
+     completions, so that, sampled, it produces both. This is the reference model.
+  2. KTO: the policy starts as a copy of the reference and learns from thumbs-up / thumbs-down labels
+     only. The reference log-probabilities of each epoch's batches (matched rows and KL rows) are
+     computed once, at the start of the epoch, with the frozen reference.
+  3. Evaluation: completions sampled for held-out prompts, judged by the task's rule; the desirable
+     rate of the reference ("before") against the policy ("after") on the same prompts and draws.
+
+A run folder holds:
+  config.json            the TrainConfig
+  metrics.jsonl          one JSON object per step ("phase": "sft" | "kto") and per evaluation ("eval"),
+                         with TRL's metric names (loss, kl, rewards/chosen, rewards/rejected,
+                         rewards/margins, logps/chosen, logps/rejected, grad_norm, learning_rate)
+  checkpoints/sft.npz    latest SFT state (params, AdamW state, step): resume point
+  checkpoints/reference.npz   the finished reference
+  checkpoints/kto.npz    latest KTO state: resume point; at the end, the trained policy
+  summary.json           before/after numbers (desirable_rate_before, desirable_rate_after, ...)
+  training_curves.png    loss, rewards, KL and desirable rate against the step
+
+Every random draw comes from a seed: the batches of epoch e from (seed, e), the dropout masks of step
+s from (seed, phase, s), the evaluation samples from a fixed evaluation seed. A run interrupted after
+a checkpoint and resumed ends with bit-identical parameters to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import backend, checkpoint
+from .backend import to_numpy
+from .data import (
+    Batch,
+    Tokenizer,
+    collate,
+    completion_from_tokens,
+    iterate_batches,
+    make_examples,
+    make_prompts,
+    make_task,
+    prompt_tokens,
+)
+from .files import write_json, write_text
+from .generate import generate
+from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
+from .losses import VARIANTS, check_balance, kto_loss_and_grad
+from .model import GPT, build
+from .optim import adamw_init, adamw_step, clip_grad_norm, learning_rate
+from .validation import check_choice, check_finite_scalar, check_positive_int
+
+__all__ = [
+    "RunError",
+    "TrainConfig",
+    "TrainingDiverged",
+    "completion_logps",
+    "evaluate",
+    "kto_loss_and_grads",
+    "reference_logps",
+    "run",
+    "sft_loss_and_grads",
+]
+
+METRIC_NAMES = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "learning_rate")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "training_curves.png",
+             "checkpoints/sft.npz", "checkpoints/reference.npz", "checkpoints/kto.npz")
+PHASES = ("sft", "kto")
+_PHASE_ORDER = {"sft": 0, "kto": 1, "eval": 1}  # evaluations happen during KTO
+EVAL_SEED = 2024  # the same draws for every evaluation, so "before" and "after" are paired
+
+
+# `kto-np demo` runs the TrainConfig defaults; `kto-np train` a larger model for longer.
+DEMO_PRESET: dict = {}
+TRAIN_PRESET: dict = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "sft_steps": 3000, "steps": 1000,
+                      "num_examples": 16384, "sft_examples": 16384, "eval_every": 100, "checkpoint_every": 100}
+
+
+class RunError(ValueError):
+    """A problem with the run folder or the options, found before training starts."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run. The defaults are the demo's (a few minutes on 2 CPU cores)."""
+
+    # the task and its data
+    task: str = "sort"
+    num_digits: int = 4
+    sft_examples: int = 4096
+    sft_desirable_fraction: float = 0.5
+    num_examples: int = 4096  # KTO feedback examples
+    desirable_fraction: float = 0.5
+    # the model
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.0
+    positional: str = "learned"
+    dtype: str = "float32"
+    backend: str = "numpy"
+    # SFT of the reference
+    sft_steps: int = 600
+    sft_lr: float = 3e-3
+    # KTO of the policy
+    steps: int = 200
+    lr: float = 5e-4
+    batch_size: int = 32
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    variant: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    stop_z_grad: bool = False
+    # evaluation and checkpoints
+    eval_every: int = 50
+    eval_prompts: int = 256
+    eval_temperature: float = 1.0
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_digits", "sft_examples", "num_examples", "hidden_size", "num_layers",
+                     "num_heads", "batch_size", "eval_every", "eval_prompts", "checkpoint_every"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("sft_steps", "steps", "warmup_steps", "seed"):
+            check_positive_int(name, getattr(self, name), minimum=0)
+        for name in ("sft_lr", "lr", "beta", "max_grad_norm"):
+            check_finite_scalar(name, getattr(self, name), positive=True)
+        for name in ("weight_decay", "desirable_weight", "undesirable_weight", "eval_temperature"):
+            check_finite_scalar(name, getattr(self, name), nonnegative=True)
+        for name in ("sft_desirable_fraction", "desirable_fraction"):
+            value = check_finite_scalar(name, getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.desirable_weight == 0 and self.undesirable_weight == 0:
+            raise ValueError("desirable_weight and undesirable_weight must not both be 0")
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("backend", self.backend, backend.BACKENDS)
+        check_choice("task", self.task, ("sort", "reverse"))
+        if not isinstance(self.stop_z_grad, bool):
+            raise TypeError(f"stop_z_grad must be a bool, got {self.stop_z_grad!r}")
+        for name in ("num_examples", "sft_examples"):
+            if getattr(self, name) < self.batch_size:
+                raise ValueError(f"{name} must be >= batch_size ({self.batch_size}), got {getattr(self, name)}")
+        self.model_config()  # validates hidden_size, num_heads, dropout, dtype, positional
+
+    def model_config(self):
+        return build(hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
+                     vocab_size=Tokenizer().vocab_size, dropout=self.dropout,
+                     max_seq_len=2 * self.num_digits + 4, dtype=self.dtype,
+                     positional=self.positional).config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config has unknown keys {unknown}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# one batch: log-probabilities, losses and the gradient of every parameter
+
+
+def completion_logps(model: GPT, params: dict, tokens, completion_mask, *, train=False, rng=None):
+    """Policy forward + shifted log-probs of the completion tokens: [B, T] -> [B], caches."""
+    logits, model_cache = model.forward(params, tokens, train=train, rng=rng)  # [B, T, V]
+    logps, logp_cache = sequence_logprobs_forward(logits, tokens, completion_mask)  # [B]
+    return logps, (model_cache, logp_cache)
+
+
+def reference_logps(model: GPT, ref_params: dict, batch: Batch):
+    """Frozen-reference log-probs of a batch's matched rows and KL rows: ([B], [B]). Forward only."""
+    ref = completion_logps(model, ref_params, batch.tokens, batch.completion_mask)[0]
+    kl_ref = completion_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask)[0]
+    return ref, kl_ref
+
+
+def kto_loss_and_grads(model: GPT, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
+                       variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
+                       undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
+                       rng=None, warn_balance: bool = False):
+    """The whole KTO gradient of one batch: (loss, metrics, grads of every policy parameter).
+
+    policy forward -> sequence log-probs [B] -> kto_loss_and_grad -> dlogps [B]
+    -> dlogits [B, T, V] -> model backward -> grads (same keys as params).
+    For variant "kto" with kl_ref_logps given, the KL rows (each prompt with another example's
+    completion) go through a policy forward only: z is detached, so they need no backward.
+    ref_logps / kl_ref_logps come from the frozen reference (reference_logps).
+    """
+    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens,
+                                                        batch.completion_mask, train=train, rng=rng)
+    kl_logps = None
+    if variant == "kto" and kl_ref_logps is not None:
+        kl_logps = completion_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)[0]
+    else:
+        kl_ref_logps = None
+    loss, dlogps, metrics = kto_loss_and_grad(
+        logps, ref_logps, batch.labels, beta, desirable_weight, undesirable_weight, variant=variant,
+        stop_z_grad=stop_z_grad, kl_policy_logps=kl_logps, kl_ref_logps=kl_ref_logps,
+        warn_balance=warn_balance)
+    dlogits = sequence_logprobs_backward(dlogps, logp_cache)
+    grads = model.backward(dlogits, model_cache)
+    return loss, metrics, grads
+
+
+def sft_loss_and_grads(model: GPT, params: dict, batch: Batch, *, train=False, rng=None):
+    """Supervised fine-tuning: mean negative log-likelihood per completion token.
+
+    L = -sum_b logp_b / N_tokens, so dL/dlogp_b = -1 / N_tokens for every sequence.
+    Returns (loss, {}, grads).
+    """
+    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens,
+                                                        batch.completion_mask, train=train, rng=rng)
+    xp = backend.array_module(logps)
+    num_tokens = float(batch.completion_mask.sum())
+    loss = -float(logps.sum()) / num_tokens
+    dlogps = xp.full(logps.shape, -1.0 / num_tokens, dtype=logps.dtype)
+    grads = model.backward(sequence_logprobs_backward(dlogps, logp_cache), model_cache)
+    return loss, {}, grads
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(model: GPT, params: dict, task, prompts, *, seed: int = EVAL_SEED,
+             temperature: float = 1.0) -> dict:
+    """Sample one completion per prompt and judge it.
+
+    Returns {"desirable_rate": fraction judged 1, "modes": {kind: fraction} (task.classify: "correct",
+    a mistake's name, or "other"), "samples": the first 5 (prompt, completion, label)}.
+    """
+    tokenizer = Tokenizer()
+    tokens = prompt_tokens(prompts, tokenizer)
+    T0 = tokens.shape[1]
+    max_new = min(task.num_digits + 2, model.config.max_seq_len - T0)
+    out = generate(model, params, tokens, max_new, temperature=temperature,
+                   rng=np.random.default_rng(seed), stop_token=tokenizer.end_id)
+    completions = [completion_from_tokens(row[T0:], tokenizer) for row in to_numpy(out)]
+    labels = [task.judge(p, c) for p, c in zip(prompts, completions)]
+    modes = Counter(task.classify(p, c) for p, c in zip(prompts, completions))
+    return {
+        "desirable_rate": sum(labels) / len(labels),
+        "modes": {kind: count / len(labels) for kind, count in sorted(modes.items())},
+        "samples": [[p, c, label] for p, c, label in list(zip(prompts, completions, labels))[:5]],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the run folder
+
+
+def _finite_or_none(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class _Run:
+    """The run folder: config, metrics log, checkpoints."""
+
+    def __init__(self, out_dir: str):
+        self.out = os.fspath(out_dir)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def prepare(self, config: TrainConfig, *, force: bool, resume: bool) -> TrainConfig:
+        """Check the folder before any training: refuse to overwrite, load a config to resume."""
+        if resume:
+            if not os.path.isfile(self.path("config.json")):
+                raise RunError(f"cannot resume: {self.out!r} has no config.json (start a new run without --resume)")
+            with open(self.path("config.json"), encoding="utf-8") as f:
+                try:
+                    config = TrainConfig.from_dict(json.load(f))
+                except (json.JSONDecodeError, TypeError, ValueError) as exc:
+                    raise RunError(f"cannot resume: {self.path('config.json')!r} is not a valid config ({exc})") from exc
+        elif os.path.exists(self.out):
+            if not os.path.isdir(self.out):
+                raise RunError(f"--out {self.out!r} exists and is not a folder")
+            existing = [name for name in RUN_FILES if os.path.exists(self.path(name))]
+            if existing and not force:
+                raise RunError(
+                    f"--out {self.out!r} already holds a run ({', '.join(existing)}); "
+                    "pass --force to overwrite it or --resume to continue it")
+        try:
+            os.makedirs(self.path("checkpoints"), exist_ok=True)
+            probe = self.path(".write-test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.unlink(probe)
+        except OSError as exc:
+            raise RunError(f"--out {self.out!r} is not writable: {exc.strerror or exc}") from exc
+        if not resume:
+            for name in RUN_FILES:
+                if os.path.exists(self.path(name)):
+                    os.unlink(self.path(name))
+            write_json(self.path("config.json"), config.to_dict())
+        return config
+
+    def records(self) -> list[dict]:
+        if not os.path.exists(self.path("metrics.jsonl")):
+            return []
+        with open(self.path("metrics.jsonl"), encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_records(self, keep) -> None:
+        """Drop the records written after the checkpoint a resumed run starts from."""
+        kept = [r for r in self.records() if keep(r)]
+        write_text(self.path("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: dict) -> None:
+        with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimisation loop, shared by SFT and KTO
+
+
+def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfig, run: _Run, *,
+              steps: int, base_lr: float, batch_loss, prepare_epoch=None, evaluate_fn=None,
+              progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train params for `steps` AdamW steps; resume from checkpoints/<phase>.npz if it exists.
+
+    Each epoch's batches come from iterate_batches(seed, epoch); prepare_epoch(batches) -> one extra
+    value per batch (KTO: the reference log-probs), computed once when the epoch starts.
+    batch_loss(params, batch, extra, rng) -> (loss, metrics, grads). Returns the trained params.
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    ckpt_path = run.path(f"checkpoints/{phase}.npz")
+    opt_state = adamw_init(params)
+    start = 0
+    if os.path.exists(ckpt_path):
+        saved = checkpoint.load(ckpt_path)
+        params, start = saved.params, int(saved.extra["step"])
+        opt_state = _state_from_extra(saved.extra["adamw"], params)
+    order = _PHASE_ORDER[phase]
+    run.truncate_records(lambda r: _PHASE_ORDER[r["phase"]] < order
+                         or (_PHASE_ORDER[r["phase"]] == order and r["step"] <= start))
+    if evaluate_fn is not None and start == 0:
+        run.log({"phase": "eval", "step": 0, "desirable_rate": evaluate_fn(params)["desirable_rate"]})
+
+    tokenizer = Tokenizer()
+    steps_per_epoch = len(examples) // config.batch_size
+    phase_id = PHASES.index(phase)
+    batches, extras, batches_epoch = [], [], None
+    bar = tqdm(total=steps, initial=start, desc=phase.upper(), disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for step in range(start, steps if stop_after is None else min(steps, stop_after)):
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch != batches_epoch:
+            batches = [collate(b, tokenizer, dtype=config.dtype) for b in iterate_batches(
+                examples, config.batch_size, seed=config.seed + 1000 * phase_id, epoch=epoch, drop_last=True)]
+            extras = prepare_epoch(batches) if prepare_epoch is not None else [None] * len(batches)
+            batches_epoch = epoch
+        rng = np.random.default_rng([config.seed, phase_id, step])
+        loss, metrics, grads = batch_loss(params, batches[index], extras[index], rng)
+        grad_norm = clip_grad_norm(grads, config.max_grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                f"{phase} step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}; "
+                f"stopped without applying the step (the last good checkpoint is {ckpt_path!r})")
+        lr = learning_rate(step, base_lr=base_lr, warmup_steps=min(config.warmup_steps, steps),
+                           total_steps=steps, schedule="cosine", min_lr_ratio=0.1)
+        adamw_step(params, grads, opt_state, lr=lr, weight_decay=config.weight_decay)
+        record = {"phase": phase, "step": step + 1, "loss": loss}
+        record.update({k: _finite_or_none(metrics[k]) for k in METRIC_NAMES if k in metrics})
+        record.update(grad_norm=grad_norm, learning_rate=lr)
+        run.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if evaluate_fn is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
+            run.log({"phase": "eval", "step": step + 1, "desirable_rate": evaluate_fn(params)["desirable_rate"]})
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            checkpoint.save(ckpt_path, params, model.config,
+                            extra={"adamw": opt_state, "step": step + 1, "phase": phase})
+    bar.close()
+    return params
+
+
+def _state_from_extra(saved: dict, params: dict) -> dict:
+    xp = backend.array_module(next(iter(params.values())))
+    return {"step": int(saved["step"]),
+            "m": {k: xp.asarray(v) for k, v in saved["m"].items()},
+            "v": {k: xp.asarray(v) for k, v in saved["v"].items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole run
+
+
+def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = False,
+        progress: bool = True, log=print, stop_after: int | None = None) -> dict:
+    """SFT the reference, KTO the policy, evaluate both; write the run folder. Returns the summary.
+
+    stop_after: stop the KTO phase after this many steps (the checkpoint at that point lets a later
+    `resume=True` call finish the run; used to test exact resumption).
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    run_dir = _Run(out_dir)
+    config = run_dir.prepare(config, force=force, resume=resume)
+    backend.set_backend(config.backend)
+    started = time.perf_counter()
+    task = make_task(config.task, config.num_digits)
+    model = GPT(config.model_config())
+    heldout = make_prompts(task, config.eval_prompts, seed=config.seed)
+
+    # 1. the reference: SFT on a mix of good and bad completions
+    reference_path = run_dir.path("checkpoints/reference.npz")
+    if os.path.exists(reference_path):
+        ref_params = checkpoint.load(reference_path).params
+    else:
+        sft_examples = make_examples(task, config.sft_examples, seed=config.seed,
+                                     desirable_fraction=config.sft_desirable_fraction)
+        log(f"SFT of the reference: {config.sft_steps} steps on {len(sft_examples)} examples "
+            f"({model.num_params():,} parameters)")
+
+        def sft_batch_loss(params, batch, extra, rng):
+            return sft_loss_and_grads(model, params, batch, train=config.dropout > 0, rng=rng)
+
+        ref_params = _optimize("sft", model, model.init(config.seed), sft_examples, config, run_dir,
+                               steps=config.sft_steps, base_lr=config.sft_lr, batch_loss=sft_batch_loss,
+                               progress=progress)
+        checkpoint.save(reference_path, ref_params, model.config)
+
+    def evaluate_fn(params):
+        return evaluate(model, params, task, heldout, temperature=config.eval_temperature)
+
+    before = evaluate_fn(ref_params)
+    log(f"reference: desirable rate {before['desirable_rate']:.1%} on {len(heldout)} held-out prompts")
+
+    # 2. the policy: KTO from binary feedback, starting from the reference
+    examples = make_examples(task, config.num_examples, seed=config.seed + 1,
+                             desirable_fraction=config.desirable_fraction)
+    ratio = check_balance([label for _, _, label in examples], config.desirable_weight, config.undesirable_weight)
+    log(f"KTO ({config.variant}, beta={config.beta}): {config.steps} steps on {len(examples)} examples; "
+        f"lambda_D n_D / (lambda_U n_U) = {ratio if ratio is None else round(ratio, 3)}")
+
+    def kto_batch_loss(params, batch, reference, rng):
+        ref, kl_ref = reference
+        return kto_loss_and_grads(
+            model, params, batch, ref, kl_ref, variant=config.variant, beta=config.beta,
+            desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
+            stop_z_grad=config.stop_z_grad, train=config.dropout > 0, rng=rng)
+
+    def reference_of_epoch(batches):
+        return [reference_logps(model, ref_params, b) for b in batches]
+
+    policy = {k: v.copy() for k, v in ref_params.items()}
+    policy = _optimize("kto", model, policy, examples, config, run_dir, steps=config.steps,
+                       base_lr=config.lr, batch_loss=kto_batch_loss, prepare_epoch=reference_of_epoch,
+                       evaluate_fn=evaluate_fn,
+                       progress=progress, stop_after=stop_after)
+    if stop_after is not None and stop_after < config.steps:
+        return {"stopped_after": stop_after}
+
+    after = evaluate_fn(policy)
+    kto_records = [r for r in run_dir.records() if r["phase"] == "kto"]
+    tail = kto_records[-max(1, len(kto_records) // 10):]
+    margins = [r["rewards/margins"] for r in tail if r.get("rewards/margins") is not None]
+    summary = {
+        "desirable_rate_before": before["desirable_rate"],
+        "desirable_rate_after": after["desirable_rate"],
+        "modes_before": before["modes"],
+        "modes_after": after["modes"],
+        "reward_margin": sum(margins) / len(margins) if margins else None,
+        "kl": kto_records[-1].get("kl") if kto_records else None,
+        "variant": config.variant,
+        "steps": config.steps,
+        "eval_prompts": len(heldout),
+        "samples_before": before["samples"],
+        "samples_after": after["samples"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(run_dir.path("summary.json"), summary)
+    _write_curves(run_dir)
+    return summary
+
+
+def _write_curves(run_dir: _Run) -> None:
+    from .plots import plot_training_curves, save_figure  # noqa: PLC0415  (matplotlib only when plotting)
+
+    save_figure(plot_training_curves(run_dir.records()), run_dir.path("training_curves.png"))
