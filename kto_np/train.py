@@ -80,8 +80,9 @@ EVAL_SEED = 2024  # the same draws for every evaluation, so "before" and "after"
 
 # `kto-np demo` runs the TrainConfig defaults; `kto-np train` a larger model for longer.
 DEMO_PRESET: dict = {}
-TRAIN_PRESET: dict = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "sft_steps": 3000, "steps": 1000,
-                      "num_examples": 16384, "sft_examples": 16384, "eval_every": 100, "checkpoint_every": 100}
+TRAIN_PRESET: dict = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_digits": 6, "sft_steps": 8000,
+                      "steps": 1000, "num_examples": 32768, "sft_examples": 32768, "eval_every": 100,
+                      "checkpoint_every": 100}
 
 
 class RunError(ValueError):
@@ -99,9 +100,9 @@ class TrainConfig:
     # the task and its data
     task: str = "sort"
     num_digits: int = 4
-    sft_examples: int = 4096
+    sft_examples: int = 8192
     sft_desirable_fraction: float = 0.5
-    num_examples: int = 4096  # KTO feedback examples
+    num_examples: int = 8192  # KTO feedback examples
     desirable_fraction: float = 0.5
     # the model
     hidden_size: int = 64
@@ -112,12 +113,12 @@ class TrainConfig:
     dtype: str = "float32"
     backend: str = "numpy"
     # SFT of the reference
-    sft_steps: int = 600
+    sft_steps: int = 3000
     sft_lr: float = 3e-3
     # KTO of the policy
-    steps: int = 200
-    lr: float = 5e-4
-    batch_size: int = 32
+    steps: int = 400
+    lr: float = 1e-3
+    batch_size: int = 64
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -1,0 +1,182 @@
+"""Training: the end-to-end gradient, SFT, the run loop, determinism, exact resume, failure handling."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kto_np import checkpoint, train
+from kto_np.data import Tokenizer, collate, make_examples, make_task
+from kto_np.gradcheck import check_gradients, model_checks
+from kto_np.losses import VARIANTS
+from kto_np.model import build
+
+TINY = dict(hidden_size=16, num_layers=1, num_heads=2, sft_steps=40, steps=20, batch_size=16, sft_examples=64,
+            num_examples=64, eval_prompts=32, eval_every=10, checkpoint_every=10, warmup_steps=2, num_digits=3)
+
+
+def quiet_run(config, out, **kwargs):
+    return train.run(config, out, progress=False, log=lambda *a: None, **kwargs)
+
+
+def kto_records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_end_to_end_gradient_matches_finite_differences(variant):
+    rows = model_checks(seed=3, variant=variant)
+    bad = [(r.name, r.rel_error) for r in rows if not r.passed]
+    assert not bad, f"{variant}: tensors over tolerance: {bad}"
+    assert len(rows) == len(build(hidden_size=12, num_layers=2, num_heads=3, vocab_size=11,
+                                  max_seq_len=8).init(0))
+
+
+def test_sft_gradient_matches_finite_differences():
+    task = make_task("sort", 3)
+    batch = collate(make_examples(task, 4, seed=0), Tokenizer(), dtype="float64")
+    model = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=Tokenizer().vocab_size, dropout=0.0,
+                  max_seq_len=10, dtype="float64")
+    params = model.init(1)
+    _, _, grads = train.sft_loss_and_grads(model, params, batch)
+    rows = check_gradients(lambda: train.sft_loss_and_grads(model, params, batch)[0], params, grads,
+                           tolerance=1e-6)
+    assert all(r.passed for r in rows), [(r.name, r.rel_error) for r in rows if not r.passed]
+
+
+def test_sft_loss_is_mean_token_nll():
+    task = make_task("sort", 3)
+    batch = collate(make_examples(task, 5, seed=2), Tokenizer(), dtype="float64")
+    model = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=13, dropout=0.0, max_seq_len=10,
+                  dtype="float64")
+    params = model.init(0)
+    loss, _, _ = train.sft_loss_and_grads(model, params, batch)
+    logits, _ = model.forward(params, batch.tokens)
+    # independent: per-token log-softmax by hand, shifted, masked, averaged over completion tokens
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = [-logp[b, t - 1, batch.tokens[b, t]] for b in range(5) for t in range(1, batch.tokens.shape[1])
+           if batch.completion_mask[b, t]]
+    assert loss == pytest.approx(np.mean(nll), rel=1e-12)
+
+
+def test_tiny_run_learns_and_writes_its_folder(tmp_path):
+    out = tmp_path / "run"
+    summary = quiet_run(train.TrainConfig(**TINY), out)
+    for name in ("config.json", "metrics.jsonl", "summary.json", "training_curves.png",
+                 "checkpoints/reference.npz", "checkpoints/kto.npz", "checkpoints/sft.npz"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["desirable_rate_before"] == summary["desirable_rate_before"]
+    assert 0.0 <= saved["desirable_rate_after"] <= 1.0
+    records = kto_records(out)
+    losses = [r["loss"] for r in records if r["phase"] == "kto"]
+    assert len(losses) == TINY["steps"]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), "the KTO loss does not fall"
+    evals = [r["desirable_rate"] for r in records if r["phase"] == "eval"]
+    assert evals[-1] >= evals[0], "the desirable rate fell"
+    for r in records:
+        if r["phase"] == "kto":
+            assert set(train.METRIC_NAMES) <= set(r), sorted(r)
+    assert json.loads((out / "config.json").read_text()) == train.TrainConfig(**TINY).to_dict()
+
+
+def test_same_seed_same_numbers(tmp_path):
+    quiet_run(train.TrainConfig(**TINY), tmp_path / "a")
+    quiet_run(train.TrainConfig(**TINY), tmp_path / "b")
+    assert (tmp_path / "a/metrics.jsonl").read_bytes() == (tmp_path / "b/metrics.jsonl").read_bytes()
+    assert (tmp_path / "a/checkpoints/kto.npz").read_bytes() == (tmp_path / "b/checkpoints/kto.npz").read_bytes()
+    other = quiet_run(train.TrainConfig(**{**TINY, "seed": 1}), tmp_path / "c")
+    assert other is not None
+    assert (tmp_path / "a/metrics.jsonl").read_bytes() != (tmp_path / "c/metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, dropout):
+    config = train.TrainConfig(**{**TINY, "dropout": dropout})
+    quiet_run(config, tmp_path / "whole")
+    assert quiet_run(config, tmp_path / "cut", stop_after=10) == {"stopped_after": 10}
+    assert not (tmp_path / "cut/summary.json").exists()
+    # records written after the checkpoint (none here) and the rest of the run come from the resume
+    quiet_run(train.TrainConfig(), tmp_path / "cut", resume=True)  # the saved config wins
+    whole = checkpoint.load(tmp_path / "whole/checkpoints/kto.npz")
+    resumed = checkpoint.load(tmp_path / "cut/checkpoints/kto.npz")
+    for name, value in whole.params.items():
+        np.testing.assert_array_equal(resumed.params[name], value, err_msg=name)
+    assert (tmp_path / "whole/metrics.jsonl").read_bytes() == (tmp_path / "cut/metrics.jsonl").read_bytes()
+
+
+def test_resume_drops_records_written_after_the_checkpoint(tmp_path):
+    config = train.TrainConfig(**{**TINY, "checkpoint_every": 10})
+    quiet_run(config, tmp_path / "whole")
+    quiet_run(config, tmp_path / "cut", stop_after=10)
+    with open(tmp_path / "cut/metrics.jsonl", "a") as f:  # as if a crash hit after step 12
+        f.write(json.dumps({"phase": "kto", "step": 12, "loss": 9.0}) + "\n")
+    quiet_run(config, tmp_path / "cut", resume=True)
+    assert (tmp_path / "whole/metrics.jsonl").read_bytes() == (tmp_path / "cut/metrics.jsonl").read_bytes()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    config = train.TrainConfig(**{**TINY, "checkpoint_every": 5})
+    real = train.kto_loss_and_grads
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, metrics, grads = real(*args, **kwargs)
+        calls["n"] += 1
+        return (float("nan") if calls["n"] == 8 else loss), metrics, grads
+
+    monkeypatch.setattr(train, "kto_loss_and_grads", poisoned)
+    with pytest.raises(train.TrainingDiverged, match="kto step 8"):
+        quiet_run(config, tmp_path / "run")
+    saved = checkpoint.load(tmp_path / "run/checkpoints/kto.npz")
+    assert saved.extra["step"] == 5
+
+
+def test_existing_run_is_not_overwritten_without_force(tmp_path):
+    quiet_run(train.TrainConfig(**{**TINY, "steps": 2, "sft_steps": 2}), tmp_path / "run")
+    before = (tmp_path / "run/metrics.jsonl").read_bytes()
+    with pytest.raises(train.RunError, match="--force"):
+        quiet_run(train.TrainConfig(**TINY), tmp_path / "run")
+    assert (tmp_path / "run/metrics.jsonl").read_bytes() == before
+    quiet_run(train.TrainConfig(**{**TINY, "steps": 3, "sft_steps": 2}), tmp_path / "run", force=True)
+    assert (tmp_path / "run/metrics.jsonl").read_bytes() != before
+
+
+def test_unwritable_or_missing_folders_fail_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(train.RunError, match="not a folder|not writable"):
+        quiet_run(train.TrainConfig(**TINY), blocker)
+    with pytest.raises(train.RunError, match="not writable"):
+        quiet_run(train.TrainConfig(**TINY), blocker / "sub")
+    with pytest.raises(train.RunError, match="cannot resume"):
+        quiet_run(train.TrainConfig(**TINY), tmp_path / "nothing", resume=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=-1), "steps"),
+        (dict(beta=0.0), "beta"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(variant="dpo"), "variant"),
+        (dict(desirable_weight=0.0, undesirable_weight=0.0), "both be 0"),
+        (dict(desirable_fraction=1.5), "desirable_fraction"),
+        (dict(hidden_size=10, num_heads=4), "divisible"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(batch_size=100, num_examples=50), "num_examples"),
+        (dict(stop_z_grad="yes"), "stop_z_grad"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        train.TrainConfig(**kwargs)
+
+
+def test_config_round_trip_and_unknown_keys():
+    config = train.TrainConfig(**TINY)
+    assert train.TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown keys"):
+        train.TrainConfig.from_dict({**config.to_dict(), "learning_rate": 1})
