@@ -1,0 +1,342 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 1. The KTO loss by hand
+#
+# KTO (Kahneman-Tversky Optimization, Ethayarajh et al. 2024) learns from *unpaired* binary feedback:
+# each example is a prompt x, a completion y and a thumbs-up (desirable) or thumbs-down (undesirable)
+# label. This tutorial computes the loss of a small batch in plain NumPy, one formula at a time, and
+# checks every number against `kto_np.kto_loss` and `kto_np.kto_loss_and_grad`:
+#
+# 1. log-ratios and the reference point z (from mismatched pairs, clamped, detached);
+# 2. the value function per class and the class weights λ_D, λ_U;
+# 3. the gradient, derived by hand and by finite differences;
+# 4. the seed's ("Edifice") formula, where z passes gradient, and what that gradient does;
+# 5. APO-zero, and DPO for contrast.
+
+# %%
+import warnings
+
+import numpy as np
+
+from kto_np import default_beta, dpo_loss_and_grad, kto_loss, kto_loss_and_grad
+from kto_np.gradcheck import numerical_gradient, rel_error
+from kto_np.losses import check_balance
+
+
+def sigmoid(x):
+    """σ(x) = 1 / (1 + exp(-x)); fine for the moderate arguments of this tutorial."""
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# %% [markdown]
+# ## The batch
+#
+# Six examples. For each we have the summed log-probability of its completion under the policy being
+# trained, log π(y|x), and under the frozen reference model, log π_ref(y|x) (tutorial 2 shows how
+# these sums are computed from logits). Labels: 1 = desirable, 0 = undesirable.
+
+# %%
+beta = default_beta()  # 0.1, the seed's default
+labels = np.array([1, 0, 1, 1, 0, 0])
+policy_logps = np.array([-12.0, -15.5, -9.0, -20.0, -11.0, -17.5])
+ref_logps = np.array([-14.5, -13.0, -10.0, -18.5, -16.0, -19.0])
+n = labels.shape[0]
+desirable = labels == 1
+
+# %% [markdown]
+# ## Step 1: log-ratios
+#
+# The implied reward of an example is β times its log-ratio,
+#
+# $$ r_i = \log \pi(y_i|x_i) - \log \pi_{ref}(y_i|x_i), \qquad \text{reward}_i = \beta\, r_i . $$
+#
+# r_i > 0 means the policy already likes this completion more than the reference does.
+
+# %%
+log_ratios = policy_logps - ref_logps
+print("r_i      =", log_ratios)
+print("β r_i    =", beta * log_ratios)
+
+# %% [markdown]
+# ## Step 2: the reference point z from mismatched pairs
+#
+# Prospect theory judges an outcome relative to a reference point. KTO's reference point is an
+# estimate of the KL divergence between policy and reference, KL(π ‖ π_ref). TRL (and the paper)
+# estimate it on **mismatched** pairs: prompt i with the completion of another example, which TRL
+# picks by rotating the completions by one within the batch, (x_i, y_{i-1}). With the log-probs of those
+# pairs under both models,
+#
+# $$ z_{ref} = \max\Big(0,\ \tfrac{1}{n} \sum_j \big[\log \pi(y_{j-1}|x_j) - \log \pi_{ref}(y_{j-1}|x_j)\big]\Big). $$
+#
+# Two details: the estimate is **clamped** at 0 (a KL divergence cannot be negative, a noisy batch
+# estimate can), and it is **detached**: z_ref is treated as a constant in the gradient.
+
+# %%
+kl_policy_logps = np.array([-30.0, -26.0, -33.0, -28.5, -31.0, -27.0])  # log π(y_{j-1} | x_j)
+kl_ref_logps = np.array([-33.5, -27.0, -35.0, -31.0, -30.0, -29.5])  # log π_ref(y_{j-1} | x_j)
+z_ref = max(0.0, float(np.mean(kl_policy_logps - kl_ref_logps)))
+print(f"z_ref = {z_ref:.4f} (log-ratio units)")
+
+# %% [markdown]
+# ## Step 3: the value function, per class
+#
+# With u_i = β(r_i − z_ref), the value of an example is
+#
+# $$ v_i = \lambda_D\, \sigma(\beta(r_i - z_{ref})) \ \text{(desirable)}, \qquad
+#    v_i = \lambda_U\, \sigma(\beta(z_{ref} - r_i)) \ \text{(undesirable)}, $$
+#
+# and the loss is what is missing from the maximum value: loss_i = λ_i − v_i = λ_i (1 − σ(s_i u_i)),
+# with s_i = +1 for desirable and −1 for undesirable examples. L is the mean over all n examples.
+# A desirable example wants its reward *above* the reference point, an undesirable one *below*.
+
+# %%
+desirable_weight, undesirable_weight = 1.0, 1.0  # λ_D, λ_U
+weights = np.where(desirable, desirable_weight, undesirable_weight)  # w_i
+signs = np.where(desirable, 1.0, -1.0)  # s_i
+u = beta * (log_ratios - z_ref)
+values = weights * sigmoid(signs * u)
+losses = weights - values
+loss_by_hand = losses.mean()
+
+loss_kto_np = kto_loss(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                       variant="kto", kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps)
+print(f"by hand: {loss_by_hand:.15f}\nkto_np:  {loss_kto_np:.15f}")
+assert abs(loss_by_hand - loss_kto_np) < 1e-12
+
+# %% [markdown]
+# Note the keyword `variant="kto"`: **`kto_loss` defaults to `variant="edifice"`**, the seed's
+# formula (step 5 below), to keep the seed API. Pass `variant="kto"` for the paper / TRL loss.
+#
+# The clamp in action: if the mismatched pairs happen to be *more* likely under the reference, the
+# mean is negative and z_ref is 0, the same loss as without KL pairs at all.
+
+# %%
+kl_ref_logps_higher = kl_policy_logps + 1.0  # mean KL estimate = -1
+loss_clamped = kto_loss(policy_logps, ref_logps, labels, beta, variant="kto",
+                        kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps_higher)
+loss_no_kl_pairs = kto_loss(policy_logps, ref_logps, labels, beta, variant="kto")
+by_hand_z0 = np.mean(weights * (1.0 - sigmoid(signs * beta * log_ratios)))
+print(f"clamped z: {loss_clamped:.12f}, no KL pairs: {loss_no_kl_pairs:.12f}, by hand: {by_hand_z0:.12f}")
+assert loss_clamped == loss_no_kl_pairs
+assert abs(loss_clamped - by_hand_z0) < 1e-12
+
+# %% [markdown]
+# ## Step 4: the gradient, by hand
+#
+# Only the matched log-probs log π(y_i|x_i) carry gradient (the reference is frozen, z_ref is
+# detached). With σ'(x) = σ(x)σ(−x) and σ(s u)σ(−s u) = σ(u)σ(−u),
+#
+# $$ \frac{\partial L}{\partial \log\pi(y_i|x_i)} = \frac{1}{n}\frac{\partial\, \text{loss}_i}{\partial r_i}
+#    = -\frac{1}{n}\, w_i\, s_i\, \beta\, \sigma(u_i)\, \sigma(-u_i). $$
+#
+# Negative for desirable examples (gradient descent raises their log-prob), positive for undesirable
+# ones, and largest, β w_i / (4n), where the reward sits exactly at the reference point (u_i = 0).
+
+# %%
+grad_by_hand = -(weights * signs * beta * sigmoid(u) * sigmoid(-u)) / n
+loss, grad, metrics = kto_loss_and_grad(policy_logps, ref_logps, labels, beta, variant="kto",
+                                        kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps)
+print("by hand:", grad_by_hand)
+print("kto_np: ", grad)
+assert rel_error(grad, grad_by_hand) < 1e-12
+assert np.all((grad < 0) == desirable)
+
+# %% [markdown]
+# And by central finite differences, (L(x + h e_i) − L(x − h e_i)) / 2h for every entry i, with
+# `kto_np.gradcheck.numerical_gradient` (it perturbs the array in place and restores it):
+
+# %%
+policy_for_fd = policy_logps.copy()
+numerical = numerical_gradient(
+    lambda: kto_loss(policy_for_fd, ref_logps, labels, beta, variant="kto",
+                     kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps), policy_for_fd)
+print(f"relative error, analytic vs finite differences: {rel_error(grad, numerical):.2e}")
+assert rel_error(grad, numerical) < 1e-7
+
+# %% [markdown]
+# "Detached" is a choice, not a fact of the function: the loss *value* does depend on the KL pairs
+# (through z_ref), so finite differences with respect to `kl_policy_logps` are not zero: every entry
+# is (1/n) ∂L/∂z_ref, since z_ref is a mean. KTO simply does not follow that dependence: no gradient
+# flows into the KL pairs, which is why a training step only needs a forward pass on them.
+
+# %%
+kl_for_fd = kl_policy_logps.copy()
+dependence = numerical_gradient(
+    lambda: kto_loss(policy_logps, ref_logps, labels, beta, variant="kto",
+                     kl_policy_logps=kl_for_fd, kl_ref_logps=kl_ref_logps), kl_for_fd)
+print("d L / d kl_policy_logps if z were not detached:", dependence.round(6))
+assert np.all(np.abs(dependence) > 1e-6) and np.ptp(dependence) < 1e-9
+
+# %% [markdown]
+# The metrics use TRL's names: rewards are β r_i averaged per class, and `kl` is the z_ref used.
+
+# %%
+for name in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+    print(f"{name:18s} {metrics[name]:+.6f}")
+assert abs(metrics["kl"] - z_ref) < 1e-12
+assert abs(metrics["rewards/chosen"] - np.mean(beta * log_ratios[desirable])) < 1e-12
+assert abs(metrics["rewards/rejected"] - np.mean(beta * log_ratios[~desirable])) < 1e-12
+
+# %% [markdown]
+# ## The class weights λ_D and λ_U
+#
+# λ_D and λ_U trade off the two classes. The paper recommends (Eq. 8) keeping
+#
+# $$ \frac{\lambda_D\, n_D}{\lambda_U\, n_U} \in \left[1, \tfrac{4}{3}\right] . $$
+#
+# With 2 desirable and 4 undesirable examples and equal weights the ratio is 0.5; kto_np warns (a
+# `UserWarning`, not an error) and suggests a λ_D. `warn_balance=False` silences it.
+
+# %%
+labels_imbalanced = np.array([1, 0, 0, 1, 0, 0])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ratio = check_balance(labels_imbalanced, desirable_weight=1.0, undesirable_weight=1.0)
+print(f"ratio = {ratio}\nwarning: {caught[0].message}")
+assert ratio == 0.5 and len(caught) == 1
+
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no warning once the weights balance the batch
+    assert check_balance(labels_imbalanced, desirable_weight=2.5, undesirable_weight=1.0) == 1.25
+
+# %% [markdown]
+# ## Step 5: the seed's formula ("Edifice")
+#
+# The seed document (the Elixir library Edifice, `Edifice.Meta.KTO`) writes KTO differently, and this
+# is `kto_loss`'s default `variant="edifice"`:
+#
+# $$ KL_i = \beta r_i, \quad z = \tfrac{1}{n}\sum_i KL_i, \quad \text{reward}_i = KL_i - z, $$
+# $$ \text{loss}_i = -\lambda_D\, \sigma(\text{reward}_i)\ \text{(desirable)}, \qquad
+#    \text{loss}_i = -\lambda_U\, \sigma(-\text{reward}_i)\ \text{(undesirable)} . $$
+#
+# Three differences from the paper: z is the mean of the batch's *own* (matched) rewards, in reward
+# units; it is **not** clamped; and it is **not** detached, so gradient flows through the mean. (The
+# seed's module doc writes σ(−KL − z) for the undesirable case; its function doc and code use
+# σ(−(KL − z)), which is what kto_np implements.) The loss is negative: −λ σ(·) instead of λ(1 − σ(·)).
+
+# %%
+kl_terms = beta * log_ratios
+z_edifice = kl_terms.mean()
+reward = kl_terms - z_edifice
+edifice_losses = np.where(desirable, -desirable_weight * sigmoid(reward), -undesirable_weight * sigmoid(-reward))
+edifice_by_hand = edifice_losses.mean()
+edifice_kto_np = kto_loss(policy_logps, ref_logps, labels, beta)  # the default variant
+print(f"z = mean(β r) = {z_edifice:+.4f} (can be negative)")
+print(f"by hand: {edifice_by_hand:.15f}\nkto_np:  {edifice_kto_np:.15f}")
+assert abs(edifice_by_hand - edifice_kto_np) < 1e-12
+
+# %% [markdown]
+# ### The gradient through z
+#
+# Write g_i = ∂loss_i/∂reward_i / n = −w_i s_i σ(reward_i) σ(−reward_i) / n. Since
+# reward_i = β r_i − (β/n) Σ_j r_j, every r_j moves every reward:
+#
+# $$ \frac{\partial L}{\partial r_j} = \beta\, g_j - \frac{\beta}{n} \sum_i g_i = \beta\,(g_j - \bar g) . $$
+#
+# With a stop-gradient on z (`stop_z_grad=True`) only the first term remains, β g_j.
+
+# %%
+g = -(weights * signs * sigmoid(reward) * sigmoid(-reward)) / n
+grad_through_z_by_hand = beta * (g - g.mean())
+grad_stop_z_by_hand = beta * g
+_, grad_through_z, _ = kto_loss_and_grad(policy_logps, ref_logps, labels, beta)
+_, grad_stop_z, _ = kto_loss_and_grad(policy_logps, ref_logps, labels, beta, stop_z_grad=True)
+assert rel_error(grad_through_z, grad_through_z_by_hand) < 1e-12
+assert rel_error(grad_stop_z, grad_stop_z_by_hand) < 1e-12
+
+policy_for_fd = policy_logps.copy()
+numerical = numerical_gradient(lambda: kto_loss(policy_for_fd, ref_logps, labels, beta), policy_for_fd)
+print(f"through z, analytic vs finite differences: {rel_error(grad_through_z, numerical):.2e}")
+assert rel_error(grad_through_z, numerical) < 1e-7
+
+print("gradient through z:", grad_through_z.round(5), " sum:", f"{grad_through_z.sum():+.1e}")
+print("stop-gradient on z:", grad_stop_z.round(5), " sum:", f"{grad_stop_z.sum():+.1e}")
+
+# %% [markdown]
+# ### What the z gradient does
+#
+# It subtracts the batch mean from every example's gradient, so **the gradients sum to zero**: an
+# update cannot raise (or lower) all log-probabilities together. Equivalently, the loss is invariant
+# to adding the same constant to every policy log-prob (z absorbs it). The stop-gradient version has
+# no such constraint: it pushes desirable examples up and undesirable ones down independently.
+
+# %%
+assert abs(grad_through_z.sum()) < 1e-15
+assert abs(kto_loss(policy_logps + 3.0, ref_logps, labels, beta) - edifice_kto_np) < 1e-12
+assert abs(grad_stop_z.sum()) > 1e-5
+
+# %% [markdown]
+# An extreme case makes the point: a batch of thumbs-up examples only, all at the same log-ratio.
+# Through z, every reward is 0 whatever the log-ratio, so the batch teaches nothing; with z detached,
+# it raises every log-prob.
+
+# %%
+same_ratio_policy = ref_logps[:4] + 2.0
+all_desirable = np.ones(4, dtype=int)
+_, grad_only_thumbs_up, _ = kto_loss_and_grad(same_ratio_policy, ref_logps[:4], all_desirable, beta)
+_, grad_only_thumbs_up_stop, _ = kto_loss_and_grad(same_ratio_policy, ref_logps[:4], all_desirable, beta,
+                                                   stop_z_grad=True)
+print("through z:", grad_only_thumbs_up, "\nstop z:   ", grad_only_thumbs_up_stop)
+assert np.max(np.abs(grad_only_thumbs_up)) < 1e-15 and np.all(grad_only_thumbs_up_stop < 0.0)
+
+# %% [markdown]
+# ## APO-zero (unpaired)
+#
+# TRL's APO-zero drops the reference point: desirable loss 1 − σ(β r_i), undesirable σ(β r_i). These
+# are exactly the numbers of `variant="kto"` with z_ref = 0 (no KL pairs).
+
+# %%
+apo_by_hand = np.mean(np.where(desirable, desirable_weight * (1.0 - sigmoid(beta * log_ratios)),
+                               undesirable_weight * sigmoid(beta * log_ratios)))
+apo = kto_loss(policy_logps, ref_logps, labels, beta, variant="apo_zero_unpaired")
+assert abs(apo - apo_by_hand) < 1e-12
+assert abs(apo - loss_no_kl_pairs) < 1e-12
+print(f"APO-zero: {apo:.12f} = KTO without KL pairs: {loss_no_kl_pairs:.12f}")
+
+# %% [markdown]
+# ## DPO, for contrast
+#
+# DPO needs **pairs**: for one prompt, a chosen and a rejected completion. Its loss is
+#
+# $$ L = -\tfrac{1}{n}\sum_i \log \sigma\big(h_i\big), \qquad h_i = \beta\,(r^{chosen}_i - r^{rejected}_i), $$
+#
+# and its gradient with respect to the chosen log-prob is −β σ(−h_i)/n. Two differences from KTO
+# show in the formulas: DPO only sees the *difference* of two rewards (no reference point), and
+# −log σ does not saturate on the wrong side: as h → −∞ the gradient tends to −β/n, where KTO's
+# σ(u)σ(−u) vanishes (tutorial 6 plots both).
+
+# %%
+# pair the examples up by position, as if each pair shared a prompt
+chosen, rejected = policy_logps[desirable], policy_logps[~desirable]
+ref_chosen, ref_rejected = ref_logps[desirable], ref_logps[~desirable]
+h = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+dpo_by_hand = np.mean(-np.log(sigmoid(h)))
+dchosen_by_hand = -beta * sigmoid(-h) / h.shape[0]
+dpo, (dchosen, drejected), dpo_metrics = dpo_loss_and_grad(chosen, rejected, ref_chosen, ref_rejected, beta)
+assert abs(dpo - dpo_by_hand) < 1e-12
+assert rel_error(dchosen, dchosen_by_hand) < 1e-12 and rel_error(drejected, -dchosen_by_hand) < 1e-12
+print(f"DPO loss {dpo:.6f}, reward accuracy {dpo_metrics['rewards/accuracies']:.2f}")
+
+very_wrong = np.array([-60.0])  # chosen far below the reference: margin h = -6
+_, (dpo_grad_wrong, _), _ = dpo_loss_and_grad(very_wrong, np.zeros(1), np.zeros(1), np.zeros(1), beta)
+_, kto_grad_wrong, _ = kto_loss_and_grad(very_wrong, np.zeros(1), [1], beta, variant="kto")
+print(f"a desirable completion at β r = -6: DPO gradient {dpo_grad_wrong[0]:+.4f}, "
+      f"KTO gradient {kto_grad_wrong[0]:+.4f}")
+assert abs(dpo_grad_wrong[0]) > 10 * abs(kto_grad_wrong[0])
+
+# %% [markdown]
+# That last line is KTO's robustness argument in one number: an example the policy is very far
+# from (possibly a mislabelled one) barely moves a KTO update, while DPO keeps pushing on it.

@@ -1,0 +1,263 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 3. Backpropagation through the transformer, one op at a time
+#
+# kto_np's GPT-2 has no autograd: every op is a pair
+#
+#     out, cache = op_forward(inputs...)
+#     d_inputs... = op_backward(dout, cache)
+#
+# where `dout` = ∂L/∂out is the upstream gradient and the cache holds what the backward needs. The
+# model's backward is the forward read bottom-up. This tutorial checks each op against central finite
+# differences (float64) with `kto_np.gradcheck.check_gradients`, then the whole chain:
+# KTO loss → dL/dlogps → dL/dlogits → every parameter.
+#
+# The trick for checking a backward: pick a random upstream gradient `dout` and differentiate the
+# scalar f = Σ dout · out. Its gradient with respect to each input is exactly what `op_backward(dout)`
+# must return. (A random dout, not all ones: ones hide sign and transposition errors.)
+#
+# Shape letters: B batch, T time, C channels, NH heads, HS = C / NH head size, V vocabulary.
+
+# %%
+import numpy as np
+
+from kto_np import build, kto_loss, kto_loss_and_grad
+from kto_np.data import Tokenizer, collate
+from kto_np.gradcheck import check_gradients, format_report, rel_error
+from kto_np.layers import (
+    attention_backward,
+    attention_forward,
+    embedding_backward,
+    embedding_forward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+)
+from kto_np.logprobs import sequence_logprobs_backward, sequence_logprobs_forward
+from kto_np.train import completion_logps, kto_loss_and_grads
+
+rng = np.random.default_rng(0)
+B, T, C, NH, V = 2, 5, 6, 2, 7
+
+
+def check_op(title, loss_of_inputs, inputs, analytic, tolerance=1e-7):
+    """Finite-difference check of `analytic` (name -> gradient) for the scalar loss_of_inputs()."""
+    rows = check_gradients(loss_of_inputs, inputs, analytic, tolerance=tolerance, max_full_size=256)
+    print(format_report(rows, title) + "\n")
+    assert all(row.passed for row in rows), title
+    return rows
+
+
+# %% [markdown]
+# ## Embedding: out[b, t] = weight[tokens[b, t]]
+#
+# The backward scatters: row v of dweight is the sum of dout over every position holding token v.
+# A token that appears twice gets both contributions (`np.add.at`, not plain assignment).
+
+# %%
+weight = rng.standard_normal((V, C))
+tokens = np.array([[1, 3, 3, 0, 6], [2, 3, 5, 1, 1]])  # token 3 three times, token 4 never
+dout = rng.standard_normal((B, T, C))
+out, cache = embedding_forward(weight, tokens)
+dweight = embedding_backward(dout, cache)
+check_op("embedding", lambda: np.sum(dout * embedding_forward(weight, tokens)[0]),
+         {"weight": weight}, {"weight": dweight})
+assert np.allclose(dweight[3], dout[0, 1] + dout[0, 2] + dout[1, 1]) and np.all(dweight[4] == 0)
+
+# %% [markdown]
+# ## Linear (GPT-2's Conv1D orientation): out = x @ W + b, W is [in, out]
+#
+# dx = dout @ Wᵀ, dW = xᵀ @ dout (summed over every leading axis), db = Σ dout.
+
+# %%
+x = rng.standard_normal((B, T, C))
+W, b = rng.standard_normal((C, 3 * C)), rng.standard_normal(3 * C)
+dout = rng.standard_normal((B, T, 3 * C))
+dx, dW, db = linear_backward(dout, linear_forward(x, W, b)[1])
+check_op("linear", lambda: np.sum(dout * linear_forward(x, W, b)[0]),
+         {"x": x, "weight": W, "bias": b}, {"x": dx, "weight": dW, "bias": db})
+
+# %% [markdown]
+# ## LayerNorm over the channels
+#
+# x̂ = (x − mean) · rstd with rstd = 1/√(var + 1e-5), out = x̂ · γ + β. With g = dout · γ,
+#
+# $$ dx = \text{rstd}\,\big(g - \overline{g} - \hat x\, \overline{g\,\hat x}\big), \quad
+#    d\gamma = \textstyle\sum dout\,\hat x, \quad d\beta = \sum dout , $$
+#
+# the bars being means over the channels. The two subtracted means are the gradients through the
+# mean and the variance.
+
+# %%
+gamma, beta_ln = 1.0 + 0.1 * rng.standard_normal(C), 0.1 * rng.standard_normal(C)
+dout = rng.standard_normal((B, T, C))
+dx, dgamma, dbeta = layernorm_backward(dout, layernorm_forward(x, gamma, beta_ln)[1])
+check_op("layernorm", lambda: np.sum(dout * layernorm_forward(x, gamma, beta_ln)[0]),
+         {"x": x, "weight": gamma, "bias": beta_ln}, {"x": dx, "weight": dgamma, "bias": dbeta})
+
+# %% [markdown]
+# ## GELU, tanh approximation (GPT-2's "gelu_new")
+#
+# gelu(x) = ½ x (1 + tanh(√(2/π) (x + 0.044715 x³))); the derivative is
+# ½(1 + t) + ½ x (1 − t²) √(2/π) (1 + 3·0.044715 x²) with t the tanh.
+
+# %%
+x_mlp = 2.0 * rng.standard_normal((B, T, 4 * C))
+dout = rng.standard_normal((B, T, 4 * C))
+dx = gelu_backward(dout, gelu_forward(x_mlp)[1])
+check_op("gelu", lambda: np.sum(dout * gelu_forward(x_mlp)[0]), {"x": x_mlp}, {"x": dx})
+
+# %% [markdown]
+# ## Causal self-attention
+#
+#     q, k, v = split(x @ c_attn.weight + c_attn.bias)           3 × [B, NH, T, HS]
+#     probs   = softmax(q kᵀ / √HS, causal mask)                  [B, NH, T, T]
+#     out     = merge(probs @ v) @ c_proj.weight + c_proj.bias    [B, T, C]
+#
+# The backward runs these lines bottom-up: the projection, then probs @ v (dprobs = dy vᵀ,
+# dv = probsᵀ dy), the softmax (dscores = probs · (dprobs − Σ dprobs · probs)), the scaled q kᵀ, and
+# the fused q/k/v projection. Masked (future) entries have probability exactly 0 and gradient 0.
+
+# %%
+attn_weights = {
+    "c_attn.weight": 0.3 * rng.standard_normal((C, 3 * C)), "c_attn.bias": 0.1 * rng.standard_normal(3 * C),
+    "c_proj.weight": 0.3 * rng.standard_normal((C, C)), "c_proj.bias": 0.1 * rng.standard_normal(C),
+}
+
+
+def attention(x_in):
+    return attention_forward(x_in, attn_weights["c_attn.weight"], attn_weights["c_attn.bias"],
+                             attn_weights["c_proj.weight"], attn_weights["c_proj.bias"], NH)
+
+
+dout = rng.standard_normal((B, T, C))
+out, cache = attention(x)
+grads = attention_backward(dout, cache)
+check_op("attention", lambda: np.sum(dout * attention(x)[0]), {"x": x, **attn_weights},
+         {"x": grads.dx, "c_attn.weight": grads.dc_attn_weight, "c_attn.bias": grads.dc_attn_bias,
+          "c_proj.weight": grads.dc_proj_weight, "c_proj.bias": grads.dc_proj_bias})
+
+# %% [markdown]
+# Causality, checked directly: changing the input at position 2 changes no output before position 2.
+
+# %%
+x_changed = x.copy()
+x_changed[:, 2] += 1.0
+changed = np.abs(attention(x_changed)[0] - out).max(axis=(0, 2))  # per position
+print("max change of the output per position:", changed.round(4))
+assert np.all(changed[:2] == 0.0) and np.all(changed[2:] > 0.0)
+
+# %% [markdown]
+# ## The tied head: one matrix, two uses
+#
+# GPT-2 uses the token embedding `wte` twice: to look tokens up at the bottom, and as the output
+# head at the top, logits = h @ wteᵀ. Its gradient is the **sum** of both contributions. A toy
+# two-use function shows it; leaving out the lookup's contribution fails the check.
+
+# %%
+wte = rng.standard_normal((V, C))
+dlogits = rng.standard_normal((B, T, V))
+
+
+def tied_logits(wte_in):
+    h, _ = embedding_forward(wte_in, tokens)  # [B, T, C]   (the lookup)
+    return h @ wte_in.T  # [B, T, V]   (the head)
+
+
+h, lookup_cache = embedding_forward(wte, tokens)
+dwte_from_head = dlogits.reshape(-1, V).T @ h.reshape(-1, C)  # logits = h @ wte.T
+dwte_from_lookup = embedding_backward(dlogits @ wte, lookup_cache)  # h = wte[tokens]
+check_op("tied head", lambda: np.sum(dlogits * tied_logits(wte)), {"wte": wte},
+         {"wte": dwte_from_head + dwte_from_lookup})
+only_head = check_gradients(lambda: np.sum(dlogits * tied_logits(wte)), {"wte": wte}, {"wte": dwte_from_head},
+                            max_full_size=256)
+print(f"head contribution alone: relative error {only_head[0].rel_error:.2f} (fails)")
+assert not only_head[0].passed
+
+# %% [markdown]
+# ## The whole model, and the KTO loss on top
+#
+# `kto_np.train.kto_loss_and_grads(model, params, batch, ref_logps, kl_ref_logps)` runs the chain:
+#
+#     policy forward          tokens [B, T]          -> logits [B, T, V]
+#     sequence log-probs      logits                 -> logps [B]                 (tutorial 2)
+#     kto_loss_and_grad       logps, ref_logps, ...  -> loss, dlogps [B]          (tutorial 1)
+#     sequence backward       dlogps                 -> dlogits [B, T, V]
+#     model backward          dlogits                -> grads, same keys as params
+#
+# A tiny float64 GPT-2 (2 layers, 8 channels, 2 heads) on a batch of the sorting task. The weights
+# are the GPT-2 initialisation plus noise, so that LayerNorm weights are not all 1 and biases not all
+# 0 (a symmetric point can hide errors). The reference log-probs come from a second set of weights.
+
+# %%
+tokenizer = Tokenizer()
+model = build(hidden_size=8, num_layers=2, num_heads=2, vocab_size=tokenizer.vocab_size, dropout=0.0,
+              max_seq_len=12, dtype="float64")
+params = {name: p + 0.1 * rng.standard_normal(p.shape) for name, p in model.init(seed=0).items()}
+ref_params = {name: p + 0.1 * rng.standard_normal(p.shape) for name, p in params.items()}
+examples = [("3142=", "1234.", 1), ("3142=", "4321.", 0), ("5501=", "0155.", 1), ("5501=", "015.", 0)]
+batch = collate(examples, tokenizer, dtype="float64")
+ref_logps = completion_logps(model, ref_params, batch.tokens, batch.completion_mask)[0]
+kl_ref_logps = completion_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask)[0] - 2.0
+options = dict(variant="kto", beta=0.5, desirable_weight=1.0, undesirable_weight=1.0)
+
+loss, metrics, grads = kto_loss_and_grads(model, params, batch, ref_logps, kl_ref_logps, **options)
+print(f"loss {loss:.6f}, z_ref = {metrics['kl']:.4f}, {model.num_params(params)} parameters")
+assert metrics["kl"] > 0  # the clamp is inactive: z_ref is the mean KL estimate
+assert list(grads) == list(params)
+
+# %% [markdown]
+# The finite-difference objective must be the function the gradient belongs to: z_ref is detached,
+# so the KL rows' policy log-probs are held at their current values while the parameters move. The
+# model is small enough to check every entry of every tensor (`check_op` sweeps tensors of up to 256
+# entries; `check_gradients` checks larger ones along random unit directions instead).
+
+# %%
+frozen_kl_policy_logps = completion_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)[0]
+
+
+def kto_objective():
+    logps = completion_logps(model, params, batch.tokens, batch.completion_mask)[0]
+    return kto_loss(logps, ref_logps, batch.labels, options["beta"], variant="kto",
+                    kl_policy_logps=frozen_kl_policy_logps, kl_ref_logps=kl_ref_logps)
+
+
+assert abs(kto_objective() - loss) < 1e-14
+rows = check_op("KTO loss, every parameter tensor", kto_objective, params, grads, tolerance=1e-6)
+print(f"worst relative error over {len(rows)} tensors: {max(r.rel_error for r in rows):.2e}")
+
+# %% [markdown]
+# The same check, for every loss variant and a few model options, is `kto-np gradcheck` on the
+# command line (`kto_np.gradcheck.model_checks` in Python).
+#
+# A last sanity check of the chain: the logits gradient the model backward receives is the one from
+# tutorial 2, so the embedding gradient of a token that appears nowhere in the batch (the pad "_" is
+# used, but "7" is not) comes from the tied head alone.
+
+# %%
+unused = tokenizer.encode("7")[0]
+assert not np.any(batch.tokens == unused) and not np.any(batch.kl_tokens == unused)
+logits, model_cache = model.forward(params, batch.tokens)
+x_final = model_cache.x_final  # [B, T, C], the head's input
+logps, logp_cache = sequence_logprobs_forward(logits, batch.tokens, batch.completion_mask)
+_, dlogps, _ = kto_loss_and_grad(logps, ref_logps, batch.labels, options["beta"], variant="kto",
+                                 kl_policy_logps=frozen_kl_policy_logps, kl_ref_logps=kl_ref_logps)
+dlogits = sequence_logprobs_backward(dlogps, logp_cache)
+head_only = dlogits[..., unused].reshape(-1) @ x_final.reshape(-1, x_final.shape[-1])
+assert rel_error(grads["wte.weight"][unused], head_only) < 1e-12

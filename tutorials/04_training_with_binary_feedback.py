@@ -1,0 +1,174 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 4. Training with binary feedback
+#
+# The whole pipeline on a task small enough to run in seconds:
+#
+# 1. **SFT of the reference.** A fresh GPT-2 learns to sort digits ("3142=" → "1234.") from a *mix* of
+#    right and wrong completions, so that, sampled, it produces both. This is π_ref.
+# 2. **KTO.** The policy starts as a copy of the reference and learns from thumbs-up / thumbs-down
+#    labels only: no pairs, no preferred alternative, just "this completion was good/bad".
+# 3. **Evaluation.** Completions are sampled for held-out prompts and judged by the task's rule;
+#    the desirable rate of the reference ("before") is compared with the policy's ("after").
+#
+# `kto_np.train.run(config, out_dir)` does all three and writes a run folder (config, metrics,
+# checkpoints, summary, curves). Set `KTO_NP_TUTORIAL_FAST=1` for an even smaller run (the tests do).
+
+# %%
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kto_np.plots import load_metrics_records, plot_training_curves, save_figure
+from kto_np.train import TrainConfig, run
+
+FAST = os.environ.get("KTO_NP_TUTORIAL_FAST") == "1"
+OUT = Path(os.environ.get("KTO_NP_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="kto_np_tutorial_"))
+OUT.mkdir(parents=True, exist_ok=True)
+
+# %% [markdown]
+# ## The setting
+#
+# Three-digit prompts, a 2-layer model with 32 channels (about 26 thousand parameters), a few hundred
+# SFT steps and 100 KTO steps (fast mode: fewer of each). Everything else is the `TrainConfig`
+# default: the paper / TRL loss (`variant="kto"`), β = 0.1, λ_D = λ_U = 1 with half of the feedback
+# examples desirable (so λ_D n_D / (λ_U n_U) = 1, inside the recommended band), AdamW with warm-up
+# and a cosine schedule, gradient clipping at norm 1.
+
+# %%
+config = TrainConfig(
+    num_digits=3, hidden_size=32, num_layers=2, num_heads=2,
+    sft_examples=1024 if FAST else 2048, sft_steps=150 if FAST else 300,
+    num_examples=1024 if FAST else 2048, steps=40 if FAST else 100, lr=1e-3,
+    eval_prompts=64 if FAST else 200, eval_every=20 if FAST else 25, checkpoint_every=1000, seed=0,
+)
+run_dir = OUT / "run"
+print({k: v for k, v in config.to_dict().items()
+       if k in ("num_digits", "hidden_size", "num_layers", "sft_steps", "steps", "variant", "beta")})
+
+# %% [markdown]
+# ## Run it
+#
+# `progress=False` turns off the progress bars; `force=True` lets a re-run overwrite the folder.
+# A few seconds on one core. If it takes much longer on a busy machine, BLAS threads are fighting
+# over the cores: the matrices are tiny, so run with `OPENBLAS_NUM_THREADS=1` (or `OMP_NUM_THREADS=1`).
+
+# %%
+summary = run(config, run_dir, progress=False, force=True)
+print(f"desirable rate: reference {summary['desirable_rate_before']:.1%} -> "
+      f"policy {summary['desirable_rate_after']:.1%} on {summary['eval_prompts']} held-out prompts")
+print("what the reference samples:", summary["modes_before"])
+print("what the policy samples:   ", summary["modes_after"])
+for prompt, completion, label in summary["samples_after"]:
+    print(f"  {prompt}{completion:<8} {'thumbs up' if label else 'thumbs down'}")
+
+# %% [markdown]
+# ## The run folder
+#
+# `metrics.jsonl` has one JSON object per step, with TRL's metric names, and one per evaluation.
+
+# %%
+print(sorted(p.name for p in run_dir.iterdir()))
+records = load_metrics_records(run_dir / "metrics.jsonl")
+kto_steps = [r for r in records if r["phase"] == "kto"]
+evaluations = [r for r in records if r["phase"] == "eval"]
+print(json.dumps(kto_steps[-1], indent=1))
+assert len(kto_steps) == config.steps
+
+# %% [markdown]
+# ## What is reliably true, even in a short run
+#
+# **At the first step the policy equals the reference**, so every log-ratio is 0, z_ref is 0, every
+# example's value is σ(0) = ½ and the loss is exactly λ · ½ = 0.5.
+
+# %%
+first = kto_steps[0]
+print(f"step 1: loss {first['loss']:.6f}, margin {first['rewards/margins']:+.2e}, kl {first['kl']}")
+assert abs(first["loss"] - 0.5) < 1e-6 and abs(first["rewards/margins"]) < 1e-6
+
+# %% [markdown]
+# **The loss falls and the reward margin grows.** The rewards are β r averaged per class; their
+# difference, the margin, is how much more the policy (relative to the reference) likes the thumbs-up
+# completions than the thumbs-down ones. Compare the first and last tenth of the run, since single
+# steps are noisy (each batch is different).
+
+# %%
+losses = np.array([r["loss"] for r in kto_steps])
+margins = np.array([r["rewards/margins"] for r in kto_steps])
+tenth = max(1, len(kto_steps) // 10)
+print(f"loss:   first tenth {losses[:tenth].mean():.4f}, last tenth {losses[-tenth:].mean():.4f}")
+print(f"margin: first tenth {margins[:tenth].mean():+.4f}, last tenth {margins[-tenth:].mean():+.4f}")
+assert losses[-tenth:].mean() < losses[:tenth].mean() - 0.01
+assert margins[-tenth:].mean() > margins[:tenth].mean() + 0.05
+
+# %% [markdown]
+# Most of the margin comes from pushing the thumbs-down completions *down* (rewards/rejected becomes
+# clearly negative) rather than pulling the thumbs-up ones up: for a small model that already
+# produces the right answer half of the time, suppressing its mistakes is the cheap way to improve.
+
+# %%
+chosen = np.array([r["rewards/chosen"] for r in kto_steps])
+rejected = np.array([r["rewards/rejected"] for r in kto_steps])
+print(f"last tenth: rewards/chosen {chosen[-tenth:].mean():+.4f}, rewards/rejected {rejected[-tenth:].mean():+.4f}")
+assert rejected[-tenth:].mean() < 0 and -rejected[-tenth:].mean() > abs(chosen[-tenth:].mean())
+
+# %% [markdown]
+# **The KL estimate z_ref.** It is computed on mismatched pairs: each prompt with another example's
+# completion. For this task a completion for a different prompt is simply wrong, and KTO learns to
+# make wrong answers less likely than the reference did, so the raw estimate mean(log π − log π_ref)
+# on those pairs is often *negative*, and the clamp max(0, ·) holds z_ref at 0 (on every step of the
+# normal setting, on most steps of the fast one). With z_ref = 0 the loss is APO-zero's (tutorial 1).
+# That is a property of this task, not a bug: z_ref measures how far the policy has drifted on
+# *unrelated* text, and here unrelated text is what KTO learns to avoid.
+
+# %%
+kl = np.array([r["kl"] for r in kto_steps])
+print(f"z_ref: min {kl.min():.4f}, max {kl.max():.4f}; zero on {np.mean(kl == 0):.0%} of the steps")
+assert np.all(kl >= 0.0)
+
+# %% [markdown]
+# **The desirable rate.** This is the number that matters, and the one a tiny budget is least sure
+# to move: it is measured on sampled completions, and a few dozen steps may only nudge it. In the
+# normal setting of this tutorial it rises clearly (about 30% to about 65% when this was written);
+# in fast mode we only print it.
+
+# %%
+for r in evaluations:
+    print(f"  step {r['step']:4d}: desirable rate {r['desirable_rate']:.1%}")
+if not FAST:
+    assert summary["desirable_rate_after"] > summary["desirable_rate_before"] + 0.1
+
+# %% [markdown]
+# The full `kto-np demo` (4-digit prompts, a 64-channel model, 3000 SFT steps and 400 KTO steps;
+# 576 s on the busy 2-core machine where this tutorial was written) took the desirable rate from 51%
+# to 96% on 256 held-out prompts, with every named mistake (descending, copy, dropped and duplicated
+# digits) gone from the samples.
+#
+# ## The curves
+#
+# `plots.plot_training_curves` draws six panels from the metrics records: SFT loss, KTO loss, rewards
+# per class and margin, z_ref, the desirable rate and the gradient norm. (`run` also writes the same
+# figure as `training_curves.png` in the run folder.)
+
+# %%
+fig = plot_training_curves(records)
+figure_path = save_figure(fig, OUT / "04_training_curves.png")
+print("saved", figure_path)
+assert figure_path.stat().st_size > 0
+fig  # noqa: B018  (displays the figure in a notebook)
