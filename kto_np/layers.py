@@ -63,12 +63,20 @@ def embedding_forward(weight, indices):
     return out, EmbeddingCache(indices, weight.shape[0], weight.dtype)
 
 
-def embedding_backward(dout, cache: EmbeddingCache):
-    """dweight[v] = sum of dout[...] over the positions where indices[...] == v.  -> dweight [V, C]."""
+def embedding_backward(dout, cache: EmbeddingCache, out=None):
+    """dweight[v] = sum of dout[...] over the positions where indices[...] == v.  -> dweight [V, C].
+
+    With out [V, C] given, the sums are added to it in place and out is returned (a tied embedding
+    adds its lookup gradient to the head's gradient without a second [V, C] array).
+    """
     xp = array_module(dout)
-    dweight = xp.zeros((cache.num_embeddings, dout.shape[-1]), dtype=cache.dtype)
-    scatter_add(dweight, cache.indices, dout)
-    return dweight
+    if out is None:
+        out = xp.zeros((cache.num_embeddings, dout.shape[-1]), dtype=cache.dtype)
+    elif tuple(out.shape) != (cache.num_embeddings, dout.shape[-1]) or out.dtype != cache.dtype:
+        raise ValueError(f"out must be a [{cache.num_embeddings}, {dout.shape[-1]}] {cache.dtype} array, "
+                         f"got shape {tuple(out.shape)} and dtype {out.dtype}")
+    scatter_add(out, cache.indices, dout)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,13 +145,16 @@ def layernorm_backward(dout, cache: LayerNormCache):
     Returns (dx [..., C], dweight [C], dbias [C]).
     """
     C = cache.x.shape[-1]
-    x_hat = (cache.x - cache.mean) * cache.rstd
+    x_hat = cache.x - cache.mean
+    x_hat *= cache.rstd
     dbias = dout.reshape(-1, C).sum(axis=0)
-    dweight = (dout * x_hat).reshape(-1, C).sum(axis=0)
-    dx_hat = dout * cache.weight
-    dx = dx_hat - dx_hat.mean(axis=-1, keepdims=True)
-    dx_hat *= x_hat
-    x_hat *= dx_hat.mean(axis=-1, keepdims=True)
+    dout_x_hat = dout * x_hat
+    dweight = dout_x_hat.reshape(-1, C).sum(axis=0)
+    g_x_hat = dout_x_hat
+    g_x_hat *= cache.weight
+    dx = dout * cache.weight  # g
+    dx -= dx.mean(axis=-1, keepdims=True)
+    x_hat *= g_x_hat.mean(axis=-1, keepdims=True)
     dx -= x_hat
     dx *= cache.rstd
     return dx, dweight, dbias
@@ -161,16 +172,32 @@ class GeluCache(NamedTuple):
 def gelu_forward(x):
     """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     xp = array_module(x)
-    tanh_inner = xp.tanh(SQRT_2_OVER_PI * (x + GELU_COEFF * x * x * x))
-    out = 0.5 * x * (1.0 + tanh_inner)
+    # the tanh argument, built in one buffer: x (sqrt(2/pi) + sqrt(2/pi) 0.044715 x^2)
+    tanh_inner = x * x
+    tanh_inner *= SQRT_2_OVER_PI * GELU_COEFF
+    tanh_inner += SQRT_2_OVER_PI
+    tanh_inner *= x
+    xp.tanh(tanh_inner, out=tanh_inner)
+    out = tanh_inner + 1.0
+    out *= x
+    out *= 0.5
     return out, GeluCache(x, tanh_inner)
 
 
 def gelu_backward(dout, cache: GeluCache):
     """dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)), t = tanh(...)."""
+    xp = array_module(dout)
     x, t = cache.x, cache.tanh_inner
-    dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEFF * x * x)
-    local = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
+    dinner = x * x  # d(tanh argument)/dx = sqrt(2/pi) + sqrt(2/pi) 3 * 0.044715 x^2
+    dinner *= SQRT_2_OVER_PI * 3.0 * GELU_COEFF
+    dinner += SQRT_2_OVER_PI
+    local = t * t  # then 0.5 x (1 - t^2) dinner + 0.5 (1 + t)
+    xp.subtract(1.0, local, out=local)
+    local *= x
+    local *= dinner
+    local += t
+    local += 1.0
+    local *= 0.5
     local *= dout
     return local
 
@@ -183,33 +210,43 @@ class SoftmaxCache(NamedTuple):
     probs: Any  # [..., N]
 
 
-def softmax_forward(x, mask=None):
+def softmax_forward(x, mask=None, *, out=None):
     """probs = exp(x - max) / sum(exp(x - max)) over the last axis.
 
     mask (bool, broadcastable to x, True = keep) sets the excluded entries' probability to exactly 0;
     a row with no kept entry gives all zeros (and zero gradient) rather than NaN.
+    out: where to write probs (may be x itself, which is then overwritten); a new array by default.
     """
     xp = array_module(x)
+    if out is None:
+        out = xp.empty_like(x)
     if mask is None:
-        shifted = x - x.max(axis=-1, keepdims=True)
+        xp.subtract(x, x.max(axis=-1, keepdims=True), out=out)
     else:
-        shifted = xp.where(mask, x, x.dtype.type(-np.inf))
-        row_max = shifted.max(axis=-1, keepdims=True)
+        if out is not x:
+            xp.copyto(out, x)
+        xp.copyto(out, x.dtype.type(-np.inf), where=~mask)
+        row_max = out.max(axis=-1, keepdims=True)
         row_max = xp.where(xp.isfinite(row_max), row_max, x.dtype.type(0))  # fully masked row
-        shifted -= row_max
-    probs = xp.exp(shifted, out=shifted)
+        out -= row_max
+    probs = xp.exp(out, out=out)
     total = probs.sum(axis=-1, keepdims=True)
     if mask is not None:
         total = xp.where(total > 0, total, x.dtype.type(1))
-    probs /= total
+    probs *= 1.0 / total
     return probs, SoftmaxCache(probs)
 
 
-def softmax_backward(dprobs, cache: SoftmaxCache):
-    """dx = probs * (dprobs - sum(dprobs * probs, last axis))."""
+def softmax_backward(dprobs, cache: SoftmaxCache, *, out=None):
+    """dx = probs * (dprobs - sum(dprobs * probs, last axis)).
+
+    out: where to write dx (may be dprobs itself, which is then overwritten); a new array by default.
+    """
+    xp = array_module(dprobs)
     probs = cache.probs
-    dx = dprobs * probs
-    dx -= probs * dx.sum(axis=-1, keepdims=True)
+    row_dot = xp.einsum("...j,...j->...", dprobs, probs)[..., None]  # sum_j dprobs_j probs_j
+    dx = xp.subtract(dprobs, row_dot, out=out)
+    dx *= probs
     return dx
 
 
@@ -311,9 +348,12 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
     qkv_heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, num_heads, HS).transpose(2, 0, 3, 1, 4))
     q, k, v = qkv_heads[0], qkv_heads[1], qkv_heads[2]  # [B, NH, T, HS] each
     scale = 1.0 / math.sqrt(HS)
-    scores = q @ k.transpose(0, 1, 3, 2)  # [B, NH, T, T]
+    # k^T as its own contiguous array: OpenBLAS runs small plain products A @ B on one thread, but
+    # sends A @ B.T (a transposed operand) to its threaded path, slow for many small heads
+    k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, T]
+    scores = q @ k_t  # [B, NH, T, T]
     scores *= scale
-    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, T, xp))
+    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, T, xp), out=scores)
     probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
     y = probs_dropped @ v  # [B, NH, T, HS]
     out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
@@ -329,10 +369,11 @@ def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
     dy_merged, dc_proj_weight, dc_proj_bias = linear_backward(dout, cache.proj_cache)
     dy = xp.ascontiguousarray(split_heads(dy_merged, NH))  # [B, NH, T, HS]
     # y = probs_dropped @ v
-    dprobs_dropped = dy @ cache.v.transpose(0, 1, 3, 2)  # [B, NH, T, T]
+    v_t = xp.ascontiguousarray(cache.v.transpose(0, 1, 3, 2))  # [B, NH, HS, T] (see k_t in the forward)
+    dprobs_dropped = dy @ v_t  # [B, NH, T, T]
     dv = cache.probs_dropped.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, HS]
     dprobs = dropout_backward(dprobs_dropped, cache.dropout_cache)
-    dscores = softmax_backward(dprobs, cache.softmax_cache)  # masked entries get exactly 0
+    dscores = softmax_backward(dprobs, cache.softmax_cache, out=dprobs)  # masked entries get exactly 0
     # scores = q @ k^T * scale
     dscores *= cache.scale
     dq = dscores @ cache.k  # [B, NH, T, HS]

@@ -10,8 +10,9 @@ Two conventions:
   logp[b] = sum_{t >= 1} completion_mask[b, t] * log_softmax(logits[b, t - 1])[tokens[b, t]].
 
 The backward of both is dlogits = mask * (onehot(target) - softmax(logits)) * dlogp, written into one
-[B, T, V] array (the result) without other [B, T, V] temporaries. The forward never holds more than
-a chunk of rows of exp(logits) at a time.
+[B, T, V] array (the result, or the logits themselves when the caller hands them over) without other
+[B, T, V] temporaries. Forward and backward go over the logits one block of rows at a time (about
+1 MiB, cache-sized), so exp(logits) never exists for more than one block.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .validation import as_float_array, as_index_array, check_same_shape
 
 __all__ = [
     "LogprobsCache",
+    "SequenceLogprobsCache",
     "compute_logprobs",
     "log_softmax",
     "logprobs_backward",
@@ -34,8 +36,10 @@ __all__ = [
     "sequence_logprobs_forward",
 ]
 
-# Rows of the [rows, V] logits processed at once by the forward: bounds the exp() temporary.
-_CHUNK_ELEMENTS = 1 << 22
+# Entries of logits processed at once (1 MiB of float32): a block of rows small enough to stay in
+# the L2 cache while max, exp and sum pass over it, so the [B, T, V] logits are read from memory
+# about once per pass, and the one temporary stays small.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def log_softmax(logits, axis: int = -1):
@@ -45,30 +49,44 @@ def log_softmax(logits, axis: int = -1):
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
 
 
-def _logsumexp_last(logits):
-    """logsumexp over the last axis, [..., V] -> [...], a chunk of rows at a time."""
+def _row_blocks(shape):
+    """Index tuples cutting [B, T, V] into blocks of about _CHUNK_ELEMENTS entries along B and T.
+
+    Each logits[index] is a view, [b, T, V] or [rows, V] (never a copy, even for the non-contiguous
+    shifted view logits[:, :-1], which reshape(-1, V) would copy).
+    """
+    B, T, V = shape
+    rows_per_block = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    if rows_per_block >= T:  # whole sequences per block
+        sequences = rows_per_block // T
+        return [(slice(b, b + sequences),) for b in range(0, B, sequences)]
+    return [(b, slice(t, t + rows_per_block)) for b in range(B) for t in range(0, T, rows_per_block)]
+
+
+def _logsumexp_last(logits, name: str = "logits"):
+    """logsumexp over the last axis, [B, T, V] -> [B, T], one block of rows at a time.
+
+    lse = max + log(sum(exp(logits - max))). Raises ValueError naming `name` when an entry is NaN or
+    infinite: a NaN or +inf makes its row's max non-finite, a -inf makes (logits - max) non-finite.
+    """
     xp = array_module(logits)
-    V = logits.shape[-1]
-    rows = logits.reshape(-1, V)  # a view when logits is contiguous
-    out = xp.empty(rows.shape[0], dtype=logits.dtype)
-    step = max(1, _CHUNK_ELEMENTS // max(V, 1))
-    for start in range(0, rows.shape[0], step):
-        chunk = rows[start : start + step]
-        row_max = xp.max(chunk, axis=1)
-        shifted = chunk - row_max[:, None]  # the one temporary, [step, V]
-        xp.exp(shifted, out=shifted)
-        out[start : start + step] = row_max + xp.log(xp.sum(shifted, axis=1))
-    return out.reshape(logits.shape[:-1])
-
-
-def _check_all_finite(name: str, arr) -> None:
-    """Reject NaN/inf without a [B, T, V] boolean temporary: a float64 sum is finite iff every entry
-    is (up to overflow of huge finite values, which the exact check below then rules out)."""
-    xp = array_module(arr)
-    if not bool(xp.isfinite(xp.sum(arr, dtype=np.float64))):
-        bad = int((~xp.isfinite(arr)).sum())
-        if bad:
-            raise ValueError(f"{name} must be finite, got {bad} NaN or infinite value(s)")
+    B, T, V = logits.shape
+    lse = xp.empty((B, T), dtype=logits.dtype)
+    lowest = xp.empty((B, T), dtype=logits.dtype)  # min of logits - max per row: -inf flags a -inf entry
+    buffer = xp.empty(min(logits.size, max(_CHUNK_ELEMENTS, V)), dtype=logits.dtype)
+    with np.errstate(invalid="ignore"):  # inf - inf in a row with +inf: reported below
+        for index in _row_blocks(logits.shape):
+            block = logits[index]  # [rows, V] or [b, T, V], a view
+            shifted = buffer[:block.size].reshape(block.shape)
+            row_max = xp.max(block, axis=-1, keepdims=True)
+            xp.subtract(block, row_max, out=shifted)
+            lowest[index] = xp.min(shifted, axis=-1)
+            xp.exp(shifted, out=shifted)
+            lse[index] = row_max[..., 0] + xp.log(xp.sum(shifted, axis=-1))
+    if not (bool(xp.isfinite(lse).all()) and bool(xp.isfinite(lowest).all())):
+        bad = int((~xp.isfinite(logits)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} NaN or infinite value(s)")
+    return lse
 
 
 class LogprobsCache(NamedTuple):
@@ -79,8 +97,8 @@ class LogprobsCache(NamedTuple):
 
 
 def _validate(logits, targets, mask, logits_name="logits", targets_name="targets", mask_name="mask"):
+    """Shapes and types; the finiteness of logits is checked by _logsumexp_last on its way."""
     logits = as_float_array(logits_name, logits, ndim=3, finite=False)
-    _check_all_finite(logits_name, logits)
     B, T, V = logits.shape
     targets = as_index_array(targets_name, targets, upper=V)
     if tuple(targets.shape) != (B, T):
@@ -106,7 +124,7 @@ def logprobs_forward(logits, targets, mask=None):
     """
     logits, targets, mask = _validate(logits, targets, mask)
     xp = array_module(logits)
-    lse = _logsumexp_last(logits)  # [B, T]
+    lse = _logsumexp_last(logits, "logits")  # [B, T]
     target_logits = xp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
     token_logps = (target_logits - lse) * mask  # [B, T]
     return token_logps.sum(axis=1), LogprobsCache(logits, targets, mask, lse)
@@ -126,10 +144,13 @@ def logprobs_backward(dlogps, cache: LogprobsCache, out=None):
     scale = mask * xp.asarray(dlogps, dtype=logits.dtype)[:, None]  # [B, T]
     if out is None:
         out = xp.empty_like(logits)
-    # softmax = exp(logits - lse), computed in the output buffer itself
-    xp.subtract(logits, lse[..., None], out=out)
-    xp.exp(out, out=out)
-    out *= -scale[..., None]
+    # -scale * softmax = -scale * exp(logits - lse), computed in the output buffer itself, a block of
+    # rows at a time (out may be logits itself: each block is read before it is written)
+    for index in _row_blocks(logits.shape):
+        out_block = out[index]
+        xp.subtract(logits[index], lse[index][..., None], out=out_block)
+        xp.exp(out_block, out=out_block)
+        out_block *= -scale[index][..., None]
     # + the one-hot term at each target
     b_idx, t_idx = xp.indices(targets.shape)
     out[b_idx, t_idx, targets] += scale
@@ -142,6 +163,11 @@ def compute_logprobs(logits, targets, mask=None):
     logits [B, T, V] float; targets [B, T] integers in [0, V); mask [B, T] or None (all ones).
     """
     return logprobs_forward(logits, targets, mask)[0]
+
+
+class SequenceLogprobsCache(NamedTuple):
+    shifted: LogprobsCache  # of logits[:, :-1] scoring tokens[:, 1:]
+    logits: object  # [B, T, V] the forward's input (a reference, not a copy)
 
 
 def sequence_logprobs_forward(logits, tokens, completion_mask):
@@ -161,17 +187,32 @@ def sequence_logprobs_forward(logits, tokens, completion_mask):
     check_same_shape("completion_mask", completion_mask, "tokens", tokens)
     if logits.shape[1] < 2:
         raise ValueError(f"sequences need at least 2 tokens for a shifted log-prob, got T={logits.shape[1]}")
-    return logprobs_forward(logits[:, :-1], tokens[:, 1:], completion_mask[:, 1:])
+    logps, shifted_cache = logprobs_forward(logits[:, :-1], tokens[:, 1:], completion_mask[:, 1:])
+    return logps, SequenceLogprobsCache(shifted_cache, logits)
 
 
-def sequence_logprobs_backward(dlogps, cache: LogprobsCache):
-    """dlogits [B, T, V] of the shifted log-probs; the last position gets zero gradient."""
-    logits_view = cache.logits  # logits[:, :-1]
-    xp = array_module(logits_view)
-    B, T_minus_1, V = logits_view.shape
-    dlogits = xp.empty((B, T_minus_1 + 1, V), dtype=logits_view.dtype)
+def sequence_logprobs_backward(dlogps, cache: SequenceLogprobsCache, *, overwrite_logits: bool = False):
+    """dlogits [B, T, V] of the shifted log-probs; the last position gets zero gradient.
+
+    overwrite_logits=True writes dlogits into the logits array that was passed to
+    sequence_logprobs_forward and returns that same array, instead of allocating a new [B, T, V]
+    one. Ownership: the caller hands its logits over; after this call that array holds dlogits, so
+    use it only when nothing reads those logits again (train.py's step does not). Off by default.
+    """
+    if not isinstance(cache, SequenceLogprobsCache):
+        raise TypeError(f"cache must be the cache of sequence_logprobs_forward, got {type(cache).__name__}")
+    if not isinstance(overwrite_logits, bool):
+        raise TypeError(f"overwrite_logits must be a bool, got {overwrite_logits!r}")
+    logits = cache.logits  # [B, T, V]
+    xp = array_module(logits)
+    if overwrite_logits:
+        if not getattr(logits.flags, "writeable", True):  # (CuPy arrays are always writeable)
+            raise ValueError("overwrite_logits=True needs writeable logits; got a read-only array")
+        dlogits = logits
+    else:
+        dlogits = xp.empty_like(logits)
+    logprobs_backward(dlogps, cache.shifted, out=dlogits[:, :-1])
     dlogits[:, -1] = 0
-    logprobs_backward(dlogps, cache, out=dlogits[:, :-1])
     return dlogits
 
 

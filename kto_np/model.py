@@ -317,17 +317,23 @@ class GPT:
 
     # -- forward and backward --------------------------------------------------------------------
 
-    def forward(self, params: dict, tokens, *, train: bool = False, rng: np.random.Generator | None = None):
+    def forward(self, params: dict, tokens, *, train: bool = False, rng: np.random.Generator | None = None,
+                keep_cache: bool = True):
         """tokens [B, T] int -> (logits [B, T, V] in the model dtype, cache for backward).
 
         x = dropout(wte[tokens] + positions); x = block_l(x) for l = 0..L-1; x_final = ln_f(x);
         logits = x_final @ head.T with head = wte.weight (tied) or lm_head.weight.
         train=True applies dropout (GPT-2 placement) with masks drawn from rng.
+        keep_cache=False is a forward-only pass (a frozen reference, no-gradient KL rows): the cache is
+        None and each block's activations are freed as soon as the next block has run, so the pass
+        holds about one block's activations instead of all L.
         """
         config = self.config
         self.check_params(params)
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {train!r}")
+        if not isinstance(keep_cache, bool):
+            raise TypeError(f"keep_cache must be a bool, got {keep_cache!r}")
         dropout_active = train and config.dropout > 0
         if dropout_active and rng is None:
             raise ValueError("rng must be a numpy.random.Generator when train=True and dropout > 0, got None")
@@ -344,11 +350,14 @@ class GPT:
         block_caches = []
         for layer in range(config.num_layers):
             x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng)
-            block_caches.append(block_cache)
+            if keep_cache:
+                block_caches.append(block_cache)
         x_final, ln_f_cache = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
         head_weight = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]  # [V, C]
         V = head_weight.shape[0]
         logits = (x_final.reshape(B * T, -1) @ head_weight.T).reshape(B, T, V)
+        if not keep_cache:
+            return logits, None
         cache = GPTCache(tokens, wte_cache, embedding_dropout_cache, block_caches, ln_f_cache, x_final,
                          head_weight, (B, T, V), config.np_dtype)
         return logits, cache
@@ -358,7 +367,7 @@ class GPT:
         config = self.config
         if not isinstance(cache, GPTCache):
             raise TypeError(f"cache must be the GPTCache returned by forward, got {type(cache).__name__}")
-        dlogits = as_float_array("dlogits", dlogits, ndim=3)
+        dlogits = as_float_array("dlogits", dlogits, ndim=3, finite=False)  # finiteness: see dx_final
         if tuple(dlogits.shape) != cache.logits_shape:
             raise ValueError(f"dlogits must have the logits' shape {cache.logits_shape}, got {tuple(dlogits.shape)}")
         if dlogits.dtype != cache.dtype:
@@ -370,22 +379,28 @@ class GPT:
 
         # logits = x_final @ head_weight.T
         dlogits_rows = dlogits.reshape(B * T, V)
-        dx_final = (dlogits_rows @ cache.head_weight).reshape(B, T, -1)  # [B, T, C]
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite dlogits are reported below
+            dx_final = (dlogits_rows @ cache.head_weight).reshape(B, T, -1)  # [B, T, C]
+        # a NaN or infinite dlogit makes its row of dx_final non-finite, so [B, T, C] is checked, not [B, T, V]
+        if not bool(xp.isfinite(dx_final).all()):
+            bad = int((~xp.isfinite(dlogits)).sum())
+            raise ValueError(f"dlogits must be finite, got {bad} NaN or infinite value(s)" if bad else
+                             "dlogits are too large: dlogits @ head weight overflowed to infinity")
         dhead_weight = dlogits_rows.T @ cache.x_final.reshape(B * T, -1)  # [V, C]
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dx_final, cache.ln_f)
         for layer in reversed(range(config.num_layers)):
             dx = block_backward(dx, cache.blocks[layer], layer, grads)
         dx = dropout_backward(dx, cache.embedding_dropout)
         # x = wte[tokens] + positions
-        dwte_from_embedding = embedding_backward(dx, cache.wte)  # [V, C]
         if config.positional == "learned":
             dwpe = xp.zeros(param_shapes(config)["wpe.weight"], dtype=cache.dtype)
             dwpe[:T] = dx.sum(axis=0)
             grads["wpe.weight"] = dwpe
         if config.tie_embeddings:
-            grads["wte.weight"] = dwte_from_embedding + dhead_weight  # wte is used twice: lookup and head
+            # wte is used twice, lookup and head: the lookup's gradient is added to the head's in place
+            grads["wte.weight"] = embedding_backward(dx, cache.wte, out=dhead_weight)
         else:
-            grads["wte.weight"] = dwte_from_embedding
+            grads["wte.weight"] = embedding_backward(dx, cache.wte)  # [V, C]
             grads["lm_head.weight"] = dhead_weight
         return {name: grads[name] for name in param_shapes(config)}
 

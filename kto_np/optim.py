@@ -26,6 +26,24 @@ __all__ = [
 
 SCHEDULES = ("cosine", "linear", "constant")
 CLIP_EPS = 1e-6  # as in torch.nn.utils.clip_grad_norm_
+# With NumPy, AdamW and the gradient norm go over each array in blocks of this many entries (1 MiB of
+# float32): the few temporaries are block-sized and stay in cache, instead of parameter-sized arrays
+# allocated (and page-faulted) at every step. CuPy arrays are processed whole.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _flat_blocks(*arrays):
+    """Matching 1-D block views of same-shape arrays: [(a[i:j], b[i:j], ...), ...].
+
+    One whole-array block when the arrays are CuPy or not all C-contiguous (a flat view of a
+    non-contiguous array would be a copy, and in-place updates of it would be lost).
+    """
+    xp = array_module(*arrays)
+    if xp is not np or not all(a.flags.c_contiguous for a in arrays):
+        return [arrays]
+    flat = [a.reshape(-1) for a in arrays]
+    size = flat[0].size
+    return [tuple(f[start:start + _BLOCK_ELEMENTS] for f in flat) for start in range(0, size, _BLOCK_ELEMENTS)]
 
 
 def _check_array_dict(name: str, arrays) -> None:
@@ -138,7 +156,7 @@ def adamw_step(
         k: bool(decay_mask(k)) if decay_mask is not None else p.ndim >= 2 for k, p in params.items()
     }
     for key, grad in grads.items():
-        if grad.size and not bool(array_module(grad).isfinite(grad).all()):
+        if not all(bool(array_module(grad).isfinite(block).all()) for (block,) in _flat_blocks(grad)):
             raise ValueError(f"grads[{key!r}] must be finite, got NaN or infinite values")
 
     # Python floats times arrays keep the arrays' dtype (float32 stays float32).
@@ -146,20 +164,24 @@ def adamw_step(
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     step_size = lr / bias_correction1
     for key, param in params.items():
-        grad, m, v = grads[key], state["m"][key], state["v"][key]
         xp = array_module(param)
-        if decayed[key] and weight_decay:
-            param *= 1.0 - lr * weight_decay
-        m *= beta1
-        m += (1.0 - beta1) * grad
-        v *= beta2
-        v += (1.0 - beta2) * (grad * grad)
-        denom = xp.sqrt(v)
-        denom /= bias_correction2_sqrt
-        denom += eps
-        update = m / denom
-        update *= step_size
-        param -= update
+        decay = decayed[key] and weight_decay
+        for param_block, grad, m, v in _flat_blocks(param, grads[key], state["m"][key], state["v"][key]):
+            scratch = xp.empty_like(param_block)
+            if decay:
+                param_block *= 1.0 - lr * weight_decay
+            m *= beta1
+            m += xp.multiply(grad, 1.0 - beta1, out=scratch)
+            v *= beta2
+            grad_squared = xp.multiply(grad, grad, out=scratch)
+            grad_squared *= 1.0 - beta2
+            v += grad_squared
+            denom = xp.sqrt(v, out=scratch)
+            denom /= bias_correction2_sqrt
+            denom += eps
+            update = xp.divide(m, denom, out=scratch)
+            update *= step_size
+            param_block -= update
     state["step"] = step
 
 
@@ -176,8 +198,9 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
     squares = []
     for grad in grads.values():
         xp = array_module(grad)
-        flat = grad.astype(xp.float64, copy=False).reshape(-1)
-        squares.append(float(xp.dot(flat, flat)) if flat.size else 0.0)
+        for (block,) in _flat_blocks(grad):
+            flat = block.astype(xp.float64, copy=False).reshape(-1)
+            squares.append(float(xp.dot(flat, flat)) if flat.size else 0.0)
     total = math.sqrt(math.fsum(squares))
     if not math.isfinite(total):
         return total

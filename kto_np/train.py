@@ -369,7 +369,7 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
     steps_per_epoch = len(examples) // config.batch_size
     phase_id = PHASES.index(phase)
     batches, extras, batches_epoch = [], [], None
-    bar = tqdm(total=steps, initial=start, desc=phase.upper(), disable=not progress, leave=False,
+    bar = tqdm(total=steps, initial=start, desc=phase.upper(), disable=None if progress else True, leave=False,
                dynamic_ncols=True)
     for step in range(start, steps if stop_after is None else min(steps, stop_after)):
         epoch, index = divmod(step, steps_per_epoch)

@@ -313,3 +313,74 @@ def test_ops_keep_float32():
     emb, cache = layers.embedding_forward(w, np.array([[0, 3]]))
     assert emb.dtype == np.float32
     assert layers.embedding_backward(emb, cache).dtype == np.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# in-place variants used on the hot path (out=): same numbers as a fresh array
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_softmax_out_buffers_give_the_same_numbers(masked):
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 3, 5, 5)) * 3.0
+    mask = layers.causal_mask(5, 5) if masked else None
+    expected, cache = layers.softmax_forward(x, mask=mask)
+    buffer = np.empty_like(x)
+    into_buffer, _ = layers.softmax_forward(x, mask=mask, out=buffer)
+    assert into_buffer is buffer
+    np.testing.assert_array_equal(into_buffer, expected)
+    scores = x.copy()
+    in_place, _ = layers.softmax_forward(scores, mask=mask, out=scores)
+    assert in_place is scores
+    np.testing.assert_array_equal(in_place, expected)
+    # the backward against its definition, dx = p (dp - sum(dp p)), fresh and in place
+    dprobs = rng.standard_normal(x.shape)
+    by_definition = expected * (dprobs - (dprobs * expected).sum(axis=-1, keepdims=True))
+    np.testing.assert_allclose(layers.softmax_backward(dprobs, cache), by_definition, rtol=1e-12, atol=1e-15)
+    dprobs_copy = dprobs.copy()
+    dx = layers.softmax_backward(dprobs_copy, cache, out=dprobs_copy)
+    assert dx is dprobs_copy
+    np.testing.assert_allclose(dx, by_definition, rtol=1e-12, atol=1e-15)
+
+
+def test_embedding_backward_adds_into_out():
+    rng = np.random.default_rng(22)
+    weight = rng.standard_normal((6, 4))
+    indices = np.array([[0, 2, 2], [5, 0, 1]])
+    _, cache = layers.embedding_forward(weight, indices)
+    dout = rng.standard_normal((2, 3, 4))
+    base = rng.standard_normal((6, 4))
+    expected = base + layers.embedding_backward(dout, cache)
+    out = base.copy()
+    result = layers.embedding_backward(dout, cache, out=out)
+    assert result is out
+    np.testing.assert_allclose(out, expected, rtol=1e-15)
+    with pytest.raises(ValueError, match="out"):
+        layers.embedding_backward(dout, cache, out=np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="out"):
+        layers.embedding_backward(dout, cache, out=np.zeros((6, 4), dtype=np.float32))
+
+
+def test_gelu_and_layernorm_float32_match_float64_definitions():
+    """The in-place float32 chains stay float32 and agree with the float64 formulas to float32 rounding."""
+    rng = np.random.default_rng(23)
+    x64 = rng.standard_normal((3, 4, 8)) * 3.0
+    x32 = x64.astype(np.float32)
+    out32, cache32 = layers.gelu_forward(x32)
+    reference = 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64**3)))
+    assert out32.dtype == np.float32 and cache32.tanh_inner.dtype == np.float32
+    np.testing.assert_allclose(out32, reference, rtol=2e-6, atol=2e-6)
+    dout64 = rng.standard_normal(x64.shape)
+    dx32 = layers.gelu_backward(dout64.astype(np.float32), cache32)
+    dx64 = layers.gelu_backward(dout64, layers.gelu_forward(x64)[1])
+    assert dx32.dtype == np.float32
+    np.testing.assert_allclose(dx32, dx64, rtol=1e-5, atol=1e-5)
+    weight, bias = rng.standard_normal(8), rng.standard_normal(8)
+    ln64, ln_cache64 = layers.layernorm_forward(x64, weight, bias)
+    ln32, ln_cache32 = layers.layernorm_forward(x32, weight.astype(np.float32), bias.astype(np.float32))
+    np.testing.assert_allclose(ln32, ln64, rtol=1e-5, atol=1e-5)
+    grads64 = layers.layernorm_backward(dout64, ln_cache64)
+    grads32 = layers.layernorm_backward(dout64.astype(np.float32), ln_cache32)
+    for name, mine, theirs in zip(("dx", "dweight", "dbias"), grads32, grads64):
+        assert mine.dtype == np.float32, name
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4, err_msg=name)

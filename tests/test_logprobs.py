@@ -195,3 +195,65 @@ def test_bad_input_shifted():
     with pytest.raises(ValueError, match="dlogps must have shape"):
         _, cache = lp.logprobs_forward(np.zeros((2, 3, 4)), np.zeros((2, 3), dtype=int))
         lp.logprobs_backward(np.ones(3), cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# blocks of rows, overwriting the logits
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 20, 13 * 4, 13 * 7 * 2, 1 << 22])
+def test_blocked_forward_and_backward_equal_the_definition(rng, monkeypatch, chunk_elements):
+    """Blocks of one row, of a few rows, of whole sequences (one or several): the same numbers."""
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", chunk_elements)
+    logits, targets, mask = random_case(rng, 3, 7, 13)
+    upstream = rng.standard_normal(3)
+    np.testing.assert_allclose(lp.compute_logprobs(logits, targets, mask),
+                               logprobs_by_loops(logits, targets, mask), rtol=1e-12)
+    logps, cache = lp.sequence_logprobs_forward(logits, targets, mask)
+    np.testing.assert_allclose(logps, logprobs_by_loops(logits, targets, mask, shift=True), rtol=1e-12)
+    dlogits = lp.sequence_logprobs_backward(upstream, cache)
+    shifted = logits[:, :-1]
+    softmax = np.exp(shifted - shifted.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    onehot = np.eye(13)[targets[:, 1:]]
+    expected = (mask[:, 1:] * upstream[:, None])[..., None] * (onehot - softmax)
+    np.testing.assert_allclose(dlogits[:, :-1], expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(dlogits[:, -1], 0.0)
+
+
+@pytest.mark.parametrize("chunk_elements", [13, 1 << 22])
+def test_non_finite_logits_found_in_any_block(rng, monkeypatch, chunk_elements):
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", chunk_elements)
+    for bad in (np.nan, np.inf, -np.inf):
+        logits, targets, _ = random_case(rng, 2, 5, 13)
+        logits[1, 3, 7] = bad  # a late block
+        with pytest.raises(ValueError, match="logits must be finite, got 1 NaN or infinite"):
+            lp.sequence_logprobs(logits, targets, np.ones((2, 5)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_overwrite_logits_reuses_the_buffer(rng, dtype):
+    logits, targets, mask = random_case(rng, 3, 5, 9)
+    logits, mask = logits.astype(dtype), mask.astype(dtype)
+    upstream = rng.standard_normal(3).astype(dtype)
+    _, cache = lp.sequence_logprobs_forward(logits.copy(), targets, mask)
+    expected = lp.sequence_logprobs_backward(upstream, cache)
+    owned = logits.copy()
+    _, cache = lp.sequence_logprobs_forward(owned, targets, mask)
+    dlogits = lp.sequence_logprobs_backward(upstream, cache, overwrite_logits=True)
+    assert dlogits is owned and dlogits.dtype == dtype
+    np.testing.assert_array_equal(dlogits, expected)
+
+
+def test_overwrite_logits_bad_input(rng):
+    logits, targets, mask = random_case(rng, 2, 4, 5)
+    logits.flags.writeable = False
+    _, cache = lp.sequence_logprobs_forward(logits, targets, mask)
+    with pytest.raises(ValueError, match="overwrite_logits"):
+        lp.sequence_logprobs_backward(np.ones(2), cache, overwrite_logits=True)
+    assert lp.sequence_logprobs_backward(np.ones(2), cache).shape == logits.shape  # a new array is fine
+    with pytest.raises(TypeError, match="overwrite_logits"):
+        lp.sequence_logprobs_backward(np.ones(2), cache, overwrite_logits=1)
+    _, unshifted_cache = lp.logprobs_forward(logits, targets, mask)
+    with pytest.raises(TypeError, match="cache"):
+        lp.sequence_logprobs_backward(np.ones(2), unshifted_cache)

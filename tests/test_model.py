@@ -362,3 +362,40 @@ def test_torch_parity_logits_and_every_gradient(positional, tie_embeddings):
         if not err <= 1e-10:
             failures.append(f"{name}: rel error {err:.2e}; ours {grads[name].ravel()[:3]} torch {theirs.ravel()[:3]}")
     assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward-only passes and the backward's checks
+
+
+@pytest.mark.parametrize(("positional", "tie_embeddings"), VARIANTS)
+def test_forward_without_cache_gives_the_same_logits(positional, tie_embeddings):
+    model = small_model(positional, tie_embeddings)
+    params = model.init(3)
+    tokens = random_tokens(4)
+    logits, cache = model.forward(params, tokens)
+    forward_only, no_cache = model.forward(params, tokens, keep_cache=False)
+    assert no_cache is None and cache is not None
+    np.testing.assert_array_equal(forward_only, logits)
+    with pytest.raises(TypeError, match="keep_cache"):
+        model.forward(params, tokens, keep_cache="no")
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_backward_rejects_any_non_finite_dlogit(model_and_params, bad):
+    model, params = model_and_params
+    logits, cache = model.forward(params, random_tokens(0))
+    dlogits = np.random.default_rng(2).standard_normal(logits.shape)
+    dlogits[1, 2, 3] = bad
+    with pytest.raises(ValueError, match="dlogits must be finite, got 1 NaN or infinite"):
+        model.backward(dlogits, cache)
+
+
+def test_backward_reports_overflowing_dlogits_float32():
+    model = small_model(dtype="float32")
+    params = model.init(0)
+    params["wte.weight"][:] = 1.0  # the head: dx_final = sum over V of dlogits
+    logits, cache = model.forward(params, random_tokens(0))
+    huge = np.full(logits.shape, 3e38, dtype=np.float32)  # finite, but V * 3e38 overflows float32
+    with pytest.raises(ValueError, match="dlogits are too large"):
+        model.backward(huge, cache)

@@ -1,0 +1,255 @@
+"""The benchmark (kto_np/bench.py, benchmarks/bench_step.py): it runs on the tiny config and prints its
+lines; its PyTorch twin computes the same loss, gradients and AdamW step as kto_np in float64 (that is
+what makes the timing comparison fair); its kto_np step is the training code's; the blocked paths of
+the speed work give the same numbers as whole arrays."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kto_np import backend, bench, optim
+from kto_np.gradcheck import rel_error
+from kto_np.train import kto_loss_and_grads, reference_logps
+
+TORCH_SKIP = "torch not installed (pip install 'kto_np[torch]')"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "bench_step.py")
+TINY = bench.CONFIGS["tiny"]
+
+
+def has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def assert_close(name, mine, theirs, tol):
+    mine, theirs = np.asarray(mine, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    err = rel_error(mine, theirs)
+    assert err <= tol, (f"{name}: rel error {err:.3e} > {tol:.0e}\n kto_np: {np.ravel(mine)[:4]}\n"
+                        f" torch:  {np.ravel(theirs)[:4]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the script, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("bench") / "RESULTS.md"
+    completed = subprocess.run(
+        [sys.executable, SCRIPT, "--tiny", "--repeats", "2", "--warmup", "1", "--results", str(results)],
+        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    return completed, results
+
+
+def test_script_prints_a_line_per_config_and_the_ratio_last(tiny_run):
+    completed, _ = tiny_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.strip().splitlines()
+    number = r"\d+\.\d"
+    if has_torch():
+        assert len(lines) == 2, completed.stdout
+        assert re.fullmatch(
+            rf"tiny: numpy {number} ms, torch {number} ms, ratio \d+\.\d\d \| peak memory numpy {number} MiB, "
+            rf"torch {number} MiB \| numpy {number} GFLOP/s \(\d+% of peak\), torch {number} GFLOP/s \(\d+%\)",
+            lines[0]), lines[0]
+        assert re.fullmatch(r"ratio numpy/torch tiny: \d+\.\d\d", lines[-1]), lines[-1]
+    else:
+        assert len(lines) == 1 and lines[0].startswith("tiny: numpy "), completed.stdout
+        assert "torch is not installed" in completed.stderr
+    assert "[tiny] timing" in completed.stderr  # progress goes to stderr
+
+
+def test_script_writes_the_results_file(tiny_run):
+    completed, results = tiny_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    text = results.read_text()
+    assert text.startswith("# Benchmarks: one KTO step")
+    for expected in ("- machine: ", "- libraries: Python ", "- BLAS (NumPy): ", "- threads: ",
+                     "- load average: ", "float32 matmul peak", "| config | C | L | NH | V | T | B |",
+                     "| tiny | 32 | 1 | 2 | 64 | 16 | 2 |"):
+        assert expected in text, expected
+    assert not [p for p in os.listdir(results.parent) if p.endswith(".tmp")]  # atomic write left nothing
+
+
+def test_results_append_keeps_earlier_sections(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    bench.write_results(str(path), "## first\n", append=True)
+    bench.write_results(str(path), "## second\n", append=True)
+    text = path.read_text()
+    assert text.count("# Benchmarks: one KTO step") == 1
+    assert text.index("## first") < text.index("## second")
+    bench.write_results(str(path), "## third\n", append=False)
+    assert "## first" not in path.read_text() and "## third" in path.read_text()
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--configs", "huge"], "--configs"),
+    (["--configs", ""], "--configs"),
+    (["--tiny", "--repeats", "0"], "--repeats"),
+    (["--tiny", "--warmup", "-1"], "--warmup"),
+    (["--tiny", "--threads", "0"], "--threads"),
+    (["--tiny", "--append"], "--append"),
+])
+def test_bad_options_exit_2_naming_the_option(capsys, argv, match):
+    assert bench.main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cupy_backend_skips_cleanly_without_a_gpu(capsys):
+    try:
+        backend.set_backend("cupy")
+    except (ImportError, RuntimeError):
+        pass
+    else:
+        backend.set_backend("numpy")
+        pytest.skip("CuPy and a GPU are present: tests/test_cupy.py covers the cupy backend")
+    assert bench.main(["--tiny", "--backend", "cupy", "--no-memory"]) == 0
+    assert capsys.readouterr().out.startswith("skipped: backend cupy is not available")
+    assert backend.get_backend() == "numpy"
+
+
+def test_memory_probe_measures_the_step_in_a_fresh_process():
+    small = bench.CONFIGS["small"]
+    peak = bench.measure_memory("numpy", small, "numpy", threads=1)
+    params = bench.NumpyKTOStep(small).model.num_params()
+    # at least the policy, reference, two AdamW moments and the gradients (float32), far below a GiB
+    assert 5 * 4 * params <= peak < 2**30, f"peak {peak / 2**20:.1f} MiB for {params} parameters"
+
+
+# ----------------------------------------------------------------------------------------------
+# what is timed: the same computation on both sides
+
+
+def test_synthetic_batch_shapes_masks_and_kl_rotation():
+    config = bench.CONFIGS["small"]
+    batch = bench.synthetic_batch(config, seed=3)
+    B, T = config.batch_size, config.seq_len
+    prompt_len = T // 4
+    assert batch.tokens.shape == batch.kl_tokens.shape == (B, T)
+    assert batch.completion_mask.dtype == np.float32
+    assert batch.labels.tolist() == [1, 0] * (B // 2)
+    for b in range(B):
+        n = int(batch.completion_mask[b].sum())
+        assert batch.completion_mask[b, :prompt_len].sum() == 0 and T // 2 <= n <= T - prompt_len
+        np.testing.assert_array_equal(batch.completion_mask[b, prompt_len:prompt_len + n], 1.0)
+        assert np.all(batch.tokens[b, prompt_len + n:] == 0) and np.all(batch.tokens[b, :prompt_len + n] > 0)
+        previous = (b - 1) % B  # KL row b: prompt b + completion b - 1
+        n_previous = int(batch.completion_mask[previous].sum())
+        np.testing.assert_array_equal(batch.kl_tokens[b, :prompt_len], batch.tokens[b, :prompt_len])
+        np.testing.assert_array_equal(batch.kl_tokens[b, prompt_len:prompt_len + n_previous],
+                                      batch.tokens[previous, prompt_len:prompt_len + n_previous])
+        np.testing.assert_array_equal(batch.kl_completion_mask[b], batch.completion_mask[previous])
+
+
+def test_step_flops_counts_every_matrix_product():
+    config = bench.CONFIGS["medium"]
+    B, T, C, V, NH, L = (config.batch_size, config.seq_len, config.hidden_size, config.vocab_size,
+                         config.num_heads, config.num_layers)
+    HS = C // NH
+    products = [(B * T, C, 3 * C), (B * T, C, C), (B * T, C, 4 * C), (B * T, 4 * C, C)] * L  # (m, k, n)
+    products += [(T, HS, T), (T, T, HS)] * (L * B * NH)  # q k^T and probs v per head
+    products += [(B * T, C, V)]  # the head
+    forward = sum(2 * m * k * n for m, k, n in products)
+    assert bench.step_flops(config) == 6 * forward
+
+
+def test_kto_np_step_is_the_training_step():
+    """The benchmark's kto_np step (forward-only passes without cache, logits reused for dlogits) gives
+    the numbers of train.kto_loss_and_grads with train.reference_logps."""
+    step = bench.NumpyKTOStep(TINY, seed=5, dtype="float64")
+    loss, grads = step.loss_and_grads()
+    ref, kl_ref = reference_logps(step.model, step.ref_params, step.batch)
+    expected_loss, _, expected = kto_loss_and_grads(step.model, step.params, step.batch, ref, kl_ref,
+                                                    variant="kto", beta=bench.HYPER["beta"])
+    assert loss == pytest.approx(expected_loss, rel=1e-13)
+    assert list(grads) == list(expected)
+    for name in expected:
+        assert_close(name, grads[name], expected[name], 1e-12)
+
+
+def test_torch_twin_gives_the_same_loss_gradients_and_adamw_step():
+    """float64: the benchmark's PyTorch implementation against kto_np, tensor by tensor."""
+    torch = pytest.importorskip("torch", reason=TORCH_SKIP)
+    numpy_step = bench.NumpyKTOStep(TINY, seed=1, dtype="float64")
+    torch_step = bench.TorchKTOStep(numpy_step)
+    assert all(t.dtype == torch.float64 for t in torch_step.params.values())
+    with torch.no_grad():  # the KL rows set z_ref > 0 here, so the KL path is exercised
+        kl_policy = torch_step._logps(torch_step.params, torch_step.kl_tokens, torch_step.kl_mask)
+        kl_ref = torch_step._logps(torch_step.ref_params, torch_step.kl_tokens, torch_step.kl_mask)
+    assert float((kl_policy - kl_ref).mean()) > 0
+
+    loss, grads = numpy_step.loss_and_grads()
+    torch_loss = torch_step.loss()
+    torch_loss.backward()
+    assert_close("loss", loss, float(torch_loss.detach()), 1e-12)
+    for name, grad in grads.items():
+        assert_close(f"grad {name}", grad, torch_step.params[name].grad.numpy(), 1e-9)
+
+    numpy_loss, torch_loss = numpy_step(), torch_step()  # one full step each, AdamW included
+    assert_close("loss of the full step", numpy_loss, torch_loss, 1e-12)
+    for name, param in numpy_step.params.items():
+        assert_close(f"{name} after AdamW", param, torch_step.params[name].detach().numpy(), 1e-9)
+
+
+def test_torch_twin_float32_stays_close():
+    torch = pytest.importorskip("torch", reason=TORCH_SKIP)
+    numpy_step = bench.NumpyKTOStep(bench.CONFIGS["small"], seed=1)
+    torch_step = bench.TorchKTOStep(numpy_step)
+    assert all(t.dtype == torch.float32 for t in torch_step.params.values())
+    steps = 2
+    for _ in range(steps):
+        assert_close("float32 loss", numpy_step(), torch_step(), 1e-5)
+    # AdamW moves each entry by about lr per step whatever the gradient's size, so float32 rounding
+    # noise in a zero gradient (the key bias) may move it either way: compare to that scale
+    bound = 2 * steps * bench.HYPER["lr"]
+    for name, param in numpy_step.params.items():
+        assert param.dtype == np.float32, name
+        np.testing.assert_allclose(param, torch_step.params[name].detach().numpy(), rtol=1e-4, atol=bound,
+                                   err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer's blocked path (kto_np/optim.py, speed work): the same numbers as whole arrays
+
+
+def test_adamw_and_clip_in_blocks_equal_whole_arrays(monkeypatch):
+    rng = np.random.default_rng(8)
+    shapes = {"w": (13, 7), "b": (7,), "e": (50,)}
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+    def run(block_elements):
+        monkeypatch.setattr(optim, "_BLOCK_ELEMENTS", block_elements)
+        current = {k: v.copy() for k, v in params.items()}
+        state = optim.adamw_init(current)
+        for _ in range(3):
+            optim.adamw_step(current, grads, state, lr=1e-2, weight_decay=0.1)
+        return current, state, optim.clip_grad_norm({k: v.copy() for k, v in grads.items()}, 1e9)
+
+    whole, whole_state, whole_norm = run(1 << 18)
+    blocked, blocked_state, blocked_norm = run(4)
+    for name in params:
+        np.testing.assert_array_equal(blocked[name], whole[name], err_msg=name)
+        np.testing.assert_array_equal(blocked_state["v"][name], whole_state["v"][name], err_msg=name)
+    assert blocked_norm == pytest.approx(whole_norm, rel=1e-14)
+    expected_norm = float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values())))
+    assert whole_norm == pytest.approx(expected_norm, rel=1e-14)
+
+
+def test_adamw_updates_non_contiguous_parameters_in_place():
+    rng = np.random.default_rng(9)
+    base = rng.standard_normal((6, 8))
+    params = {"w": base[:, ::2]}  # a strided view: updated through the whole-array path
+    contiguous = {"w": np.ascontiguousarray(base[:, ::2])}
+    grads = {"w": rng.standard_normal((6, 4))}
+    for current in (params, contiguous):
+        optim.adamw_step(current, grads, optim.adamw_init(current), lr=0.1)
+    np.testing.assert_array_equal(base[:, ::2], contiguous["w"])
