@@ -37,10 +37,9 @@ import numpy as np
 from . import __version__, backend
 from .data import Batch
 from .files import atomic_write
-from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
-from .losses import kto_loss_and_grad
 from .model import GPT, build
 from .optim import adamw_init, adamw_step
+from .train import kto_loss_and_param_grads, reference_logps
 
 __all__ = [
     "CONFIGS",
@@ -143,28 +142,14 @@ def step_flops(config: BenchConfig) -> int:
 # the kto_np side
 
 
-def _frozen_logps(model: GPT, params: dict, tokens, completion_mask):
-    """Forward only (no cache kept): shifted completion log-probs [B]."""
-    logits, _ = model.forward(params, tokens, keep_cache=False)  # [B, T, V]
-    return sequence_logprobs_forward(logits, tokens, completion_mask)[0]
-
-
 def numpy_kto_loss_and_grads(model: GPT, params: dict, ref_params: dict, batch: Batch, hyper: dict = HYPER):
-    """(loss, grads) of one KTO step with kto_np: the same numbers as train.kto_loss_and_grads with
-    the reference log-probs of train.reference_logps, but forward-only passes keep no cache and the
-    logits buffer is reused for dlogits."""
-    ref_logps = _frozen_logps(model, ref_params, batch.tokens, batch.completion_mask)  # [B]
-    kl_ref_logps = _frozen_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask)
-    kl_policy_logps = _frozen_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)
-    logits, model_cache = model.forward(params, batch.tokens)  # [B, T, V]
-    logps, logp_cache = sequence_logprobs_forward(logits, batch.tokens, batch.completion_mask)
-    del logits  # the cache holds it; the backward overwrites it with dlogits
-    loss, dlogps, _ = kto_loss_and_grad(
-        logps, ref_logps, batch.labels, hyper["beta"], hyper["desirable_weight"], hyper["undesirable_weight"],
-        variant="kto", kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps, warn_balance=False)
-    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)  # [B, T, V]
-    del logp_cache
-    grads = model.backward(dlogits, model_cache)
+    """(loss, grads) of one KTO step with kto_np: exactly what training does (train.reference_logps,
+    then train.kto_loss_and_param_grads: forward-only passes keep no cache, the logits buffer is
+    reused for dlogits)."""
+    ref_logps, kl_ref_logps = reference_logps(model, ref_params, batch)  # [B], [B]
+    loss, _, grads = kto_loss_and_param_grads(
+        model, params, batch, ref_logps, kl_ref_logps, variant="kto", beta=hyper["beta"],
+        desirable_weight=hyper["desirable_weight"], undesirable_weight=hyper["undesirable_weight"])
     return loss, grads
 
 

@@ -249,7 +249,7 @@ def model_checks(seed: int = 0, variant: str = "kto", tolerance: float = 1e-6, *
     from .data import Batch  # noqa: PLC0415
     from .losses import kto_loss  # noqa: PLC0415
     from .model import build  # noqa: PLC0415
-    from .train import completion_logps, kto_loss_and_grads  # noqa: PLC0415
+    from .train import completion_logps, kto_loss_and_param_grads  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
     model = build(hidden_size=12, num_layers=2, num_heads=3, vocab_size=11, dropout=0.0, max_seq_len=8,
@@ -268,7 +268,7 @@ def model_checks(seed: int = 0, variant: str = "kto", tolerance: float = 1e-6, *
     kl_ref_logps = completion_logps(model, params, kl_tokens, kl_mask)[0] - 0.5  # z > 0: clamp inactive
     options = dict(variant=variant, beta=0.5, desirable_weight=1.0, undesirable_weight=1.2,
                    kl_ref_logps=kl_ref_logps if variant == "kto" else None)
-    _, _, grads = kto_loss_and_grads(model, params, batch, ref_logps, **options)
+    _, _, grads = kto_loss_and_param_grads(model, params, batch, ref_logps, **options)
     # z is detached in "kto": the function differentiated holds the KL rows' policy log-probs fixed.
     frozen_kl_logps = completion_logps(model, params, kl_tokens, kl_mask)[0] if variant == "kto" else None
 

@@ -63,7 +63,8 @@ __all__ = [
     "TrainingDiverged",
     "completion_logps",
     "evaluate",
-    "kto_loss_and_grads",
+    "frozen_logps",
+    "kto_loss_and_param_grads",
     "reference_logps",
     "run",
     "sft_loss_and_grads",
@@ -189,17 +190,23 @@ def completion_logps(model: GPT, params: dict, tokens, completion_mask, *, train
     return logps, (model_cache, logp_cache)
 
 
+def frozen_logps(model: GPT, params: dict, tokens, completion_mask):
+    """Forward only, no gradient (a frozen reference, the KL rows): completion log-probs [B].
+    Keeps no activations, so it costs the memory of one layer at a time."""
+    logits, _ = model.forward(params, tokens, keep_cache=False)  # [B, T, V]
+    return sequence_logprobs_forward(logits, tokens, completion_mask)[0]
+
+
 def reference_logps(model: GPT, ref_params: dict, batch: Batch):
     """Frozen-reference log-probs of a batch's matched rows and KL rows: ([B], [B]). Forward only."""
-    ref = completion_logps(model, ref_params, batch.tokens, batch.completion_mask)[0]
-    kl_ref = completion_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask)[0]
-    return ref, kl_ref
+    return (frozen_logps(model, ref_params, batch.tokens, batch.completion_mask),
+            frozen_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask))
 
 
-def kto_loss_and_grads(model: GPT, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
-                       variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
-                       undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
-                       rng=None, warn_balance: bool = False):
+def kto_loss_and_param_grads(model: GPT, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
+                             variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
+                             undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
+                             rng=None, warn_balance: bool = False):
     """The whole KTO gradient of one batch: (loss, metrics, grads of every policy parameter).
 
     policy forward -> sequence log-probs [B] -> kto_loss_and_grad -> dlogps [B]
@@ -208,18 +215,20 @@ def kto_loss_and_grads(model: GPT, params: dict, batch: Batch, ref_logps, kl_ref
     completion) go through a policy forward only: z is detached, so they need no backward.
     ref_logps / kl_ref_logps come from the frozen reference (reference_logps).
     """
-    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens,
-                                                        batch.completion_mask, train=train, rng=rng)
     kl_logps = None
     if variant == "kto" and kl_ref_logps is not None:
-        kl_logps = completion_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)[0]
-    else:
+        kl_logps = frozen_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)  # before the
+    else:  # policy forward, so its activations are not held while the KL rows run
         kl_ref_logps = None
+    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens,
+                                                        batch.completion_mask, train=train, rng=rng)
     loss, dlogps, metrics = kto_loss_and_grad(
         logps, ref_logps, batch.labels, beta, desirable_weight, undesirable_weight, variant=variant,
         stop_z_grad=stop_z_grad, kl_policy_logps=kl_logps, kl_ref_logps=kl_ref_logps,
         warn_balance=warn_balance)
-    dlogits = sequence_logprobs_backward(dlogps, logp_cache)
+    # the logits are needed no more: their buffer becomes dlogits (no second [B, T, V] array)
+    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)
+    del logp_cache
     grads = model.backward(dlogits, model_cache)
     return loss, metrics, grads
 
@@ -236,7 +245,8 @@ def sft_loss_and_grads(model: GPT, params: dict, batch: Batch, *, train=False, r
     num_tokens = float(batch.completion_mask.sum())
     loss = -float(logps.sum()) / num_tokens
     dlogps = xp.full(logps.shape, -1.0 / num_tokens, dtype=logps.dtype)
-    grads = model.backward(sequence_logprobs_backward(dlogps, logp_cache), model_cache)
+    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)
+    grads = model.backward(dlogits, model_cache)
     return loss, {}, grads
 
 
@@ -296,7 +306,8 @@ class _Run:
                 try:
                     config = TrainConfig.from_dict(json.load(f))
                 except (json.JSONDecodeError, TypeError, ValueError) as exc:
-                    raise RunError(f"cannot resume: {self.path('config.json')!r} is not a valid config ({exc})") from exc
+                    raise RunError(f"cannot resume: {self.path('config.json')!r} is not a valid config "
+                                   f"({exc})") from exc
         elif os.path.exists(self.out):
             if not os.path.isdir(self.out):
                 raise RunError(f"--out {self.out!r} exists and is not a folder")
@@ -464,7 +475,7 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
 
     def kto_batch_loss(params, batch, reference, rng):
         ref, kl_ref = reference
-        return kto_loss_and_grads(
+        return kto_loss_and_param_grads(
             model, params, batch, ref, kl_ref, variant=config.variant, beta=config.beta,
             desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
             stop_z_grad=config.stop_z_grad, train=config.dropout > 0, rng=rng)

@@ -13,7 +13,6 @@ import pytest
 
 from kto_np import backend, bench, optim
 from kto_np.gradcheck import rel_error
-from kto_np.train import kto_loss_and_grads, reference_logps
 
 TORCH_SKIP = "torch not installed (pip install 'kto_np[torch]')"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,20 +158,6 @@ def test_step_flops_counts_every_matrix_product():
     products += [(B * T, C, V)]  # the head
     forward = sum(2 * m * k * n for m, k, n in products)
     assert bench.step_flops(config) == 6 * forward
-
-
-def test_kto_np_step_is_the_training_step():
-    """The benchmark's kto_np step (forward-only passes without cache, logits reused for dlogits) gives
-    the numbers of train.kto_loss_and_grads with train.reference_logps."""
-    step = bench.NumpyKTOStep(TINY, seed=5, dtype="float64")
-    loss, grads = step.loss_and_grads()
-    ref, kl_ref = reference_logps(step.model, step.ref_params, step.batch)
-    expected_loss, _, expected = kto_loss_and_grads(step.model, step.params, step.batch, ref, kl_ref,
-                                                    variant="kto", beta=bench.HYPER["beta"])
-    assert loss == pytest.approx(expected_loss, rel=1e-13)
-    assert list(grads) == list(expected)
-    for name in expected:
-        assert_close(name, grads[name], expected[name], 1e-12)
 
 
 def test_torch_twin_gives_the_same_loss_gradients_and_adamw_step():

@@ -119,7 +119,7 @@ def test_resume_drops_records_written_after_the_checkpoint(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     config = train.TrainConfig(**{**TINY, "checkpoint_every": 5})
-    real = train.kto_loss_and_grads
+    real = train.kto_loss_and_param_grads
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -127,7 +127,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, mo
         calls["n"] += 1
         return (float("nan") if calls["n"] == 8 else loss), metrics, grads
 
-    monkeypatch.setattr(train, "kto_loss_and_grads", poisoned)
+    monkeypatch.setattr(train, "kto_loss_and_param_grads", poisoned)
     with pytest.raises(train.TrainingDiverged, match="kto step 8"):
         quiet_run(config, tmp_path / "run")
     saved = checkpoint.load(tmp_path / "run/checkpoints/kto.npz")
