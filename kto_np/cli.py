@@ -46,7 +46,9 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
 def _cmd_figures(args: argparse.Namespace) -> int:
     from .plots import load_metrics_records, make_all_figures  # noqa: PLC0415
 
-    records = None
+    from .train import run_token_gradients  # noqa: PLC0415
+
+    records, token_gradients = None, None
     if args.run is not None:
         metrics_path = os.path.join(args.run, "metrics.jsonl")
         if not os.path.isfile(metrics_path):
@@ -54,8 +56,11 @@ def _cmd_figures(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         records = load_metrics_records(metrics_path)
+        token_gradients = run_token_gradients(args.run) if os.path.isfile(
+            os.path.join(args.run, "checkpoints", "reference.npz")) else None
     try:
-        paths = make_all_figures(args.out, metrics_records=records, seed=args.seed)
+        paths = make_all_figures(args.out, metrics_records=records, token_gradients=token_gradients,
+                                 seed=args.seed)
     except OSError as exc:
         print(f"kto-np figures: error: cannot write to {args.out!r}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -240,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
                    help="tolerances for a float64 or a float32 implementation (default: float64)")
     p.set_defaults(func=_cmd_oracle_check)
+
+    from . import bench  # noqa: PLC0415
+
+    p = sub.add_parser("bench", help="time one KTO training step against PyTorch CPU eager",
+                       description="One KTO training step (policy forward + backward, reference and KL-pair "
+                       "forwards, loss, AdamW) in kto_np and in an independent PyTorch implementation of the "
+                       "same model, timed in one process; prints medians, the numpy/torch ratio, peak memory "
+                       "and GFLOP/s. The last line is 'ratio numpy/torch medium: X.XX'.")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run_from_args)
 
     from .train import DEMO_PRESET, TRAIN_PRESET, TrainConfig  # noqa: PLC0415
 

@@ -741,12 +741,15 @@ def plot_token_gradients(dlogits_norms, tokens_text, ax=None, *, labels=None,
 # everything
 
 
-def make_all_figures(out_dir, *, metrics_records=None, seed: int = 0) -> list[Path]:
+def make_all_figures(out_dir, *, metrics_records=None, token_gradients: TokenGradients | None = None,
+                     seed: int = 0) -> list[Path]:
     """Write every figure as a PNG into out_dir (created if needed) and return the paths.
 
     Names: value_functions, loss_surface_z, loss_surface_beta, kto_vs_dpo, z_gradient, class_balance,
-    token_gradients (+ training_curves when metrics_records is given). Fixed dpi, no date or version
-    in the bytes (same inputs, same bytes); each file is written to a temporary name and renamed.
+    token_gradients (+ training_curves when metrics_records is given). token_gradients: the per-token
+    gradient norms to draw (e.g. train.run_token_gradients of a run); synthetic ones when None.
+    Fixed dpi, no date or version in the bytes (same inputs, same bytes); each file is written to a
+    temporary name and renamed.
     """
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a str or os.PathLike, got {type(out_dir).__name__} {out_dir!r}")
@@ -756,7 +759,8 @@ def make_all_figures(out_dir, *, metrics_records=None, seed: int = 0) -> list[Pa
         _check_records(metrics_records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    token_gradients = synthetic_token_gradients(seed=seed)
+    if token_gradients is None:
+        token_gradients = synthetic_token_gradients(seed=seed)
     figures = [
         ("value_functions.png", lambda: plot_value_functions()),
         ("loss_surface_z.png", lambda: plot_loss_surface("kto", "z")),

@@ -514,6 +514,48 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
     return summary
 
 
+def token_gradient_norms(model: GPT, params: dict, ref_params: dict, batch: Batch, *, variant: str = "kto",
+                         beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """|dL/dlogits| per token of the KTO loss of `batch`: [B, T], column t for the logits that score
+    token t (the logits at t - 1); 0 where nothing is scored (the prompt, padding, position 0)."""
+    ref_logps, kl_ref_logps = reference_logps(model, ref_params, batch)
+    kl_logps = None
+    if variant == "kto":
+        kl_logps = frozen_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)
+    else:
+        kl_ref_logps = None
+    logps, (_, logp_cache) = completion_logps(model, params, batch.tokens, batch.completion_mask)
+    _, dlogps, _ = kto_loss_and_grad(logps, ref_logps, batch.labels, beta, desirable_weight, undesirable_weight,
+                                     variant=variant, kl_policy_logps=kl_logps, kl_ref_logps=kl_ref_logps,
+                                     warn_balance=False)
+    dlogits = to_numpy(sequence_logprobs_backward(dlogps, logp_cache)).astype(np.float64)  # [B, T, V]
+    norms = np.zeros(dlogits.shape[:2])
+    norms[:, 1:] = np.sqrt((dlogits[:, :-1] ** 2).sum(axis=-1))
+    return norms
+
+
+def run_token_gradients(out_dir, num_examples: int = 6):
+    """The first KTO step of a finished run (policy = reference), per token, for `num_examples`
+    held-out-style examples of its task: a plots.TokenGradients for plot_token_gradients."""
+    from .plots import TokenGradients  # noqa: PLC0415
+
+    run_dir = _Run(out_dir)
+    with open(run_dir.path("config.json"), encoding="utf-8") as f:
+        config = TrainConfig.from_dict(json.load(f))
+    reference = checkpoint.load(run_dir.path("checkpoints/reference.npz"))
+    model = GPT(reference.config)
+    task = make_task(config.task, config.num_digits)
+    examples = make_examples(task, num_examples, seed=config.seed + 2)
+    batch = collate(examples, Tokenizer(), dtype=model.config.dtype)
+    norms = token_gradient_norms(model, reference.params, reference.params, batch, variant=config.variant,
+                                 beta=config.beta, desirable_weight=config.desirable_weight,
+                                 undesirable_weight=config.undesirable_weight)
+    tokens = to_numpy(batch.tokens)
+    tokenizer = Tokenizer()
+    text = [[tokenizer.decode([t]) if t != tokenizer.pad_id else "" for t in row] for row in tokens]
+    return TokenGradients(norms, text, np.array([label == 1 for _, _, label in examples]))
+
+
 def _write_curves(run_dir: _Run) -> None:
     from .plots import plot_training_curves, save_figure  # noqa: PLC0415  (matplotlib only when plotting)
 

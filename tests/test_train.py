@@ -180,3 +180,28 @@ def test_config_round_trip_and_unknown_keys():
     assert train.TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown keys"):
         train.TrainConfig.from_dict({**config.to_dict(), "learning_rate": 1})
+
+
+def test_token_gradients_of_a_run(tmp_path):
+    out = tmp_path / "run"
+    quiet_run(train.TrainConfig(**TINY), out)
+    grads = train.run_token_gradients(out, num_examples=4)
+    assert grads.norms.shape[0] == 4 and len(grads.tokens_text) == 4
+    # policy = reference and no positive KL estimate: every example's dL/dlogp is -/+ beta * w / (4 n)
+    saved = checkpoint.load(out / "checkpoints/reference.npz")
+    model = build(**{k: v for k, v in saved.config.to_dict().items()
+                     if k in ("hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len", "dtype")},
+                  dropout=0.0)
+    examples = make_examples(make_task("sort", TINY["num_digits"]), 4, seed=2)
+    batch = collate(examples, Tokenizer(), dtype="float32")
+    logits, _ = model.forward(saved.params, batch.tokens)
+    logits = logits.astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for b, (_, _, label) in enumerate(examples):
+        dlogp = (-1 if label else 1) * 0.1 / (4 * 4)
+        for t in range(1, batch.tokens.shape[1]):
+            onehot = np.eye(probs.shape[-1])[batch.tokens[b, t]]
+            expected = abs(dlogp) * batch.completion_mask[b, t] * np.linalg.norm(onehot - probs[b, t - 1])
+            assert grads.norms[b, t] == pytest.approx(expected, rel=1e-4, abs=1e-9), (b, t)
+    assert np.all(grads.norms[:, 0] == 0)
