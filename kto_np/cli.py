@@ -45,7 +45,6 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
 
 def _cmd_figures(args: argparse.Namespace) -> int:
     from .plots import load_metrics_records, make_all_figures  # noqa: PLC0415
-
     from .train import run_token_gradients  # noqa: PLC0415
 
     records, token_gradients = None, None
