@@ -506,6 +506,8 @@ def measure_memory(side: str, config: BenchConfig, backend_name: str, threads: i
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # a fresh process: the BLAS thread count can be set before NumPy loads (no threadpoolctl needed)
+    env.update({var: str(threads) for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     code = "import sys; from kto_np.bench import memory_probe_main; sys.exit(memory_probe_main(sys.argv[1:]))"
     command = [sys.executable, "-c", code, side, json.dumps(config._asdict()), str(steps), backend_name,
                str(threads)]
