@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import __version__, backend
+from .cli import nonnegative_int
 from .data import Batch
 from .files import atomic_write
 from .model import GPT, build
@@ -445,6 +445,8 @@ def _peak_rss_bytes() -> int:
     peak = _proc_status_bytes("VmHWM")
     if peak is not None:
         return peak
+    import resource  # noqa: PLC0415  (Unix only; the CLI must import on any system)
+
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # KiB on Linux
 
@@ -679,7 +681,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="also print a cProfile of 3 kto_np steps per config (to stderr)")
     parser.add_argument("--results", default=None, metavar="PATH", help="write a RESULTS.md there (atomically)")
     parser.add_argument("--append", action="store_true", help="add a section to --results instead of replacing it")
-    parser.add_argument("--seed", type=int, default=0, help="weights and batch seed (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="weights and batch seed (default 0)")
     return parser
 
 

@@ -391,6 +391,8 @@ def params_from_hf_gpt2(state_dict, *, num_heads: int, config_overrides: dict | 
                 "from wte.weight"
             )
         tensors.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in tensors:  # untying a tied file: the head starts as a copy of wte
+        tensors["lm_head.weight"] = wte.copy()
     check_params(tensors, config, name="state_dict tensors (names without 'transformer.')")
     xp = backend.xp()
     params = {

@@ -98,7 +98,7 @@ def _int_at_least(minimum: int):
     return parse
 
 
-_positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
+positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _float_in(low: float, high: float | None = None, *, low_open: bool = False):
@@ -119,9 +119,9 @@ def _float_in(low: float, high: float | None = None, *, low_open: bool = False):
 def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
     from .losses import VARIANTS  # noqa: PLC0415
 
-    p.add_argument("--steps", type=_positive_int, default=defaults.steps,
+    p.add_argument("--steps", type=positive_int, default=defaults.steps,
                    help=f"KTO steps (default: {defaults.steps})")
-    p.add_argument("--sft-steps", type=_nonnegative_int, default=defaults.sft_steps,
+    p.add_argument("--sft-steps", type=nonnegative_int, default=defaults.sft_steps,
                    help=f"SFT steps of the reference (default: {defaults.sft_steps})")
     p.add_argument("--variant", choices=VARIANTS, default=defaults.variant,
                    help=f"KTO loss variant (default: {defaults.variant})")
@@ -136,7 +136,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
                    f"set (default: {defaults.desirable_fraction})")
     p.add_argument("--lr", type=_float_in(0.0, low_open=True), default=defaults.lr,
                    help=f"KTO learning rate (default: {defaults.lr})")
-    p.add_argument("--seed", type=_nonnegative_int, default=defaults.seed, help="seed of everything (default: 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=defaults.seed, help="seed of everything (default: 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=defaults.dtype,
                    help=f"parameter and activation dtype (default: {defaults.dtype})")
     p.add_argument("--backend", choices=("numpy", "cupy"), default=defaults.backend,
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "model (every parameter, through every variant) against central finite differences "
                        "in float64; print one row per tensor. "
                        "Exit status 0 when every row passes, 1 otherwise.")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random inputs (default: 0)")
     p.set_defaults(func=_cmd_gradcheck)
 
     p = sub.add_parser("figures", help="regenerate every figure (PNG) from code",
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "balance, per-token gradients, and the training curves of a run (--run).")
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--run", default=None, help="a run folder whose metrics.jsonl gives training_curves.png")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic batches (default: 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic batches (default: 0)")
     p.set_defaults(func=_cmd_figures)
 
     from .oracle import KINDS, TOLERANCES  # noqa: PLC0415
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, preset, text in [
         ("demo", DEMO_PRESET, "SFT a small reference on a digit-sorting task, then align it with KTO "
-         "from thumbs-up/down labels; print the desirable rate before and after (a few minutes on 2 cores)"),
+         "from thumbs-up/down labels; print the desirable rate before and after (under a minute on 2 idle cores)"),
         ("train", TRAIN_PRESET, "the same as demo with a larger model and more steps, for longer runs"),
     ]:
         p = sub.add_parser(name, help=text.split(";")[0], description=text + ".")

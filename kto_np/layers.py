@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backend import array_module, scatter_add
+from .validation import check_finite_scalar, check_positive_int
 
 __all__ = [
     "AttentionCache",
@@ -265,6 +266,7 @@ def dropout_forward(x, p: float, *, train: bool, rng: np.random.Generator | None
     The identity when train is False or p == 0 (rng is then not used). The mask is drawn with NumPy
     and moved to x's array module, so NumPy and CuPy runs with the same rng use the same mask.
     """
+    p = check_finite_scalar("p", p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p}")
     if not train or p == 0.0:
@@ -341,7 +343,12 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
     out = merge(y) @ c_proj_weight + c_proj_bias                 [B, T, C]
     """
     xp = array_module(x)
+    if getattr(x, "ndim", None) != 3:
+        raise ValueError(f"x must be 3-D [B, T, C], got shape {tuple(getattr(x, 'shape', ()))}")
     B, T, C = x.shape
+    check_positive_int("num_heads", num_heads)
+    if C % num_heads:
+        raise ValueError(f"num_heads must divide the channels C={C}, got num_heads={num_heads}")
     HS = C // num_heads
     qkv, qkv_cache = linear_forward(x, c_attn_weight, c_attn_bias)  # [B, T, 3C]
     # contiguous heads: NumPy's batched matmul falls back to a slow loop on strided views

@@ -44,6 +44,7 @@ _CHUNK_ELEMENTS = 1 << 18
 
 def log_softmax(logits, axis: int = -1):
     """log_softmax(x)_i = x_i - max(x) - log(sum_j exp(x_j - max(x))); same shape and dtype as x."""
+    logits = as_float_array("logits", logits)
     xp = array_module(logits)
     shifted = logits - xp.max(logits, axis=axis, keepdims=True)
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
@@ -135,6 +136,8 @@ def logprobs_backward(dlogps, cache: LogprobsCache, out=None):
 
     dlogps: [B]. Returns dlogits [B, T, V] in the logits dtype, written into `out` when given.
     """
+    if not isinstance(cache, LogprobsCache):
+        raise TypeError(f"cache must be the LogprobsCache returned by logprobs_forward, got {type(cache).__name__}")
     logits, targets, mask, lse = cache
     xp = array_module(logits)
     B = logits.shape[0]

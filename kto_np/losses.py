@@ -122,7 +122,7 @@ def check_balance(labels, desirable_weight=1.0, undesirable_weight=1.0) -> float
     desirable = as_labels("labels", labels, shape[0] if len(shape) else 0)
     desirable_weight = check_finite_scalar("desirable_weight", desirable_weight, nonnegative=True)
     undesirable_weight = check_finite_scalar("undesirable_weight", undesirable_weight, nonnegative=True)
-    _check_weights_not_both_zero(desirable_weight, undesirable_weight)
+    check_weights_not_both_zero(desirable_weight, undesirable_weight)
     num_desirable = int(desirable.sum())
     num_undesirable = int(desirable.shape[0]) - num_desirable
     ratio = _balance_ratio(num_desirable, num_undesirable, desirable_weight, undesirable_weight)
@@ -131,7 +131,7 @@ def check_balance(labels, desirable_weight=1.0, undesirable_weight=1.0) -> float
     return ratio
 
 
-def _check_weights_not_both_zero(desirable_weight: float, undesirable_weight: float) -> None:
+def check_weights_not_both_zero(desirable_weight: float, undesirable_weight: float) -> None:
     if desirable_weight == 0.0 and undesirable_weight == 0.0:
         raise ValueError(
             "desirable_weight and undesirable_weight must not both be 0 (the loss would be constant), "
@@ -169,7 +169,7 @@ def _check_kto_inputs(policy_logps, ref_logps, labels, beta, desirable_weight, u
     beta = check_finite_scalar("beta", beta, positive=True)
     desirable_weight = check_finite_scalar("desirable_weight", desirable_weight, nonnegative=True)
     undesirable_weight = check_finite_scalar("undesirable_weight", undesirable_weight, nonnegative=True)
-    _check_weights_not_both_zero(desirable_weight, undesirable_weight)
+    check_weights_not_both_zero(desirable_weight, undesirable_weight)
 
     given = [name for name, value in (("kl_policy_logps", kl_policy_logps), ("kl_ref_logps", kl_ref_logps))
              if value is not None]
@@ -205,7 +205,11 @@ def _kto_forward(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0
         _warn_if_unbalanced(ratio, num_desirable, n - num_desirable, desirable_weight, undesirable_weight,
                             stacklevel=4)  # the caller of the public function
 
-    log_ratios = policy_logps - ref_logps  # [n] r
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+        log_ratios = policy_logps - ref_logps  # [n] r
+    if not bool(xp.isfinite(log_ratios).all()):
+        raise ValueError("policy_logps - ref_logps must be finite, got an overflow (log-probabilities near "
+                         "the largest float)")
     dtype = log_ratios.dtype
     weights = xp.where(desirable, xp.asarray(desirable_weight, dtype=dtype),
                        xp.asarray(undesirable_weight, dtype=dtype))  # [n] w
@@ -265,6 +269,8 @@ def kto_backward(dloss, cache: KTOCache):
     gradient (edifice, stop_z_grad=False), else β g_j. dL/dref_logps is the negative of the result;
     no gradient reaches kl_policy_logps (z_ref is detached).
     """
+    if not isinstance(cache, KTOCache):
+        raise TypeError(f"cache must be the KTOCache returned by kto_forward, got {type(cache).__name__}")
     dloss = check_finite_scalar("dloss", dloss)
     xp = array_module(cache.dloss_du)
     n = cache.dloss_du.shape[0]
@@ -370,6 +376,8 @@ def dpo_backward(dloss, cache: DPOCache):
 
     d(-log σ(h))/dh = -σ(-h), so dL/dπc_i = -β σ(-h_i) dloss / n and dL/dπr_i = +β σ(-h_i) dloss / n.
     """
+    if not isinstance(cache, DPOCache):
+        raise TypeError(f"cache must be the DPOCache returned by dpo_forward, got {type(cache).__name__}")
     dloss = check_finite_scalar("dloss", dloss)
     n = cache.margins.shape[0]
     dchosen = -(cache.beta * dloss / n) * sigmoid(-cache.margins)  # [n]

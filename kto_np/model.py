@@ -257,8 +257,7 @@ class GPT:
         Drawn in float64 from numpy.random.default_rng(seed) in param_shapes order, then cast to
         config.dtype and moved to the selected backend, so float32 and float64 models agree to rounding.
         """
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
+        seed = check_positive_int("seed", seed, minimum=0)
         config = self.config
         rng = np.random.default_rng(seed)
         xp, dtype = backend.xp(), config.np_dtype

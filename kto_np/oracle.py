@@ -854,7 +854,8 @@ def export(out_dir, *, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir must be a directory, got the file {str(out)!r}")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"out_dir {str(out)!r} is not empty; pass overwrite=True to replace its cases")
+        raise FileExistsError(f"out_dir {str(out)!r} is not empty; pass overwrite=True "
+                              "(kto-np oracle export --overwrite) to replace its cases")
     out.mkdir(parents=True, exist_ok=True)
     old_files = _old_case_files(out / MANIFEST_NAME)
     entries = []

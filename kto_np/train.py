@@ -52,7 +52,7 @@ from .data import (
 from .files import write_json, write_text
 from .generate import generate
 from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
-from .losses import VARIANTS, check_balance, kto_loss_and_grad
+from .losses import VARIANTS, check_balance, check_weights_not_both_zero, kto_loss_and_grad
 from .model import GPT, build
 from .optim import adamw_init, adamw_step, clip_grad_norm, learning_rate
 from .validation import check_choice, check_finite_scalar, check_positive_int
@@ -96,7 +96,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a run. The defaults are the demo's (a few minutes on 2 CPU cores)."""
+    """Everything that defines a run. The defaults are the demo's (under a minute on 2 idle CPU cores)."""
 
     # the task and its data
     task: str = "sort"
@@ -149,8 +149,7 @@ class TrainConfig:
             value = check_finite_scalar(name, getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if self.desirable_weight == 0 and self.undesirable_weight == 0:
-            raise ValueError("desirable_weight and undesirable_weight must not both be 0")
+        check_weights_not_both_zero(self.desirable_weight, self.undesirable_weight)
         check_choice("variant", self.variant, VARIANTS)
         check_choice("backend", self.backend, backend.BACKENDS)
         check_choice("task", self.task, ("sort", "reverse"))
@@ -354,12 +353,14 @@ class _Run:
 
 def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfig, run: _Run, *,
               steps: int, base_lr: float, batch_loss, prepare_epoch=None, evaluate_fn=None,
-              progress: bool = True, stop_after: int | None = None) -> dict:
+              initial_eval: dict | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train params for `steps` AdamW steps; resume from checkpoints/<phase>.npz if it exists.
 
     Each epoch's batches come from iterate_batches(seed, epoch); prepare_epoch(batches) -> one extra
     value per batch (KTO: the reference log-probs), computed once when the epoch starts.
     batch_loss(params, batch, extra, rng) -> (loss, metrics, grads). Returns the trained params.
+    evaluate_fn(params) -> {"desirable_rate", ...} runs every config.eval_every steps; initial_eval is
+    its result for the starting params (logged as step 0). stop_after: stop (with a checkpoint) there.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -373,8 +374,9 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
     order = _PHASE_ORDER[phase]
     run.truncate_records(lambda r: _PHASE_ORDER[r["phase"]] < order
                          or (_PHASE_ORDER[r["phase"]] == order and r["step"] <= start))
-    if evaluate_fn is not None and start == 0:
-        run.log({"phase": "eval", "step": 0, "desirable_rate": evaluate_fn(params)["desirable_rate"]})
+    if initial_eval is not None and start == 0:  # (a resume from step 0 kept the earlier record)
+        if not any(r["phase"] == "eval" and r["step"] == 0 for r in run.records()):
+            run.log({"phase": "eval", "step": 0, "desirable_rate": initial_eval["desirable_rate"]})
 
     tokenizer = Tokenizer()
     steps_per_epoch = len(examples) // config.batch_size
@@ -407,7 +409,7 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
         bar.set_postfix(loss=f"{loss:.4f}")
         if evaluate_fn is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
             run.log({"phase": "eval", "step": step + 1, "desirable_rate": evaluate_fn(params)["desirable_rate"]})
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 in (steps, stop_after):
             checkpoint.save(ckpt_path, params, model.config,
                             extra={"adamw": opt_state, "step": step + 1, "phase": phase})
     bar.close()
@@ -481,12 +483,14 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
             stop_z_grad=config.stop_z_grad, train=config.dropout > 0, rng=rng)
 
     def reference_of_epoch(batches):
+        if config.variant != "kto":  # only "kto" estimates z from the KL rows
+            return [(frozen_logps(model, ref_params, b.tokens, b.completion_mask), None) for b in batches]
         return [reference_logps(model, ref_params, b) for b in batches]
 
     policy = {k: v.copy() for k, v in ref_params.items()}
     policy = _optimize("kto", model, policy, examples, config, run_dir, steps=config.steps,
                        base_lr=config.lr, batch_loss=kto_batch_loss, prepare_epoch=reference_of_epoch,
-                       evaluate_fn=evaluate_fn,
+                       evaluate_fn=evaluate_fn, initial_eval=before,
                        progress=progress, stop_after=stop_after)
     if stop_after is not None and stop_after < config.steps:
         return {"stopped_after": stop_after}

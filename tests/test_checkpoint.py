@@ -499,3 +499,14 @@ def test_hf_rejects_non_mappings_and_bad_config():
         params_to_hf_gpt2(random_params(config), config.to_dict())
     with pytest.raises(ValueError, match="params"):
         params_to_hf_gpt2({}, config)
+
+
+def test_untying_a_tied_gpt2_state_dict_copies_wte_into_the_head():
+    config = small_config(tie_embeddings=True)
+    state_dict = params_to_hf_gpt2(random_params(config), config)
+    del state_dict["lm_head.weight"]  # tied GPT-2 files often leave the head out
+    params, untied = params_from_hf_gpt2(state_dict, num_heads=config.num_heads,
+                                         config_overrides={"tie_embeddings": False})
+    assert untied.tie_embeddings is False
+    np.testing.assert_array_equal(params["lm_head.weight"], state_dict["transformer.wte.weight"])
+    assert params["lm_head.weight"] is not params["wte.weight"]

@@ -384,3 +384,15 @@ def test_gelu_and_layernorm_float32_match_float64_definitions():
     for name, mine, theirs in zip(("dx", "dweight", "dbias"), grads32, grads64):
         assert mine.dtype == np.float32, name
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_attention_and_dropout_reject_bad_arguments_by_name(rng):
+    x = rng.standard_normal((1, 3, 6))
+    w, b = rng.standard_normal((6, 18)), np.zeros(18)
+    wp, bp = rng.standard_normal((6, 6)), np.zeros(6)
+    with pytest.raises(ValueError, match="num_heads must divide"):
+        layers.attention_forward(x, w, b, wp, bp, 4)
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        layers.attention_forward(x[0], w, b, wp, bp, 2)
+    with pytest.raises(TypeError, match="p must be a real number"):
+        layers.dropout_forward(x, "0.1", train=True, rng=rng)

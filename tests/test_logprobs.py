@@ -257,3 +257,10 @@ def test_overwrite_logits_bad_input(rng):
     _, unshifted_cache = lp.logprobs_forward(logits, targets, mask)
     with pytest.raises(TypeError, match="cache"):
         lp.sequence_logprobs_backward(np.ones(2), unshifted_cache)
+
+
+def test_log_softmax_and_backward_reject_bad_input():
+    with pytest.raises(ValueError, match="logits must be finite"):
+        lp.log_softmax(np.array([0.0, np.inf]))
+    with pytest.raises(TypeError, match="LogprobsCache"):
+        lp.logprobs_backward(np.ones(2), None)

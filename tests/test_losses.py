@@ -756,3 +756,15 @@ def test_backward_and_check_balance_bad_input():
         check_balance([1, 0], -1.0)
     with pytest.raises(ValueError, match="undesirable_weight"):
         check_balance([1, 0], 0.0, 0.0)
+
+
+def test_overflowing_log_ratio_is_an_error_not_a_nan():
+    with pytest.raises(ValueError, match="policy_logps - ref_logps must be finite"):
+        kto_loss(np.array([1e308, -1.0]), np.array([-1e308, -1.0]), [1, 0], variant="kto")
+
+
+def test_backward_with_a_foreign_cache_is_a_type_error():
+    with pytest.raises(TypeError, match="KTOCache"):
+        kto_backward(1.0, None)
+    with pytest.raises(TypeError, match="DPOCache"):
+        dpo_backward(1.0, (1, 2))

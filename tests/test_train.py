@@ -205,3 +205,21 @@ def test_token_gradients_of_a_run(tmp_path):
             expected = abs(dlogp) * batch.completion_mask[b, t] * np.linalg.norm(onehot - probs[b, t - 1])
             assert grads.norms[b, t] == pytest.approx(expected, rel=1e-4, abs=1e-9), (b, t)
     assert np.all(grads.norms[:, 0] == 0)
+
+
+def test_resume_from_a_stop_between_checkpoints_is_bit_identical(tmp_path):
+    config = train.TrainConfig(**{**TINY, "checkpoint_every": 10})
+    quiet_run(config, tmp_path / "whole")
+    quiet_run(config, tmp_path / "cut", stop_after=7)  # not a multiple of checkpoint_every
+    assert checkpoint.load(tmp_path / "cut/checkpoints/kto.npz").extra["step"] == 7
+    quiet_run(config, tmp_path / "cut", resume=True)
+    assert (tmp_path / "whole/metrics.jsonl").read_bytes() == (tmp_path / "cut/metrics.jsonl").read_bytes()
+
+
+def test_resume_before_the_first_kto_checkpoint_logs_no_record_twice(tmp_path):
+    config = train.TrainConfig(**TINY)
+    quiet_run(config, tmp_path / "whole")
+    quiet_run(config, tmp_path / "cut", stop_after=10)
+    (tmp_path / "cut/checkpoints/kto.npz").unlink()  # as if stopped before the first KTO checkpoint
+    quiet_run(config, tmp_path / "cut", resume=True)
+    assert (tmp_path / "whole/metrics.jsonl").read_bytes() == (tmp_path / "cut/metrics.jsonl").read_bytes()
