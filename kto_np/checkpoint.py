@@ -27,7 +27,7 @@ import numpy as np
 
 from . import backend
 from .backend import to_numpy
-from .files import atomic_write
+from .files import atomic_write, write_npy_entry
 from .model import GPTConfig, check_params, param_shapes
 from .validation import check_positive_int
 
@@ -47,7 +47,6 @@ CONFIG_KEY = "__config_json__"
 EXTRA_JSON_KEY = "__extra_json__"
 EXTRA_PREFIX = "extra/"
 ARRAY_MARKER = "__array__"
-ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the zip epoch: byte-identical files for identical state
 
 HF_PREFIX = "transformer."
 HF_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not parameters
@@ -141,11 +140,7 @@ def _write_entry(archive: zipfile.ZipFile, key: str, value) -> None:
         raise TypeError(
             f"checkpoint entry {key!r} holds Python objects (dtype {host.dtype}): nothing is pickled"
         )
-    info = zipfile.ZipInfo(key + ".npy", date_time=ZIP_DATE_TIME)
-    info.compress_type = zipfile.ZIP_STORED
-    info.external_attr = 0o644 << 16
-    with archive.open(info, "w", force_zip64=True) as entry:
-        np.lib.format.write_array(entry, host, allow_pickle=False)
+    write_npy_entry(archive, key, host)
 
 
 def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) -> None:

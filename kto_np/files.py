@@ -11,8 +11,13 @@ import json
 import os
 import stat
 import tempfile
+import zipfile
 
-__all__ = ["atomic_write", "write_json", "write_text"]
+import numpy as np
+
+__all__ = ["ZIP_DATE_TIME", "atomic_write", "write_json", "write_npy_entry", "write_text"]
+
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the zip epoch: the same arrays always give the same bytes
 
 
 def _new_file_mode(path: str) -> int:
@@ -76,3 +81,14 @@ def write_text(path, text: str) -> None:
 def write_json(path, obj) -> None:
     """Write `obj` as indented JSON (keys in insertion order), atomically."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_npy_entry(archive: zipfile.ZipFile, key: str, array) -> None:
+    """Add `array` as "<key>.npy" to an open zip (an .npz file): no pickle, uncompressed, with a fixed
+    timestamp and mode, so that the same arrays always give the same bytes."""
+    info = zipfile.ZipInfo(key + ".npy", date_time=ZIP_DATE_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.create_system = 3
+    info.external_attr = 0o644 << 16
+    with archive.open(info, "w", force_zip64=True) as entry:
+        np.lib.format.write_array(entry, np.asarray(array), allow_pickle=False)

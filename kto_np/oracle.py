@@ -36,8 +36,8 @@ import numpy as np
 
 from . import __version__
 from .backend import to_numpy
-from .checkpoint import params_from_hf_gpt2, params_to_hf_gpt2
-from .files import atomic_write
+from .checkpoint import HF_PREFIX, params_from_hf_gpt2, params_to_hf_gpt2
+from .files import atomic_write, write_npy_entry
 from .logprobs import (
     logprobs_backward,
     logprobs_forward,
@@ -73,7 +73,6 @@ __all__ = [
 FORMAT_NAME = "kto_np-oracle-cases"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the zip epoch: identical bytes on every export
 
 KINDS = ("kto_loss", "dpo_loss", "logprobs", "sequence_logprobs", "model_kto")
 VARIANTS = {
@@ -394,7 +393,6 @@ MODEL_CONFIG = {  # Hugging Face GPT2Config fields
 }
 MODEL_PROMPT_LENGTH = 3
 MODEL_COMPLETION_LENGTH = 5
-HF_PREFIX = "transformer."
 
 
 def _hf_name(name: str) -> str:
@@ -781,12 +779,7 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for key, value in arrays.items():
-            npy = io.BytesIO()
-            np.lib.format.write_array(npy, np.asarray(value, order="C"), allow_pickle=False)
-            info = zipfile.ZipInfo(key + ".npy", date_time=ZIP_DATE_TIME)
-            info.create_system = 3
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, npy.getvalue())
+            write_npy_entry(archive, key, value)
     return buffer.getvalue()
 
 

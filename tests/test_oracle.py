@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from kto_np import oracle
+from kto_np import files, oracle
 
 KIND_VARIANTS = [(kind, variant) for kind in oracle.KINDS for variant in oracle.VARIANTS[kind]]
 
@@ -653,7 +653,7 @@ def test_verify_on_exported_cases_matches_in_memory(exported):
 def test_npz_zip_entries_have_fixed_timestamps(exported):
     folder, _ = exported
     with zipfile.ZipFile(folder / "dpo_loss-basic.npz") as archive:
-        assert {info.date_time for info in archive.infolist()} == {oracle.ZIP_DATE_TIME}
+        assert {info.date_time for info in archive.infolist()} == {files.ZIP_DATE_TIME}
     manifest = json.loads((folder / "manifest.json").read_text())
     entry = next(e for e in manifest["cases"] if e["file"] == "dpo_loss-basic.npz")
     assert entry["sha256"] == hashlib.sha256((folder / "dpo_loss-basic.npz").read_bytes()).hexdigest()
