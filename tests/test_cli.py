@@ -131,3 +131,13 @@ def test_oracle_check_exit_status(tmp_path, capsys):
 def test_console_entry_point_and_version():
     result = subprocess.run([sys.executable, "-m", "kto_np", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("kto-np ")
+
+
+def test_a_closed_pipe_ends_quietly():
+    reader = subprocess.Popen([sys.executable, "-m", "kto_np", "gradcheck"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    reader.stdout.readline()
+    reader.stdout.close()  # like `kto-np gradcheck | head -1`
+    reader.wait(timeout=120)
+    assert reader.returncode in (0, 141)
+    assert b"Traceback" not in reader.stderr.read()
