@@ -134,10 +134,11 @@ def test_console_entry_point_and_version():
 
 
 def test_a_closed_pipe_ends_quietly():
-    reader = subprocess.Popen([sys.executable, "-m", "kto_np", "gradcheck"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-    reader.stdout.readline()
-    reader.stdout.close()  # like `kto-np gradcheck | head -1`
-    reader.wait(timeout=120)
+    with subprocess.Popen([sys.executable, "-m", "kto_np", "gradcheck"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as reader:
+        reader.stdout.readline()
+        reader.stdout.close()  # like `kto-np gradcheck | head -1`
+        stderr = reader.stderr.read()
+        reader.wait(timeout=120)
     assert reader.returncode in (0, 141)
-    assert b"Traceback" not in reader.stderr.read()
+    assert b"Traceback" not in stderr
