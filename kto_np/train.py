@@ -370,7 +370,7 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
     if os.path.exists(ckpt_path):
         saved = checkpoint.load(ckpt_path)
         params, start = saved.params, int(saved.extra["step"])
-        opt_state = _state_from_extra(saved.extra["adamw"], params)
+        opt_state = saved.extra["adamw"]  # {"step", "m", "v"}: arrays already on the selected backend
     order = _PHASE_ORDER[phase]
     run.truncate_records(lambda r: _PHASE_ORDER[r["phase"]] < order
                          or (_PHASE_ORDER[r["phase"]] == order and r["step"] <= start))
@@ -414,13 +414,6 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
                             extra={"adamw": opt_state, "step": step + 1, "phase": phase})
     bar.close()
     return params
-
-
-def _state_from_extra(saved: dict, params: dict) -> dict:
-    xp = backend.array_module(next(iter(params.values())))
-    return {"step": int(saved["step"]),
-            "m": {k: xp.asarray(v) for k, v in saved["m"].items()},
-            "v": {k: xp.asarray(v) for k, v in saved["v"].items()}}
 
 
 # ----------------------------------------------------------------------------------------------
