@@ -278,11 +278,7 @@ def is_heldout_prompt(prompt: str) -> bool:
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, np.integer)):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
-    if int(seed) < 0:
-        raise ValueError(f"seed must be >= 0, got {int(seed)}")
-    return int(seed)
+    return check_positive_int("seed", seed, minimum=0)
 
 
 def _draw_prompts(task: Task, n: int, rng: np.random.Generator, split: str) -> list[str]:

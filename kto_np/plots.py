@@ -753,8 +753,7 @@ def make_all_figures(out_dir, *, metrics_records=None, token_gradients: TokenGra
     """
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a str or os.PathLike, got {type(out_dir).__name__} {out_dir!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_positive_int("seed", seed, minimum=0)
     if metrics_records is not None:
         _check_records(metrics_records)
     out_dir = Path(out_dir)
