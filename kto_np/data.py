@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import asarray, resolve_dtype, to_numpy
-from .validation import check_choice, check_finite_scalar, check_positive_int
+from .validation import check_bool, check_choice, check_finite_scalar, check_positive_int
 
 __all__ = [
     "DEFAULT_MISTAKES",
@@ -474,8 +474,7 @@ def iterate_batches(examples: Sequence, batch_size: int, *, seed: int, epoch: in
         raise TypeError(f"epoch must be an integer, got {type(epoch).__name__} {epoch!r}")
     if int(epoch) < 0:
         raise ValueError(f"epoch must be >= 0, got {int(epoch)}")
-    if not isinstance(drop_last, bool):
-        raise TypeError(f"drop_last must be a bool, got {drop_last!r}")
+    check_bool("drop_last", drop_last)
     if drop_last and batch_size > len(examples):
         raise ValueError(
             f"batch_size must be <= len(examples) ({len(examples)}) with drop_last=True, got {batch_size}"

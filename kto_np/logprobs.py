@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import array_module
-from .validation import as_float_array, as_index_array, check_same_shape
+from .validation import as_float_array, as_index_array, check_bool, check_same_shape
 
 __all__ = [
     "LogprobsCache",
@@ -204,8 +204,7 @@ def sequence_logprobs_backward(dlogps, cache: SequenceLogprobsCache, *, overwrit
     """
     if not isinstance(cache, SequenceLogprobsCache):
         raise TypeError(f"cache must be the cache of sequence_logprobs_forward, got {type(cache).__name__}")
-    if not isinstance(overwrite_logits, bool):
-        raise TypeError(f"overwrite_logits must be a bool, got {overwrite_logits!r}")
+    check_bool("overwrite_logits", overwrite_logits)
     logits = cache.logits  # [B, T, V]
     xp = array_module(logits)
     if overwrite_logits:

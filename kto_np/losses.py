@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backend import array_module, to_numpy
-from .validation import as_float_array, as_labels, check_choice, check_finite_scalar, check_same_shape
+from .validation import as_float_array, as_labels, check_bool, check_choice, check_finite_scalar, check_same_shape
 
 __all__ = [
     "BALANCE_RANGE",
@@ -64,12 +64,6 @@ def log_sigmoid(x):
     xp = array_module(x)
     x = xp.asarray(x)
     return -xp.logaddexp(xp.zeros_like(x), -x)
-
-
-def _as_bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
 
 
 def _on_module(xp, arr):
@@ -159,8 +153,8 @@ class KTOCache(NamedTuple):
 def _check_kto_inputs(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
                       variant, stop_z_grad, kl_policy_logps, kl_ref_logps, warn_balance):
     check_choice("variant", variant, VARIANTS)
-    stop_z_grad = _as_bool("stop_z_grad", stop_z_grad)
-    warn_balance = _as_bool("warn_balance", warn_balance)
+    stop_z_grad = check_bool("stop_z_grad", stop_z_grad)
+    warn_balance = check_bool("warn_balance", warn_balance)
     policy_logps = as_float_array("policy_logps", policy_logps, ndim=1)
     ref_logps = as_float_array("ref_logps", ref_logps, ndim=1)
     check_same_shape("ref_logps", ref_logps, "policy_logps", policy_logps)

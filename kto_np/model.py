@@ -38,7 +38,7 @@ from .layers import (
     linear_backward,
     linear_forward,
 )
-from .validation import as_float_array, as_index_array, check_choice, check_positive_int
+from .validation import as_float_array, as_index_array, check_bool, check_choice, check_positive_int
 
 POSITIONAL = ("learned", "sinusoidal")
 
@@ -71,8 +71,7 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         check_choice("dtype", self.dtype, ("float32", "float64"))
         check_choice("positional", self.positional, POSITIONAL)
-        if not isinstance(self.tie_embeddings, bool):
-            raise TypeError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        object.__setattr__(self, "tie_embeddings", check_bool("tie_embeddings", self.tie_embeddings))
 
     @property
     def head_size(self) -> int:
@@ -329,10 +328,8 @@ class GPT:
         """
         config = self.config
         self.check_params(params)
-        if not isinstance(train, bool):
-            raise TypeError(f"train must be a bool, got {train!r}")
-        if not isinstance(keep_cache, bool):
-            raise TypeError(f"keep_cache must be a bool, got {keep_cache!r}")
+        check_bool("train", train)
+        check_bool("keep_cache", keep_cache)
         dropout_active = train and config.dropout > 0
         if dropout_active and rng is None:
             raise ValueError("rng must be a numpy.random.Generator when train=True and dropout > 0, got None")

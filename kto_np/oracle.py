@@ -46,7 +46,7 @@ from .logprobs import (
 )
 from .losses import dpo_loss_and_grad, kto_loss_and_grad, sigmoid
 from .model import GPT, GPTConfig, param_shapes
-from .validation import check_choice
+from .validation import check_bool, check_choice
 
 __all__ = [
     "FORMAT_NAME",
@@ -841,8 +841,7 @@ def export(out_dir, *, overwrite: bool = False) -> Path:
     Deterministic (the same bytes on every run) and atomic per file. Refuses a non-empty out_dir unless
     overwrite=True; with overwrite, case files listed by an old manifest and not rewritten are removed.
     """
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+    check_bool("overwrite", overwrite)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir must be a directory, got the file {str(out)!r}")

@@ -55,7 +55,7 @@ from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
 from .losses import VARIANTS, check_balance, check_weights_not_both_zero, kto_loss_and_grad
 from .model import GPT, build
 from .optim import adamw_init, adamw_step, clip_grad_norm, learning_rate
-from .validation import check_choice, check_finite_scalar, check_positive_int
+from .validation import check_bool, check_choice, check_finite_scalar, check_positive_int
 
 __all__ = [
     "RunError",
@@ -153,8 +153,7 @@ class TrainConfig:
         check_choice("variant", self.variant, VARIANTS)
         check_choice("backend", self.backend, backend.BACKENDS)
         check_choice("task", self.task, ("sort", "reverse"))
-        if not isinstance(self.stop_z_grad, bool):
-            raise TypeError(f"stop_z_grad must be a bool, got {self.stop_z_grad!r}")
+        object.__setattr__(self, "stop_z_grad", check_bool("stop_z_grad", self.stop_z_grad))
         for name in ("num_examples", "sft_examples"):
             if getattr(self, name) < self.batch_size:
                 raise ValueError(f"{name} must be >= batch_size ({self.batch_size}), got {getattr(self, name)}")

@@ -17,6 +17,7 @@ __all__ = [
     "as_float_array",
     "as_index_array",
     "as_labels",
+    "check_bool",
     "check_choice",
     "check_finite_scalar",
     "check_positive_int",
@@ -136,3 +137,10 @@ def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A bool (or NumPy bool); anything else, 0 and 1 included, is a TypeError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
