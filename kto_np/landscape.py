@@ -17,8 +17,8 @@ The landscapes (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets",
   hessian   the top two eigen-directions of the Hessian of the loss at θ*, by power iteration with
             deflation on Hessian-vector products. The products are central finite differences of our
             exact gradients in float64: H v ≈ (g(θ + h v̂) - g(θ - h v̂)) / (2 h) |v|, v̂ = v / |v|,
-            with a displacement of norm h = HVP_STEP = 1e-4 (truncation error O(h²), rounding about
-            1e-16 |g| / h ≈ 1e-12 |g|). Power iteration finds the eigenvalues of largest magnitude.
+            with a displacement of norm h = HVP_STEP = 1e-5 (truncation error O(h²), rounding about
+            1e-16 |g| / h ≈ 1e-11 |g|). Power iteration finds the eigenvalues of largest magnitude.
             The unit eigenvectors are scaled to |θ* - θ_ref|, the distance training moved: at a span
             of 1 the grid's edge is as far from the policy as the reference is.
   interpolation   L(θ_ref + t (θ* - θ_ref)) for t in [-0.5, 1.5], next to the desirable rate of
@@ -27,8 +27,10 @@ The landscapes (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets",
             log-probability the loss sees (matched rows and, for "kto", the KL rows), the log-probs
             themselves computed by the model at θ(t). This is the direction, in log-probability
             space, that lowers or raises all log-probabilities equally. The seed formula
-            ("edifice", z = mean β r over the same batch) is exactly flat along c; "kto" (z_ref from
-            the KL rows, clamped at 0) and "apo_zero_unpaired" (no z) are anchored and slope along c.
+            ("edifice", z = mean β r over the same batch) is exactly flat along c everywhere;
+            "apo_zero_unpaired" (no z) is anchored at r = 0 and slopes; "kto" is anchored by its clamp
+            z_ref = max(0, mean KL-row log-ratio): flat along c only while that mean (+ c) stays above 0,
+            sloped where z_ref is clamped at 0 (as at the demo's policy, whose KL-row mean is -32 nats).
             logprob_shift_direction gives the matching parameter-space direction (minimum norm d
             with J d = 1 for the Jacobian J of the log-probs): along it the edifice loss has zero
             slope (to first order), which the tests check through the model.
@@ -99,8 +101,7 @@ COMPARISON_VARIANTS = ("edifice", "edifice_stop_z_grad", "kto", "apo_zero_unpair
 DIRECTIONS = ("random", "pca", "hessian")
 MIN_POINTS, MAX_POINTS = 3, 101  # grid points per axis (101 x 101 = 10,201 forwards)
 DEFAULT_EXAMPLES = 32  # the fixed batch: the first 32 examples of the run's feedback data
-DEFAULT_EXAMPLES = 32  # the fixed batch: the first 32 examples of the run's feedback data
-HVP_STEP = 1e-4  # norm of the parameter displacement of the finite-difference Hessian-vector product
+HVP_STEP = 1e-5  # norm of the parameter displacement of the finite-difference Hessian-vector product
 INTERPOLATION_RANGE = (-0.5, 1.5)
 SHIFT_RANGE_BETA = 3.0  # the shift c spans [-3/β, 3/β] nats: βc in [-3, 3], the sigmoid's width
 VARIANT_TITLES = {"edifice": "edifice (seed)", "edifice_stop_z_grad": "edifice, stop_z_grad",
@@ -239,8 +240,9 @@ def make_problem(model: GPT, ref_params: dict, batch: Batch, variant: str, *, be
 
 
 def _loss_and_dlogps(problem: LossProblem, logps, kl_logps, shift: float = 0.0):
-    """(loss, dL/dlogps [B]) from the policy log-probs of the matched rows (and KL rows: no gradient,
-    z is detached), with `shift` added to every policy log-prob."""
+    """(loss, dL/dlogps [B]) from the policy log-probs of the matched rows (and the KL rows for "kto"),
+    with `shift` added to every policy log-prob. For "kto" this dL/dlogps holds z_ref fixed (as the
+    training step does); _kl_logps_grad adds the path through z_ref."""
     p = problem
     logps = np.asarray(logps, dtype=np.float64) + shift
     weights = dict(beta=p.beta, desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight)
@@ -274,6 +276,15 @@ def _loss_and_dlogps(problem: LossProblem, logps, kl_logps, shift: float = 0.0):
     return -float((logps * desirable).sum()) / num_tokens, -desirable / num_tokens
 
 
+def _kl_logps_grad(problem: LossProblem, kl_logps, dlogps, shift: float = 0.0):
+    """"kto": dL/dkl_logps [B] through z_ref = max(0, mean_j(kl_logps_j - kl_ref_j)). The loss depends on
+    r_i - z_ref only, so dL/dz_ref = -sum_i dL/dlogps_i, and dz_ref/dkl_logps_j = 1/B when z_ref > 0."""
+    kl_logps = np.asarray(kl_logps, dtype=np.float64) + shift
+    if float(np.mean(kl_logps - problem.kl_ref_logps)) <= 0.0:  # clamped: z_ref = 0 does not move
+        return np.zeros_like(kl_logps)
+    return np.full_like(kl_logps, -float(np.sum(dlogps)) / kl_logps.shape[0])
+
+
 def _policy_logps(problem: LossProblem, params: dict):
     """Forward only: (matched-row log-probs [B], KL-row log-probs [B] or None when the loss ignores them)."""
     b = problem.batch
@@ -291,17 +302,29 @@ def loss_value(problem: LossProblem, params: dict, shift: float = 0.0) -> float:
 
 
 def loss_and_grad(problem: LossProblem, params: dict) -> tuple[float, dict]:
-    """(loss, dL/dparams): the model backward of the loss's dL/dlogps (z detached for "kto")."""
+    """(loss, dL/dparams): the gradient of the function the landscape draws (model backward of dL/dlogps).
+
+    For "kto" that includes the path through z_ref (the KL rows), which the training step detaches:
+    the landscape's slopes and Hessian are those of the loss value. For every other variant it is the
+    training step's gradient ("edifice_stop_z_grad": of the surrogate with z frozen at the centre).
+    """
     params = _to_float64(params)
     b = problem.batch
-    kl_logps = None
+    model = problem.model
+    logps, (model_cache, logp_cache) = _sequence_logps(model, params, b.tokens, b.completion_mask, keep_cache=True)
+    kl_logps, kl_caches = None, None
     if problem.variant == "kto":
-        kl_logps = to_numpy(_sequence_logps(problem.model, params, b.kl_tokens, b.kl_completion_mask)[0])
-    logps, (model_cache, logp_cache) = _sequence_logps(problem.model, params, b.tokens, b.completion_mask,
-                                                       keep_cache=True)
+        kl_logps, kl_caches = _sequence_logps(model, params, b.kl_tokens, b.kl_completion_mask, keep_cache=True)
+        kl_logps = to_numpy(kl_logps)
     loss, dlogps = _loss_and_dlogps(problem, to_numpy(logps), kl_logps)
-    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)
-    return loss, problem.model.backward(dlogits, model_cache)
+    grads = model.backward(sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True), model_cache)
+    if kl_caches is not None:
+        dkl = _kl_logps_grad(problem, kl_logps, dlogps)
+        if dkl.any():
+            kl_grads = model.backward(sequence_logprobs_backward(dkl, kl_caches[1], overwrite_logits=True),
+                                      kl_caches[0])
+            grads = {k: grads[k] + kl_grads[k] for k in grads}
+    return loss, grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,7 +460,7 @@ def hessian_directions(problem: LossProblem, params: dict, *, scale: float = 1.0
 def logprob_shift_direction(problem: LossProblem, params: dict) -> dict:
     """The minimum-norm parameter direction d with J d = 1: to first order it adds the same amount to
     every policy log-probability the loss sees (matched rows, and KL rows for "kto"). J [R, P] is
-    the Jacobian of those log-probs, one model backward per row; d = Jᵀ (J Jᵀ)⁻¹ 1."""
+    the Jacobian of those log-probs, one model backward per row; d = J⁺ 1 (pseudo-inverse)."""
     params = _to_float64(params)
     b = problem.batch
     row_sets = [(b.tokens, b.completion_mask)]
@@ -453,8 +476,10 @@ def logprob_shift_direction(problem: LossProblem, params: dict) -> dict:
             dlogits = sequence_logprobs_backward(onehot, logp_cache, overwrite_logits=True)
             rows.append(_flatten(problem.model.backward(dlogits, model_cache)))
     jacobian = np.stack(rows)  # [R, P]
-    coefficients = np.linalg.solve(jacobian @ jacobian.T, np.ones(len(rows)))
-    return _unflatten(jacobian.T @ coefficients, params)
+    # minimum-norm least squares: rows that are the same sequence twice (a KL row equal to a matched
+    # row) make J J^T singular but the equations consistent
+    direction = np.linalg.lstsq(jacobian, np.ones(len(rows)), rcond=None)[0]
+    return _unflatten(direction, params)
 
 
 # ----------------------------------------------------------------------------------------------
