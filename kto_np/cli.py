@@ -63,6 +63,16 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"kto-np figures: error: cannot write to {args.out!r}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    if args.run is not None and os.path.isfile(os.path.join(args.run, "checkpoints", "kto.npz")):
+        from .landscape import LandscapeError, run_landscape  # noqa: PLC0415
+
+        has_trajectory = os.path.isdir(os.path.join(args.run, "trajectory"))
+        try:  # the landscape figures of the run's policy (landscape_*.png; kto-np landscape has the options)
+            paths += run_landscape(args.run, args.out, directions=("random", "pca") if has_trajectory else "random",
+                                   seed=args.seed, write_data=False, progress=False, log=lambda *a: None)["paths"]
+        except LandscapeError as exc:
+            print(f"kto-np figures: error: {exc}", file=sys.stderr)
+            return 2
     for path in paths:
         print(path)
     if records is None:
@@ -230,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="regenerate every figure (PNG) from code",
                        description="Write every figure as a PNG into --out, deterministically: the value "
                        "functions, loss and gradient surfaces, KTO vs DPO vs APO-zero, the z gradient, class "
-                       "balance, per-token gradients, and the training curves of a run (--run).")
+                       "balance, per-token gradients, and the training curves and loss landscapes of a run (--run).")
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--run", default=None, help="a run folder whose metrics.jsonl gives training_curves.png")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic batches (default: 0)")

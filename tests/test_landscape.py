@@ -367,3 +367,14 @@ def test_cli_run_without_the_files_it_needs(tiny_run, tmp_path, capsys, missing)
     assert (missing if missing != "trajectory" else "kto_step_") in err
     code, _, err = run_cli(capsys, "landscape", "--run", str(tmp_path / "nowhere"), "--quiet")
     assert code == 2 and "not a folder" in err
+
+
+def test_figures_command_adds_the_landscape_figures(tiny_run, tmp_path, capsys, monkeypatch):
+    full = landscape.run_landscape
+    monkeypatch.setattr(landscape, "run_landscape", lambda *a, **k: full(*a, **k, points=3, eval_prompts=4))
+    code, out, _ = run_cli(capsys, "figures", "--out", str(tmp_path), "--run", str(tiny_run))
+    assert code == 0
+    for name in ("landscape_random.png", "landscape_pca.png", "landscape_interpolation.png",
+                 "landscape_variants.png", "training_curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and name in out
+    assert not (tmp_path / "landscape.npz").exists()
