@@ -877,6 +877,10 @@ def plot_variant_comparison(ts, shifts, losses: dict, *, beta: float):
     fig, axes = _figure(2, len(names), (4.0 * len(names), 6.6))
     t_index = int(np.argmin(np.abs(np.asarray(ts) - 1.0)))
     r_index = int(np.argmin(np.abs(np.asarray(ts))))
+    zero = int(np.argmin(np.abs(np.asarray(shifts))))
+    deviation = max(float(np.abs(losses[n][[t_index, r_index]] - losses[n][[t_index, r_index], zero:zero + 1]).max())
+                    for n in names)
+    limit = 1.1 * deviation if deviation > 0 else 1.0  # one scale for every panel: flat reads as flat
     for k, name in enumerate(names):
         loss = losses[name]
         ax = axes[0, k]
@@ -893,11 +897,11 @@ def plot_variant_comparison(ts, shifts, losses: dict, *, beta: float):
         if k == 0:
             ax.set_ylabel("shift c of every log-prob (nats)")
         ax2 = axes[1, k]
-        ax2.plot(shifts, loss[t_index] - loss[t_index, np.argmin(np.abs(shifts))], color="#D55E00",
-                 label="at the policy")
-        ax2.plot(shifts, loss[r_index] - loss[r_index, np.argmin(np.abs(shifts))], color="#0072B2",
+        ax2.plot(shifts, loss[t_index] - loss[t_index, zero], color="#D55E00", label="at the policy")
+        ax2.plot(shifts, loss[r_index] - loss[r_index, zero], color="#0072B2",
                  linestyle="--", label="at the reference")
         ax2.axhline(0.0, color="grey", linewidth=0.6)
+        ax2.set_ylim(-limit, limit)
         spread = float(np.ptp(loss[t_index]))
         ax2.set_title(f"max - min along c at the policy: {spread:.2g}", fontsize=9)
         ax2.set_xlabel(f"c (nats; βc in [{-SHIFT_RANGE_BETA:g}, {SHIFT_RANGE_BETA:g}], β = {beta:g})")
