@@ -62,7 +62,8 @@ from .files import atomic_write, write_npy_entry
 from .logprobs import sequence_logprobs_backward
 from .losses import dpo_loss_and_grad, kto_loss_and_grad, sigmoid
 from .model import GPT
-from .train import TRAJECTORY_DIR, TrainConfig, completion_logps, evaluate, frozen_logps
+from .step import completion_logps, forward_logps
+from .train import TRAJECTORY_DIR, TrainConfig, evaluate
 from .validation import check_choice, check_finite_scalar, check_positive_int
 
 __all__ = [
@@ -171,10 +172,10 @@ class LossProblem(NamedTuple):
 
 def _sequence_logps(model: GPT, params: dict, tokens, completion_mask, *, keep_cache: bool = False):
     """The one place this module asks the core for completion log-probs [B] (and the caches when
-    keep_cache, for a backward pass). (When kto_np.step lands: step.completion_logps / forward_logps.)"""
+    keep_cache, for a backward pass): step.completion_logps / step.forward_logps."""
     if keep_cache:
         return completion_logps(model, params, tokens, completion_mask)
-    return frozen_logps(model, params, tokens, completion_mask), None
+    return forward_logps(model, params, tokens, completion_mask), None
 
 
 def _dpo_pairs(batch: Batch) -> tuple[np.ndarray, np.ndarray]:

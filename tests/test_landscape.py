@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from kto_np import checkpoint, cli, landscape, train
+from kto_np import checkpoint, cli, landscape, step, train
 from kto_np.data import Tokenizer, collate
 from kto_np.logprobs import sequence_logprobs
-from kto_np.losses import dpo_loss, kto_loss, kto_loss_and_grad
+from kto_np.losses import KTOConfig, dpo_loss, kto_loss, kto_loss_and_grad
 from kto_np.model import build
 
 ALL_VARIANTS = landscape.LOSS_VARIANTS
@@ -60,7 +60,7 @@ def independent_loss(variant, model, reference, params, batch, center, beta=0.1)
         return dpo_loss(pol[[0, 2]], pol[[1, 3]], ref[[0, 2]], ref[[1, 3]], beta)
     # sft: the mean token NLL of the desirable completions, by train's own SFT loss on those rows only
     desirable = collate([e for e in EXAMPLES if e[2] == 1], Tokenizer(), dtype="float64")
-    return train.sft_loss_and_grads(model, params, desirable)[0]
+    return step.sft_step(model, params, desirable)[0]
 
 
 def flat(d):
@@ -98,9 +98,9 @@ def test_gradient_is_the_training_steps_gradient(variant, stop_z_grad):
     batch = tiny_batch()
     name = "edifice_stop_z_grad" if stop_z_grad else variant
     problem = landscape.make_problem(model, reference, batch, name, center=policy)
-    ref, kl_ref = train.reference_logps(model, reference, batch)
-    loss, _, expected = train.kto_loss_and_param_grads(model, policy, batch, ref, kl_ref, variant=variant,
-                                                       stop_z_grad=stop_z_grad)
+    ref, kl_ref = step.reference_logps(model, reference, batch)
+    loss, _, expected = step.kto_step(model, policy, batch, ref, kl_ref,
+                                      KTOConfig(variant=variant, stop_z_grad=stop_z_grad))
     mine_loss, mine = landscape.loss_and_grad(problem, policy)
     assert mine_loss == pytest.approx(loss, rel=1e-12)
     np.testing.assert_allclose(flat(mine), flat(expected), rtol=1e-10, atol=1e-14)
