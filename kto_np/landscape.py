@@ -733,7 +733,7 @@ def run_landscape(run_dir, out_dir=None, *, variant: str | None = None, directio
     """Everything `kto-np landscape` writes, into out_dir (default <run>/landscape):
     landscape_<directions>.png for each directions kind, landscape_interpolation.png,
     landscape_variants.png and (write_data) landscape.npz of the first directions kind.
-    Returns {"paths": [...], "seconds": {name: s}}."""
+    Returns {"paths": [...], "seconds": {name: wall-clock s}, "cpu_seconds": {name: CPU s}}."""
     directions = (directions,) if isinstance(directions, str) else tuple(directions)
     for d in directions:
         check_choice("directions", d, DIRECTIONS)
@@ -749,31 +749,35 @@ def run_landscape(run_dir, out_dir=None, *, variant: str | None = None, directio
     weights = dict(beta=config.beta, desirable_weight=config.desirable_weight,
                    undesirable_weight=config.undesirable_weight)
     problem = make_problem(states.model, states.reference, batch, variant, center=states.policy, **weights)
-    paths, seconds = [], {}
+    paths, seconds, cpu_seconds = [], {}, {}
     os.makedirs(out_dir, exist_ok=True)
 
     landscapes = []
     for kind in directions:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = compute_landscape(states, problem, kind, points=points, span=span, seed=seed, progress=progress)
         path = os.path.join(out_dir, f"landscape_{kind}.png")
         _save(plot_landscape(result), path)
         seconds[f"landscape_{kind}"] = time.perf_counter() - started
+        cpu_seconds[f"landscape_{kind}"] = time.process_time() - cpu
         landscapes.append(result)
         paths.append(path)
-        log(f"{path}: {variant} over {kind} directions, {points} x {points}, {seconds[f'landscape_{kind}']:.1f} s")
+        log(f"{path}: {variant} over {kind} directions, {points} x {points}, {seconds[f'landscape_{kind}']:.1f} s "
+            f"({cpu_seconds[f'landscape_{kind}']:.1f} s CPU)")
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     ts = interpolation_ts(points)
     interpolation = interpolation_losses(problem, states.reference, states.policy, ts, progress=progress)
     rates = desirable_rates(states, ts, num_prompts=eval_prompts, progress=progress)
     path = os.path.join(out_dir, "landscape_interpolation.png")
     _save(plot_interpolation(ts, interpolation, rates, variant=variant), path)
     seconds["interpolation"] = time.perf_counter() - started
+    cpu_seconds["interpolation"] = time.process_time() - cpu
     paths.append(path)
-    log(f"{path}: reference -> policy, {ts.size} points, {seconds['interpolation']:.1f} s")
+    log(f"{path}: reference -> policy, {ts.size} points, {seconds['interpolation']:.1f} s "
+        f"({cpu_seconds['interpolation']:.1f} s CPU)")
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     problems = {v: make_problem(states.model, states.reference, batch, v, center=states.policy, **weights)
                 for v in COMPARISON_VARIANTS}
     shifts = np.linspace(-SHIFT_RANGE_BETA / config.beta, SHIFT_RANGE_BETA / config.beta, points)
@@ -781,8 +785,10 @@ def run_landscape(run_dir, out_dir=None, *, variant: str | None = None, directio
     path = os.path.join(out_dir, "landscape_variants.png")
     _save(plot_variant_comparison(ts, shifts, comparison, beta=config.beta), path)
     seconds["variants"] = time.perf_counter() - started
+    cpu_seconds["variants"] = time.process_time() - cpu
     paths.append(path)
-    log(f"{path}: {', '.join(COMPARISON_VARIANTS)} over (t, shift c), {seconds['variants']:.1f} s")
+    log(f"{path}: {', '.join(COMPARISON_VARIANTS)} over (t, shift c), {seconds['variants']:.1f} s "
+        f"({cpu_seconds['variants']:.1f} s CPU)")
 
     if write_data:
         first = landscapes[0]
@@ -800,7 +806,7 @@ def run_landscape(run_dir, out_dir=None, *, variant: str | None = None, directio
         })
         paths.append(path)
         log(f"{path}: loss [{points}, {points}], alpha [{points}], beta [{points}] (the policy at 0, 0)")
-    return {"paths": paths, "seconds": seconds}
+    return {"paths": paths, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 # ----------------------------------------------------------------------------------------------
