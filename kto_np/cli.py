@@ -312,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=21,
                    help=f"grid points per axis, in [{MIN_POINTS}, {MAX_POINTS}] (default: 21)")
     p.add_argument("--span", type=float, default=1.0,
-                   help="half-width of the grid, > 0: filter-normalised units (random), |policy - reference| "
-                   "(hessian), 1.2 x the trajectory's extent (pca) (default: 1.0)")
+                   help="half-width of the grid, > 0: filter-normalised units (random), the step where the "
+                   "quadratic model has risen by the loss (hessian), 1.2 x the trajectory's extent (pca) "
+                   "(default: 1.0)")
     p.add_argument("--examples", type=positive_int, default=None,
                    help="size of the fixed batch: the first examples of the run's data (default: 32)")
     p.add_argument("--eval-prompts", type=positive_int, default=128,

@@ -19,8 +19,9 @@ The landscapes (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets",
             exact gradients in float64: H v ≈ (g(θ + h v̂) - g(θ - h v̂)) / (2 h) |v|, v̂ = v / |v|,
             with a displacement of norm h = HVP_STEP = 1e-5 (truncation error O(h²), rounding about
             1e-16 |g| / h ≈ 1e-11 |g|). Power iteration finds the eigenvalues of largest magnitude.
-            The unit eigenvectors are scaled to |θ* - θ_ref|, the distance training moved: at a span
-            of 1 the grid's edge is as far from the policy as the reference is.
+            Each unit eigenvector v_k is scaled to length sqrt(2 ΔL / |λ_k|), ΔL = max(|L(θ*)|, 0.1):
+            at a span of 1 the quadratic model ½ λ_k α² |d_k|² has risen by ΔL, so the figure shows
+            where the loss leaves its quadratic model.
   interpolation   L(θ_ref + t (θ* - θ_ref)) for t in [-0.5, 1.5], next to the desirable rate of
             completions sampled from the interpolated model.
   shift     the invariance: L as a function of (t, c), where c is a constant added to EVERY policy
@@ -665,7 +666,7 @@ def compute_landscape(states: RunStates, problem: LossProblem, directions: str, 
     """The 2-D landscape of `problem` around the run's policy along `directions` (random | pca | hessian).
 
     random: alpha, beta in [-span, span] (filter-normalised units: 1 is a step as large as each filter).
-    hessian: [-span, span] in units of |θ* - θ_ref|. pca: [-r, r] with r = span × 1.2 × the
+    hessian: [-span, span] in curvature units (module docstring). pca: [-r, r] with r = span × 1.2 × the
     trajectory's largest |coordinate|.
     """
     check_choice("directions", directions, DIRECTIONS)
@@ -681,10 +682,12 @@ def compute_landscape(states: RunStates, problem: LossProblem, directions: str, 
         steps = np.array([s for s, _ in states.trajectory], dtype=np.int64)
         radius = span * 1.2 * float(np.abs(trajectory).max())
     else:
-        distance = math.sqrt(sum(float(np.sum((states.policy[k] - states.reference[k]) ** 2))
-                                 for k in states.policy))
-        d1, d2, eigenvalues = hessian_directions(problem, states.policy, scale=distance or 1.0, seed=seed,
-                                                 progress=progress)
+        d1, d2, eigenvalues = hessian_directions(problem, states.policy, seed=seed, progress=progress)
+        rise = max(abs(loss_value(problem, states.policy)), 0.1)
+        for d, eigenvalue in ((d1, eigenvalues[0]), (d2, eigenvalues[1])):
+            length = math.sqrt(2.0 * rise / abs(eigenvalue)) if eigenvalue != 0 else 1.0
+            for k in d:
+                d[k] *= length
         radius = span
     axis = np.linspace(-radius, radius, points)
     if points % 2 == 0:  # the centre on the grid
