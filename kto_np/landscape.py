@@ -689,10 +689,7 @@ def compute_landscape(states: RunStates, problem: LossProblem, directions: str, 
             for k in d:
                 d[k] *= length
         radius = span
-    axis = np.linspace(-radius, radius, points)
-    if points % 2 == 0:  # the centre on the grid
-        axis = np.sort(np.append(axis, 0.0))[: points]
-        axis[np.argmin(np.abs(axis))] = 0.0
+    axis = (np.arange(points) - points // 2) * (radius / (points // 2))  # [-r, r], 0 on the grid (even N: to r - step)
     loss = landscape_grid(problem, states.policy, d1, d2, axis, axis, progress=progress)
     return Landscape(loss, axis, axis.copy(), directions, problem.variant, loss_value(problem, states.policy),
                      trajectory, steps, eigenvalues, explained)

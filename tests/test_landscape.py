@@ -339,6 +339,8 @@ def test_cli_writes_the_figures_and_the_data_deterministically(tiny_run, tmp_pat
     grids = [landscape.compute_landscape(states, problem, "random", points=3, seed=seed).loss for seed in (0, 0, 1)]
     assert np.array_equal(grids[0], grids[1]) and grids[0][1, 1] == grids[2][1, 1]
     assert not np.array_equal(grids[0], grids[2])
+    even = landscape.compute_landscape(states, problem, "random", points=4)  # an even grid still holds the policy
+    assert list(even.alpha) == [-1.0, -0.5, 0.0, 0.5] and even.loss[2, 2] == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("argv, message", [
