@@ -34,6 +34,16 @@ def require_torch():
     return torch
 
 
+def _require_tensors(function: str, **arrays):
+    """A TypeError naming the argument unless every given array is a torch tensor (NumPy input is
+    refused rather than half converted)."""
+    torch = require_torch()
+    for name, value in arrays.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"torch_reference.{function}: {name} must be a torch tensor, got {type(value).__name__}")
+    return torch
+
+
 def sinusoidal_positions(num_positions: int, hidden_size: int, *, dtype=None, device=None):
     """PE[pos, 2i] = sin(pos / 10000^(2i / C)), PE[pos, 2i + 1] = cos(pos / 10000^(2i / C)): [T, C].
 
@@ -58,7 +68,7 @@ def gpt2_logits(params: dict, tokens, *, num_heads: int, positional: str = "lear
     logits = ln_f(x) @ head^T, head = wte (tie_embeddings) or lm_head. Linear weights are [in, out].
     positional: "learned" (rows of wpe.weight) or "sinusoidal" (fixed table, no parameter).
     """
-    torch = require_torch()
+    torch = _require_tensors("gpt2_logits", tokens=tokens, **{"params['wte.weight']": params["wte.weight"]})
     F = torch.nn.functional
     if positional not in ("learned", "sinusoidal"):
         raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {positional!r}")
@@ -96,7 +106,7 @@ def sequence_logps(logits, tokens, mask, shift: int = 1):
     shift=1: a language model's logits at t score token t + 1 (completion log-probs); shift=0: the
     logits are already aligned with the tokens.
     """
-    require_torch()
+    _require_tensors("sequence_logps", logits=logits, tokens=tokens, mask=mask)
     T = logits.shape[1]
     token_logps = logits[:, :T - shift].log_softmax(dim=-1).gather(-1, tokens[:, shift:, None])[..., 0]
     return (token_logps * mask[:, shift:]).sum(dim=1)
@@ -112,7 +122,7 @@ def kto_loss(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0, un
         desirable -λ_D σ(kl - z), undesirable -λ_U σ(-(kl - z)).
     "apo_zero_unpaired": desirable λ_D (1 - σ(β r)), undesirable λ_U σ(β r).
     """
-    torch = require_torch()
+    torch = _require_tensors("kto_loss", policy_logps=policy_logps, ref_logps=ref_logps, labels=labels)
     if variant not in KTO_VARIANTS:
         raise ValueError(f"variant must be one of {KTO_VARIANTS}, got {variant!r}")
     labels = labels if labels.dtype == torch.bool else labels.bool()
@@ -136,6 +146,6 @@ def kto_loss(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0, un
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
     """mean -log σ(β ((π_c - ref_c) - (π_r - ref_r))) over the pairs [B] -> scalar."""
-    torch = require_torch()
+    torch = _require_tensors("dpo_loss", policy_chosen_logps=policy_chosen_logps)
     h = beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps))
     return -torch.nn.functional.logsigmoid(h).mean()
