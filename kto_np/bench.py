@@ -224,6 +224,10 @@ class TorchKTOStep:
         return float(loss.detach())
 
 
+# ----------------------------------------------------------------------------------------------
+# the options (checked here, so that a bad option exits 2 before the harness loads)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options (for `kto-np bench` and benchmarks/bench_step.py)."""
     parser.add_argument("--configs", default="small,medium,seed",
@@ -264,7 +268,6 @@ def _check_args(args) -> list[BenchConfig]:
     if args.append and not args.results:
         raise ValueError("--append needs --results PATH")
     return [CONFIGS[n] for n in names]
-
 
 
 # ----------------------------------------------------------------------------------------------
