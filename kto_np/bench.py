@@ -30,10 +30,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import backend, torch_reference
-from .data import Batch
+from .losses import KTOConfig
 from .model import GPT, build
 from .optim import adamw_init, adamw_step
-from .train import kto_loss_and_param_grads, reference_logps
+from .step import Batch, kto_step, make_batch, reference_logps
 
 __all__ = [
     "CONFIGS",
@@ -43,6 +43,7 @@ __all__ = [
     "TorchKTOStep",
     "add_arguments",
     "harness_path",
+    "kto_config",
     "load_harness",
     "main",
     "numpy_kto_loss_and_grads",
@@ -82,34 +83,20 @@ DEFAULT_REPEATS = {"tiny": 5, "small": 20, "medium": 10, "seed": 5}
 
 
 def synthetic_batch(config: BenchConfig, seed: int = 0, dtype="float32") -> Batch:
-    """A KTO batch of random token ids (NumPy arrays), shaped like data.collate's.
+    """A KTO batch of random token ids (arrays of the selected backend), built by step.make_batch, so
+    its KL rows use the one rotation.
 
     Every row: a prompt of T // 4 tokens, a completion of T // 2 to T - T // 4 tokens, then padding
-    (id 0). KL row i is prompt i + completion (i - 1) mod B (TRL's rotation). Labels alternate 1, 0.
+    (id 0) to T. KL row i is prompt i + completion (i - 1) mod B (TRL's rotation). Labels alternate 1, 0.
     """
     rng = np.random.default_rng(seed)
     B, T, V = config.batch_size, config.seq_len, config.vocab_size
     prompt_len = max(1, T // 4)
-    prompts = [rng.integers(1, V, size=prompt_len) for _ in range(B)]
-    completions = [rng.integers(1, V, size=int(rng.integers(max(1, T // 2), T - prompt_len + 1)))
+    prompts = [rng.integers(1, V, size=prompt_len).tolist() for _ in range(B)]
+    completions = [rng.integers(1, V, size=int(rng.integers(max(1, T // 2), T - prompt_len + 1))).tolist()
                    for _ in range(B)]
-
-    def rows(completion_of_row):
-        tokens = np.zeros((B, T), dtype=np.int64)
-        mask = np.zeros((B, T), dtype=dtype)
-        for b in range(B):
-            completion = completion_of_row[b]
-            tokens[b, :prompt_len] = prompts[b]
-            tokens[b, prompt_len:prompt_len + len(completion)] = completion
-            mask[b, prompt_len:prompt_len + len(completion)] = 1
-        return tokens, mask
-
-    tokens, mask = rows(completions)
-    kl_tokens, kl_mask = rows(completions[-1:] + completions[:-1])
-    labels = np.arange(B, dtype=np.int64) % 2 == 0
-    return Batch(tokens=tokens, completion_mask=mask, labels=labels.astype(np.int64), kl_tokens=kl_tokens,
-                 kl_completion_mask=kl_mask, prompts=("",) * B, completions=("",) * B,
-                 kl_completions=("",) * B)
+    labels = (np.arange(B) % 2 == 0).astype(np.int64)
+    return make_batch(prompts, completions, labels, dtype=dtype, max_len=T)
 
 
 def step_flops(config: BenchConfig) -> int:
@@ -128,14 +115,17 @@ def step_flops(config: BenchConfig) -> int:
 # the kto_np side
 
 
-def numpy_kto_loss_and_grads(model: GPT, params: dict, ref_params: dict, batch: Batch, hyper: dict = HYPER):
-    """(loss, grads) of one KTO step with kto_np: exactly what training does (train.reference_logps,
-    then train.kto_loss_and_param_grads: forward-only passes keep no cache, the logits buffer is
-    reused for dlogits)."""
+def kto_config(hyper: dict = HYPER) -> KTOConfig:
+    """The benchmark's loss: variant "kto" with HYPER's beta and weights."""
+    return KTOConfig(variant="kto", beta=hyper["beta"], desirable_weight=hyper["desirable_weight"],
+                     undesirable_weight=hyper["undesirable_weight"])
+
+
+def numpy_kto_loss_and_grads(model: GPT, params: dict, ref_params: dict, batch: Batch, config: KTOConfig):
+    """(loss, grads) of one KTO step with kto_np: exactly what training does (step.reference_logps,
+    then step.kto_step: forward-only passes keep no cache, the logits buffer is reused for dlogits)."""
     ref_logps, kl_ref_logps = reference_logps(model, ref_params, batch)  # [B], [B]
-    loss, _, grads = kto_loss_and_param_grads(
-        model, params, batch, ref_logps, kl_ref_logps, variant="kto", beta=hyper["beta"],
-        desirable_weight=hyper["desirable_weight"], undesirable_weight=hyper["undesirable_weight"])
+    loss, _, grads = kto_step(model, params, batch, ref_logps, kl_ref_logps, config)
     return loss, grads
 
 
@@ -149,13 +139,12 @@ class NumpyKTOStep:
         self.params = self.model.init(seed)
         self.ref_params = self.model.init(seed + 1)
         self.hyper = hyper
+        self.config = kto_config(hyper)
         self.state = adamw_init(self.params)
-        host_batch = synthetic_batch(config, seed, dtype)
-        self.batch = host_batch._replace(**{name: backend.asarray(getattr(host_batch, name)) for name in (
-            "tokens", "completion_mask", "labels", "kl_tokens", "kl_completion_mask")})
+        self.batch = synthetic_batch(config, seed, dtype)  # arrays of the selected backend
 
     def loss_and_grads(self):
-        return numpy_kto_loss_and_grads(self.model, self.params, self.ref_params, self.batch, self.hyper)
+        return numpy_kto_loss_and_grads(self.model, self.params, self.ref_params, self.batch, self.config)
 
     def __call__(self) -> float:
         loss, grads = self.loss_and_grads()
@@ -163,8 +152,6 @@ class NumpyKTOStep:
         adamw_step(self.params, grads, self.state, lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"],
                    weight_decay=hyper["weight_decay"])
         return loss
-
-
 
 
 # ----------------------------------------------------------------------------------------------
