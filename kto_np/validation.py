@@ -20,7 +20,9 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_finite_scalar",
+    "check_fraction",
     "check_positive_int",
+    "check_rng",
     "check_same_shape",
 ]
 
@@ -123,6 +125,23 @@ def check_finite_scalar(name: str, value, *, positive: bool = False, nonnegative
     if nonnegative and not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
+
+
+def check_fraction(name: str, value, *, include_one: bool = False) -> float:
+    """A real number in [0, 1) (dropout, Adam's betas), or in [0, 1] with include_one. Returns a float."""
+    value = check_finite_scalar(name, value)
+    if not (0.0 <= value <= 1.0 if include_one else 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, {'1]' if include_one else '1)'}, got {value}")
+    return value
+
+
+def check_rng(rng, needed_when: str) -> np.random.Generator:
+    """A numpy.random.Generator, needed because of `needed_when` (e.g. "temperature > 0")."""
+    if rng is None:
+        raise ValueError(f"rng must be a numpy.random.Generator when {needed_when}, got None")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    return rng
 
 
 def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
