@@ -349,18 +349,17 @@ class GPT:
         table = sinusoidal_positions(num_positions, config.hidden_size, start)
         return xp.asarray(table.astype(config.np_dtype))
 
-    def check_tokens(self, tokens, name: str = "tokens", *, max_len: int | None = None):
-        """tokens as a 2-D integer array [B, T] with 1 <= T <= max_len (default max_seq_len), ids in [0, V)."""
+    def check_tokens(self, tokens, name: str = "tokens"):
+        """tokens as a 2-D integer array [B, T] with 1 <= T <= max_seq_len, ids in [0, V)."""
         config = self.config
-        max_len = config.max_seq_len if max_len is None else max_len
         tokens = as_index_array(name, tokens, upper=config.vocab_size)
         if tokens.ndim != 2:
             raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(tokens.shape)}")
         if tokens.size == 0:
             raise ValueError(f"{name} must not be empty, got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > max_len:
+        if tokens.shape[1] > config.max_seq_len:
             raise ValueError(
-                f"{name} has sequence length {tokens.shape[1]}, more than max_seq_len={max_len}")
+                f"{name} has sequence length {tokens.shape[1]}, more than max_seq_len={config.max_seq_len}")
         return tokens
 
     # -- forward and backward --------------------------------------------------------------------

@@ -94,13 +94,9 @@ def as_labels(name: str, value, n: int):
     if arr.dtype.kind != "b" and arr.size:
         ok = (arr == 0) | (arr == 1)
         if not bool(ok.all()):
-            bad = to_python_list(arr[~ok][:3])
+            bad = [float(v) for v in arr[~ok][:3].tolist()]
             raise ValueError(f"{name} must contain only 0 and 1, got {bad}")
     return arr.astype(bool)
-
-
-def to_python_list(arr) -> list:
-    return [float(v) for v in arr.tolist()] if hasattr(arr, "tolist") else list(arr)
 
 
 def check_same_shape(name: str, arr, ref_name: str, ref) -> None:
