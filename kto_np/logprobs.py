@@ -28,6 +28,7 @@ __all__ = [
     "LogprobsCache",
     "SequenceLogprobsCache",
     "compute_logprobs",
+    "log_softmax",
     "logprobs_backward",
     "logprobs_forward",
     "sequence_logprobs",
@@ -39,6 +40,18 @@ __all__ = [
 # the L2 cache while max, exp and sum pass over it, so the [B, T, V] logits are read from memory
 # about once per pass, and the one temporary stays small.
 _CHUNK_ELEMENTS = 1 << 18
+
+
+def log_softmax(logits, axis: int = -1):
+    """log_softmax(x)_i = x_i - max(x) - log(sum_j exp(x_j - max(x))); same shape and dtype as x.
+
+    The whole-array formula (tutorial 02 builds on it); the log-prob functions below compute the same
+    one block of rows at a time.
+    """
+    logits = as_float_array("logits", logits)
+    xp = array_module(logits)
+    shifted = logits - xp.max(logits, axis=axis, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
 
 
 def _row_blocks(shape):

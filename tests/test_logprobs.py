@@ -105,8 +105,9 @@ def test_chunked_forward_equals_unchunked(rng, monkeypatch):
     st.integers(1, 3), st.integers(1, 4), st.integers(2, 6),
     st.floats(-1e3, 1e3, allow_nan=False), st.integers(0, 2**32 - 1),
 )
-def test_logprobs_shift_invariance(B, T, V, shift, seed):
+def test_log_softmax_shift_invariance(B, T, V, shift, seed):
     logits = np.random.default_rng(seed).standard_normal((B, T, V))
+    np.testing.assert_allclose(lp.log_softmax(logits + shift), lp.log_softmax(logits), atol=1e-9)
     targets = np.random.default_rng(seed + 1).integers(0, V, (B, T))
     np.testing.assert_allclose(lp.compute_logprobs(logits + shift, targets),
                                lp.compute_logprobs(logits, targets), atol=1e-9)
@@ -116,9 +117,8 @@ def test_logprobs_shift_invariance(B, T, V, shift, seed):
 def test_logprobs_are_nonpositive_and_normalised(seed):
     rng = np.random.default_rng(seed)
     logits = 5 * rng.standard_normal((2, 3, 4))
-    one_position = logits[:, :1]  # [2, 1, 4]: the probability of each token v at one position
-    probs = [np.exp(lp.compute_logprobs(one_position, np.full((2, 1), v))) for v in range(4)]
-    np.testing.assert_allclose(np.sum(probs, axis=0), 1.0, rtol=1e-12)
+    probs = np.exp(lp.log_softmax(logits))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-12)
     assert np.all(lp.compute_logprobs(logits, rng.integers(0, 4, (2, 3))) <= 0)
 
 
@@ -259,6 +259,8 @@ def test_overwrite_logits_bad_input(rng):
         lp.sequence_logprobs_backward(np.ones(2), unshifted_cache)
 
 
-def test_backward_rejects_a_foreign_cache():
+def test_log_softmax_and_backward_reject_bad_input():
+    with pytest.raises(ValueError, match="logits must be finite"):
+        lp.log_softmax(np.array([0.0, np.inf]))
     with pytest.raises(TypeError, match="LogprobsCache"):
         lp.logprobs_backward(np.ones(2), None)
