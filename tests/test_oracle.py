@@ -330,7 +330,7 @@ ALL_MUTANTS = LOSS_MUTANTS + LOGPROB_MUTANTS + MODEL_MUTANTS
 def test_every_builtin_mutant_is_covered_by_a_test_candidate():
     tested = {(kind, variant, LOGPROB_FORMS.get(form, form)) for kind, variant, form in ALL_MUTANTS}
     builtin = {(kind, variant, m.mistake) for kind, variant in KIND_VARIANTS
-               for m in oracle._mutants(kind, variant)}
+               for m in oracle.mistakes.mutants(kind, variant)}
     assert builtin == tested
     assert {m for _, _, m in builtin} == set(oracle.MISTAKES)
 
@@ -721,7 +721,7 @@ def test_mutant_engine_without_mistakes_is_the_reference():
     for case in oracle.generate_cases():
         if case.kind != "kto_loss":
             continue
-        outputs = oracle._kto_loss_mutant("none", {}).compute(case)
+        outputs = oracle.mistakes._kto_loss_mutant("none", {}).compute(case)
         for quantity, value in outputs.items():
             expected = case.expected[quantity]
             assert np.allclose(value, expected, rtol=1e-12, atol=1e-15), (
