@@ -19,9 +19,11 @@ The modules, in the order they build on each other:
   check       verify, and the command-line entry points
 """
 
-from .candidates import FD_DIRECTIONS, FD_FULL_MAX_ENTRIES, FD_STEP, builtin_candidate, load_callable
+from .candidates import FD_DIRECTIONS, FD_FULL_MAX_ENTRIES, FD_STEP, builtin_candidate
 from .cases import KINDS, VARIANTS, Case, generate_cases
 from .check import main_check, main_export, verify
+from .isolation import DEFAULT_TIMEOUT
+from .loader import LoadError, load_callable
 from .mistakes import KNOWN_MISTAKES, Mistake
 from .report import TOLERANCES, Check, Diagnosis, Report
 from .store import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, export, load_cases
@@ -29,6 +31,7 @@ from .store import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, export, load_case
 MISTAKES = KNOWN_MISTAKES  # the old name (data.MISTAKES is the toy task's wrong answers, another thing)
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "FD_DIRECTIONS",
     "FD_FULL_MAX_ENTRIES",
     "FD_STEP",
@@ -43,6 +46,7 @@ __all__ = [
     "Case",
     "Check",
     "Diagnosis",
+    "LoadError",
     "Mistake",
     "Report",
     "builtin_candidate",

@@ -202,6 +202,9 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
     failing = {(c.case, c.quantity) for c in report.failures if not c.quantity.startswith("metrics/")}
     if not candidate_values:
         return Diagnosis((), "the candidate raised on every case: nothing to compare with the known mistakes")
+    if not failing and report.errors:
+        return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
+                             "not run to the end (the ERROR lines above)")
     by_name = {case.name: case for case in cases}
     matches, scores = [], []
     for mutant in mutants(kind, variant):

@@ -102,8 +102,18 @@ def export(out_dir, *, overwrite: bool = False) -> Path:
                               "(kto-np oracle export --overwrite) to replace its cases")
     out.mkdir(parents=True, exist_ok=True)
     old_files = _old_case_files(out / MANIFEST_NAME)
+    entries = write_cases(out, generate_cases())
+    for stale in old_files - {e["file"] for e in entries}:
+        (out / stale).unlink(missing_ok=True)
+    return out / MANIFEST_NAME
+
+
+def write_cases(out_dir, cases) -> list[dict]:
+    """Write `cases` (one .npz each) and then their manifest.json into out_dir; returns the entries."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     entries = []
-    for case in generate_cases():
+    for case in cases:
         arrays = _case_arrays(case)
         data = _npz_bytes(arrays)
         with atomic_write(out / case.file_name, "wb") as file:
@@ -111,9 +121,7 @@ def export(out_dir, *, overwrite: bool = False) -> Path:
         entries.append(_manifest_entry(case, arrays, hashlib.sha256(data).hexdigest()))
     with atomic_write(out / MANIFEST_NAME, "w") as file:
         file.write(json.dumps(_manifest(entries), indent=1) + "\n")
-    for stale in old_files - {e["file"] for e in entries}:
-        (out / stale).unlink(missing_ok=True)
-    return out / MANIFEST_NAME
+    return entries
 
 
 def _old_case_files(manifest_path: Path) -> set[str]:
