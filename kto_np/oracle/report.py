@@ -197,24 +197,10 @@ class Report:
         return "\n".join(lines)
 
 
-def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_values: dict,
-              report: Report) -> Diagnosis:
-    """Name the known mistakes whose mutated formulas reproduce every failing number of the candidate.
-
-    A mutant matches when, on every case and quantity the candidate gave (loss, gradients, log-probs,
-    intermediates; metrics aside), the candidate agrees with the mutant within the tolerance, the mutant
-    differs from the reference somewhere there, and every failing check is one the mutant accounts for.
-    """
-    if report.passed:
-        return Diagnosis((), "all checks passed")
-    failing = {(c.case, c.quantity) for c in report.failures if not c.quantity.startswith("metrics/")}
-    if not candidate_values:
-        return Diagnosis((), "the candidate raised on every case: nothing to compare with the known mistakes")
-    if not failing and report.errors:
-        return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
-                             "not run to the end (the ERROR lines above)")
-    by_name = {case.name: case for case in cases}
-    matches, scores = [], []
+def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[tuple]:
+    """Per mutant: (mutant, agrees with the candidate everywhere, differs from the reference somewhere among
+    the numbers compared, the (case, quantity) pairs it reproduces, how many numbers were compared)."""
+    table = []
     for mutant in mutants(kind, variant):
         agree, distinguishable, explained, compared = True, False, set(), 0
         for case_name, quantities in candidate_values.items():
@@ -226,26 +212,74 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
                 reference = by_name[case_name].expected[quantity]
                 if projection is not None:
                     mutated, reference = projection(mutated), projection(reference)
-                rtol, atol = TOLERANCES[report.tolerance][quantity_class(quantity, source)]
+                rtol, atol = TOLERANCES[tolerance][quantity_class(quantity, source)]
                 compared += 1
                 if agrees(value, np.asarray(mutated, dtype=np.float64), rtol, atol):
                     explained.add((case_name, quantity))
                 else:
                     agree = False
                 if not agrees(np.asarray(mutated, dtype=np.float64), np.asarray(reference, dtype=np.float64),
-                               rtol, atol):
+                              rtol, atol):
                     distinguishable = True
-        covered = failing <= explained
-        if agree and distinguishable and covered and compared:
-            matches.append(mutant)
-        scores.append((len(failing & explained), mutant))
+        table.append((mutant, agree, distinguishable, explained, compared))
+    return table
+
+
+def _within_float32(report: Report, by_name, candidate_values) -> bool:
+    """Whether every failing check of a float64 report would pass at float32 tolerance."""
+    if report.tolerance != "float32" and report.failures:
+        for check in report.failures:
+            value, source, projection = candidate_values.get(check.case, {}).get(check.quantity, (None, "", None))
+            reference = by_name[check.case].expected.get(check.quantity)
+            if value is None or reference is None:
+                return False
+            if projection is not None:
+                reference = projection(reference)
+            if not compare(check.case, check.quantity, source, value, np.asarray(reference), "float32").passed:
+                return False
+        return True
+    return False
+
+
+def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_values: dict,
+             report: Report) -> tuple[Diagnosis, tuple[str, ...]]:
+    """(the diagnosis, the known mistakes not verified).
+
+    A mutant matches when, on every case and quantity the candidate gave (loss, gradients, log-probs,
+    intermediates; metrics aside), the candidate agrees with the mutant within the tolerance, the mutant
+    differs from the reference somewhere there, and every failing check is one the mutant accounts for.
+    A mistake is not verified when none of the numbers compared tells its mutant from the reference (the
+    deciding gradient was not checked, or the cases that show it did not run).
+    """
+    by_name = {case.name: case for case in cases}
+    table = _mutant_table(kind, variant, by_name, candidate_values, report.tolerance) if candidate_values else []
+    not_verified = tuple(dict.fromkeys(m.mistake for m, _, distinguishable, _, _ in table if not distinguishable))
+    if report.passed:
+        if not_verified:
+            return Diagnosis((), "every compared check passed, but the checks that decide "
+                                 f"{', '.join(not_verified)} could not run: those mistakes are not verified"
+                             ), not_verified
+        return Diagnosis((), "all checks passed"), ()
+    failing = {(c.case, c.quantity) for c in report.failures if not c.quantity.startswith("metrics/")}
+    if not candidate_values:
+        return Diagnosis((), "the candidate raised on every case: nothing to compare with the known mistakes"), ()
+    if not failing and report.errors:
+        return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
+                             "not run to the end (the ERROR lines above)"), not_verified
+    matches = [m for m, agree, distinguishable, explained, compared in table
+               if agree and distinguishable and failing <= explained and compared]
     if matches:
         ids = tuple(dict.fromkeys(m.mistake for m in matches))
         text = "; ".join(f"{i}: {KNOWN_MISTAKES[i].title} (fix: {KNOWN_MISTAKES[i].fix})" for i in ids)
-        return Diagnosis(ids, f"matches known mistake{'s' if len(ids) > 1 else ''} {text}")
+        return Diagnosis(ids, f"matches known mistake{'s' if len(ids) > 1 else ''} {text}"), not_verified
+    if _within_float32(report, by_name, candidate_values):
+        return Diagnosis((), "every failing number is within float32 tolerance: an intermediate is computed in "
+                             "float32 (a float32 cast, head or parameter); if that is meant, rerun with "
+                             "--tolerance float32 (verify(..., tolerance='float32'))"), not_verified
+    scores = [(len(failing & explained), m) for m, _, _, explained, _ in table]
     best_count, best = max(scores, key=lambda s: s[0]) if scores else (0, None)
     if best is None or best_count == 0:
-        return Diagnosis((), "no known mistake matches these numbers")
+        return Diagnosis((), "no known mistake matches these numbers"), not_verified
     return Diagnosis((), f"no known mistake matches every failing number; closest: {best.mistake} "
                          f"({KNOWN_MISTAKES[best.mistake].title}) reproduces {best_count} of {len(failing)} "
-                         "failing checks", closest=best.mistake)
+                         "failing checks", closest=best.mistake), not_verified
