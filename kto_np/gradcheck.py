@@ -28,6 +28,7 @@ __all__ = [
     "directional_derivatives",
     "format_report",
     "numerical_gradient",
+    "reference_error",
     "rel_error",
 ]
 
@@ -45,6 +46,26 @@ def rel_error(analytic, numerical, tiny: float = TINY) -> float:
     if a.size == 0:
         return 0.0
     return float(np.max(np.abs(a - b)) / max(tiny, float(np.max(np.abs(a) + np.abs(b)))))
+
+
+def reference_error(candidate, reference) -> tuple[float, float, float]:
+    """Errors of `candidate` against a trusted `reference` (the oracle's measure, normwise like rel_error
+    but scaled by the reference alone): (max|c - r|, max|r|, max|c - r| / max|r|).
+
+    A NaN or inf difference counts as inf; any error against an all-zero reference is a relative inf.
+    """
+    c = np.asarray(to_numpy(candidate), dtype=np.float64)
+    r = np.asarray(to_numpy(reference), dtype=np.float64)
+    if c.shape != r.shape:
+        raise ValueError(f"reference_error: shapes differ, candidate {c.shape} vs reference {r.shape}")
+    if c.size == 0:
+        return 0.0, 0.0, 0.0
+    diff = np.abs(c - r)
+    max_abs = float(np.max(np.where(np.isfinite(diff), diff, np.inf)))
+    scale = float(np.max(np.abs(r)))
+    if max_abs == 0:
+        return 0.0, scale, 0.0
+    return max_abs, scale, (max_abs / scale if scale > 0 else float("inf"))
 
 
 def numerical_gradient(f: Callable[[], float], x, step: float = DEFAULT_STEP) -> np.ndarray:
