@@ -27,8 +27,9 @@ import numpy as np
 
 from . import backend
 from .backend import to_numpy
+from .edifice import EdificeConfig
 from .files import atomic_write, write_npy_entry
-from .model import GPTConfig, check_params, param_shapes
+from .model import GPTConfig, check_params, config_from_dict, param_shapes
 from .validation import check_positive_int
 
 __all__ = [
@@ -143,7 +144,7 @@ def _write_entry(archive: zipfile.ZipFile, key: str, value) -> None:
     write_npy_entry(archive, key, host)
 
 
-def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) -> None:
+def save(path, params: dict, config: GPTConfig | EdificeConfig, *, extra: dict | None = None) -> None:
     """Write params, config and optional extra state to one .npz file at `path`, atomically.
 
     params: name -> array (NumPy or CuPy), exactly the keys and shapes of param_shapes(config), in
@@ -154,8 +155,8 @@ def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) ->
         left as it was.
     """
     path = os.fspath(path)
-    if not isinstance(config, GPTConfig):
-        raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+    if not isinstance(config, (GPTConfig, EdificeConfig)):
+        raise TypeError(f"config must be a GPTConfig or an EdificeConfig, got {type(config).__name__}")
     check_params(params, config)
     for name, value in params.items():
         dtype = getattr(value, "dtype", None)
@@ -243,7 +244,7 @@ def load(path) -> Checkpoint:
     try:
         if not isinstance(config_dict, dict):
             raise ValueError(f"expected a JSON object, got {type(config_dict).__name__}")
-        config = GPTConfig.from_dict(config_dict)
+        config = config_from_dict(config_dict)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path!r} holds an invalid config: {exc}") from exc
 

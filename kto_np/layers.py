@@ -455,18 +455,21 @@ def erf(x):
     magnitude = xp.abs(x)
     num_terms = ERF_TAYLOR_TERMS if out_dtype == np.float64 else ERF_TAYLOR_TERMS_FLOAT32
     table = xp.asarray(_ERF_TAYLOR_BY_POWER[:num_terms])  # [N, K]
-    num_centres = table.shape[1]
-    with np.errstate(invalid="ignore"):  # nan: its centre is clipped to 0 and its result replaced below
-        nearest = xp.rint(xp.minimum(magnitude, ERF_SATURATION) * (1.0 / ERF_TABLE_STEP))
-    centre = xp.clip(xp.nan_to_num(nearest, nan=0.0), 0, num_centres - 1).astype(np.intp)
-    h = magnitude - centre * ERF_TABLE_STEP  # |h| <= 1/64 (larger only where |x| >= 6, replaced below)
+    # the nearest centre; fmin maps nan to 6 (its result is replaced below), so every index is valid
+    scaled = xp.fmin(magnitude, ERF_SATURATION)
+    scaled *= 1.0 / ERF_TABLE_STEP
+    scaled += 0.5
+    centre = scaled.astype(np.intp)  # [...] in 0..K-1: floor(|x| / step + 1/2)
+    h = centre * -ERF_TABLE_STEP
+    h += magnitude  # |x| - c_k, |h| <= 1/64 (larger only where |x| >= 6 or nan, replaced below)
     result = xp.take(table[-1], centre)
     coefficient = xp.empty_like(result)
-    for row in table[-2::-1]:
-        result *= h
-        result += xp.take(row, centre, out=coefficient)
+    with np.errstate(invalid="ignore", over="ignore"):  # where |x| = inf (h = inf): replaced below
+        for row in table[-2::-1]:
+            result *= h
+            result += xp.take(row, centre, out=coefficient)
+    result = xp.where(magnitude < ERF_SATURATION, result, 1.0)
     result = xp.copysign(result, x, out=result)
-    result = xp.where(magnitude >= ERF_SATURATION, xp.copysign(1.0, x), result)
     result = xp.where(xp.isnan(x), x, result)
     return result.astype(out_dtype, copy=False)
 
