@@ -185,7 +185,7 @@ def save_safetensors(path, arrays: Mapping, metadata: Mapping | None = None) -> 
         if key not in _WRITE_DTYPES:
             raise TypeError(f"arrays[{name!r}] has dtype {value.dtype}; safetensors files here hold float64/32/16, "
                             "int64/32/16/8, uint8 and bool")
-        host[name] = (_WRITE_DTYPES[key], np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")))
+        host[name] = (_WRITE_DTYPES[key], value.astype(value.dtype.newbyteorder("<"), order="C", copy=False))
     offset = 0
     for name, (dtype_name, value) in host.items():
         header[name] = {"dtype": dtype_name, "shape": list(value.shape),
