@@ -1,4 +1,5 @@
-"""Checkpoints (one .npz file: parameters, config, optimizer and RNG state) and the GPT-2 mapping.
+"""Checkpoints (one .npz file: parameters, config, optimizer and RNG state), the GPT-2 mapping, and (at
+the end) Axon's parameter layout and safetensors files (kto_np.safetensors, re-exported here).
 
 A checkpoint is a zip of .npy entries, readable by `numpy.load(path, allow_pickle=False)`:
 

@@ -278,7 +278,7 @@ def model_checks(seed: int = 0, variant: str = "kto", tolerance: float = 1e-6, *
     if architecture == "edifice":
         # Some of Edifice's gradients are tiny or exactly 0: a key bias adds q . b_k to every score of a
         # query's row, which the softmax (its +1e-8 variant too, since the row max moves with it) ignores,
-        # and with the fixed embedding every position's keys are alike, so the query biases get ~1e-5.
+        # and with the fixed embedding every position's keys are alike, so the q and k weights get ~1e-5.
         # Finite differences cannot resolve those to 1e-6 of themselves (their noise is ~1e-11), so a
         # tensor's error is measured against at least 1e-3 of the model's largest gradient entry
         # ("floor" rows). A wrong gradient of such a tensor is still off by about its own size.

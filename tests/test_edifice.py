@@ -492,3 +492,14 @@ def test_bad_params_and_dlogits():
 
 def test_constants_are_edifices():
     assert ATTENTION_MASK_VALUE == -1e9 and SOFTMAX_EPS == 1e-8
+
+
+def test_demo_command_line_options():
+    from kto_np.cli import build_parser  # noqa: PLC0415
+
+    args = build_parser().parse_args(["demo", "--architecture", "edifice", "--token-embedding", "learned"])
+    assert args.architecture == "edifice" and args.token_embedding == "learned"
+    args = build_parser().parse_args(["demo"])
+    assert args.architecture == "gpt2" and args.token_embedding is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--architecture", "llama"])
