@@ -36,7 +36,7 @@ from kto_np import checkpoint
 from kto_np.data import Tokenizer, collate, iterate_batches, make_examples, make_task
 from kto_np.layers import layernorm_forward
 from kto_np.optim import adamw_init, adamw_step
-from kto_np.train import sft_loss_and_grads
+from kto_np.step import sft_step
 
 model = kto_np.build(architecture="edifice", vocab_size=11, hidden_size=12, num_heads=3, num_layers=2,
                      max_seq_len=8, dropout=0.0, dtype="float64")
@@ -116,7 +116,7 @@ def train(architecture_options: dict, steps: int) -> tuple:
     weights = net.init(0)
     state = adamw_init(weights)
     for step in range(steps):
-        loss, _, grads = sft_loss_and_grads(net, weights, batches[step % len(batches)])
+        loss, _, grads = sft_step(net, weights, batches[step % len(batches)])
         adamw_step(weights, grads, state, lr=3e-3, weight_decay=0.0)
     return net, weights
 
@@ -126,8 +126,8 @@ fixed_net, fixed_weights = train({}, steps)
 learned_net, learned_weights = train({"token_embedding": "learned"}, steps)
 for batch in batches[:3]:
     bound = position_only_bound(batch)
-    fixed_loss = sft_loss_and_grads(fixed_net, fixed_weights, batch)[0]
-    learned_loss = sft_loss_and_grads(learned_net, learned_weights, batch)[0]
+    fixed_loss = sft_step(fixed_net, fixed_weights, batch)[0]
+    learned_loss = sft_step(learned_net, learned_weights, batch)[0]
     print(f"bound {bound:.4f}   fixed embedding {fixed_loss:.4f}   learned embedding {learned_loss:.4f}")
     assert fixed_loss >= bound - 1e-9  # a theorem, not a tendency
     assert learned_loss < bound  # the repaired network already beats every position-only model
