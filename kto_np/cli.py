@@ -11,7 +11,7 @@ from . import __version__
 
 # TrainConfig fields that have a command-line option (the rest come from the preset)
 TRAINING_OPTIONS = ("steps", "sft_steps", "variant", "beta", "desirable_weight", "undesirable_weight",
-                    "desirable_fraction", "lr", "seed", "dtype", "backend")
+                    "desirable_fraction", "lr", "seed", "dtype", "backend", "architecture", "token_embedding")
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
@@ -36,6 +36,16 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
                 ok = all(r.passed for r in checked)
                 print(f"  {variant:<18} {positional:<10} {'tied' if tie else 'untied':<6} "
                       f"worst {worst.rel_error:.2e} ({worst.name})  {'pass' if ok else 'FAIL'}")
+    print("\nEdifice's backbone (architecture edifice, every parameter; worst tensor of each):")
+    for variant in VARIANTS:
+        for token_embedding in ("fixed", "learned"):
+            checked = model_checks(seed=args.seed, variant=variant, architecture="edifice",
+                                   token_embedding=token_embedding)
+            all_rows += checked
+            worst = max(checked, key=lambda r: r.rel_error)
+            ok = all(r.passed for r in checked)
+            print(f"  {variant:<18} {token_embedding + ' embedding':<17} "
+                  f"worst {worst.rel_error:.2e} ({worst.name})  {'pass' if ok else 'FAIL'}")
     failed = [r for r in all_rows if not r.passed]
     worst = max(all_rows, key=lambda r: r.rel_error / r.tolerance)
     print(f"\n{len(all_rows) - len(failed)}/{len(all_rows)} tensors passed; closest to its tolerance: "
@@ -175,6 +185,11 @@ def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
                    help=f"parameter and activation dtype (default: {defaults.dtype})")
     p.add_argument("--backend", choices=("numpy", "cupy"), default=defaults.backend,
                    help="array library: numpy (CPU) or cupy (GPU, needs the gpu extra) (default: numpy)")
+    p.add_argument("--architecture", choices=("gpt2", "edifice"), default=defaults.architecture,
+                   help="the network: gpt2, or edifice (Edifice.Meta.KTO.build's own backbone) (default: gpt2)")
+    p.add_argument("--token-embedding", choices=("fixed", "learned"), default=defaults.token_embedding,
+                   help="--architecture edifice only: Edifice's fixed embedding (its default; the logits then "
+                   "ignore the token ids) or a learned table")
     p.add_argument("--out", default=None, help="run folder (default: runs/<command>)")
     p.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
     p.add_argument("--resume", action="store_true",
@@ -194,7 +209,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             steps=args.steps, sft_steps=args.sft_steps, variant=args.variant, beta=args.beta,
             desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
             desirable_fraction=args.desirable_fraction, lr=args.lr, seed=args.seed, dtype=args.dtype,
-            backend=args.backend, **args.preset)
+            backend=args.backend, architecture=args.architecture, token_embedding=args.token_embedding,
+            **args.preset)
     except (TypeError, ValueError) as exc:
         print(f"kto-np {args.command}: error: {exc}", file=sys.stderr)
         return 2
