@@ -25,6 +25,7 @@ def forward_with_cache(model: GPT, params: dict, tokens, kv_cache: KVCache | Non
     max_seq_len is made. Same numbers as GPT.forward on the whole sequence.
     """
     if kv_cache is None:
+        model.check_params(params)
         tokens = model.check_tokens(tokens)
         kv_cache = KVCache.empty(model, tokens.shape[0], xp=array_module(params["wte.weight"]))
     logits, _ = model.forward(params, tokens, kv_cache=kv_cache)
@@ -84,7 +85,7 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
 
     # checked once above: each step runs the model's forward unchecked, on the new token only
     kv_cache = KVCache.empty(model, B, capacity=T0 + max_new_tokens, xp=array_module(params["wte.weight"]))
-    logits, _ = model._forward(params, prompt, kv_cache=kv_cache)
+    logits, _ = model._forward(params, prompt, keep_cache=False, kv_cache=kv_cache)
     generated = []
     stopped = np.zeros(B, dtype=bool)
     for step in range(max_new_tokens):
@@ -95,7 +96,7 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
         generated.append(next_tokens)
         if stopped.all() or step == max_new_tokens - 1:
             break
-        logits, _ = model._forward(params, next_tokens[:, None], kv_cache=kv_cache)
+        logits, _ = model._forward(params, next_tokens[:, None], keep_cache=False, kv_cache=kv_cache)
     return np.concatenate([prompt, np.stack(generated, axis=1)], axis=1)
 
 

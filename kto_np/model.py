@@ -396,7 +396,7 @@ class GPT:
             kv_cache.check_room(tokens, self.config)
         return self._forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache, kv_cache=kv_cache)
 
-    def _forward(self, params: dict, tokens, *, train: bool = False, rng=None, keep_cache: bool = False,
+    def _forward(self, params: dict, tokens, *, train: bool = False, rng=None, keep_cache: bool,
                  kv_cache: KVCache | None = None):
         """GPT.forward on checked arguments (generate calls it once per token)."""
         config = self.config

@@ -57,6 +57,7 @@ from .losses import VARIANTS, KTOConfig, check_balance, check_weights_not_both_z
 from .model import GPT, build, model_from_config
 from .optim import adamw_init, adamw_step, clip_grad_norm, learning_rate
 from .step import Batch, forward_logps, kto_dlogits, kto_step, reference_logps, sft_step
+from .step import completion_logps as step_completion_logps
 from .validation import check_bool, check_choice, check_finite_scalar, check_positive_int
 
 __all__ = [
@@ -187,11 +188,21 @@ class TrainConfig:
         return cls(**d)
 
 
+# the names these had before the step module (kept so that earlier code keeps working)
+completion_logps = step_completion_logps
+frozen_logps = forward_logps
+sft_loss_and_grads = sft_step
+
+
 def kto_loss_and_param_grads(model: GPT, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
                              variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
                              undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
-                             rng=None):
-    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads)."""
+                             rng=None, warn_balance: bool = False):
+    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads). The step never
+    warns about the class balance (run checks it once for the whole data); warn_balance is accepted
+    for compatibility with earlier versions and must be False."""
+    if check_bool("warn_balance", warn_balance):
+        raise ValueError("warn_balance must be False: use losses.check_balance(labels, ...) for a batch's balance")
     config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
     return kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train=train, rng=rng)
 
