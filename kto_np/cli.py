@@ -15,7 +15,8 @@ TRAINING_OPTIONS = ("steps", "sft_steps", "variant", "beta", "desirable_weight",
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
-    from .gradcheck import format_report, loss_and_logprob_checks, model_checks  # noqa: PLC0415
+    from .gradcheck import format_report  # noqa: PLC0415
+    from .gradcheck_suite import loss_and_logprob_checks, model_checks  # noqa: PLC0415
     from .losses import VARIANTS  # noqa: PLC0415
 
     rows = loss_and_logprob_checks(seed=args.seed)

@@ -23,7 +23,8 @@ from kto_np.edifice import (
 )
 from kto_np.edifice_case import edifice_model_case_arrays
 from kto_np.generate import generate
-from kto_np.gradcheck import check_gradients, model_checks, rel_error
+from kto_np.gradcheck import check_gradients, rel_error
+from kto_np.gradcheck_suite import model_checks
 from kto_np.layers import (
     erf,
     gelu_exact_backward,
