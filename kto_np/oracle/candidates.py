@@ -30,7 +30,7 @@ from ..logprobs import (
     sequence_logprobs_forward,
 )
 from ..losses import dpo_loss_and_grad, kto_loss_and_grad
-from .cases import Case, kto_keywords, model_reference_outputs, resolve_variant, trainable_names
+from .cases import PIPELINE_KINDS, Case, kto_keywords, model_reference_outputs, resolve_variant, trainable_names
 
 FD_STEP = {"float64": 1e-5, "float32": 1e-2}
 FD_FULL_MAX_ENTRIES = 512  # larger tensors, and model parameters, are checked along random directions
@@ -240,6 +240,11 @@ def _objective(kind: str, case: Case, primary):
 def evaluate(candidate, case: Case, tolerance: str) -> _Evaluation:
     """Call the candidate on one case and collect every quantity it yields, with where it came from."""
     kind, notes = case.kind, []
+    if kind in PIPELINE_KINDS:
+        from . import distributed, kl_pairs  # noqa: PLC0415
+
+        values, notes = (kl_pairs if kind == "kl_pairs" else distributed).evaluate(candidate, case, tolerance)
+        return _Evaluation(values, notes)
     numpy_error = None
     try:
         out, arguments = _call(candidate, case, "numpy", notes)

@@ -35,6 +35,11 @@ VARIANTS = {
     "sequence_logprobs": (None,),
     "model_kto": ("kto",),
 }
+# kinds that check a piece of the training pipeline (kl_pairs.py, distributed.py)
+PIPELINE_KINDS = ("kl_pairs", "data_parallel", "accumulation")
+KINDS += PIPELINE_KINDS
+VARIANTS.update({"kl_pairs": ("whole_batch", "blocks"), "data_parallel": ("rank_means", "global_mean"),
+                 "accumulation": ("kto",)})
 
 
 @dataclass(frozen=True, eq=False)
@@ -468,8 +473,10 @@ def resolve_variant(kind: str, variant: str | None) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _cached_cases() -> tuple[Case, ...]:
+    from . import distributed, kl_pairs  # noqa: PLC0415  (they build on this module)
+
     return tuple(_kto_loss_cases() + _dpo_cases() + _logprobs_cases() + _sequence_logprobs_cases()
-                 + _model_cases())
+                 + _model_cases() + kl_pairs.cases() + distributed.cases())
 
 
 def generate_cases() -> tuple[Case, ...]:

@@ -34,7 +34,7 @@ def _select_cases(cases, kind: str, variant: str | None) -> list[Case]:
 
 
 def verify(candidate: Callable, kind: str = "kto_loss", variant: str | None = None, cases=None, *,
-           tolerance: str = "float64") -> Report:
+           tolerance: str = "float64", timeout: float | None = None) -> Report:
     """Check a candidate implementation against the reference cases; returns a Report.
 
     kind: "kto_loss" (variant "kto" by default, or "edifice", "edifice_stop_z_grad", "apo_zero_unpaired"),
@@ -51,9 +51,10 @@ def verify(candidate: Callable, kind: str = "kto_loss", variant: str | None = No
     selected = _select_cases(cases, kind, variant)
     report = Report(kind, variant, tolerance, [c.name for c in selected])
     candidate_values: dict[str, dict] = {}
+    ranked = _run_ranks(candidate, kind, selected, tolerance, timeout)
     for case in selected:
         try:
-            evaluation = evaluate(candidate, case, tolerance)
+            evaluation = evaluate(candidate, case, tolerance) if ranked is None else _ranked_result(ranked, case)
         except CandidateError as exc:
             report.errors[case.name] = str(exc)
             continue
@@ -82,6 +83,22 @@ def verify(candidate: Callable, kind: str = "kto_loss", variant: str | None = No
     report.diagnosis = diagnose(kind, variant, selected, candidate_values, report)
     return report
 
+
+
+def _run_ranks(candidate, kind: str, selected: list[Case], tolerance: str, timeout: float | None):
+    """data_parallel: every case of every world size in one go (one process group per world size)."""
+    if kind != "data_parallel":
+        return None
+    from .dp_launch import run_data_parallel  # noqa: PLC0415
+
+    return run_data_parallel(candidate, selected, tolerance, timeout=timeout)
+
+
+def _ranked_result(ranked: dict, case: Case):
+    result = ranked[case.name]
+    if isinstance(result, str):
+        raise CandidateError(result)
+    return result
 
 
 def main_check(spec: str, kind: str = "kto_loss", variant: str | None = None, cases_dir=None,

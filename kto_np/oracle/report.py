@@ -15,7 +15,7 @@ import numpy as np
 from .. import __version__
 from ..gradcheck import reference_error
 from .cases import Case
-from .mistakes import KNOWN_MISTAKES, mutants
+from .mistakes import KNOWN_MISTAKES, mutants, raised_only_on_single_class
 
 # (rtol, atol) per quantity class; a quantity passes when max|c - r| <= atol + rtol * max|r|.
 TOLERANCES = {
@@ -124,6 +124,16 @@ def compare(case: str, quantity: str, source: str, candidate, reference, toleran
                  c_value, r_value, note)
 
 
+def _agrees_or_absent(value, other, rtol: float, atol: float) -> bool:
+    """agrees, with None (an absent metric) equal to None or an all-NaN value."""
+    def normal(x):
+        if x is None:
+            return None
+        x = np.asarray(x, dtype=np.float64)
+        return None if x.size and np.isnan(x).all() and x.ndim == 0 else x
+    return agrees(normal(value), normal(other), rtol, atol)
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     """Which known mistakes a failing candidate's numbers match (empty when none or when it passed)."""
@@ -199,17 +209,28 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
     """
     if report.passed:
         return Diagnosis((), "all checks passed")
+    all_failing = {(c.case, c.quantity) for c in report.failures}
     failing = {(c.case, c.quantity) for c in report.failures if not c.quantity.startswith("metrics/")}
+    by_name = {case.name: case for case in cases}
+    if not all_failing and raised_only_on_single_class(kind, by_name, report.errors):
+        mistake = KNOWN_MISTAKES["single_class_nan"]
+        return Diagnosis((mistake.id,), f"matches known mistake {mistake.id}: {mistake.title}: it raised on every "
+                                        f"case with one class and only there (fix: {mistake.fix})")
     if not candidate_values:
         return Diagnosis((), "the candidate raised on every case: nothing to compare with the known mistakes")
-    by_name = {case.name: case for case in cases}
     matches, scores = [], []
     for mutant in mutants(kind, variant):
+        if mutant.match is not None:  # a mistake without fixed numbers (a random pairing): a rule decides
+            if mutant.match(candidate_values, by_name):
+                matches.append(mutant)
+            continue
+        target = all_failing if mutant.metrics else failing
         agree, distinguishable, explained, compared = True, False, set(), 0
         for case_name, quantities in candidate_values.items():
             outputs = mutant.compute(by_name[case_name])
             for quantity, (value, source, projection) in quantities.items():
-                if quantity not in outputs or value is None or quantity.startswith("metrics/"):
+                is_metric = quantity.startswith("metrics/")
+                if quantity not in outputs or is_metric != mutant.metrics or (value is None and not is_metric):
                     continue
                 mutated = outputs[quantity]
                 reference = by_name[case_name].expected[quantity]
@@ -217,17 +238,16 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
                     mutated, reference = projection(mutated), projection(reference)
                 rtol, atol = TOLERANCES[report.tolerance][quantity_class(quantity, source)]
                 compared += 1
-                if agrees(value, np.asarray(mutated, dtype=np.float64), rtol, atol):
+                if _agrees_or_absent(value, mutated, rtol, atol):
                     explained.add((case_name, quantity))
                 else:
                     agree = False
-                if not agrees(np.asarray(mutated, dtype=np.float64), np.asarray(reference, dtype=np.float64),
-                               rtol, atol):
+                if not _agrees_or_absent(mutated, reference, rtol, atol):
                     distinguishable = True
-        covered = failing <= explained
+        covered = target <= explained
         if agree and distinguishable and covered and compared:
             matches.append(mutant)
-        scores.append((len(failing & explained), mutant))
+        scores.append((len(target & explained), mutant))
     if matches:
         ids = tuple(dict.fromkeys(m.mistake for m in matches))
         text = "; ".join(f"{i}: {KNOWN_MISTAKES[i].title} (fix: {KNOWN_MISTAKES[i].fix})" for i in ids)

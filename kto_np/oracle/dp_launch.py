@@ -1,0 +1,332 @@
+"""Starting the ranks of a data_parallel check: R local processes in one torch.distributed process group.
+
+Each rank is `python -m kto_np.oracle.dp_worker REQUEST.json`, started the way torchrun starts one:
+MASTER_ADDR=127.0.0.1, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE in its environment.
+Loopback only: the port is found by binding a socket to 127.0.0.1 here; that listening socket is handed to
+rank 0, which serves the rendezvous store on it (torch's TCPStore would otherwise listen on every
+interface), and gloo is bound to the loopback interface (GLOO_SOCKET_IFNAME). One process group per world
+size; the groups run side by side.
+
+Every rank reports events (importing, joined, start/done/error per case, finished) as JSON lines in a file
+of its own; this parent decides. Bounded time on every path: a rank that does not join within
+join_timeout, or a case not finished by every rank within timeout seconds (a hang, or a collective the
+other ranks never enter), ends the group with a message naming the ranks and where they were; a rank that
+raises or exits ends it at once. Every process is killed and waited for before this returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .cases import Case
+from .distributed import shard_sizes
+
+DEFAULT_TIMEOUT = 60.0  # seconds per case, for every rank together
+JOIN_TIMEOUT = 90.0  # seconds for every rank to import torch and the candidate and join the group
+POLL_SECONDS = 0.02
+OUTPUT_LINES_KEPT = 5
+
+
+def loopback_interface() -> str:
+    """The name of the loopback interface ("lo" on Linux, "lo0" on macOS), for gloo."""
+    with contextlib.suppress(OSError, AttributeError):
+        for _, name in socket.if_nameindex():
+            if name.startswith("lo"):
+                return name
+    return "lo"
+
+
+def _torch_missing_reason() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return ("kind data_parallel runs the candidate in a real torch.distributed process group and torch is not "
+                "installed (pip install torch); skipped")
+    return None
+
+
+def candidate_spec(candidate) -> str | None:
+    """"module:qualname" or "path/file.py:qualname" naming a module-level function, else None."""
+    if isinstance(candidate, str):
+        return candidate
+    module_name = getattr(candidate, "__module__", None)
+    qualname = getattr(candidate, "__qualname__", None)
+    if not isinstance(module_name, str) or not isinstance(qualname, str) or "<" in qualname:
+        return None
+    module = sys.modules.get(module_name)
+    found = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if found is not candidate:
+        return None
+    if module_name == "__main__" or module_name not in sys.modules or getattr(module, "__spec__", None) is None:
+        path = getattr(module, "__file__", None)
+        return f"{path}:{qualname}" if path else None
+    return f"{module_name}:{qualname}"
+
+
+def _case_payload(case: Case) -> dict:
+    inputs = {k: np.asarray(v).tolist() for k, v in case.inputs.items()}
+    return {"name": case.name, "variant": case.variant, "inputs": inputs}
+
+
+class _Rank:
+    def __init__(self, rank: int, process: subprocess.Popen, events_path: str, output_path: str):
+        self.rank, self.process, self.events_path, self.output_path = rank, process, events_path, output_path
+        self.events: list[dict] = []
+        self._offset = 0
+
+    def read_events(self) -> None:
+        try:
+            with open(self.events_path, "rb") as file:
+                file.seek(self._offset)
+                data = file.read()
+        except OSError:
+            return
+        complete = data[:data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.splitlines():
+            with contextlib.suppress(ValueError):
+                self.events.append(json.loads(line))
+
+    def last(self, name: str) -> dict | None:
+        return next((e for e in reversed(self.events) if e.get("event") == name), None)
+
+    def has(self, name: str, case: str | None = None) -> bool:
+        return any(e.get("event") == name and (case is None or e.get("case") == case) for e in self.events)
+
+    def where(self) -> str:
+        if not self.events:
+            return "not started"
+        event = self.events[-1]
+        return {"importing": "importing torch and the candidate", "joining": "joining the process group",
+                "joined": "joined", "start": f"in the candidate on {event.get('case')}",
+                "done": f"finished {event.get('case')}", "finished": "finished"}.get(event.get("event"),
+                                                                                    event.get("event", "?"))
+
+    def output(self) -> str:
+        try:
+            with open(self.output_path, encoding="utf-8", errors="replace") as file:
+                lines = [line.rstrip() for line in file.readlines() if line.strip()]
+        except OSError:
+            return ""
+        kept = lines[:OUTPUT_LINES_KEPT]
+        more = f" (+{len(lines) - len(kept)} more lines)" if len(lines) > len(kept) else ""
+        return " | ".join(kept) + more
+
+
+class _Group:
+    """One process group: R ranks running the cases of world size R in order."""
+
+    def __init__(self, world_size: int, cases: list[Case], spec: str, folder: str, tolerance: str,
+                 timeout: float, join_timeout: float):
+        self.world_size, self.cases, self.timeout, self.join_timeout = world_size, cases, timeout, join_timeout
+        self.folder = os.path.join(folder, f"world{world_size}")
+        os.makedirs(self.folder)
+        self.request_path = os.path.join(self.folder, "request.json")
+        with open(self.request_path, "w", encoding="utf-8") as file:
+            json.dump({"spec": spec, "sys_path": list(sys.path), "cwd": os.getcwd(), "tolerance": tolerance,
+                       "timeout": timeout, "join_timeout": join_timeout, "folder": self.folder,
+                       "cases": [_case_payload(c) for c in cases]}, file)
+        self.ranks: list[_Rank] = []
+        self.failure: str | None = None  # why the group ended early
+        self.failed_case: str | None = None
+        self.started = 0.0
+        self.case_seen: dict[str, float] = {}  # case -> when this parent first saw it in progress
+
+    def start(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind(("127.0.0.1", 0))  # a free port on the loopback address
+            listener.listen(64)
+            port = listener.getsockname()[1]
+            base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    "WORLD_SIZE": str(self.world_size), "LOCAL_WORLD_SIZE": str(self.world_size), "GROUP_RANK": "0",
+                    "GLOO_SOCKET_IFNAME": loopback_interface(), "OMP_NUM_THREADS": "1",
+                    "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            self.started = time.monotonic()
+            for rank in range(self.world_size):
+                env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                pass_fds: tuple = ()
+                if rank == 0:
+                    env["KTO_NP_ORACLE_LISTEN_FD"] = str(listener.fileno())
+                    pass_fds = (listener.fileno(),)
+                events_path = os.path.join(self.folder, f"rank{rank}.jsonl")
+                output_path = os.path.join(self.folder, f"rank{rank}.out")
+                with open(output_path, "wb") as output:
+                    process = subprocess.Popen(
+                        [sys.executable, "-m", "kto_np.oracle.dp_worker", self.request_path, events_path],
+                        env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                        pass_fds=pass_fds, start_new_session=True)
+                self.ranks.append(_Rank(rank, process, events_path, output_path))
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            listener.close()  # rank 0 holds its own copy
+
+    def _case_in_progress(self) -> str | None:
+        for case in self.cases:
+            if not all(r.has("done", case.name) for r in self.ranks):
+                return case.name
+        return None
+
+    def poll(self, now: float) -> bool:
+        """Read the ranks' events; True when the group has ended (finished or failed)."""
+        if self.failure is not None:
+            return True
+        for r in self.ranks:
+            r.read_events()
+        for r in self.ranks:
+            error = r.last("error")
+            if error is not None:
+                self.failed_case = error.get("case")
+                where = f" on {error['case']}" if error.get("case") else ""
+                self.failure = f"rank {r.rank} raised{where}: {error.get('message')}"
+                return True
+        for r in self.ranks:
+            code = r.process.poll()
+            if code is not None and not r.has("finished"):
+                r.read_events()
+                if r.last("error") is not None:
+                    return self.poll(now)
+                self.failed_case = self._case_in_progress()
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                output = r.output()
+                self.failure = (f"rank {r.rank} {how} while {r.where()}"
+                                + (f"; its output: {output}" if output else ""))
+                return True
+        if all(r.has("finished") and r.process.poll() is not None for r in self.ranks):
+            return True
+        if not all(r.has("joined") for r in self.ranks):
+            if now - self.started > self.join_timeout:
+                late = [r for r in self.ranks if not r.has("joined")]
+                self.failed_case = self.cases[0].name
+                self.failure = (f"rank(s) {[r.rank for r in late]} did not join the process group within "
+                                f"{self.join_timeout:g} s (" + "; ".join(f"rank {r.rank}: {r.where()}" for r in late)
+                                + "): a rank that never joins")
+                return True
+            return False
+        case = self._case_in_progress()
+        if case is None:
+            return all(r.process.poll() is not None for r in self.ranks)
+        first_seen = self.case_seen.setdefault(case, now)
+        if now - first_seen > self.timeout:
+            slow = [r for r in self.ranks if not r.has("done", case)]
+            self.failed_case = case
+            self.failure = (f"timed out after {self.timeout:g} s on {case}: rank(s) {[r.rank for r in slow]} did not "
+                            "finish it (" + "; ".join(f"rank {r.rank}: {r.where()}" for r in slow)
+                            + ") - a hang in the candidate, or a collective the other ranks never entered")
+            return True
+        return False
+
+    def kill(self) -> None:
+        for r in self.ranks:
+            if r.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(r.process.pid, signal.SIGKILL)
+        for r in self.ranks:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.process.wait(timeout=10)
+
+    def results(self) -> dict:
+        from .candidates import _Evaluation  # noqa: PLC0415
+
+        for r in self.ranks:
+            r.read_events()
+        out: dict = {}
+        failed = False
+        for case in self.cases:
+            done = [next((e for e in r.events if e.get("event") == "done" and e.get("case") == case.name), None)
+                    for r in self.ranks]
+            if all(d is not None for d in done):
+                out[case.name] = _Evaluation(*_combine(case, done))
+                continue
+            if not failed:
+                out[case.name] = self.failure or "the process group ended without a result"
+                failed = True
+            else:
+                out[case.name] = f"not run: the process group ended on an earlier case ({self.failure})"
+        return out
+
+
+def _combine(case: Case, done: Sequence[dict]) -> tuple[dict, list]:
+    """The ranks' losses and gradients combined as data-parallel training does: mean loss, gradients / R."""
+    world = len(done)
+    sources = sorted({e["sources"]["loss"] for e in done})
+    values = {"loss": (np.float64(np.mean([_number(e["loss"]) for e in done])), "+".join(sources), None)}
+    for name in ("policy_logps", "kl_policy_logps"):
+        parts = [e["grads"].get(name) for e in done]
+        part_sources = sorted({e["sources"].get(name, "not checked") for e in done})
+        if any(p is None for p in parts):
+            values[f"grad/{name}"] = (None, "not checked", None)
+            continue
+        grad = np.concatenate([np.asarray(_numbers(p), dtype=np.float64).reshape(-1) for p in parts]) / world
+        values[f"grad/{name}"] = (grad, "+".join(part_sources), None)
+    notes = list(dict.fromkeys(f"{case.name}: rank {r}: {note}" for r, e in enumerate(done) for note in e["notes"]))
+    return values, notes
+
+
+def _number(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _numbers(values) -> list:
+    return [_number(v) for v in values]
+
+
+def run_data_parallel(candidate, cases: Sequence[Case], tolerance: str = "float64", *,
+                      timeout: float | None = None, join_timeout: float | None = None) -> dict:
+    """Run the data_parallel cases: case name -> _Evaluation, or a message saying why there is none.
+
+    Raises ImportError when torch is missing and TypeError when the candidate cannot be named for a child
+    process (a closure or a lambda).
+    """
+    reason = _torch_missing_reason()
+    if reason is not None:
+        raise ImportError(reason)
+    spec = candidate_spec(candidate)
+    if spec is None:
+        raise TypeError("a data_parallel candidate runs in R separate processes, so it must be importable by name: "
+                        "a module-level function ('module:function' or 'path/file.py:function'), got "
+                        f"{getattr(candidate, '__qualname__', type(candidate).__name__)!r}")
+    timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+    join_timeout = JOIN_TIMEOUT if join_timeout is None else float(join_timeout)
+    by_world: dict[int, list[Case]] = {}
+    for case in cases:
+        by_world.setdefault(len(shard_sizes(case)), []).append(case)
+    folder = tempfile.mkdtemp(prefix="kto_np_data_parallel_")
+    groups = [_Group(world, group_cases, spec, folder, tolerance, timeout, join_timeout)
+              for world, group_cases in sorted(by_world.items())]
+    try:
+        for group in groups:
+            group.start()
+        pending = list(groups)
+        while pending:
+            now = time.monotonic()
+            pending = [g for g in pending if not g.poll(now)]
+            for group in groups:
+                if group not in pending:
+                    group.kill()
+            if pending:
+                time.sleep(POLL_SECONDS)
+        out: dict = {}
+        for group in groups:
+            out.update(group.results())
+        return out
+    finally:
+        for group in groups:
+            group.kill()
+        shutil.rmtree(folder, ignore_errors=True)
