@@ -68,10 +68,12 @@ class _ShardSpec(NamedTuple):
 DP_SPECS = (
     _ShardSpec("R2_equal", "2 ranks, equal shards, KL means of opposite sign", 61, (4, 4), (0.8, -0.5)),
     _ShardSpec("R2_unequal", "2 ranks, shards of 5 and 3", 62, (5, 3), (0.7, -0.45)),
-    _ShardSpec("R3_unequal", "3 ranks, shards of 4, 2, 3", 63, (4, 2, 3), (0.9, -0.6, 0.3)),
+    _ShardSpec("R3_unequal", "3 ranks, shards of 4, 2, 3; the mean of rank means is negative (z = 0), the global "
+               "mean positive", 63, (4, 2, 3), (0.4, -0.9, 0.2)),
     _ShardSpec("R4_equal", "4 ranks, equal shards", 64, (3, 3, 3, 3), (0.5, -0.7, 0.6, -0.2)),
-    _ShardSpec("R4_unequal_one_class", "4 ranks, shards of 2, 4, 1, 3; rank 2 holds one desirable example", 65,
-               (2, 4, 1, 3), (-0.3, 0.6, 0.4, -0.2), single_class_shard=2),
+    _ShardSpec("R4_unequal_one_class", "4 ranks, shards of 2, 4, 1, 3; rank 2 holds one desirable example; the "
+               "mean of rank means is positive, the global mean negative", 65, (2, 4, 1, 3), (-0.3, -0.4, 0.9, 0.1),
+               single_class_shard=2),
 )
 ACCUMULATION_SPECS = (
     _ShardSpec("A2", "2 micro-batches of 4", 71, (4, 4), (0.6, -0.3)),

@@ -83,8 +83,10 @@ def _case_payload(case: Case) -> dict:
 
 
 class _Rank:
-    def __init__(self, rank: int, process: subprocess.Popen, events_path: str, output_path: str):
-        self.rank, self.process, self.events_path, self.output_path = rank, process, events_path, output_path
+    """One rank as the parent sees it: its events file (the zygote adds "forked" with its pid and "exit")."""
+
+    def __init__(self, rank: int, events_path: str, output_path: str):
+        self.rank, self.events_path, self.output_path = rank, events_path, output_path
         self.events: list[dict] = []
         self._offset = 0
 
@@ -107,14 +109,25 @@ class _Rank:
     def has(self, name: str, case: str | None = None) -> bool:
         return any(e.get("event") == name and (case is None or e.get("case") == case) for e in self.events)
 
+    @property
+    def pid(self) -> int | None:
+        forked = self.last("forked")
+        return None if forked is None else int(forked["pid"])
+
+    @property
+    def exit_code(self) -> int | None:
+        ended = self.last("exit")
+        return None if ended is None else int(ended["code"])
+
     def where(self) -> str:
-        if not self.events:
+        steps = [e for e in self.events if e.get("event") not in ("forked", "exit")]
+        if not steps:
             return "not started"
-        event = self.events[-1]
-        return {"importing": "importing torch and the candidate", "joining": "joining the process group",
-                "joined": "joined", "start": f"in the candidate on {event.get('case')}",
+        event = steps[-1]
+        return {"importing": "importing the candidate", "joining": "joining the process group",
+                "joined": "joined the process group", "start": f"in the candidate on {event.get('case')}",
                 "done": f"finished {event.get('case')}", "finished": "finished"}.get(event.get("event"),
-                                                                                    event.get("event", "?"))
+                                                                                    str(event.get("event")))
 
     def output(self) -> str:
         try:
@@ -125,6 +138,14 @@ class _Rank:
         kept = lines[:OUTPUT_LINES_KEPT]
         more = f" (+{len(lines) - len(kept)} more lines)" if len(lines) > len(kept) else ""
         return " | ".join(kept) + more
+
+    def kill(self) -> None:
+        pid = self.pid
+        if pid is None or self.exit_code is not None:
+            return
+        for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill()
 
 
 class _Group:
@@ -138,44 +159,26 @@ class _Group:
         self.request_path = os.path.join(self.folder, "request.json")
         with open(self.request_path, "w", encoding="utf-8") as file:
             json.dump({"spec": spec, "sys_path": list(sys.path), "cwd": os.getcwd(), "tolerance": tolerance,
-                       "timeout": timeout, "join_timeout": join_timeout, "folder": self.folder,
+                       "timeout": timeout, "join_timeout": join_timeout,
                        "cases": [_case_payload(c) for c in cases]}, file)
-        self.ranks: list[_Rank] = []
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))  # a free port on the loopback address, served by rank 0
+        self.listener.listen(64)
+        self.ranks = [_Rank(r, os.path.join(self.folder, f"rank{r}.jsonl"), os.path.join(self.folder, f"rank{r}.out"))
+                      for r in range(world_size)]
         self.failure: str | None = None  # why the group ended early
-        self.failed_case: str | None = None
+        self.ended = False
         self.started = 0.0
         self.case_seen: dict[str, float] = {}  # case -> when this parent first saw it in progress
 
-    def start(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.bind(("127.0.0.1", 0))  # a free port on the loopback address
-            listener.listen(64)
-            port = listener.getsockname()[1]
-            base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                    "WORLD_SIZE": str(self.world_size), "LOCAL_WORLD_SIZE": str(self.world_size), "GROUP_RANK": "0",
-                    "GLOO_SOCKET_IFNAME": loopback_interface(), "OMP_NUM_THREADS": "1",
-                    "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-            self.started = time.monotonic()
-            for rank in range(self.world_size):
-                env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-                pass_fds: tuple = ()
-                if rank == 0:
-                    env["KTO_NP_ORACLE_LISTEN_FD"] = str(listener.fileno())
-                    pass_fds = (listener.fileno(),)
-                events_path = os.path.join(self.folder, f"rank{rank}.jsonl")
-                output_path = os.path.join(self.folder, f"rank{rank}.out")
-                with open(output_path, "wb") as output:
-                    process = subprocess.Popen(
-                        [sys.executable, "-m", "kto_np.oracle.dp_worker", self.request_path, events_path],
-                        env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                        pass_fds=pass_fds, start_new_session=True)
-                self.ranks.append(_Rank(rank, process, events_path, output_path))
-        except BaseException:
-            self.kill()
-            raise
-        finally:
-            listener.close()  # rank 0 holds its own copy
+    def rank_specs(self) -> list[dict]:
+        port = self.listener.getsockname()[1]
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(self.world_size),
+               "LOCAL_WORLD_SIZE": str(self.world_size), "GROUP_RANK": "0", "GLOO_SOCKET_IFNAME": loopback_interface()}
+        return [{"env": {**env, "RANK": str(r.rank), "LOCAL_RANK": str(r.rank),
+                         **({"KTO_NP_ORACLE_LISTEN_FD": str(self.listener.fileno())} if r.rank == 0 else {})},
+                 "listen_fd": self.listener.fileno() if r.rank == 0 else None, "request": self.request_path,
+                 "events": r.events_path, "output": r.output_path} for r in self.ranks]
 
     def _case_in_progress(self) -> str | None:
         for case in self.cases:
@@ -183,37 +186,42 @@ class _Group:
                 return case.name
         return None
 
-    def poll(self, now: float) -> bool:
+    def poll(self, now: float, launcher_ended: str | None) -> bool:
         """Read the ranks' events; True when the group has ended (finished or failed)."""
-        if self.failure is not None:
+        if self.ended:
             return True
+        self.ended = self._poll(now, launcher_ended)
+        if self.ended:
+            self.kill()
+        return self.ended
+
+    def _poll(self, now: float, launcher_ended: str | None) -> bool:
         for r in self.ranks:
             r.read_events()
+        errors = [(r.last("error")["time"], r.rank, r.last("error")) for r in self.ranks if r.last("error")]
+        if errors:  # the first to raise; the others typically fail after it, in a collective it left
+            _, rank, error = min(errors, key=lambda e: e[:2])
+            where = f" on {error['case']}" if error.get("case") else ""
+            others = sorted(r for _, r, _ in errors if r != rank)
+            then = f" (then rank(s) {others} failed too)" if others else ""
+            self.failure = f"rank {rank} raised{where}: {error.get('message')}{then}"
+            return True
         for r in self.ranks:
-            error = r.last("error")
-            if error is not None:
-                self.failed_case = error.get("case")
-                where = f" on {error['case']}" if error.get("case") else ""
-                self.failure = f"rank {r.rank} raised{where}: {error.get('message')}"
-                return True
-        for r in self.ranks:
-            code = r.process.poll()
+            code = r.exit_code
             if code is not None and not r.has("finished"):
-                r.read_events()
-                if r.last("error") is not None:
-                    return self.poll(now)
-                self.failed_case = self._case_in_progress()
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
                 output = r.output()
                 self.failure = (f"rank {r.rank} {how} while {r.where()}"
                                 + (f"; its output: {output}" if output else ""))
                 return True
-        if all(r.has("finished") and r.process.poll() is not None for r in self.ranks):
+        if all(r.exit_code is not None for r in self.ranks):
+            return True
+        if launcher_ended is not None and any(r.pid is None for r in self.ranks):
+            self.failure = f"the ranks could not be started: {launcher_ended}"
             return True
         if not all(r.has("joined") for r in self.ranks):
             if now - self.started > self.join_timeout:
                 late = [r for r in self.ranks if not r.has("joined")]
-                self.failed_case = self.cases[0].name
                 self.failure = (f"rank(s) {[r.rank for r in late]} did not join the process group within "
                                 f"{self.join_timeout:g} s (" + "; ".join(f"rank {r.rank}: {r.where()}" for r in late)
                                 + "): a rank that never joins")
@@ -221,25 +229,20 @@ class _Group:
             return False
         case = self._case_in_progress()
         if case is None:
-            return all(r.process.poll() is not None for r in self.ranks)
+            return False  # every case done: waiting for the ranks to exit
         first_seen = self.case_seen.setdefault(case, now)
         if now - first_seen > self.timeout:
             slow = [r for r in self.ranks if not r.has("done", case)]
-            self.failed_case = case
             self.failure = (f"timed out after {self.timeout:g} s on {case}: rank(s) {[r.rank for r in slow]} did not "
                             "finish it (" + "; ".join(f"rank {r.rank}: {r.where()}" for r in slow)
-                            + ") - a hang in the candidate, or a collective the other ranks never entered")
+                            + "): a hang in the candidate, or a collective the other ranks never entered")
             return True
         return False
 
     def kill(self) -> None:
         for r in self.ranks:
-            if r.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(r.process.pid, signal.SIGKILL)
-        for r in self.ranks:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                r.process.wait(timeout=10)
+            r.read_events()
+            r.kill()
 
     def results(self) -> dict:
         from .candidates import _Evaluation  # noqa: PLC0415
@@ -308,18 +311,32 @@ def run_data_parallel(candidate, cases: Sequence[Case], tolerance: str = "float6
     for case in cases:
         by_world.setdefault(len(shard_sizes(case)), []).append(case)
     folder = tempfile.mkdtemp(prefix="kto_np_data_parallel_")
-    groups = [_Group(world, group_cases, spec, folder, tolerance, timeout, join_timeout)
-              for world, group_cases in sorted(by_world.items())]
+    groups: list[_Group] = []
+    zygote = None
     try:
+        for world, group_cases in sorted(by_world.items()):
+            groups.append(_Group(world, group_cases, spec, folder, tolerance, timeout, join_timeout))
+        plan_path = os.path.join(folder, "plan.json")
+        with open(plan_path, "w", encoding="utf-8") as file:
+            json.dump({"ranks": [spec for g in groups for spec in g.rank_specs()]}, file)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        zygote_output = os.path.join(folder, "launcher.out")
+        with open(zygote_output, "wb") as output:
+            zygote = subprocess.Popen(
+                [sys.executable, "-m", "kto_np.oracle.dp_worker", "--zygote", plan_path], env=env,
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                pass_fds=tuple(g.listener.fileno() for g in groups), start_new_session=True)
+        started = time.monotonic()
         for group in groups:
-            group.start()
+            group.started = started
+            group.listener.close()  # rank 0 holds its own copy
         pending = list(groups)
         while pending:
+            code = zygote.poll()
+            launcher_ended = (None if code is None
+                              else f"the launcher exited with status {code}: {_tail(zygote_output)}")
             now = time.monotonic()
-            pending = [g for g in pending if not g.poll(now)]
-            for group in groups:
-                if group not in pending:
-                    group.kill()
+            pending = [g for g in pending if not g.poll(now, launcher_ended)]
             if pending:
                 time.sleep(POLL_SECONDS)
         out: dict = {}
@@ -329,4 +346,21 @@ def run_data_parallel(candidate, cases: Sequence[Case], tolerance: str = "float6
     finally:
         for group in groups:
             group.kill()
+            group.listener.close()
+        if zygote is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                zygote.wait(timeout=5)  # it ends once its ranks have
+            if zygote.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(zygote.pid, signal.SIGKILL)
+                zygote.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = [line.rstrip() for line in file if line.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-OUTPUT_LINES_KEPT:])

@@ -13,10 +13,12 @@ its collectives stay matched), each perturbing one entry of its shard at a time.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import sys
+import time
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +26,7 @@ def main(argv: list[str]) -> int:
     events = open(events_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the whole run
 
     def send(**message) -> None:
-        events.write(json.dumps(message) + "\n")
+        events.write(json.dumps({**message, "time": time.time()}) + "\n")
         events.flush()
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -194,7 +196,74 @@ class _Runner:
         return {"loss": loss if np.isfinite(loss) else None, "grads": grads, "sources": sources, "notes": notes}
 
 
+def _append_event(path: str, **message) -> None:
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(message) + "\n")
+
+
+def _rank_child(rank_spec: dict, listen_fds: list[int]) -> None:
+    """In a forked child: become the rank (its environment, output file, process group), run, exit."""
+    code = 4
+    try:
+        os.setpgid(0, 0)
+        own_fd = rank_spec.get("listen_fd")
+        for fd in listen_fds:
+            if fd != own_fd:
+                os.close(fd)
+        os.environ.update(rank_spec["env"])
+        output = os.open(rank_spec["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        os.close(output)
+        code = main([rank_spec["request"], rank_spec["events"]])
+    except BaseException:  # noqa: BLE001 - anything escaping main ends the rank, named by its exit status
+        import traceback  # noqa: PLC0415
+
+        traceback.print_exc()
+        code = 4
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)  # no interpreter teardown: a process group torn down at exit can block
+
+
+def zygote(plan_path: str) -> int:
+    """Import torch once, then fork every rank of every group (each its own process group); record how each
+    rank ended in its events file. Forking after the import saves each rank the seconds torch takes."""
+    with open(plan_path, encoding="utf-8") as file:
+        plan = json.load(file)
+    import numpy  # noqa: F401, PLC0415
+    import torch  # noqa: F401, PLC0415
+    import torch.distributed  # noqa: F401, PLC0415
+
+    from . import candidates  # noqa: F401, PLC0415
+
+    listen_fds = [r["listen_fd"] for r in plan["ranks"] if r.get("listen_fd") is not None]
+    children = {}
+    for rank_spec in plan["ranks"]:
+        pid = os.fork()
+        if pid == 0:
+            _rank_child(rank_spec, listen_fds)
+        _append_event(rank_spec["events"], event="forked", pid=pid)
+        children[pid] = rank_spec
+    for fd in listen_fds:
+        os.close(fd)
+    while children:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        rank_spec = children.pop(pid, None)
+        if rank_spec is not None:
+            code = os.waitstatus_to_exitcode(status)
+            _append_event(rank_spec["events"], event="exit", code=code)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--zygote"]:
+        sys.exit(zygote(sys.argv[2]))
     code = main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()

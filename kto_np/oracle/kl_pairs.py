@@ -167,13 +167,17 @@ def _per_block(batch_size: int, block_size: int, pair_block: Callable[[int], np.
     return out
 
 
-def _pairing_mutant(mistake: str, pairing: Callable[[int, int], object]):
+def _pairing_mutant(mistake: str, pairing: Callable[[int, int], object], *, guarded: bool = False):
+    """A wrong pairing; guarded: it raises where a block holds one example, as the reference does."""
     from .mistakes import _Mutant  # noqa: PLC0415
 
-    def compute(case: Case) -> dict:
-        return _stacked(case, [pairing(b, s) for b, s in _grid(case)])
+    def answer(batch_size, block_size):
+        return None if guarded and _needs_error(batch_size, block_size) else pairing(batch_size, block_size)
 
-    return _Mutant(mistake, mistake, compute)
+    def compute(case: Case) -> dict:
+        return _stacked(case, [answer(b, s) for b, s in _grid(case)])
+
+    return _Mutant(mistake, f"{mistake} (raises for a block of one)" if guarded else mistake, compute)
 
 
 def _matched(batch_size, block_size):
@@ -205,21 +209,24 @@ def _random_permutation_rule(candidate_values: Mapping, cases_by_name: Mapping) 
         if values.get(BLOCK_QUANTITY) is not None and np.any(values[BLOCK_QUANTITY]):
             return False
         case = cases_by_name[case_name]
+        answered = values["pairs/raised"] == 0
         for other in (_matched, _reversed, _single_left):
             mutated = _stacked(case, [other(b, s) for b, s in _grid(case)])
-            if np.array_equal(mutated["pairs/matched"], values["pairs/matched"]):
-                return False
-        saw_fixed_point |= bool(np.any(values["pairs/matched"][values["pairs/raised"] == 0] > 0))
+            if np.array_equal(mutated["pairs/matched"][answered], values["pairs/matched"][answered]):
+                return False  # the fixed points of a deterministic pairing, named by its own mutant
+        saw_fixed_point |= bool(np.any(values["pairs/matched"][answered] > 0))
     return saw_fixed_point
 
 
 def mutants(kind: str, variant: str | None) -> list:
     from .mistakes import _Mutant  # noqa: PLC0415
 
-    out = [_pairing_mutant("kl_pairs_not_mismatched", _matched), _pairing_mutant("kl_pairs_reversed", _reversed),
-           _pairing_mutant("kl_pairs_single_block_matched", _single_left)]
+    out = [_pairing_mutant(mistake, pairing, guarded=guarded)
+           for mistake, pairing in (("kl_pairs_not_mismatched", _matched), ("kl_pairs_reversed", _reversed))
+           for guarded in (False, True)]
+    out.append(_pairing_mutant("kl_pairs_single_block_matched", _single_left))
     if variant == "blocks":
-        out.append(_pairing_mutant("kl_pairs_across_blocks", _across_blocks))
+        out += [_pairing_mutant("kl_pairs_across_blocks", _across_blocks, guarded=guarded) for guarded in (False, True)]
     out.append(_Mutant("kl_pairs_random_permutation", "kl_pairs_random_permutation", lambda case: {},
                        match=_random_permutation_rule))
     return out

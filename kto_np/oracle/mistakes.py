@@ -453,16 +453,22 @@ def _other_class_mutant() -> _Mutant:
     return _Mutant("z_from_other_class", "z_from_other_class", compute)
 
 
-def _single_class_nan_mutant() -> _Mutant:
+def _single_class_nan_mutant(placeholder: bool) -> _Mutant:
+    """The loss NaN for a batch with one class. The gradient: NaN (finite differences of a NaN loss), or, when
+    autograd differentiates the mean over the n examples and one constant NaN placeholder, n / (n + 1) times
+    the reference (the placeholder has no gradient)."""
     def compute(case: Case) -> dict:
         labels = np.asarray(case.inputs["labels"], dtype=bool)
         out = {k: v for k, v in case.expected.items() if k == "loss" or k.startswith("grad/")}
         if labels.all() or not labels.any():
+            n = labels.shape[0]
             out["loss"] = np.float64(math.nan)
-            out["grad/policy_logps"] = np.full(labels.shape, math.nan)
+            out["grad/policy_logps"] = (np.asarray(out["grad/policy_logps"]) * n / (n + 1) if placeholder
+                                        else np.full(labels.shape, math.nan))
         return out
 
-    return _Mutant("single_class_nan", "single_class_nan", compute)
+    label = "single_class_nan (a NaN placeholder, autograd)" if placeholder else "single_class_nan"
+    return _Mutant("single_class_nan", label, compute)
 
 
 def _metric_mutant(mistake: str) -> _Mutant:
@@ -502,7 +508,7 @@ def real_code_mutants(kind: str, variant: str | None) -> list[_Mutant]:
                     for label, knobs in _MATCHED_PAIR_FORMS]
             out.append(_other_class_mutant())
         if variant in ("kto", "apo_zero_unpaired"):
-            out.append(_single_class_nan_mutant())
+            out += [_single_class_nan_mutant(False), _single_class_nan_mutant(True)]
         out += [_metric_mutant("logps_metrics_swapped"), _metric_mutant("reward_metrics_zero_for_absent")]
     elif kind == "model_kto":
         out.append(_model_mutant("prompt_in_mask", "prompt_in_mask", logps_options=dict(prompt_in_mask=True)))
