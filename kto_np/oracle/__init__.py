@@ -22,6 +22,7 @@ The modules, in the order they build on each other:
 from .candidates import FD_DIRECTIONS, FD_FULL_MAX_ENTRIES, FD_STEP, builtin_candidate, load_callable
 from .cases import KINDS, VARIANTS, Case, generate_cases
 from .check import main_check, main_export, verify
+from .dp_launch import data_parallel_session
 from .mistakes import KNOWN_MISTAKES, Mistake
 from .report import TOLERANCES, Check, Diagnosis, Report
 from .store import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, export, load_cases
@@ -46,6 +47,7 @@ __all__ = [
     "Mistake",
     "Report",
     "builtin_candidate",
+    "data_parallel_session",
     "export",
     "generate_cases",
     "load_callable",

@@ -171,13 +171,12 @@ class _Group:
         self.started = 0.0
         self.case_seen: dict[str, float] = {}  # case -> when this parent first saw it in progress
 
-    def rank_specs(self) -> list[dict]:
+    def rank_specs(self, fd_index: int) -> list[dict]:
         port = self.listener.getsockname()[1]
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(self.world_size),
                "LOCAL_WORLD_SIZE": str(self.world_size), "GROUP_RANK": "0", "GLOO_SOCKET_IFNAME": loopback_interface()}
-        return [{"env": {**env, "RANK": str(r.rank), "LOCAL_RANK": str(r.rank),
-                         **({"KTO_NP_ORACLE_LISTEN_FD": str(self.listener.fileno())} if r.rank == 0 else {})},
-                 "listen_fd": self.listener.fileno() if r.rank == 0 else None, "request": self.request_path,
+        return [{"env": {**env, "RANK": str(r.rank), "LOCAL_RANK": str(r.rank)}, "request": self.request_path,
+                 **({"listen_fd_index": fd_index} if r.rank == 0 else {}),
                  "events": r.events_path, "output": r.output_path} for r in self.ranks]
 
     def _case_in_progress(self) -> str | None:
@@ -312,31 +311,23 @@ def run_data_parallel(candidate, cases: Sequence[Case], tolerance: str = "float6
         by_world.setdefault(len(shard_sizes(case)), []).append(case)
     folder = tempfile.mkdtemp(prefix="kto_np_data_parallel_")
     groups: list[_Group] = []
-    zygote = None
+    launcher = _session or _Launcher(folder)
     try:
         for world, group_cases in sorted(by_world.items()):
             groups.append(_Group(world, group_cases, spec, folder, tolerance, timeout, join_timeout))
         plan_path = os.path.join(folder, "plan.json")
         with open(plan_path, "w", encoding="utf-8") as file:
-            json.dump({"ranks": [spec for g in groups for spec in g.rank_specs()]}, file)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        zygote_output = os.path.join(folder, "launcher.out")
-        with open(zygote_output, "wb") as output:
-            zygote = subprocess.Popen(
-                [sys.executable, "-m", "kto_np.oracle.dp_worker", "--zygote", plan_path], env=env,
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                pass_fds=tuple(g.listener.fileno() for g in groups), start_new_session=True)
+            json.dump({"ranks": [s for i, g in enumerate(groups) for s in g.rank_specs(i)]}, file)
         started = time.monotonic()
+        launcher.launch(plan_path, [g.listener.fileno() for g in groups])
         for group in groups:
             group.started = started
-            group.listener.close()  # rank 0 holds its own copy
+            group.listener.close()  # the launcher holds its own copy
         pending = list(groups)
         while pending:
-            code = zygote.poll()
-            launcher_ended = (None if code is None
-                              else f"the launcher exited with status {code}: {_tail(zygote_output)}")
+            ended = launcher.ended()
             now = time.monotonic()
-            pending = [g for g in pending if not g.poll(now, launcher_ended)]
+            pending = [g for g in pending if not g.poll(now, ended)]
             if pending:
                 time.sleep(POLL_SECONDS)
         out: dict = {}
@@ -347,13 +338,68 @@ def run_data_parallel(candidate, cases: Sequence[Case], tolerance: str = "float6
         for group in groups:
             group.kill()
             group.listener.close()
-        if zygote is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                zygote.wait(timeout=5)  # it ends once its ranks have
-            if zygote.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(zygote.pid, signal.SIGKILL)
-                zygote.wait()
+        if launcher is not _session:
+            launcher.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Launcher:
+    """The process that imports torch once and forks the ranks of each plan sent to it (dp_worker.zygote)."""
+
+    def __init__(self, folder: str):
+        self.output_path = os.path.join(folder, "launcher.out")
+        self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            with open(self.output_path, "wb") as output:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "kto_np.oracle.dp_worker", "--zygote", str(theirs.fileno())], env=env,
+                    stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, pass_fds=(theirs.fileno(),),
+                    start_new_session=True)
+        except BaseException:
+            self.channel.close()
+            raise
+        finally:
+            theirs.close()
+        self.ready = False
+
+    def launch(self, plan_path: str, fds: list[int]) -> None:
+        socket.send_fds(self.channel, [plan_path.encode()], fds)
+
+    def ended(self) -> str | None:
+        code = self.process.poll()
+        return None if code is None else f"the launcher exited with status {code}: {_tail(self.output_path)}"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.channel.send(b"quit")
+        self.channel.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+_session: _Launcher | None = None
+
+
+@contextlib.contextmanager
+def data_parallel_session():
+    """Keep one launcher (torch imported once) for every data_parallel check inside the block; each check
+    still gets fresh rank processes. Without it, each check starts and ends its own launcher."""
+    global _session  # noqa: PLW0603
+    if _session is not None:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="kto_np_data_parallel_session_")
+    _session = _Launcher(folder)
+    try:
+        yield
+    finally:
+        launcher, _session = _session, None
+        launcher.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -130,19 +130,17 @@ class _Runner:
         return out, arrays
 
     def _decide_mode(self, shard: dict):
-        """NumPy first; torch when any rank's NumPy call raised or returned torch tensors."""
+        """NumPy first; torch when this rank's NumPy call raised or returned torch tensors. No collective of the
+        oracle's own here: a candidate that raised may have left the others inside one of its collectives."""
         from .candidates import _holds_torch, short_error  # noqa: PLC0415
 
-        first, note = None, None
         try:
             first = self._call(shard)
-            wants_torch = _holds_torch(first[0])
         except Exception as exc:  # noqa: BLE001 - then torch inputs
-            wants_torch, note = True, f"raised on NumPy input ({short_error(exc)}); called with torch tensors"
-        flag = self.torch.tensor([1.0 if wants_torch else 0.0])
-        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
-        self.mode = "torch" if flag.item() > 0 else "numpy"
-        return (first if self.mode == "numpy" else None), note
+            self.mode = "torch"
+            return None, f"raised on NumPy input ({short_error(exc)}); called with torch tensors"
+        self.mode = "torch" if _holds_torch(first[0]) else "numpy"
+        return (first if self.mode == "numpy" else None), None
 
     def run(self, payload: dict) -> dict:
         import numpy as np  # noqa: PLC0415
@@ -174,7 +172,12 @@ class _Runner:
                 grads[name] = (np.zeros(len(shard[name])) if grad is None else _as_float64(grad, name)).tolist()
                 sources[name] = "autograd"
             missing = []
-        if "policy_logps" in missing:  # central differences of the rank's own loss, all ranks in lockstep
+        # central differences of the rank's own loss where it gave no gradient; every rank calls the candidate
+        # in lockstep (its collectives stay matched) when any rank needs them
+        needs = self.torch.tensor([1.0 if "policy_logps" in missing else 0.0])
+        self.dist.all_reduce(needs, op=self.dist.ReduceOp.MAX)
+        if needs.item() > 0:
+            own = "policy_logps" in missing
             step = FD_STEP[self.tolerance]
             longest = int(max(payload["inputs"]["shard_sizes"]))
             grad = np.zeros(len(shard["policy_logps"]))
@@ -188,8 +191,9 @@ class _Runner:
                     values.append(float(_as_float64(_parse_output("kto_loss", result).primary, "loss")))
                 if j < grad.shape[0]:
                     grad[j] = (values[0] - values[1]) / (2 * step)
-            grads["policy_logps"] = grad.tolist()
-            sources["policy_logps"] = "finite differences"
+            if own:
+                grads["policy_logps"] = grad.tolist()
+                sources["policy_logps"] = "finite differences"
         for name in ("policy_logps", "kl_policy_logps"):  # NaN/inf as None in JSON
             if name in grads:
                 grads[name] = [v if np.isfinite(v) else None for v in grads[name]]
@@ -228,26 +232,23 @@ def _rank_child(rank_spec: dict, listen_fds: list[int]) -> None:
         os._exit(code)  # no interpreter teardown: a process group torn down at exit can block
 
 
-def zygote(plan_path: str) -> int:
-    """Import torch once, then fork every rank of every group (each its own process group); record how each
-    rank ended in its events file. Forking after the import saves each rank the seconds torch takes."""
+def _run_plan(plan_path: str, fds: list[int]) -> int:
+    """Fork every rank of a plan (each its own process group); record how each ended in its events file."""
     with open(plan_path, encoding="utf-8") as file:
         plan = json.load(file)
-    import numpy  # noqa: F401, PLC0415
-    import torch  # noqa: F401, PLC0415
-    import torch.distributed  # noqa: F401, PLC0415
-
-    from . import candidates  # noqa: F401, PLC0415
-
-    listen_fds = [r["listen_fd"] for r in plan["ranks"] if r.get("listen_fd") is not None]
+    for rank_spec in plan["ranks"]:
+        index = rank_spec.pop("listen_fd_index", None)
+        rank_spec["listen_fd"] = None if index is None else fds[index]
+        if rank_spec["listen_fd"] is not None:
+            rank_spec["env"]["KTO_NP_ORACLE_LISTEN_FD"] = str(rank_spec["listen_fd"])
     children = {}
     for rank_spec in plan["ranks"]:
         pid = os.fork()
         if pid == 0:
-            _rank_child(rank_spec, listen_fds)
+            _rank_child(rank_spec, fds)
         _append_event(rank_spec["events"], event="forked", pid=pid)
         children[pid] = rank_spec
-    for fd in listen_fds:
+    for fd in fds:
         os.close(fd)
     while children:
         try:
@@ -256,14 +257,50 @@ def zygote(plan_path: str) -> int:
             break
         rank_spec = children.pop(pid, None)
         if rank_spec is not None:
-            code = os.waitstatus_to_exitcode(status)
-            _append_event(rank_spec["events"], event="exit", code=code)
+            _append_event(rank_spec["events"], event="exit", code=os.waitstatus_to_exitcode(status))
     return 0
+
+
+def zygote(channel_fd: int) -> int:
+    """The launcher: import torch once, then for each plan the parent sends (a path, with the listening
+    sockets as file descriptors) fork a process that forks that plan's ranks. Forking after the import saves
+    each rank the seconds torch takes. Ends on "quit", or when the parent is gone."""
+    import signal  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    parent = os.getppid()
+    channel = socket.socket(fileno=channel_fd)
+    channel.settimeout(1.0)
+    import numpy  # noqa: F401, PLC0415
+    import torch  # noqa: F401, PLC0415
+    import torch.distributed  # noqa: F401, PLC0415
+
+    from . import candidates  # noqa: F401, PLC0415
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the plan processes are reaped by the kernel
+    channel.send(b"ready")
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(channel, 4096, 64)
+        except TimeoutError:
+            if os.getppid() != parent:
+                return 0
+            continue
+        except OSError:
+            return 0
+        if not message or message == b"quit":
+            return 0
+        if os.fork() == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            channel.close()
+            os._exit(_run_plan(message.decode(), list(fds)))
+        for fd in fds:
+            os.close(fd)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--zygote"]:
-        sys.exit(zygote(sys.argv[2]))
+        sys.exit(zygote(int(sys.argv[2])))
     code = main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
