@@ -80,7 +80,7 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
     from .oracle import main_check  # noqa: PLC0415
 
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
-                      tolerance=args.tolerance)
+                      tolerance=args.tolerance, timeout=args.timeout)
 
 
 def _int_at_least(minimum: int):
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic batches (default: 0)")
     p.set_defaults(func=_cmd_figures)
 
-    from .oracle import KINDS, TOLERANCES  # noqa: PLC0415
+    from .oracle import DEFAULT_TIMEOUT, KINDS, TOLERANCES  # noqa: PLC0415
 
     oracle = sub.add_parser("oracle", help="export float64 reference cases, or check another KTO implementation",
                             description="The gradient oracle: reference cases (float64) for other KTO "
@@ -232,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the cases in a non-empty OUT_DIR")
     p.set_defaults(func=_cmd_oracle_export)
     p = oracle_sub.add_parser("check", help="check a function (package.module:function) against the cases",
-                              description="Import SPEC (package.module:function or path/file.py:function), "
-                              "run it on every case of --kind and compare loss, gradient and metrics. "
-                              "Exit status 0 when it passes, 1 when it does not, 2 when it cannot be loaded.")
+                              description="Import SPEC (package.module:function or path/file.py:function) in a "
+                              "child process, run it on every case of --kind and compare loss, gradient and "
+                              "metrics here. Exit status 0 when it passes, 1 when it does not (an exit, crash or "
+                              "timeout of the candidate included), 2 when it cannot be loaded.")
     p.add_argument("spec", metavar="SPEC", help="package.module:function or path/to/file.py:function")
     p.add_argument("--kind", choices=KINDS, default="kto_loss", help="what the function computes (default: kto_loss)")
     p.add_argument("--variant", default=None,
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=None, help="a folder written by 'oracle export' (default: generate in memory)")
     p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
                    help="tolerances for a float64 or a float32 implementation (default: float64)")
+    p.add_argument("--timeout", type=_float_in(0.0, low_open=True), default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="time limit per case; a case still running then fails as timed out "
+                   f"(default: {DEFAULT_TIMEOUT:g})")
     p.set_defaults(func=_cmd_oracle_check)
 
     from . import bench  # noqa: PLC0415

@@ -231,3 +231,11 @@ def test_a_closure_cannot_be_sent_to_the_ranks():
 
     with pytest.raises(TypeError, match="importable by name"):
         oracle.verify(local, "data_parallel")
+
+
+@pytest.mark.parametrize("variant", oracle.VARIANTS["data_parallel"])
+def test_builtin_data_parallel_candidates_pass(variant):
+    torch_or_skip()
+    report = oracle.verify(oracle.builtin_candidate("data_parallel", variant), "data_parallel", variant,
+                           cases=cases_named("R3_unequal", "R4_unequal_one_class", variant=variant))
+    assert report.passed, report

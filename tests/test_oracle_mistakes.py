@@ -423,3 +423,9 @@ def test_shard_engine_without_mistakes_is_the_reference():
         for quantity, value in outputs.items():
             np.testing.assert_allclose(value, case.expected[quantity], rtol=1e-12, atol=1e-15,
                                        err_msg=f"{case.name} {quantity}")
+
+
+@pytest.mark.parametrize("kind,variant", [("kl_pairs", "whole_batch"), ("kl_pairs", "blocks"),
+                                          ("accumulation", "kto")])
+def test_builtin_pipeline_candidates_pass(kind, variant):
+    assert_passed(oracle.verify(oracle.builtin_candidate(kind, variant), kind, variant))

@@ -19,10 +19,12 @@ The modules, in the order they build on each other:
   check       verify, and the command-line entry points
 """
 
-from .candidates import FD_DIRECTIONS, FD_FULL_MAX_ENTRIES, FD_STEP, builtin_candidate, load_callable
-from .cases import KINDS, VARIANTS, Case, generate_cases
+from .candidates import FD_DIRECTIONS, FD_FULL_MAX_ENTRIES, FD_STEP, builtin_candidate
+from .cases import KINDS, PIPELINE_KINDS, VARIANTS, Case, generate_cases
 from .check import main_check, main_export, verify
 from .dp_launch import data_parallel_session
+from .isolation import DEFAULT_TIMEOUT
+from .loader import LoadError, load_callable
 from .mistakes import KNOWN_MISTAKES, Mistake
 from .report import TOLERANCES, Check, Diagnosis, Report
 from .store import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, export, load_cases
@@ -30,6 +32,7 @@ from .store import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, export, load_case
 MISTAKES = KNOWN_MISTAKES  # the old name (data.MISTAKES is the toy task's wrong answers, another thing)
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "FD_DIRECTIONS",
     "FD_FULL_MAX_ENTRIES",
     "FD_STEP",
@@ -39,11 +42,13 @@ __all__ = [
     "KNOWN_MISTAKES",
     "MANIFEST_NAME",
     "MISTAKES",
+    "PIPELINE_KINDS",
     "TOLERANCES",
     "VARIANTS",
     "Case",
     "Check",
     "Diagnosis",
+    "LoadError",
     "Mistake",
     "Report",
     "builtin_candidate",

@@ -9,9 +9,6 @@ compute are taken by gradcheck's central differences of its loss.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import os
 import sys
 import traceback
 import warnings
@@ -200,7 +197,7 @@ def _grad_dict(kind: str, grads) -> dict:
     return out
 
 
-class _Evaluation(NamedTuple):
+class Evaluation(NamedTuple):
     values: dict  # quantity -> (candidate float64 array, source, projection or None)
     notes: list
 
@@ -209,9 +206,22 @@ class CandidateError(Exception):
     """The candidate raised, or returned something the oracle cannot read."""
 
 
+_ORACLE_FOLDER = str(Path(__file__).resolve().parent)
+
+
+def _is_library(filename: str) -> bool:
+    return any(part in ("site-packages", "dist-packages") for part in Path(filename).parts) or filename.startswith(
+        (sys.base_prefix, "<frozen"))
+
+
 def short_error(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    """"Type: message (at file:line)" at the deepest frame in the candidate's own code (not the oracle's,
+    not a library's), else the deepest one outside the oracle."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not str(Path(f.filename).resolve()).startswith(_ORACLE_FOLDER)]
+    own = [f for f in frames if not _is_library(f.filename)]
+    frame = (own or frames or [None])[-1]
+    where = f" (at {Path(frame.filename).name}:{frame.lineno})" if frame else ""
     return f"{type(exc).__name__}: {exc}{where}"
 
 
@@ -237,14 +247,14 @@ def _objective(kind: str, case: Case, primary):
     return primary
 
 
-def evaluate(candidate, case: Case, tolerance: str) -> _Evaluation:
+def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
     """Call the candidate on one case and collect every quantity it yields, with where it came from."""
     kind, notes = case.kind, []
     if kind in PIPELINE_KINDS:
         from . import distributed, kl_pairs  # noqa: PLC0415
 
         values, notes = (kl_pairs if kind == "kl_pairs" else distributed).evaluate(candidate, case, tolerance)
-        return _Evaluation(values, notes)
+        return Evaluation(values, notes)
     numpy_error = None
     try:
         out, arguments = _call(candidate, case, "numpy", notes)
@@ -292,7 +302,7 @@ def evaluate(candidate, case: Case, tolerance: str) -> _Evaluation:
         values["grad/logits"] = (_as_float64(parsed.vjp(upstream), "vjp(upstream)"), "vjp", None)
         missing.remove("logits")
     if not missing:
-        return _Evaluation(values, notes)
+        return Evaluation(values, notes)
     objective = _objective(kind, case, parsed.primary)
     if mode == "torch" and _is_torch(objective) and objective.requires_grad:
         torch = _import_torch()
@@ -301,16 +311,18 @@ def evaluate(candidate, case: Case, tolerance: str) -> _Evaluation:
         for name, tensor, grad in zip(missing, tensors, grads):
             values[f"grad/{name}"] = (np.zeros(tuple(tensor.shape)) if grad is None
                                       else _as_float64(grad, f"grad/{name}"), "autograd", None)
-        return _Evaluation(values, notes)
+        return Evaluation(values, notes)
     values.update(_finite_difference_grads(candidate, case, mode, missing, tolerance, notes))
-    return _Evaluation(values, notes)
+    return Evaluation(values, notes)
 
 
-def _fd_matches_reference(case: Case, name: str) -> bool:
+def fd_matches_reference(case: Case, name: str) -> bool:
     """Whether d(loss)/d(name) by finite differences is the reference gradient: not where the reference
     stops a gradient the loss value depends on (detached z)."""
     if case.kind == "kto_loss":
         return case.variant != "edifice_stop_z_grad" and name != "kl_policy_logps"
+    if case.kind in ("data_parallel", "accumulation"):
+        return name != "kl_policy_logps"
     if case.kind == "model_kto":
         raw_kl = np.mean(case.expected["kl_policy_logps"] - case.inputs["kl_ref_logps"])
         return bool(raw_kl < 0)  # clamped: z_ref is locally constant
@@ -329,7 +341,7 @@ def _finite_difference_grads(candidate, case: Case, mode: str, names: list, tole
     values = {}
     for name in names:
         input_key = f"state_dict/{name}" if case.kind == "model_kto" else name
-        if not _fd_matches_reference(case, name):
+        if not fd_matches_reference(case, name):
             values[f"grad/{name}"] = (None, "not checked", None)
             continue
         x = np.array(case.inputs[input_key], dtype=np.float64)  # perturbed in place by gradcheck
@@ -340,21 +352,22 @@ def _finite_difference_grads(candidate, case: Case, mode: str, names: list, tole
         if x.size <= FD_FULL_MAX_ENTRIES and case.kind != "model_kto":
             values[f"grad/{name}"] = (numerical_gradient(objective, x, step), "finite differences", None)
             continue
-        rng = np.random.default_rng(_stable_seed(case.name, name))
-        directions = rng.standard_normal((FD_DIRECTIONS, *x.shape))  # [K, ...]
-        directions /= np.sqrt((directions ** 2).reshape(FD_DIRECTIONS, -1).sum(axis=1)).reshape(
-            -1, *([1] * x.ndim))
+        directions = fd_directions(case.name, name, x.shape)  # [K, ...]
         derivatives = directional_derivatives(objective, x, directions, step)
         values[f"grad/{name}"] = (derivatives, f"finite differences ({FD_DIRECTIONS} directions)",
-                                  _DirectionalProjection(directions))
+                                  DirectionalProjection(directions))
     return values
 
 
-def _stable_seed(*parts: str) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(parts).encode()).digest()[:4], "little")
+def fd_directions(case_name: str, name: str, shape: tuple) -> np.ndarray:
+    """[K, *shape] random unit directions, seeded by the case and the input's name (the same every run)."""
+    seed = int.from_bytes(hashlib.sha256(f"{case_name}/{name}".encode()).digest()[:4], "little")
+    directions = np.random.default_rng(seed).standard_normal((FD_DIRECTIONS, *shape))
+    norms = np.sqrt((directions ** 2).reshape(FD_DIRECTIONS, -1).sum(axis=1))
+    return directions / norms.reshape(-1, *([1] * len(shape)))
 
 
-class _DirectionalProjection(NamedTuple):
+class DirectionalProjection(NamedTuple):
     directions: np.ndarray  # [K, *shape] unit vectors
 
     def __call__(self, full: np.ndarray) -> np.ndarray:
@@ -365,6 +378,12 @@ class _DirectionalProjection(NamedTuple):
 def builtin_candidate(kind: str = "kto_loss", variant: str | None = None) -> Callable:
     """kto_np's own functions wrapped as a candidate of `kind` (they pass every case)."""
     variant = resolve_variant(kind, variant)
+    if kind in PIPELINE_KINDS:
+        from . import distributed, kl_pairs  # noqa: PLC0415
+
+        return {"kl_pairs": kl_pairs.builtin_kl_pairs, "accumulation": distributed.builtin_accumulation,
+                "data_parallel": distributed.builtin_data_parallel if variant == "rank_means"
+                else distributed.builtin_data_parallel_global_mean}[kind]
     if kind == "kto_loss":
         def kto_candidate(**kwargs):
             inputs = {k: v for k, v in kwargs.items() if v is not None}
@@ -395,44 +414,3 @@ def builtin_candidate(kind: str = "kto_loss", variant: str | None = None) -> Cal
                 "policy_logps": outputs["policy_logps"], "kl_policy_logps": outputs["kl_policy_logps"],
                 "kl_tokens": outputs["kl_tokens"], **metrics}
     return model_candidate
-
-
-def load_callable(spec: str) -> Callable:
-    """The function named by "package.module:function" (or "path/to/file.py:function"; attribute paths
-    like "module:Class.method" work too). Errors name the spec and what is wrong."""
-    if not isinstance(spec, str):
-        raise TypeError(f"spec must be a string 'package.module:function', got {type(spec).__name__}")
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ValueError(f"spec must look like 'package.module:function', got {spec!r}")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ImportError(f"spec {spec!r}: no file {module_name!r}")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise ImportError(f"spec {spec!r}: running {module_name!r} failed: {short_error(exc)}") from exc
-    else:
-        added = os.getcwd() not in sys.path
-        if added:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ImportError(f"spec {spec!r}: cannot import module {module_name!r}: {exc}") from exc
-        finally:
-            if added:
-                sys.path.remove(os.getcwd())
-    target = module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise AttributeError(f"spec {spec!r}: {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise TypeError(f"spec {spec!r}: {attribute!r} is a {type(target).__name__}, not a callable")
-    return target
-
-

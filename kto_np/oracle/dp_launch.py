@@ -244,7 +244,7 @@ class _Group:
             r.kill()
 
     def results(self) -> dict:
-        from .candidates import _Evaluation  # noqa: PLC0415
+        from .candidates import Evaluation  # noqa: PLC0415
 
         for r in self.ranks:
             r.read_events()
@@ -254,7 +254,7 @@ class _Group:
             done = [next((e for e in r.events if e.get("event") == "done" and e.get("case") == case.name), None)
                     for r in self.ranks]
             if all(d is not None for d in done):
-                out[case.name] = _Evaluation(*_combine(case, done))
+                out[case.name] = Evaluation(*_combine(case, done))
                 continue
             if not failed:
                 out[case.name] = self.failure or "the process group ended without a result"
@@ -291,7 +291,7 @@ def _numbers(values) -> list:
 
 def run_data_parallel(candidate, cases: Sequence[Case], tolerance: str = "float64", *,
                       timeout: float | None = None, join_timeout: float | None = None) -> dict:
-    """Run the data_parallel cases: case name -> _Evaluation, or a message saying why there is none.
+    """Run the data_parallel cases: case name -> Evaluation, or a message saying why there is none.
 
     Raises ImportError when torch is missing and TypeError when the candidate cannot be named for a child
     process (a closure or a lambda).

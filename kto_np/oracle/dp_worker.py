@@ -35,7 +35,8 @@ def main(argv: list[str]) -> int:
     sys.path[:] = request["sys_path"]
     os.chdir(request["cwd"])
     send(event="importing")
-    from .candidates import load_callable, short_error  # noqa: PLC0415
+    from .candidates import short_error  # noqa: PLC0415
+    from .loader import load_callable  # noqa: PLC0415
 
     try:
         candidate = load_callable(request["spec"])

@@ -234,3 +234,14 @@ def mutants(kind: str, variant: str | None) -> list:
 
 def cases() -> list[Case]:
     return _cases()
+
+
+def builtin_kl_pairs(batch_size: int, block_size: int | None = None) -> np.ndarray:
+    """kto_np's pairing (step.kl_partner_indices: prompt i with completion i - 1) within blocks of block_size
+    (default: the whole batch); ValueError where a block holds one example."""
+    block_size = batch_size if block_size is None else block_size
+    pairing = reference_pairing(batch_size, block_size)
+    if pairing is None:
+        raise ValueError(f"batch_size {batch_size} with block_size {block_size} leaves a block of one example: "
+                         "it has no mismatched KL pair")
+    return pairing

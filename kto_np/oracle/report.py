@@ -158,11 +158,15 @@ class Report:
     errors: dict[str, str] = field(default_factory=dict)  # case -> what the candidate raised
     notes: list[str] = field(default_factory=list)
     diagnosis: Diagnosis = field(default_factory=lambda: Diagnosis((), "not run"))
+    cases_source: str = ""  # where the cases came from, and whether they are kto_np's own
+    cases_identical: bool | None = None  # False: a case folder that differs from what kto_np exports
+    not_verified: tuple[str, ...] = ()  # known mistakes the checks that ran cannot rule out
 
     @property
     def passed(self) -> bool:
         compared = [c for c in self.checks if not c.skipped]
-        return bool(compared) and not self.errors and all(c.passed for c in compared)
+        return (bool(compared) and not self.errors and all(c.passed for c in compared)
+                and self.cases_identical is not False)
 
     @property
     def failures(self) -> list[Check]:
@@ -176,7 +180,7 @@ class Report:
         quantity_width = max([len("quantity")] + [len(c.quantity) for c in self.checks]) + 2
         header = (f"{'case':<{case_width}}{'quantity':<{quantity_width}}{'source':<20}{'max abs err':>12}"
                   f"{'rel err':>10}{'rtol':>8}  result")
-        lines = [title, header, "-" * len(header)]
+        lines = [title] + ([f"cases: {self.cases_source}"] if self.cases_source else []) + [header, "-" * len(header)]
         for c in self.checks:
             result = "skip" if c.skipped else ("pass" if c.passed else "FAIL")
             lines.append(f"{c.case:<{case_width}}{c.quantity:<{quantity_width}}{c.source:<20}"
@@ -194,7 +198,11 @@ class Report:
         failed = [c for c in compared if not c.passed]
         verdict = "PASSED" if self.passed else "FAILED"
         lines.append(f"{verdict}: {len(compared) - len(failed)}/{len(compared)} checks passed, "
-                     f"{len(self.errors)} case(s) raised, {len(self.checks) - len(compared)} skipped")
+                     f"{len(self.errors)} case(s) raised, {len(self.checks) - len(compared)} skipped"
+                     + (" (the cases are not kto_np's: see 'cases:')" if self.cases_identical is False else ""))
+        if self.not_verified:
+            lines.append(f"not verified: {', '.join(self.not_verified)} (the checks that decide "
+                         f"{'them' if len(self.not_verified) > 1 else 'it'} could not run: see the skip rows)")
         lines.append(f"diagnosis: {self.diagnosis}")
         return "\n".join(lines)
 
@@ -218,6 +226,9 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
                                         f"case with one class and only there (fix: {mistake.fix})")
     if not candidate_values:
         return Diagnosis((), "the candidate raised on every case: nothing to compare with the known mistakes")
+    if not all_failing and report.errors:
+        return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
+                             "not run to the end (the ERROR lines above)")
     matches, scores = [], []
     for mutant in mutants(kind, variant):
         if mutant.match is not None:  # a mistake without fixed numbers (a random pairing): a rule decides

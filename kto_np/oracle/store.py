@@ -6,6 +6,7 @@ manifest (names, dtypes, shapes, sha256) or a newer format version.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -18,7 +19,7 @@ import numpy as np
 from .. import __version__
 from ..files import atomic_write, write_npy_entry
 from ..validation import check_bool
-from .cases import KINDS, VARIANTS, Case, _case, generate_cases
+from .cases import KINDS, MODEL_CONFIG, VARIANTS, Case, _case, generate_cases
 from .report import TOLERANCES
 
 FORMAT_NAME = "kto_np-oracle-cases"
@@ -102,8 +103,18 @@ def export(out_dir, *, overwrite: bool = False) -> Path:
                               "(kto-np oracle export --overwrite) to replace its cases")
     out.mkdir(parents=True, exist_ok=True)
     old_files = _old_case_files(out / MANIFEST_NAME)
+    entries = write_cases(out, generate_cases())
+    for stale in old_files - {e["file"] for e in entries}:
+        (out / stale).unlink(missing_ok=True)
+    return out / MANIFEST_NAME
+
+
+def write_cases(out_dir, cases) -> list[dict]:
+    """Write `cases` (one .npz each) and then their manifest.json into out_dir; returns the entries."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     entries = []
-    for case in generate_cases():
+    for case in cases:
         arrays = _case_arrays(case)
         data = _npz_bytes(arrays)
         with atomic_write(out / case.file_name, "wb") as file:
@@ -111,9 +122,7 @@ def export(out_dir, *, overwrite: bool = False) -> Path:
         entries.append(_manifest_entry(case, arrays, hashlib.sha256(data).hexdigest()))
     with atomic_write(out / MANIFEST_NAME, "w") as file:
         file.write(json.dumps(_manifest(entries), indent=1) + "\n")
-    for stale in old_files - {e["file"] for e in entries}:
-        (out / stale).unlink(missing_ok=True)
-    return out / MANIFEST_NAME
+    return entries
 
 
 def _old_case_files(manifest_path: Path) -> set[str]:
@@ -181,8 +190,49 @@ def _load_case(folder: Path, entry: Mapping) -> Case:
         raise ValueError(f"{path}: content does not match the manifest's sha256 (modified file?)")
     inputs = {k[len("inputs/"):]: v for k, v in arrays.items() if k.startswith("inputs/")}
     expected = {k[len("expected/"):]: v for k, v in arrays.items() if k.startswith("expected/")}
+    if not isinstance(absent, list) or not all(isinstance(k, str) and k.startswith("metrics/") for k in absent):
+        raise ValueError(f"{folder / MANIFEST_NAME}: case {name!r}: 'absent' may list metrics only (a metric "
+                         f"whose class is absent from the batch), got {absent!r}")
+    if set(absent) & set(expected):
+        raise ValueError(f"{folder / MANIFEST_NAME}: case {name!r}: {sorted(set(absent) & set(expected))} both "
+                         "absent and stored")
     expected.update({k: None for k in absent})
-    return _case(name, kind, variant, formula, inputs, expected, entry.get("config"))
+    config = entry.get("config")
+    if kind == "model_kto":
+        _check_model_config(folder / MANIFEST_NAME, name, config, inputs)
+    elif config is not None:
+        raise ValueError(f"{folder / MANIFEST_NAME}: case {name!r} of kind {kind!r} has a config; only model "
+                         "cases have one")
+    return _case(name, kind, variant, formula, inputs, expected, config)
+
+
+MODEL_CONFIG_FIXED = {"layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "tie_word_embeddings": True,
+                      "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def _check_model_config(manifest_path: Path, name: str, config, inputs: Mapping[str, np.ndarray]) -> None:
+    """A model case's GPT2Config fields must be the ones kto_np's model computes and fit the state dict."""
+    where = f"{manifest_path}: case {name!r}: invalid model config"
+    if not isinstance(config, dict) or set(config) != set(MODEL_CONFIG):
+        keys = sorted(config) if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{where}: expected the fields {sorted(MODEL_CONFIG)}, got {keys}")
+    for key, value in MODEL_CONFIG_FIXED.items():
+        if config[key] != value or type(config[key]) is not type(value):
+            raise ValueError(f"{where}: {key} must be {value!r} (the model kto_np computes), got {config[key]!r}")
+    sizes = {k: config[k] for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")}
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise ValueError(f"{where}: n_embd {sizes['n_embd']} is not divisible by n_head {sizes['n_head']}")
+    prefix = "state_dict/transformer."
+    wte, wpe = inputs.get(prefix + "wte.weight"), inputs.get(prefix + "wpe.weight")
+    layers = {k.split(".")[2] for k in inputs if k.startswith(prefix + "h.")}
+    shapes = (None if wte is None else wte.shape, None if wpe is None else wpe.shape, len(layers))
+    wanted = ((sizes["vocab_size"], sizes["n_embd"]), (sizes["n_positions"], sizes["n_embd"]), sizes["n_layer"])
+    if shapes != wanted:
+        raise ValueError(f"{where}: the state dict has wte {shapes[0]}, wpe {shapes[1]} and {shapes[2]} layers; "
+                         f"the config says {wanted[0]}, {wanted[1]} and {wanted[2]}")
 
 
 def load_cases(path) -> tuple[Case, ...]:
@@ -194,3 +244,52 @@ def load_cases(path) -> tuple[Case, ...]:
     manifest_path, manifest = _read_manifest(path)
     return tuple(_load_case(manifest_path.parent, entry) for entry in manifest["cases"])
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# integrity: is a case folder exactly what this kto_np exports?
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_entries() -> dict[str, dict]:
+    entries = {}
+    for case in generate_cases():
+        arrays = _case_arrays(case)
+        entries[case.name] = _manifest_entry(case, arrays, hashlib.sha256(_npz_bytes(arrays)).hexdigest())
+    return entries
+
+
+def _names(items, limit: int = 6, first: str = "") -> str:
+    items = sorted(items, key=lambda n: (not n.startswith(first), n)) if first else sorted(items)
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def compare_with_installed(path, first: str = "") -> tuple[bool, str]:
+    """(identical, one line): whether the case folder is exactly what this kto_np's export writes, or what
+    differs (entries removed or added, fields edited, content changed); names starting with `first` (the
+    kind/variant being checked) are listed first."""
+    manifest_path, manifest = _read_manifest(path)
+    ours = _installed_entries()
+    theirs = {e.get("name"): e for e in manifest["cases"] if isinstance(e, dict)}
+    problems = []
+    exporter = manifest.get("kto_np_version")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        problems.append(f"format version {manifest.get('format_version')} (this kto_np writes {FORMAT_VERSION})")
+    removed, added = set(ours) - set(theirs), set(theirs) - set(ours)
+    if removed:
+        problems.append(f"missing from the manifest: {_names(removed, first=first)}")
+    if added:
+        problems.append(f"not kto_np's: {_names(str(n) for n in added)}")
+    edited = []
+    for name in sorted(set(ours) & set(theirs), key=lambda n: (not n.startswith(first), n) if first else n):
+        fields = sorted(k for k in set(ours[name]) | set(theirs[name]) if ours[name].get(k) != theirs[name].get(k))
+        if fields:
+            what = ", ".join("content" if f == "sha256" else f for f in fields)
+            edited.append(f"{name} ({what})")
+    if edited:
+        problems.append(f"edited: {'; '.join(edited[:6])}" + (f" and {len(edited) - 6} more" if len(edited) > 6
+                                                               else ""))
+    if not problems:
+        return True, f"verified identical to kto_np {__version__}'s"
+    origin = f" (exported by kto_np {exporter})" if exporter != __version__ else ""
+    return False, f"DIFFER from kto_np {__version__}'s export{origin}: " + "; ".join(problems)
