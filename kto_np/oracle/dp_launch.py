@@ -167,6 +167,7 @@ class _Group:
         self.ranks = [_Rank(r, os.path.join(self.folder, f"rank{r}.jsonl"), os.path.join(self.folder, f"rank{r}.out"))
                       for r in range(world_size)]
         self.failure: str | None = None  # why the group ended early
+        self.load_error: str | None = None  # the candidate could not be imported (the same on every rank)
         self.ended = False
         self.started = 0.0
         self.case_seen: dict[str, float] = {}  # case -> when this parent first saw it in progress
@@ -197,6 +198,11 @@ class _Group:
     def _poll(self, now: float, launcher_ended: str | None) -> bool:
         for r in self.ranks:
             r.read_events()
+        for r in self.ranks:
+            if r.last("load_error") is not None:
+                self.load_error = r.last("load_error")["message"]
+                self.failure = f"rank {r.rank} could not load the candidate: {self.load_error}"
+                return True
         errors = [(r.last("error")["time"], r.rank, r.last("error")) for r in self.ranks if r.last("error")]
         if errors:  # the first to raise; the others typically fail after it, in a collective it left
             _, rank, error = min(errors, key=lambda e: e[:2])
@@ -277,7 +283,12 @@ def _combine(case: Case, done: Sequence[dict]) -> tuple[dict, list]:
             continue
         grad = np.concatenate([np.asarray(_numbers(p), dtype=np.float64).reshape(-1) for p in parts]) / world
         values[f"grad/{name}"] = (grad, "+".join(part_sources), None)
-    notes = list(dict.fromkeys(f"{case.name}: rank {r}: {note}" for r, e in enumerate(done) for note in e["notes"]))
+    by_note: dict[str, list[int]] = {}
+    for rank, event in enumerate(done):
+        for note in event["notes"]:
+            by_note.setdefault(note, []).append(rank)
+    notes = [f"{case.name}: rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {note}"
+             for note, r in by_note.items()]
     return values, notes
 
 
@@ -293,8 +304,8 @@ def run_data_parallel(candidate, cases: Sequence[Case], tolerance: str = "float6
                       timeout: float | None = None, join_timeout: float | None = None) -> dict:
     """Run the data_parallel cases: case name -> Evaluation, or a message saying why there is none.
 
-    Raises ImportError when torch is missing and TypeError when the candidate cannot be named for a child
-    process (a closure or a lambda).
+    Raises ImportError when torch is missing, TypeError when the candidate cannot be named for a child
+    process (a closure or a lambda), LoadError when the ranks cannot import it.
     """
     reason = _torch_missing_reason()
     if reason is not None:
@@ -330,6 +341,11 @@ def run_data_parallel(candidate, cases: Sequence[Case], tolerance: str = "float6
             pending = [g for g in pending if not g.poll(now, ended)]
             if pending:
                 time.sleep(POLL_SECONDS)
+        for group in groups:
+            if group.load_error is not None:
+                from .loader import LoadError  # noqa: PLC0415
+
+                raise LoadError(group.load_error)
         out: dict = {}
         for group in groups:
             out.update(group.results())

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     try:
         candidate = load_callable(request["spec"])
     except Exception as exc:  # noqa: BLE001 - reported to the parent
-        send(event="error", case=None, message=f"loading the candidate failed: {exc}")
+        send(event="load_error", message=str(exc))
         return 3
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
