@@ -80,7 +80,7 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
     from .oracle import main_check  # noqa: PLC0415
 
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
-                      tolerance=args.tolerance, timeout=args.timeout)
+                      tolerance=args.tolerance, timeout=args.timeout, convention=args.convention)
 
 
 def _int_at_least(minimum: int):
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic batches (default: 0)")
     p.set_defaults(func=_cmd_figures)
 
-    from .oracle import DEFAULT_TIMEOUT, KINDS, TOLERANCES  # noqa: PLC0415
+    from .oracle import CONVENTIONS, DEFAULT_TIMEOUT, KINDS, TOLERANCES  # noqa: PLC0415
 
     oracle = sub.add_parser("oracle", help="export float64 reference cases, or check another KTO implementation",
                             description="The gradient oracle: reference cases (float64) for other KTO "
@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "child process, run it on every case of --kind and compare loss, gradient and "
                               "metrics here. Exit status 0 when it passes, 1 when it does not (an exit, crash or "
                               "timeout of the candidate included), 2 when it cannot be loaded.")
-    p.add_argument("spec", metavar="SPEC", help="package.module:function or path/to/file.py:function")
+    p.add_argument("spec", metavar="SPEC", help="package.module:function, path/to/file.py:function, module:Class "
+                   "or module:Class.method")
     p.add_argument("--kind", choices=KINDS, default="kto_loss", help="what the function computes (default: kto_loss)")
     p.add_argument("--variant", default=None,
                    help="loss variant for --kind kto_loss (kto, edifice, edifice_stop_z_grad, apo_zero_unpaired; "
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_float_in(0.0, low_open=True), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time limit per case; a case still running then fails as timed out "
                    f"(default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--convention", choices=tuple(CONVENTIONS), default=None,
+                   help="how SPEC is called: kto_np (the oracle's keywords) or split (policy_chosen_logps, ..., "
+                   "reference_KL_logps -> losses, rewards, kl); default: detected from its parameter names")
     p.set_defaults(func=_cmd_oracle_check)
 
     from . import bench  # noqa: PLC0415

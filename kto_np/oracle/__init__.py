@@ -15,13 +15,17 @@ The modules, in the order they build on each other:
   mistakes    the catalogue of known mistakes and their mutated formulas
   report      comparing numbers, the Report and the diagnosis
   store       export and load of the file store (manifest.json + one .npz per case)
-  candidates  calling a candidate: NumPy, torch autograd, finite differences; loading one from a spec
+  candidates  calling a candidate: NumPy, torch autograd, finite differences (KIND_ARGUMENTS: one per kind)
+  conventions a candidate's own signature mapped onto the oracle's call (CONVENTIONS: kto_np, split)
+  loader      loading a candidate from a spec
+  isolation   running it in a child process (worker.py) with a time limit; the verdict stays in the parent
   check       verify, and the command-line entry points
 """
 
 from .candidates import FD_DIRECTIONS, FD_FULL_MAX_ENTRIES, FD_STEP, builtin_candidate
 from .cases import KINDS, PIPELINE_KINDS, VARIANTS, Case, generate_cases
 from .check import main_check, main_export, verify
+from .conventions import CONVENTIONS, Convention
 from .dp_launch import data_parallel_session
 from .isolation import DEFAULT_TIMEOUT
 from .loader import LoadError, load_callable
@@ -46,7 +50,9 @@ __all__ = [
     "TOLERANCES",
     "VARIANTS",
     "Case",
+    "CONVENTIONS",
     "Check",
+    "Convention",
     "Diagnosis",
     "LoadError",
     "Mistake",

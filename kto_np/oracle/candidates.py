@@ -29,7 +29,8 @@ from ..logprobs import (
 from ..losses import dpo_loss_and_grad, kto_loss_and_grad
 from .cases import PIPELINE_KINDS, Case, kto_keywords, model_reference_outputs, resolve_variant, trainable_names
 
-FD_STEP = {"float64": 1e-5, "float32": 1e-2}
+FD_STEP = {"float64": 1e-5, "float32": 1e-2}  # by tolerance
+FD_STEP_BY_DTYPE = {"float32": 1e-2, "float16": 1e-1, "bfloat16": 1e-1}  # at least this for a candidate's dtype
 FD_FULL_MAX_ENTRIES = 512  # larger tensors, and model parameters, are checked along random directions
 FD_DIRECTIONS = 2
 
@@ -104,27 +105,44 @@ def _call_arguments(case: Case, mode: str, overrides: Mapping[str, np.ndarray] |
             differentiable[grad_name] = arr
         return arr
 
-    kind = case.kind
-    if kind == "kto_loss":
-        kwargs = {"policy_logps": convert("policy_logps", "policy_logps"), "ref_logps": convert("ref_logps"),
-                  "labels": convert("labels")}
-        kwargs.update({k: float(inputs[k]) for k in ("beta", "desirable_weight", "undesirable_weight")})
-        if case.variant == "kto":
-            has_kl = "kl_policy_logps" in inputs
-            kwargs["kl_policy_logps"] = convert("kl_policy_logps", "kl_policy_logps") if has_kl else None
-            kwargs["kl_ref_logps"] = convert("kl_ref_logps") if has_kl else None
-        return _Arguments([], kwargs, differentiable)
-    if kind == "dpo_loss":
-        args = [convert("policy_chosen_logps", "policy_chosen_logps"),
-                convert("policy_rejected_logps", "policy_rejected_logps"),
-                convert("ref_chosen_logps"), convert("ref_rejected_logps"), float(inputs["beta"])]
-        return _Arguments(args, {}, differentiable)
-    if kind == "logprobs":
-        return _Arguments([convert("logits", "logits"), convert("targets"), convert("mask")], {}, differentiable)
-    if kind == "sequence_logprobs":
-        args = [convert("logits", "logits"), convert("tokens"), convert("completion_mask")]
-        return _Arguments(args, {}, differentiable)
-    # model_kto
+    args, kwargs = KIND_ARGUMENTS[case.kind](case, inputs, convert)
+    return _Arguments(args, kwargs, differentiable)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the kinds: how each one's candidate is called. A new kind adds one function here (its arguments), its
+# cases (cases.py), its mutants (mistakes.mutants) and, where its return value differs, a parser below.
+
+
+def _hyper_parameters(inputs) -> dict:
+    return {k: float(inputs[k]) for k in ("beta", "desirable_weight", "undesirable_weight")}
+
+
+def _kto_loss_arguments(case: Case, inputs, convert) -> tuple[list, dict]:
+    kwargs = {"policy_logps": convert("policy_logps", "policy_logps"), "ref_logps": convert("ref_logps"),
+              "labels": convert("labels"), **_hyper_parameters(inputs)}
+    if case.variant == "kto":
+        has_kl = "kl_policy_logps" in inputs
+        kwargs["kl_policy_logps"] = convert("kl_policy_logps", "kl_policy_logps") if has_kl else None
+        kwargs["kl_ref_logps"] = convert("kl_ref_logps") if has_kl else None
+    return [], kwargs
+
+
+def _dpo_loss_arguments(case: Case, inputs, convert) -> tuple[list, dict]:
+    return [convert("policy_chosen_logps", "policy_chosen_logps"),
+            convert("policy_rejected_logps", "policy_rejected_logps"),
+            convert("ref_chosen_logps"), convert("ref_rejected_logps"), float(inputs["beta"])], {}
+
+
+def _logprobs_arguments(case: Case, inputs, convert) -> tuple[list, dict]:
+    return [convert("logits", "logits"), convert("targets"), convert("mask")], {}
+
+
+def _sequence_logprobs_arguments(case: Case, inputs, convert) -> tuple[list, dict]:
+    return [convert("logits", "logits"), convert("tokens"), convert("completion_mask")], {}
+
+
+def _model_kto_arguments(case: Case, inputs, convert) -> tuple[list, dict]:
     trainable = set(trainable_names(case))
     state_dict = {}
     for key in sorted(k for k in inputs if k.startswith("state_dict/")):
@@ -137,8 +155,17 @@ def _call_arguments(case: Case, mode: str, overrides: Mapping[str, np.ndarray] |
     kwargs = {"state_dict": state_dict, "config": dict(case.config)}
     for name in ("prompt_tokens", "completion_tokens", "completion_mask", "labels", "ref_logps", "kl_ref_logps"):
         kwargs[name] = convert(name)
-    kwargs.update({k: float(inputs[k]) for k in ("beta", "desirable_weight", "undesirable_weight")})
-    return _Arguments([], kwargs, differentiable)
+    kwargs.update(_hyper_parameters(inputs))
+    return [], kwargs
+
+
+KIND_ARGUMENTS = {  # kind -> (case, inputs, convert) -> (args, kwargs) in the kto_np convention
+    "kto_loss": _kto_loss_arguments,
+    "dpo_loss": _dpo_loss_arguments,
+    "logprobs": _logprobs_arguments,
+    "sequence_logprobs": _sequence_logprobs_arguments,
+    "model_kto": _model_kto_arguments,
+}
 
 
 class _Output(NamedTuple):
@@ -276,6 +303,13 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
 
     values: dict[str, tuple] = {}
     primary_name = "logps" if kind in ("logprobs", "sequence_logprobs") else "loss"
+    if primary_name == "loss" and getattr(parsed.primary, "ndim", 0) == 1:  # per-example losses [n]
+        n = int(parsed.primary.shape[0])
+        notes.append("the candidate returned a per-example loss vector [n]: its mean was taken as the loss")
+        primary = parsed.primary.mean() if _is_torch(parsed.primary) else np.mean(_as_float64(parsed.primary, "loss"))
+        if n == 0:
+            raise CandidateError("returned an empty loss vector")
+        parsed = parsed._replace(primary=primary)
     values[primary_name] = (_as_float64(parsed.primary, primary_name), "returned", None)
     if tolerance == "float64" and _dtype_of(parsed.primary) in ("float32", "float16", "bfloat16"):
         notes.append(f"{case.name}: the candidate returned {_dtype_of(parsed.primary)}; "
@@ -312,7 +346,8 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
             values[f"grad/{name}"] = (np.zeros(tuple(tensor.shape)) if grad is None
                                       else _as_float64(grad, f"grad/{name}"), "autograd", None)
         return Evaluation(values, notes)
-    values.update(_finite_difference_grads(candidate, case, mode, missing, tolerance, notes))
+    step = max(FD_STEP[tolerance], FD_STEP_BY_DTYPE.get(_dtype_of(parsed.primary), 0.0))
+    values.update(_finite_difference_grads(candidate, case, mode, missing, step, notes))
     return Evaluation(values, notes)
 
 
@@ -329,14 +364,16 @@ def fd_matches_reference(case: Case, name: str) -> bool:
     return True
 
 
-def _finite_difference_grads(candidate, case: Case, mode: str, names: list, tolerance: str, notes: list) -> dict:
+def _finite_difference_grads(candidate, case: Case, mode: str, names: list, step: float, notes: list) -> dict:
     """Central differences of the candidate's objective: every entry of small inputs, K random unit
     directions of large ones and of model parameters (the quantity is then the K directional derivatives)."""
-    step = FD_STEP[tolerance]
 
     def objective_at(overrides) -> float:
         out, _ = _call(candidate, case, mode, notes, overrides)
-        return float(_as_float64(_objective(case.kind, case, _parse_output(case.kind, out).primary), "objective"))
+        primary = _parse_output(case.kind, out).primary
+        if case.kind not in ("logprobs", "sequence_logprobs") and getattr(primary, "ndim", 0) == 1:
+            primary = np.mean(_as_float64(primary, "loss"))  # per-example losses: their mean, as evaluate takes
+        return float(_as_float64(_objective(case.kind, case, primary), "objective"))
 
     values = {}
     for name in names:

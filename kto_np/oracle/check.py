@@ -14,7 +14,7 @@ from ..validation import check_choice
 from . import report as report_module
 from .cases import Case, generate_cases, resolve_variant
 from .isolation import DEFAULT_TIMEOUT, Outcome, candidate_spec, run_in_child, run_in_process, summarise_notes
-from .loader import LoadError, load_candidate
+from .loader import LoadError, adapt_candidate, load_candidate
 from .report import TOLERANCES, Check, Diagnosis, Report, compare, diagnose
 from .store import FORMAT_VERSION, compare_with_installed, export, load_cases
 
@@ -100,17 +100,19 @@ def verify(candidate, kind: str = "kto_loss", variant: str | None = None, cases=
         raise TypeError("isolate=True needs a candidate a child process can import: a spec string or a "
                         f"module-level function or class, got {candidate!r} (a closure, lambda or instance)")
     elif spec is not None:
-        outcome = run_in_child(spec, selected, tolerance, timeout, convention=convention)
+        outcome = run_in_child(spec, selected, tolerance, timeout, kind=kind, convention=convention)
         if outcome.load_error is not None:
             raise LoadError(outcome.load_error)
     else:
-        if isinstance(candidate, str):
-            candidate = load_candidate(candidate, convention=convention)
-        state = _oracle_state()
         reason = ("isolate=False" if isolate is False
                   else f"{getattr(candidate, '__qualname__', type(candidate).__name__)} cannot be named for a "
                        "child process (a closure, lambda or instance)")
-        outcome = run_in_process(candidate, selected, tolerance, timeout, reason)
+        if isinstance(candidate, str):
+            candidate, how = load_candidate(candidate, kind=kind, convention=convention)
+        else:
+            candidate, how = adapt_candidate(candidate, kind, convention)
+        state = _oracle_state()
+        outcome = run_in_process(candidate, selected, tolerance, timeout, reason, how)
         changed = _restore(state)
         if changed:
             outcome.errors["(oracle)"] = (f"changed the oracle's own code ({', '.join(changed[:5])}); restored. "
@@ -148,7 +150,7 @@ def verify(candidate, kind: str = "kto_loss", variant: str | None = None, cases=
                                              tolerance))
     report.errors.update({k: v for k, v in outcome.errors.items() if k not in report.errors})
     report.notes = summarise_notes(report.notes)
-    report.diagnosis = diagnose(kind, variant, selected, candidate_values, report)
+    report.diagnosis, report.not_verified = diagnose(kind, variant, selected, candidate_values, report)
     return report
 
 

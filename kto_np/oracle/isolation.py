@@ -7,7 +7,8 @@ and decides. Whatever the candidate does in the child (sys.exit, os._exit, a cra
 flood of output, patching the oracle's classes) ends at most that child: the parent names what happened
 as a failed case and, after an abnormal end, starts a fresh child for the cases left.
 
-A candidate that cannot be named for a child (a closure, a lambda, an instance) runs in this process, with
+A candidate that cannot be named for a child (a closure, a lambda, an instance, a function of the running
+script) runs in this process, with
 sys.exit caught and, in the main thread, the same time limit (SIGALRM); the report says it was not isolated.
 """
 
@@ -53,9 +54,15 @@ class Outcome(NamedTuple):
 # naming a candidate so that a child can import it
 
 
+WORKER_ENV = "KTO_NP_ORACLE_WORKER"  # set in the child: a verify() inside a candidate does not start another
+
+
 def candidate_spec(candidate) -> str | None:
-    """"module:qualname" (or "path/file.py:qualname" for __main__) naming `candidate`, or None when a
-    child cannot import it (closures, lambdas, instances)."""
+    """"module:qualname" naming `candidate` for a child, or None when a child cannot (or should not) import
+    it: closures, lambdas, instances, and functions of the running script (__main__), whose import would run
+    the script again."""
+    if os.environ.get(WORKER_ENV):
+        return None
     if isinstance(candidate, str):
         return candidate
     target, suffix = candidate, ""
@@ -69,18 +76,13 @@ def candidate_spec(candidate) -> str | None:
     if not isinstance(module_name, str) or not isinstance(qualname, str) or "<" in qualname:
         return None
     module = sys.modules.get(module_name)
-    if module is None:
+    if module is None or module_name in ("__main__", "__mp_main__"):
         return None
     found = module
     for part in (qualname + suffix).split("."):
         found = getattr(found, part, None)
     if found is not candidate and not (owner is not None and found == candidate):
         return None  # shadowed or rebound: the name does not lead back to this object
-    if module_name == "__main__":
-        path = getattr(module, "__file__", None)
-        if not path or not str(path).endswith(".py"):
-            return None
-        return f"{os.path.abspath(path)}:{qualname}{suffix}"
     return f"{module_name}:{qualname}{suffix}"
 
 
@@ -228,7 +230,7 @@ def evaluate_case(candidate, case: Case, tolerance: str, timeout: float | None =
 
 
 def run_in_process(candidate: Callable, cases: Sequence[Case], tolerance: str, timeout: float | None,
-                   reason: str) -> Outcome:
+                   reason: str, how: str) -> Outcome:
     evaluations, errors = {}, {}
     for case in cases:
         evaluation, error = evaluate_case(candidate, case, tolerance, timeout)
@@ -236,7 +238,8 @@ def run_in_process(candidate: Callable, cases: Sequence[Case], tolerance: str, t
             evaluations[case.name] = evaluation
         else:
             errors[case.name] = error
-    return Outcome(evaluations, errors, [f"not isolated: {reason}; the candidate ran in this process"], None)
+    notes = [f"called as {how}"] if how else []
+    return Outcome(evaluations, errors, notes + [f"not isolated: {reason}; the candidate ran in this process"], None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,6 +274,7 @@ class _Child:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([_package_root()] + [p for p in [env.get("PYTHONPATH")] if p])
         env.setdefault("PYTHONWARNINGS", "default")
+        env[WORKER_ENV] = "1"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "kto_np.oracle.worker", str(self.request_path), str(write_fd)],
@@ -325,7 +329,7 @@ class _Child:
             return None
 
 
-def run_in_child(spec: str, cases: Sequence[Case], tolerance: str, timeout: float, *,
+def run_in_child(spec: str, cases: Sequence[Case], tolerance: str, timeout: float, *, kind: str,
                  convention: str | None = None) -> Outcome:
     """Run the candidate named by `spec` on `cases` in child processes; the verdict stays here."""
     from .store import write_cases  # noqa: PLC0415
@@ -340,9 +344,9 @@ def run_in_child(spec: str, cases: Sequence[Case], tolerance: str, timeout: floa
         remaining = [case.name for case in cases]
         index = 0
         while remaining:
-            request = {"spec": spec, "convention": convention, "tolerance": tolerance, "cases_dir": str(cases_dir),
-                       "case_names": remaining, "sys_path": [p for p in sys.path if isinstance(p, str)],
-                       "cwd": os.getcwd()}
+            request = {"spec": spec, "kind": kind, "convention": convention, "tolerance": tolerance,
+                       "cases_dir": str(cases_dir), "case_names": remaining, "cwd": os.getcwd(),
+                       "sys_path": [p for p in sys.path if isinstance(p, str)]}
             child = _Child(request, folder, index)
             index += 1
             current, loaded, finished = None, False, False
@@ -369,6 +373,9 @@ def run_in_child(spec: str, cases: Sequence[Case], tolerance: str, timeout: floa
                         break
                     if event == "loaded":
                         loaded = True
+                        how = f"called as {str(message.get('how'))[:300]}"
+                        if message.get("how") and how not in notes:
+                            notes.append(how)
                         deadline = time.monotonic() + case_timeout
                         continue
                     if event == "start" and message.get("case") in by_name:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .candidates import short_error
+from .conventions import ConventionError, adapt, candidate_form
 
 
 class LoadError(Exception):
@@ -62,20 +63,20 @@ def _import_module(spec: str, module_name: str):
             sys.path.remove(os.getcwd())
 
 
-def resolve_spec(spec: str):
-    """The object a spec names (a function, a class, or a class's attribute), not yet checked."""
+def resolve_spec(spec: str) -> tuple:
+    """(the object a spec names, the object it is an attribute of), not yet checked."""
     if not isinstance(spec, str):
         raise TypeError(f"spec must be a string 'package.module:function', got {type(spec).__name__}")
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"spec must look like 'package.module:function', got {spec!r}")
     module = _import_file(spec, module_name) if module_name.endswith(".py") else _import_module(spec, module_name)
-    target = module
+    target = owner = module
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise LoadError(f"spec {spec!r}: {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    return target
+        owner, target = target, getattr(target, part)
+    return target, owner
 
 
 def load_callable(spec: str) -> Callable:
@@ -83,7 +84,7 @@ def load_callable(spec: str) -> Callable:
     be imported (or raises while imported), AttributeError for a missing name, TypeError for something
     that is not callable; each message quotes the spec."""
     try:
-        target = resolve_spec(spec)
+        target, _ = resolve_spec(spec)
     except LoadError as exc:
         error = AttributeError if "has no attribute" in str(exc) else ImportError
         raise error(str(exc)) from exc
@@ -92,12 +93,22 @@ def load_callable(spec: str) -> Callable:
     return target
 
 
-def load_candidate(spec: str, *, convention: str | None = None, kind: str | None = None):
-    """The candidate a spec names, ready to be called as the oracle's kind expects (LoadError if not)."""
+def load_candidate(spec: str, *, kind: str, convention: str | None = None) -> tuple[Callable, str]:
+    """(the candidate a spec names, adapted to the kto_np call of `kind`, how it is called); LoadError when it
+    cannot be imported or fits no convention."""
     try:
-        target = resolve_spec(spec)
+        target, owner = resolve_spec(spec)
     except (ValueError, TypeError) as exc:
         raise LoadError(str(exc)) from exc
     if not callable(target):
         raise LoadError(f"spec {spec!r}: {spec.partition(':')[2]!r} is a {type(target).__name__}, not a callable")
-    return target
+    return adapt_candidate(target, kind, convention, owner=owner, label=spec)
+
+
+def adapt_candidate(target, kind: str, convention: str | None = None, *, owner=None,
+                    label: str = "") -> tuple[Callable, str]:
+    """A callable candidate adapted to the kto_np call of `kind` by its detected (or forced) convention."""
+    try:
+        return adapt(candidate_form(target, owner, label), kind, convention)
+    except ConventionError as exc:
+        raise LoadError(str(exc)) from exc

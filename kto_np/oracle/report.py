@@ -124,16 +124,6 @@ def compare(case: str, quantity: str, source: str, candidate, reference, toleran
                  c_value, r_value, note)
 
 
-def _agrees_or_absent(value, other, rtol: float, atol: float) -> bool:
-    """agrees, with None (an absent metric) equal to None or an all-NaN value."""
-    def normal(x):
-        if x is None:
-            return None
-        x = np.asarray(x, dtype=np.float64)
-        return None if x.size and np.isnan(x).all() and x.ndim == 0 else x
-    return agrees(normal(value), normal(other), rtol, atol)
-
-
 @dataclass(frozen=True)
 class Diagnosis:
     """Which known mistakes a failing candidate's numbers match (empty when none or when it passed)."""
@@ -207,47 +197,27 @@ class Report:
         return "\n".join(lines)
 
 
-def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_values: dict,
-              report: Report) -> Diagnosis:
-    """Name the known mistakes whose mutated formulas reproduce every failing number of the candidate.
-
-    A mutant matches when, on every case and quantity the candidate gave (loss, gradients, log-probs,
-    intermediates; metrics aside), the candidate agrees with the mutant within the tolerance, the mutant
-    differs from the reference somewhere there, and every failing check is one the mutant accounts for.
-    """
-    if report.passed:
-        return Diagnosis((), "all checks passed")
-    all_failing = {(c.case, c.quantity) for c in report.failures}
-    failing = {(c.case, c.quantity) for c in report.failures if not c.quantity.startswith("metrics/")}
-    by_name = {case.name: case for case in cases}
-    if not all_failing and raised_only_on_single_class(kind, by_name, report.errors):
-        mistake = KNOWN_MISTAKES["single_class_nan"]
-        return Diagnosis((mistake.id,), f"matches known mistake {mistake.id}: {mistake.title}: it raised on every "
-                                        f"case with one class and only there (fix: {mistake.fix})")
-    if not candidate_values:
-        return Diagnosis((), "the candidate raised on every case: nothing to compare with the known mistakes")
-    if not all_failing and report.errors:
-        return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
-                             "not run to the end (the ERROR lines above)")
-    matches, scores = [], []
+def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[tuple]:
+    """Per mutant: (mutant, agrees with the candidate everywhere, differs from the reference somewhere among
+    the numbers compared, the (case, quantity) pairs it reproduces, how many numbers were compared)."""
+    table = []
     for mutant in mutants(kind, variant):
         if mutant.match is not None:  # a mistake without fixed numbers (a random pairing): a rule decides
-            if mutant.match(candidate_values, by_name):
-                matches.append(mutant)
+            matched = bool(candidate_values) and mutant.match(candidate_values, by_name)
+            table.append((mutant, matched, True, None, int(matched)))
             continue
-        target = all_failing if mutant.metrics else failing
         agree, distinguishable, explained, compared = True, False, set(), 0
         for case_name, quantities in candidate_values.items():
             outputs = mutant.compute(by_name[case_name])
             for quantity, (value, source, projection) in quantities.items():
-                is_metric = quantity.startswith("metrics/")
+                is_metric = quantity.startswith("metrics/")  # compared only for the mutants about metrics
                 if quantity not in outputs or is_metric != mutant.metrics or (value is None and not is_metric):
                     continue
                 mutated = outputs[quantity]
                 reference = by_name[case_name].expected[quantity]
                 if projection is not None:
                     mutated, reference = projection(mutated), projection(reference)
-                rtol, atol = TOLERANCES[report.tolerance][quantity_class(quantity, source)]
+                rtol, atol = TOLERANCES[tolerance][quantity_class(quantity, source)]
                 compared += 1
                 if _agrees_or_absent(value, mutated, rtol, atol):
                     explained.add((case_name, quantity))
@@ -255,17 +225,87 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
                     agree = False
                 if not _agrees_or_absent(mutated, reference, rtol, atol):
                     distinguishable = True
-        covered = target <= explained
-        if agree and distinguishable and covered and compared:
-            matches.append(mutant)
-        scores.append((len(target & explained), mutant))
+        if mutant.metrics and not compared:  # the candidate returns no metrics: nothing there to be wrong
+            distinguishable = True
+        table.append((mutant, agree, distinguishable, explained, compared))
+    return table
+
+
+def _agrees_or_absent(value, other, rtol: float, atol: float) -> bool:
+    """agrees, with None (an absent metric) equal to None or a NaN number."""
+    def normal(x):
+        if x is None:
+            return None
+        x = np.asarray(x, dtype=np.float64)
+        return None if x.ndim == 0 and np.isnan(x) else x
+    return agrees(normal(value), normal(other), rtol, atol)
+
+
+def _within_float32(report: Report, by_name, candidate_values) -> bool:
+    """Whether every failing check of a float64 report would pass at float32 tolerance."""
+    if report.tolerance != "float32" and report.failures:
+        for check in report.failures:
+            value, source, projection = candidate_values.get(check.case, {}).get(check.quantity, (None, "", None))
+            reference = by_name[check.case].expected.get(check.quantity)
+            if value is None or reference is None:
+                return False
+            if projection is not None:
+                reference = projection(reference)
+            if not compare(check.case, check.quantity, source, value, np.asarray(reference), "float32").passed:
+                return False
+        return True
+    return False
+
+
+def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_values: dict,
+             report: Report) -> tuple[Diagnosis, tuple[str, ...]]:
+    """(the diagnosis, the known mistakes not verified).
+
+    A mutant matches when, on every case and quantity the candidate gave (loss, gradients, log-probs,
+    intermediates; metrics aside), the candidate agrees with the mutant within the tolerance, the mutant
+    differs from the reference somewhere there, and every failing check is one the mutant accounts for.
+    A mistake is not verified when none of the numbers compared tells its mutant from the reference (the
+    deciding gradient was not checked, or the cases that show it did not run).
+    """
+    by_name = {case.name: case for case in cases}
+    table = _mutant_table(kind, variant, by_name, candidate_values, report.tolerance) if candidate_values else []
+    not_verified = tuple(dict.fromkeys(m.mistake for m, _, distinguishable, _, _ in table if not distinguishable))
+    if report.passed:
+        if not_verified:
+            return Diagnosis((), "every compared check passed, but the checks that decide "
+                                 f"{', '.join(not_verified)} could not run: those mistakes are not verified"
+                             ), not_verified
+        return Diagnosis((), "all checks passed"), ()
+    all_failing = {(c.case, c.quantity) for c in report.failures}
+    failing = {(c.case, c.quantity) for c in report.failures if not c.quantity.startswith("metrics/")}
+    if not all_failing and raised_only_on_single_class(kind, by_name, report.errors):
+        mistake = KNOWN_MISTAKES["single_class_nan"]
+        return Diagnosis((mistake.id,), f"matches known mistake {mistake.id}: {mistake.title}: it raised on every "
+                                        f"case with one class and only there (fix: {mistake.fix})"), not_verified
+    if not candidate_values:
+        return Diagnosis((), "the candidate raised on every case: nothing to compare with the known mistakes"), ()
+    if not all_failing and report.errors:
+        return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
+                             "not run to the end (the ERROR lines above)"), not_verified
+
+    def accounts(mutant, explained) -> bool:  # a rule-decided mutant accounts for everything it matched
+        return explained is None or (all_failing if mutant.metrics else failing) <= explained
+
+    matches = [m for m, agree, distinguishable, explained, compared in table
+               if agree and distinguishable and accounts(m, explained) and compared]
     if matches:
         ids = tuple(dict.fromkeys(m.mistake for m in matches))
         text = "; ".join(f"{i}: {KNOWN_MISTAKES[i].title} (fix: {KNOWN_MISTAKES[i].fix})" for i in ids)
-        return Diagnosis(ids, f"matches known mistake{'s' if len(ids) > 1 else ''} {text}")
+        return Diagnosis(ids, f"matches known mistake{'s' if len(ids) > 1 else ''} {text}"), not_verified
+    if _within_float32(report, by_name, candidate_values):
+        return Diagnosis((), "every failing number is within float32 tolerance: an intermediate is computed in "
+                             "float32 (a float32 cast, head or parameter); if that is meant, rerun with "
+                             "--tolerance float32 (verify(..., tolerance='float32'))"), not_verified
+    scores = [(len((all_failing if m.metrics else failing) & explained), m) for m, _, _, explained, _ in table
+              if explained is not None]
     best_count, best = max(scores, key=lambda s: s[0]) if scores else (0, None)
     if best is None or best_count == 0:
-        return Diagnosis((), "no known mistake matches these numbers")
+        return Diagnosis((), "no known mistake matches these numbers"), not_verified
     return Diagnosis((), f"no known mistake matches every failing number; closest: {best.mistake} "
                          f"({KNOWN_MISTAKES[best.mistake].title}) reproduces {best_count} of {len(failing)} "
-                         "failing checks", closest=best.mistake)
+                         "failing checks", closest=best.mistake), not_verified

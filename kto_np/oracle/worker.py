@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     from .store import load_cases  # noqa: PLC0415
 
     try:
-        candidate = load_candidate(request["spec"], convention=request.get("convention"))
+        candidate, how = load_candidate(request["spec"], kind=request["kind"], convention=request.get("convention"))
     except SystemExit as exc:
         send(event="import_exit", code=repr(exc.code))
         channel.close()
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
         send(event="load_error", message=str(exc))
         channel.close()
         return 0
-    send(event="loaded")
+    send(event="loaded", how=how)
     wanted = request["case_names"]
     cases = {case.name: case for case in load_cases(request["cases_dir"]) if case.name in wanted}
     for name in wanted:
