@@ -152,7 +152,23 @@ def evaluate(candidate: Callable, case: Case, tolerance: str):
         notes.append(f"{case.name}: the candidate raised where a mismatched pairing exists ({len(unexpected)} "
                      f"times), first: {unexpected[0]}")
     values = {q: (v, "returned", None) for q, v in _stacked(case, answers).items()}
-    return values, notes
+    return values, notes + where_it_differs(case, values)
+
+
+def where_it_differs(case: Case, values: Mapping) -> list[str]:
+    """Notes naming the batch (and block) sizes behind the first differing rows of each count."""
+    grid = _grid(case)
+    blocks = "block_sizes" in case.inputs
+    notes = []
+    for quantity, (value, _, _) in values.items():
+        rows = np.flatnonzero(np.asarray(value) != np.asarray(case.expected[quantity]))
+        if rows.size:
+            sizes = ", ".join(f"{grid[k][0]}/{grid[k][1]}" if blocks else str(grid[k][0]) for k in rows[:6])
+            more = f" (+{rows.size - 6} more)" if rows.size > 6 else ""
+            what = "batch_size/block_size" if blocks else "batch_size"
+            notes.append(f"{case.name}: {quantity} differs at {what} {sizes}{more} (row index = position in the "
+                         "case's batch_sizes)")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------------
