@@ -80,7 +80,14 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
     from .oracle import main_check  # noqa: PLC0415
 
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
-                      tolerance=args.tolerance, timeout=args.timeout, convention=args.convention)
+                      tolerance=args.tolerance, timeout=args.timeout, convention=args.convention,
+                      kl_rotation=args.kl_rotation)
+
+
+def _cmd_oracle_compare(args: argparse.Namespace) -> int:
+    from .oracle import main_compare  # noqa: PLC0415
+
+    return main_compare(args.cases_dir, args.results, tolerance=args.tolerance)
 
 
 def _int_at_least(minimum: int):
@@ -252,7 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convention", choices=tuple(CONVENTIONS), default=None,
                    help="how SPEC is called: kto_np (the oracle's keywords) or split (policy_chosen_logps, ..., "
                    "reference_KL_logps -> losses, rewards, kl); default: detected from its parameter names")
+    p.add_argument("--kl-rotation", type=int, choices=(-1, 1), default=-1, metavar="{-1,+1}",
+                   help="model_kto: the KL pairs SPEC builds, prompt i with completion i-1 (-1, TRL) or i+1 "
+                   "(+1, OpenRLHF, HALOs); the reference is computed for the one declared (default: -1)")
     p.set_defaults(func=_cmd_oracle_check)
+    p = oracle_sub.add_parser("compare", help="check numbers computed in any language (RESULTS.json) against "
+                              "the cases in CASES_DIR",
+                              description="Read RESULTS.json (format kto_np-oracle-results, "
+                              "docs/oracle-results.schema.json) and compare its numbers with the cases exported to "
+                              "CASES_DIR: the same report and diagnosis as 'check'. Exit status 0 when they "
+                              "pass, 1 when they do not, 2 when the cases or the results cannot be read.")
+    p.add_argument("cases_dir", metavar="CASES_DIR")
+    p.add_argument("results", metavar="RESULTS.json")
+    p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
+                   help="tolerances for numbers computed in float64 or float32 (default: float64)")
+    p.set_defaults(func=_cmd_oracle_compare)
 
     from . import bench  # noqa: PLC0415
 

@@ -81,7 +81,7 @@ def test_an_edited_valid_config_is_named_and_not_blamed_on_the_candidate(exporte
     folder = edited_copy(exported, tmp_path, edit)
     identical, line = oracle.store.compare_with_installed(folder)
     assert not identical
-    assert "edited: model_kto/kto/kl_negative (config); model_kto/kto/kl_positive (config)" in line
+    assert "edited: model_kto/kto/kl_negative (config); model_kto/kto/kl_negative_rotation_plus_1 (config)" in line
     assert oracle.main_check(f"{candidates}:good_model", "model_kto", None, folder) == 2
     assert "(config)" in capsys.readouterr().out
 

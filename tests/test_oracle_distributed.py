@@ -239,3 +239,12 @@ def test_builtin_data_parallel_candidates_pass(variant):
     report = oracle.verify(oracle.builtin_candidate("data_parallel", variant), "data_parallel", variant,
                            cases=cases_named("R3_unequal", "R4_unequal_one_class", variant=variant))
     assert report.passed, report
+
+
+def test_assert_kto_matches_runs_the_ranks():
+    torch_or_skip()
+    from kto_np.testing import assert_kto_matches
+
+    assert assert_kto_matches(numpy_right, kind="data_parallel", cases=cases_named("R2_unequal")).passed
+    with pytest.raises(AssertionError, match="dp_losses_summed"):
+        assert_kto_matches(losses_summed, kind="data_parallel", cases=cases_named("R3_unequal"))

@@ -3,6 +3,7 @@ mistake, is caught and named; right candidates pass; every two mistakes of a kin
 Also the kl_pairs and accumulation kinds (in-process; data_parallel is in test_oracle_distributed.py)."""
 
 import itertools
+import json
 import random
 
 import numpy as np
@@ -429,3 +430,58 @@ def test_shard_engine_without_mistakes_is_the_reference():
                                           ("accumulation", "kto")])
 def test_builtin_pipeline_candidates_pass(kind, variant):
     assert_passed(oracle.verify(oracle.builtin_candidate(kind, variant), kind, variant))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pipeline kinds through results files (compare) and kto_np.testing
+
+
+@pytest.mark.parametrize("kind,variant", [("kl_pairs", "whole_batch"), ("kl_pairs", "blocks"),
+                                          ("accumulation", "kto"), ("data_parallel", "rank_means"),
+                                          ("data_parallel", "global_mean")])
+def test_pipeline_results_round_trip_and_a_mutated_file_is_named(kind, variant, tmp_path):
+    from kto_np.oracle import results
+
+    document = results.results_document(oracle.builtin_candidate(kind, variant), kind, variant)
+    path = results.write_results(tmp_path / "results.json", document)
+    assert_passed(results.compare_results(None, path))
+    mutated = json.loads(path.read_text())
+    for entry in mutated["results"].values():
+        if kind == "kl_pairs":  # completion[::-1] within each block, where a pairing exists
+            for key, value in entry["indices"].items():
+                batch_size, _, block_size = key.partition("/")
+                block_size = int(block_size or batch_size)
+                entry["indices"][key] = None if value is None else [
+                    start + j for start in range(0, int(batch_size), block_size)
+                    for j in reversed(range(min(block_size, int(batch_size) - start)))]
+        else:  # every part x the number of parts: not divided by A, or summed over ranks
+            parts = entry["ranks" if kind == "data_parallel" else "micro_steps"]
+            for part in parts:
+                part["loss"] *= len(parts)
+                part["grad"] = {k: [g * len(parts) for g in v] for k, v in part["grad"].items()}
+    expected = {"kl_pairs": "kl_pairs_reversed", "accumulation": "accumulation_not_divided",
+                "data_parallel": "dp_losses_summed"}[kind]
+    assert_diagnosed(results.compare_results(None, mutated), expected)
+
+
+def test_a_pipeline_results_entry_that_does_not_fit_is_refused():
+    from kto_np.oracle import results
+
+    document = results.results_document(distributed.builtin_accumulation, "accumulation")
+    name = next(iter(document["results"]))
+    document["results"][name]["micro_steps"].pop()
+    with pytest.raises(results.ResultsError, match="micro_steps.*must be a list of"):
+        results.compare_results(None, document)
+    document["results"][name] = {"loss": 1.0}
+    with pytest.raises(results.ResultsError, match="exactly the key 'micro_steps'"):
+        results.compare_results(None, document)
+
+
+def test_assert_kto_matches_for_the_pipeline_kinds():
+    from kto_np.testing import assert_kto_matches
+
+    assert assert_kto_matches(trl_rotation, kind="kl_pairs").passed
+    assert assert_kto_matches(blocks_rotation, kind="kl_pairs", variant="blocks").passed
+    assert assert_kto_matches(numpy_accumulation, kind="accumulation").passed
+    with pytest.raises(AssertionError, match="kl_pairs_reversed"):
+        assert_kto_matches(reversal, kind="kl_pairs")

@@ -20,10 +20,11 @@ The modules, in the order they build on each other:
   loader      loading a candidate from a spec
   isolation   running it in a child process (worker.py) with a time limit; the verdict stays in the parent
   check       verify, and the command-line entry points
+  results     results files from any language: compare CASES_DIR RESULTS.json
 """
 
 from .candidates import FD_DIRECTIONS, FD_FULL_MAX_ENTRIES, FD_STEP, builtin_candidate
-from .cases import KINDS, PIPELINE_KINDS, VARIANTS, Case, generate_cases
+from .cases import KINDS, KL_ROTATION, KL_ROTATIONS, PIPELINE_KINDS, VARIANTS, Case, generate_cases, make_kto_case
 from .check import main_check, main_export, verify
 from .conventions import CONVENTIONS, Convention
 from .dp_launch import data_parallel_session
@@ -31,6 +32,7 @@ from .isolation import DEFAULT_TIMEOUT
 from .loader import LoadError, load_callable
 from .mistakes import KNOWN_MISTAKES, Mistake
 from .report import TOLERANCES, Check, Diagnosis, Report
+from .results import RESULTS_FORMAT, RESULTS_VERSION, compare_results, main_compare, results_document, write_results
 from .store import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, export, load_cases
 
 MISTAKES = KNOWN_MISTAKES  # the old name (data.MISTAKES is the toy task's wrong answers, another thing)
@@ -43,10 +45,14 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KINDS",
+    "KL_ROTATION",
+    "KL_ROTATIONS",
     "KNOWN_MISTAKES",
     "MANIFEST_NAME",
     "MISTAKES",
     "PIPELINE_KINDS",
+    "RESULTS_FORMAT",
+    "RESULTS_VERSION",
     "TOLERANCES",
     "VARIANTS",
     "Case",
@@ -58,12 +64,17 @@ __all__ = [
     "Mistake",
     "Report",
     "builtin_candidate",
+    "compare_results",
     "data_parallel_session",
     "export",
     "generate_cases",
     "load_callable",
     "load_cases",
+    "make_kto_case",
     "main_check",
+    "main_compare",
     "main_export",
+    "results_document",
     "verify",
+    "write_results",
 ]

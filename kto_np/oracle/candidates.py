@@ -412,8 +412,9 @@ class DirectionalProjection(NamedTuple):
 
 
 
-def builtin_candidate(kind: str = "kto_loss", variant: str | None = None) -> Callable:
-    """kto_np's own functions wrapped as a candidate of `kind` (they pass every case)."""
+def builtin_candidate(kind: str = "kto_loss", variant: str | None = None, *, kl_rotation: int = -1) -> Callable:
+    """kto_np's own functions wrapped as a candidate of `kind` (they pass every case; a model candidate
+    builds its KL pairs with kl_rotation)."""
     variant = resolve_variant(kind, variant)
     if kind in PIPELINE_KINDS:
         from . import distributed, kl_pairs  # noqa: PLC0415
@@ -444,7 +445,7 @@ def builtin_candidate(kind: str = "kto_loss", variant: str | None = None) -> Cal
     def model_candidate(state_dict, config, **inputs):
         case = Case("candidate", "model_kto", "kto", "",
                     {**{f"state_dict/{k}": v for k, v in state_dict.items()}, **inputs}, {}, config)
-        outputs = model_reference_outputs(case)
+        outputs = model_reference_outputs(case, kl_rotation)
         grads = {k[len("grad/"):]: v for k, v in outputs.items() if k.startswith("grad/")}
         metrics = {k[len("metrics/"):]: v for k, v in outputs.items() if k.startswith("metrics/")}
         return {"loss": outputs["loss"], "grads": grads, "logits": outputs["logits"],

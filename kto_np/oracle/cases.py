@@ -64,6 +64,13 @@ class Case:
     def file_name(self) -> str:
         return self.name.replace("/", "-") + ".npz"
 
+    @property
+    def kl_rotation(self) -> int | None:
+        """A model case's KL-row rotation: KL row i pairs prompt i with completion (i + rotation) mod B."""
+        if self.kind != "model_kto":
+            return None
+        return int(self.inputs["kl_rotation"]) if "kl_rotation" in self.inputs else KL_ROTATION
+
 
 def _frozen(arrays: Mapping[str, Any]) -> dict[str, np.ndarray | None]:
     out = {}
@@ -136,7 +143,7 @@ class _KTOSpec(NamedTuple):
     desirable_weight: float
     undesirable_weight: float
     log_ratio_shift: float = 0.3
-    kl_pairs: str | None = "positive"  # "positive", "negative" (the clamp matters) or None
+    kl_pairs: str | None = "positive"  # "positive", "negative" (the clamp matters), "zero" (exactly) or None
     extreme: bool = False
 
 
@@ -160,14 +167,20 @@ KTO_SPECS = {
                                    "moderate ones", 17, (1, 0, 1, 0, 0, 1), 0.1, 1.0, 1.2, extreme=True),
     "imbalanced_weights": _KTOSpec("imbalanced_weights", "imbalanced weights desirable_weight=3, "
                                    "undesirable_weight=0.5", 18, (1, 1, 1, 1, 1, 1, 0, 0), 0.3, 3.0, 0.5),
+    "unit_weights": _KTOSpec("unit_weights", "unit class weights (desirable_weight = undesirable_weight = 1): "
+                             "a case an implementation without class weights can pass", 19,
+                             (1, 0, 1, 0, 0, 1, 1), 0.3, 1.0, 1.0),
+    "kl_zero": _KTOSpec("kl_zero", "KL log-ratios exactly zero (kl_policy_logps == kl_ref_logps): z_ref = "
+                        "max(0, 0) = 0 at the clamp's corner", 20, (1, 0, 0, 1, 1, 0), 0.4, 1.0, 1.5,
+                        kl_pairs="zero"),
 }
 KTO_CASES_PER_VARIANT = {
     "edifice": ("basic", "negative_mean_log_ratio", "batch_of_1", "desirable_only", "undesirable_only",
-                "extreme_log_ratios", "imbalanced_weights"),
+                "extreme_log_ratios", "imbalanced_weights", "unit_weights"),
     "kto": ("no_kl_pairs", "kl_pairs", "kl_pairs_negative", "batch_of_1", "desirable_only",
-            "undesirable_only", "extreme_log_ratios", "imbalanced_weights"),
+            "undesirable_only", "extreme_log_ratios", "imbalanced_weights", "unit_weights", "kl_zero"),
     "apo_zero_unpaired": ("basic", "batch_of_1", "desirable_only", "undesirable_only", "extreme_log_ratios",
-                          "imbalanced_weights"),
+                          "imbalanced_weights", "unit_weights"),
 }
 KTO_CASES_PER_VARIANT["edifice_stop_z_grad"] = KTO_CASES_PER_VARIANT["edifice"]
 
@@ -193,7 +206,11 @@ def _kto_inputs(spec: _KTOSpec) -> dict[str, np.ndarray]:
         "desirable_weight": np.float64(spec.desirable_weight),
         "undesirable_weight": np.float64(spec.undesirable_weight),
     }
-    if spec.kl_pairs is not None:
+    if spec.kl_pairs == "zero":
+        kl_ref_logps = -22.0 + 4.0 * rng.standard_normal(n)
+        inputs["kl_policy_logps"] = kl_ref_logps.copy()
+        inputs["kl_ref_logps"] = kl_ref_logps
+    elif spec.kl_pairs is not None:
         kl_ref_logps = -22.0 + 4.0 * rng.standard_normal(n)
         kl_gap = 0.3 * rng.standard_normal(n)
         kl_gap += (0.6 if spec.kl_pairs == "positive" else -0.6) - kl_gap.mean()
@@ -237,6 +254,39 @@ def _kto_loss_cases() -> list[Case]:
             formula = f"{VARIANT_FORMULAS[variant]} Case: {spec.description}."
             cases.append(_case(f"kto_loss/{variant}/{case_id}", "kto_loss", variant, formula, inputs, expected))
     return cases
+
+
+def make_kto_case(policy_logps, ref_logps, labels, *, beta: float, desirable_weight: float = 1.0,
+                  undesirable_weight: float = 1.0, variant: str = "kto", kl_policy_logps=None, kl_ref_logps=None,
+                  name: str = "custom") -> Case:
+    """A kto_loss case from one's own inputs, its reference values computed by kto_np in float64:
+    verify(candidate, "kto_loss", variant, cases=[make_kto_case(...)]).
+
+    policy_logps, ref_logps [n]; labels [n] bool or 0/1 (True = desirable); kl_policy_logps and
+    kl_ref_logps [n] for variant "kto" only (both or neither). Bad input raises ValueError/TypeError
+    naming the argument (kto_np.losses validates it).
+    """
+    variant = check_choice("variant", variant, VARIANTS["kto_loss"])
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
+    if variant != "kto" and (kl_policy_logps is not None or kl_ref_logps is not None):
+        raise ValueError(f"kl_policy_logps and kl_ref_logps are for variant 'kto' only, got variant {variant!r}")
+    if (kl_policy_logps is None) != (kl_ref_logps is None):
+        raise ValueError("kl_policy_logps and kl_ref_logps go together: pass both or neither")
+    inputs = {"policy_logps": policy_logps, "ref_logps": ref_logps, "labels": labels, "beta": beta,
+              "desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight}
+    if kl_policy_logps is not None:
+        inputs.update(kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps)
+    options = dict(variant="edifice", stop_z_grad=True) if variant == "edifice_stop_z_grad" else dict(variant=variant)
+    loss, grad, metrics = kto_loss_and_grad(**inputs, **options, warn_balance=False)  # validates every argument
+    inputs = {k: np.array(to_numpy(v), dtype=np.float64) for k, v in inputs.items() if k != "labels"}
+    inputs["labels"] = np.asarray(to_numpy(labels)).astype(bool)
+    expected = {"loss": np.float64(loss), "grad/policy_logps": np.asarray(to_numpy(grad), dtype=np.float64)}
+    if "kl_policy_logps" in inputs:
+        expected["grad/kl_policy_logps"] = np.zeros_like(inputs["kl_policy_logps"])
+    expected.update(metric_entries(metrics))
+    formula = f"{VARIANT_FORMULAS[variant]} Case: built with make_kto_case."
+    return _case(f"kto_loss/{variant}/{name}", "kto_loss", variant, formula, inputs, expected)
 
 
 def _dpo_cases() -> list[Case]:
@@ -393,13 +443,14 @@ def model_case_batch(case: Case, rotation: int = KL_ROTATION):
     return Batch(tokens, sequence_mask, np.asarray(inputs["labels"]), kl_tokens, kl_sequence_mask, (), (), ())
 
 
-def model_reference_outputs(case: Case, rotation: int = KL_ROTATION) -> dict[str, np.ndarray]:
-    """Loss, intermediates and every parameter's gradient of a model case, by the core's KTO step."""
+def model_reference_outputs(case: Case, rotation: int | None = None) -> dict[str, np.ndarray]:
+    """Loss, intermediates and every parameter's gradient of a model case, by the core's KTO step, with the
+    KL rows of `rotation` (default: the case's own)."""
     from ..train import kto_loss_and_param_grads  # noqa: PLC0415  (step.kto_step once the core has it)
 
     inputs = case.inputs
     model, params = model_from_case(case)
-    batch = model_case_batch(case, rotation)
+    batch = model_case_batch(case, case.kl_rotation if rotation is None else rotation)
     loss, metrics, grads = kto_loss_and_param_grads(
         model, params, batch, np.asarray(inputs["ref_logps"]), np.asarray(inputs["kl_ref_logps"]),
         variant="kto", beta=float(inputs["beta"]), desirable_weight=float(inputs["desirable_weight"]),
@@ -417,47 +468,64 @@ def model_reference_outputs(case: Case, rotation: int = KL_ROTATION) -> dict[str
     return out
 
 
+KL_ROTATIONS = (-1, 1)  # -1: TRL (prompt i with completion i - 1); +1: OpenRLHF, HALOs (completion i + 1)
+
+
 def _model_cases() -> list[Case]:
     hf = MODEL_CONFIG
     config = GPTConfig(vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"], hidden_size=hf["n_embd"],
                        num_layers=hf["n_layer"], num_heads=hf["n_head"], dropout=0.0, dtype="float64")
     B, P, K, V = 4, MODEL_PROMPT_LENGTH, MODEL_COMPLETION_LENGTH, hf["vocab_size"]
     cases = []
-    for case_id, description, seed, labels, beta, weights, completion_lengths, kl_sign in [
-        ("kl_positive", "a positive KL estimate (z_ref > 0)", 51, (1, 0, 1, 0), 0.5, (1.0, 1.3), (5, 3, 4, 2), 1),
-        ("kl_negative", "a negative KL estimate: the clamp sets z_ref = 0", 52, (1, 1, 0, 0), 0.5, (1.2, 0.8),
-         (4, 5, 2, 3), -1),
-    ]:
-        rng = np.random.default_rng(seed)
-        policy_params = model_params(config, rng)
-        prompt = rng.integers(0, V, (B, P))
-        completion_mask = _completion_mask([0] * B, completion_lengths, K)
-        completion = np.where(completion_mask > 0, rng.integers(1, V, (B, K)), 0)  # pad token 0
-        base = {"prompt_tokens": prompt, "completion_tokens": completion, "completion_mask": completion_mask,
-                "labels": np.array(labels, dtype=bool), "beta": np.float64(beta),
-                "desirable_weight": np.float64(weights[0]), "undesirable_weight": np.float64(weights[1])}
-        model = GPT(config)
-        tokens, sequence_mask = joined(prompt, completion, completion_mask)
-        partners = kl_partner_indices(B)
-        kl_tokens, kl_mask = joined(prompt, completion[partners], completion_mask[partners])
-        policy_kl_logps = sequence_logprobs_forward(model.forward(policy_params, kl_tokens)[0], kl_tokens,
-                                                    kl_mask)[0]
-        for ref_seed in range(1000):  # deterministic search for a reference with the KL sign this case needs
-            ref_rng = np.random.default_rng([seed, ref_seed])
-            ref_params = {k: v + 0.05 * ref_rng.standard_normal(v.shape) for k, v in policy_params.items()}
-            kl_ref_logps = sequence_logprobs_forward(model.forward(ref_params, kl_tokens)[0], kl_tokens, kl_mask)[0]
-            if kl_sign * float(np.mean(policy_kl_logps - kl_ref_logps)) > 0.02:
-                break
-        else:  # pragma: no cover - the search succeeds for the seeds above
-            raise RuntimeError(f"no reference model with KL sign {kl_sign} for model case {case_id}")
-        ref_logps = sequence_logprobs_forward(model.forward(ref_params, tokens)[0], tokens, sequence_mask)[0]
-        inputs = {**state_dict_inputs(policy_params, config), **base, "ref_logps": ref_logps,
-                  "kl_ref_logps": kl_ref_logps}
-        provisional = Case(f"model_kto/kto/{case_id}", "model_kto", "kto", "", inputs, {}, dict(hf))
-        expected = model_reference_outputs(provisional)
-        cases.append(_case(provisional.name, "model_kto", "kto", f"{MODEL_FORMULA} Case: {description}.",
-                           inputs, expected, dict(hf)))
+    for rotation in KL_ROTATIONS:
+        for case_id, description, seed, labels, beta, weights, completion_lengths, kl_sign in [
+            ("kl_positive", "a positive KL estimate (z_ref > 0)", 51, (1, 0, 1, 0), 0.5, (1.0, 1.3), (5, 3, 4, 2),
+             1),
+            ("kl_negative", "a negative KL estimate: the clamp sets z_ref = 0", 52, (1, 1, 0, 0), 0.5, (1.2, 0.8),
+             (4, 5, 2, 3), -1),
+        ]:
+            cases.append(_model_case(config, rotation, case_id, description, seed, labels, beta, weights,
+                                     completion_lengths, kl_sign, B, P, K, V))
     return cases
+
+
+def _model_case(config, rotation, case_id, description, seed, labels, beta, weights, completion_lengths, kl_sign,
+                B, P, K, V) -> Case:
+    hf = MODEL_CONFIG
+    rng = np.random.default_rng(seed)
+    policy_params = model_params(config, rng)
+    prompt = rng.integers(0, V, (B, P))
+    completion_mask = _completion_mask([0] * B, completion_lengths, K)
+    completion = np.where(completion_mask > 0, rng.integers(1, V, (B, K)), 0)  # pad token 0
+    base = {"prompt_tokens": prompt, "completion_tokens": completion, "completion_mask": completion_mask,
+            "labels": np.array(labels, dtype=bool), "beta": np.float64(beta),
+            "desirable_weight": np.float64(weights[0]), "undesirable_weight": np.float64(weights[1])}
+    model = GPT(config)
+    tokens, sequence_mask = joined(prompt, completion, completion_mask)
+    partners = kl_partner_indices(B, rotation)
+    kl_tokens, kl_mask = joined(prompt, completion[partners], completion_mask[partners])
+    policy_kl_logps = sequence_logprobs_forward(model.forward(policy_params, kl_tokens)[0], kl_tokens, kl_mask)[0]
+    for ref_seed in range(1000):  # deterministic search for a reference with the KL sign this case needs
+        ref_rng = np.random.default_rng([seed, ref_seed])
+        ref_params = {k: v + 0.05 * ref_rng.standard_normal(v.shape) for k, v in policy_params.items()}
+        kl_ref_logps = sequence_logprobs_forward(model.forward(ref_params, kl_tokens)[0], kl_tokens, kl_mask)[0]
+        if kl_sign * float(np.mean(policy_kl_logps - kl_ref_logps)) > 0.02:
+            break
+    else:  # pragma: no cover - the search succeeds for the seeds above
+        raise RuntimeError(f"no reference model with KL sign {kl_sign} for model case {case_id}")
+    ref_logps = sequence_logprobs_forward(model.forward(ref_params, tokens)[0], tokens, sequence_mask)[0]
+    inputs = {**state_dict_inputs(policy_params, config), **base, "ref_logps": ref_logps,
+              "kl_ref_logps": kl_ref_logps}
+    name = f"model_kto/kto/{case_id}"
+    formula = MODEL_FORMULA
+    if rotation != KL_ROTATION:  # the TRL-rotation cases keep their names and files from format version 1
+        inputs["kl_rotation"] = np.int64(rotation)
+        name += f"_rotation_{'plus' if rotation > 0 else 'minus'}_{abs(rotation)}"
+        formula = formula.replace("completion_tokens_{i-1 mod B}", "completion_tokens_{i+1 mod B}").replace(
+            "KL pairs (TRL)", "KL pairs (kl_rotation = +1, as OpenRLHF and HALOs build them)")
+    provisional = Case(name, "model_kto", "kto", "", inputs, {}, dict(hf))
+    expected = model_reference_outputs(provisional)
+    return _case(name, "model_kto", "kto", f"{formula} Case: {description}.", inputs, expected, dict(hf))
 
 
 def resolve_variant(kind: str, variant: str | None) -> str | None:

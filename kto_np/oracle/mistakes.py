@@ -17,7 +17,7 @@ import numpy as np
 
 from ..logprobs import logprobs_backward, logprobs_forward, sequence_logprobs_backward, sequence_logprobs_forward
 from ..losses import dpo_loss_and_grad, sigmoid
-from .cases import KINDS, KL_ROTATION, Case, hf_name, model_case_batch, model_from_case
+from .cases import KINDS, Case, hf_name, model_case_batch, model_from_case
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,13 @@ KNOWN_MISTAKES = {m.id: m for m in (
             "multiply the token log-probs by the (completion) mask before summing"),
     Mistake("kl_pairs_not_mismatched", "KL estimate from matched pairs (prompt_i, completion_i)",
             "KL pairs are mismatched: prompt_i with completion_{i-1} (TRL rotates completions by one)"),
-    Mistake("kl_pairs_rotated_wrong_way", "KL completions rotated the wrong way (completion_{i+1}, not i-1)",
-            "kl_completion_i = completion_{i-1 mod B}, as kl_ref_logps were computed (torch.roll(c, 1, 0))"),
+    Mistake("kl_pairs_rotated_wrong_way", "KL completions rotated the other way than the cases declare "
+            "(completion_{i+1} for kl_rotation -1, completion_{i-1} for +1)",
+            "rotate as kl_ref_logps were computed: kl_completion_i = completion_{(i + kl_rotation) mod B} "
+            "(TRL, kl_rotation -1: torch.roll(c, 1, 0)); or check with --kl-rotation matching your code"),
+    Mistake("weights_ignored", "class weights ignored: desirable_weight and undesirable_weight taken as 1",
+            "multiply each example's loss by its class weight (lambda_D or lambda_U); an implementation "
+            "without class weights passes only the unit_weights cases"),
 )}
 
 
@@ -82,7 +87,7 @@ _VARIANT_KNOBS = {
 
 def _kto_family(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight, *, form, z_source,
                 clamp, z_grad, kl_policy_logps=None, kl_ref_logps=None, beta_power=1, undesirable_z_sign=1.0,
-                normalise_by_weights=False):
+                normalise_by_weights=False, ignore_weights=False):
     """The KTO family with switches for the known mistakes: (loss, dL/dpolicy_logps [n], dL/dkl_policy_logps).
 
     In log-ratio units: u_i = b (r_i - o_i), b = beta ** beta_power, o_i = zr (desirable) or
@@ -96,7 +101,7 @@ def _kto_family(policy_logps, ref_logps, labels, beta, desirable_weight, undesir
     n = r.shape[0]
     b = beta ** beta_power
     signs = np.where(labels, 1.0, -1.0)  # [n] s
-    weights = np.where(labels, desirable_weight, undesirable_weight)  # [n] w
+    weights = np.ones(n) if ignore_weights else np.where(labels, desirable_weight, undesirable_weight)  # [n] w
     has_kl = kl_policy_logps is not None
     if z_source == "batch":
         raw = float(np.mean(r))
@@ -105,7 +110,7 @@ def _kto_family(policy_logps, ref_logps, labels, beta, desirable_weight, undesir
     else:
         raw = 0.0
     z = max(0.0, raw) if clamp else raw
-    dz_draw = 1.0 if (not clamp or raw > 0) else 0.0
+    dz_draw = 1.0 if (not clamp or raw >= 0) else 0.0  # at raw = 0 the gradient passes, as torch's clamp does
     offset_sign = np.where(labels, 1.0, undesirable_z_sign)  # [n]
     u = b * (r - offset_sign * z)  # [n]
     per_example = -weights * sigmoid(signs * u) if form == "edifice" else weights * sigmoid(-signs * u)
@@ -151,13 +156,14 @@ def _token_logps(logits, tokens, mask, *, shift: int = 1, reduction: str = "sum"
     return logps, backward
 
 
-def _model_mutant_outputs(case: Case, *, rotation: int = KL_ROTATION, logps_options: Mapping | None = None,
+def _model_mutant_outputs(case: Case, *, pairs: str = "declared", logps_options: Mapping | None = None,
                           loss_mistakes: Mapping | None = None) -> dict[str, np.ndarray]:
     """Loss, intermediates and every parameter's gradient of a model case computed with a known mistake:
-    KL rows built with another rotation (0: matched pairs, +1: the other way), logps_options (for
-    _token_logps) or loss_mistakes (for _kto_family)."""
+    KL rows built otherwise (pairs "matched", or "reversed": the other rotation than the case declares),
+    logps_options (for _token_logps) or loss_mistakes (for _kto_family)."""
     inputs = case.inputs
     model, params = model_from_case(case)
+    rotation = {"declared": case.kl_rotation, "matched": 0, "reversed": -case.kl_rotation}[pairs]
     batch = model_case_batch(case, rotation)
     logits, cache = model.forward(params, batch.tokens)  # [B, T, V]
     kl_logits, kl_cache = model.forward(params, batch.kl_tokens)
@@ -208,15 +214,16 @@ _LOSS_MISTAKE_KNOBS = {
     "beta_twice": dict(beta_power=2),
     "beta_missing": dict(beta_power=0),
     "weights_normalise_mean": dict(normalise_by_weights=True),
+    "weights_ignored": dict(ignore_weights=True),
 }
 _KTO_VARIANT_MISTAKES = {
     "edifice": ("z_detached", "z_clamped", "undesirable_sign", "beta_twice", "beta_missing",
-                "weights_normalise_mean"),
+                "weights_normalise_mean", "weights_ignored"),
     "edifice_stop_z_grad": ("z_not_detached", "z_clamped", "undesirable_sign", "beta_twice", "beta_missing",
-                            "weights_normalise_mean"),
+                            "weights_normalise_mean", "weights_ignored"),
     "kto": ("z_not_detached", "z_not_clamped", "undesirable_sign", "beta_twice", "beta_missing",
-            "weights_normalise_mean"),
-    "apo_zero_unpaired": ("beta_twice", "beta_missing", "weights_normalise_mean"),
+            "weights_normalise_mean", "weights_ignored"),
+    "apo_zero_unpaired": ("beta_twice", "beta_missing", "weights_normalise_mean", "weights_ignored"),
 }
 
 
@@ -275,8 +282,8 @@ def _builtin_mutants(kind: str, variant: str | None) -> list[_Mutant]:
                    _logprobs_mutant("logits_shifted_twice", "logits_shifted_twice", shift=2)])
     if kind == "model_kto":
         mutants = [
-            _model_mutant("kl_pairs_not_mismatched", "kl_pairs_not_mismatched", rotation=0),
-            _model_mutant("kl_pairs_rotated_wrong_way", "kl_pairs_rotated_wrong_way", rotation=+1),
+            _model_mutant("kl_pairs_not_mismatched", "kl_pairs_not_mismatched", pairs="matched"),
+            _model_mutant("kl_pairs_rotated_wrong_way", "kl_pairs_rotated_wrong_way", pairs="reversed"),
             _model_mutant("logits_not_shifted", "logits_not_shifted", logps_options=dict(shift=0)),
             _model_mutant("logits_shifted_twice", "logits_shifted_twice", logps_options=dict(shift=2)),
         ]

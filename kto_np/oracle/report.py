@@ -151,6 +151,7 @@ class Report:
     cases_source: str = ""  # where the cases came from, and whether they are kto_np's own
     cases_identical: bool | None = None  # False: a case folder that differs from what kto_np exports
     not_verified: tuple[str, ...] = ()  # known mistakes the checks that ran cannot rule out
+    kl_rotation: int | None = None  # model_kto: the KL pairs the candidate was checked for
 
     @property
     def passed(self) -> bool:
@@ -165,6 +166,7 @@ class Report:
     def __str__(self) -> str:
         title = (f"kto_np {__version__} gradient oracle: kind={self.kind}"
                  + (f" variant={self.variant}" if self.variant else "")
+                 + (f" kl_rotation={self.kl_rotation:+d}" if self.kl_rotation is not None else "")
                  + f", {len(self.cases)} cases, tolerance {self.tolerance}")
         case_width = max([len("case")] + [len(c.case) for c in self.checks]) + 2
         quantity_width = max([len("quantity")] + [len(c.quantity) for c in self.checks]) + 2

@@ -23,7 +23,7 @@ from .cases import KINDS, MODEL_CONFIG, VARIANTS, Case, _case, generate_cases
 from .report import TOLERANCES
 
 FORMAT_NAME = "kto_np-oracle-cases"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: unit_weights, kl_zero and kl_rotation +1 model cases (1: 37 cases)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -198,6 +198,11 @@ def _load_case(folder: Path, entry: Mapping) -> Case:
                          "absent and stored")
     expected.update({k: None for k in absent})
     config = entry.get("config")
+    rotation = inputs.get("kl_rotation")
+    if rotation is not None and (kind != "model_kto" or rotation.dtype != np.int64 or rotation.shape != ()
+                                 or int(rotation) not in (-1, 1)):
+        raise ValueError(f"{folder / MANIFEST_NAME}: case {name!r}: inputs/kl_rotation must be a 0-d int64 -1 or "
+                         f"+1 of a model case, got {rotation!r}")
     if kind == "model_kto":
         _check_model_config(folder / MANIFEST_NAME, name, config, inputs)
     elif config is not None:
