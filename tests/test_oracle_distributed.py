@@ -123,6 +123,13 @@ def raises_on_rank_1(policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_lo
     return 0.0
 
 
+def hangs_on_rank_0(policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, beta, desirable_weight,
+                    undesirable_weight, *, rank, world_size, all_reduce):
+    if rank == 0:
+        time.sleep(600)
+    return all_reduce(np.zeros(1)).sum()  # rank 1 waits for rank 0 in a collective
+
+
 def assert_no_rank_left(before):
     """No process of a check outlives it: the children of this process are the same as before."""
     assert _children() <= before, f"processes left behind: {_children() - before}"
@@ -191,6 +198,18 @@ def test_a_rank_that_raises_ends_the_check_at_once():
     assert message.startswith("rank 1 raised on data_parallel/rank_means/R2_equal: RuntimeError: rank 1 lost its "
                               "shard"), message
     assert report.errors["data_parallel/rank_means/R2_unequal"].startswith("not run")
+    assert_no_rank_left(before)
+
+
+def test_a_rank_that_hangs_ends_the_check_at_the_time_limit():
+    torch_or_skip()
+    before = _children()
+    started = time.monotonic()
+    report = oracle.verify(hangs_on_rank_0, "data_parallel", cases=cases_named("R2_unequal"), timeout=2)
+    assert time.monotonic() - started < 15
+    message = report.errors["data_parallel/rank_means/R2_unequal"]
+    assert message.startswith("timed out after 2 s on data_parallel/rank_means/R2_unequal: rank(s) [0, 1] did not "
+                              "finish it"), message
     assert_no_rank_left(before)
 
 

@@ -29,6 +29,9 @@ from ..logprobs import (
 from ..losses import dpo_loss_and_grad, kto_loss_and_grad
 from .cases import PIPELINE_KINDS, Case, kto_keywords, model_reference_outputs, resolve_variant, trainable_names
 
+# the pipeline kinds' modules (kl_pairs.py, distributed.py, dp_launch.py) add theirs on import:
+PIPELINE_EVALUATORS: dict = {}  # kind -> (candidate, case, tolerance) -> (values, notes)
+PIPELINE_BUILTINS: dict = {}  # kind -> (variant) -> kto_np's own candidate
 FD_STEP = {"float64": 1e-5, "float32": 1e-2}  # by tolerance
 FD_STEP_BY_DTYPE = {"float32": 1e-2, "float16": 1e-1, "bfloat16": 1e-1}  # at least this for a candidate's dtype
 FD_FULL_MAX_ENTRIES = 512  # larger tensors, and model parameters, are checked along random directions
@@ -278,9 +281,7 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
     """Call the candidate on one case and collect every quantity it yields, with where it came from."""
     kind, notes = case.kind, []
     if kind in PIPELINE_KINDS:
-        from . import distributed, kl_pairs  # noqa: PLC0415
-
-        values, notes = (kl_pairs if kind == "kl_pairs" else distributed).evaluate(candidate, case, tolerance)
+        values, notes = PIPELINE_EVALUATORS[kind](candidate, case, tolerance)
         return Evaluation(values, notes)
     numpy_error = None
     try:
@@ -417,11 +418,7 @@ def builtin_candidate(kind: str = "kto_loss", variant: str | None = None, *, kl_
     builds its KL pairs with kl_rotation)."""
     variant = resolve_variant(kind, variant)
     if kind in PIPELINE_KINDS:
-        from . import distributed, kl_pairs  # noqa: PLC0415
-
-        return {"kl_pairs": kl_pairs.builtin_kl_pairs, "accumulation": distributed.builtin_accumulation,
-                "data_parallel": distributed.builtin_data_parallel if variant == "rank_means"
-                else distributed.builtin_data_parallel_global_mean}[kind]
+        return PIPELINE_BUILTINS[kind](variant)
     if kind == "kto_loss":
         def kto_candidate(**kwargs):
             inputs = {k: v for k, v in kwargs.items() if v is not None}

@@ -38,6 +38,7 @@ VARIANTS = {
 # kinds that check a piece of the training pipeline (kl_pairs.py, distributed.py)
 PIPELINE_KINDS = ("kl_pairs", "data_parallel", "accumulation")
 KINDS += PIPELINE_KINDS
+PIPELINE_CASE_BUILDERS: list = []  # () -> list[Case]; kl_pairs.py and distributed.py add theirs on import
 VARIANTS.update({"kl_pairs": ("whole_batch", "blocks"), "data_parallel": ("rank_means", "global_mean"),
                  "accumulation": ("kto",)})
 
@@ -541,10 +542,9 @@ def resolve_variant(kind: str, variant: str | None) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _cached_cases() -> tuple[Case, ...]:
-    from . import distributed, kl_pairs  # noqa: PLC0415  (they build on this module)
-
+    pipeline = [case for build in PIPELINE_CASE_BUILDERS for case in build()]
     return tuple(_kto_loss_cases() + _dpo_cases() + _logprobs_cases() + _sequence_logprobs_cases()
-                 + _model_cases() + kl_pairs.cases() + distributed.cases())
+                 + _model_cases() + pipeline)
 
 
 def generate_cases() -> tuple[Case, ...]:

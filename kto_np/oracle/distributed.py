@@ -32,7 +32,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..losses import kto_loss_and_grad
-from .cases import Case, _case
+from . import candidates, mistakes
+from .cases import PIPELINE_CASE_BUILDERS, Case, _case
+from .mistakes import _Mutant
 
 DP_FORMULA = (
     "Data-parallel KTO: the batch (policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, all [N]) is cut "
@@ -315,29 +317,12 @@ def _convention(case: Case, variant: str) -> dict:
 
 
 def mutants(kind: str, variant: str | None) -> list:
-    from .mistakes import _Mutant  # noqa: PLC0415
-
     return [_Mutant(mistake, mistake, _mutant_compute(mistake, setting))
             for mistake, setting in _settings(kind, variant)]
 
 
 # ---------------------------------------------------------------------------------------------------
 # evaluating a candidate
-
-
-def evaluate(candidate, case: Case, tolerance: str):
-    """One case: accumulation in this process, data_parallel through its own process group."""
-    if case.kind == "data_parallel":
-        from .dp_launch import run_data_parallel  # noqa: PLC0415
-
-        outcome = run_data_parallel(candidate, [case], tolerance)
-        result = outcome[case.name]
-        if isinstance(result, str):
-            from .candidates import CandidateError  # noqa: PLC0415
-
-            raise CandidateError(result)
-        return result
-    return _evaluate_accumulation(candidate, case, tolerance)
 
 
 def _micro_batch_case(case: Case, index: int) -> Case:
@@ -347,8 +332,6 @@ def _micro_batch_case(case: Case, index: int) -> Case:
 
 
 def _evaluate_accumulation(candidate, case: Case, tolerance: str):
-    from .candidates import evaluate as evaluate_loss  # noqa: PLC0415
-
     steps = len(shard_sizes(case))
     values: dict[str, list] = {}
     notes: list[str] = []
@@ -358,7 +341,7 @@ def _evaluate_accumulation(candidate, case: Case, tolerance: str):
             return candidate(policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, beta, desirable_weight,
                              undesirable_weight, micro_step=_index, accumulation_steps=steps)
 
-        evaluation = evaluate_loss(micro_candidate, _micro_batch_case(case, index), tolerance)
+        evaluation = candidates.evaluate(micro_candidate, _micro_batch_case(case, index), tolerance)
         notes += [note.replace(f"{case.name}/micro_step_{index}", f"{case.name} (micro-step {index})")
                   for note in evaluation.notes]
         for quantity, (value, source, _) in evaluation.values.items():
@@ -406,3 +389,14 @@ def builtin_data_parallel_global_mean(policy_logps, ref_logps, labels, kl_policy
                                       kl_ref_logps=np.zeros(1), warn_balance=False)
     scale = world_size * len(policy_logps) / total
     return scale * loss, scale * grad
+
+
+# the kinds' registrations (the registries live in cases, mistakes and candidates; dp_launch registers the
+# data_parallel evaluator)
+PIPELINE_CASE_BUILDERS.append(cases)
+mistakes.PIPELINE_MUTANTS["data_parallel"] = mutants
+mistakes.PIPELINE_MUTANTS["accumulation"] = mutants
+candidates.PIPELINE_EVALUATORS["accumulation"] = _evaluate_accumulation
+candidates.PIPELINE_BUILTINS["accumulation"] = lambda variant: builtin_accumulation
+candidates.PIPELINE_BUILTINS["data_parallel"] = (
+    lambda variant: builtin_data_parallel if variant == "rank_means" else builtin_data_parallel_global_mean)

@@ -32,8 +32,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import candidates
 from .cases import Case
 from .distributed import shard_sizes
+from .loader import LoadError
 
 DEFAULT_TIMEOUT = 60.0  # seconds per case, for every rank together
 JOIN_TIMEOUT = 90.0  # seconds for every rank to import torch and the candidate and join the group
@@ -250,8 +252,6 @@ class _Group:
             r.kill()
 
     def results(self) -> dict:
-        from .candidates import Evaluation  # noqa: PLC0415
-
         for r in self.ranks:
             r.read_events()
         out: dict = {}
@@ -260,7 +260,7 @@ class _Group:
             done = [next((e for e in r.events if e.get("event") == "done" and e.get("case") == case.name), None)
                     for r in self.ranks]
             if all(d is not None for d in done):
-                out[case.name] = Evaluation(*_combine(case, done))
+                out[case.name] = candidates.Evaluation(*_combine(case, done))
                 continue
             if not failed:
                 out[case.name] = self.failure or "the process group ended without a result"
@@ -343,8 +343,6 @@ def run_data_parallel(candidate, cases: Sequence[Case], tolerance: str = "float6
                 time.sleep(POLL_SECONDS)
         for group in groups:
             if group.load_error is not None:
-                from .loader import LoadError  # noqa: PLC0415
-
                 raise LoadError(group.load_error)
         out: dict = {}
         for group in groups:
@@ -426,3 +424,14 @@ def _tail(path: str) -> str:
     except OSError:
         return ""
     return " | ".join(lines[-OUTPUT_LINES_KEPT:])
+
+
+def _evaluate_one(candidate, case: Case, tolerance: str):
+    """One data_parallel case on its own ranks (verify runs all cases in one go instead)."""
+    result = run_data_parallel(candidate, [case], tolerance)[case.name]
+    if isinstance(result, str):
+        raise candidates.CandidateError(result)
+    return result.values, result.notes
+
+
+candidates.PIPELINE_EVALUATORS["data_parallel"] = _evaluate_one

@@ -52,8 +52,10 @@ def main(argv: list[str]) -> int:
     store_options = {"master_listen_fd": int(listen_fd)} if rank == 0 and listen_fd else {}
     store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), world_size, rank == 0, timeout=join_timeout,
                           **store_options)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=float(request["timeout"])))
+    # gloo's own collective timeout comes after the parent's time limit, which ends the group with a clearer
+    # message (the ranks and where each was); it only matters if the parent is gone
+    collective_timeout = datetime.timedelta(seconds=2 * float(request["timeout"]) + 10)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=collective_timeout)
     send(event="joined")
     runner = _Runner(candidate, torch, dist, rank, world_size, request["tolerance"])
     for payload in request["cases"]:

@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from .cases import Case, _case
+from . import candidates, mistakes
+from .cases import PIPELINE_CASE_BUILDERS, Case, _case
+from .mistakes import _Mutant
 
 MAX_BATCH_SIZE = 64
 BLOCK_SIZES = (2, 3, 4, 8)
@@ -131,8 +133,6 @@ def _as_indices(value):
 
 def evaluate(candidate: Callable, case: Case, tolerance: str):
     """Call the candidate for every batch size (and block size) of the case; the counts as values."""
-    from .candidates import short_error  # noqa: PLC0415  (candidates imports this module's kind lazily)
-
     blocks = "block_sizes" in case.inputs
     takes_block = _takes_block_size(candidate)
     if blocks and not takes_block:
@@ -147,7 +147,7 @@ def evaluate(candidate: Callable, case: Case, tolerance: str):
             answers.append(None)
             if not _needs_error(batch_size, block_size):
                 unexpected.append(f"batch_size={batch_size}" + (f", block_size={block_size}" if blocks else "")
-                                  + f": {short_error(exc)}")
+                                  + f": {candidates.short_error(exc)}")
     if unexpected:
         notes.append(f"{case.name}: the candidate raised where a mismatched pairing exists ({len(unexpected)} "
                      f"times), first: {unexpected[0]}")
@@ -185,8 +185,6 @@ def _per_block(batch_size: int, block_size: int, pair_block: Callable[[int], np.
 
 def _pairing_mutant(mistake: str, pairing: Callable[[int, int], object], *, guarded: bool = False):
     """A wrong pairing; guarded: it raises where a block holds one example, as the reference does."""
-    from .mistakes import _Mutant  # noqa: PLC0415
-
     def answer(batch_size, block_size):
         return None if guarded and _needs_error(batch_size, block_size) else pairing(batch_size, block_size)
 
@@ -235,8 +233,6 @@ def _random_permutation_rule(candidate_values: Mapping, cases_by_name: Mapping) 
 
 
 def mutants(kind: str, variant: str | None) -> list:
-    from .mistakes import _Mutant  # noqa: PLC0415
-
     out = [_pairing_mutant(mistake, pairing, guarded=guarded)
            for mistake, pairing in (("kl_pairs_not_mismatched", _matched), ("kl_pairs_reversed", _reversed))
            for guarded in (False, True)]
@@ -261,3 +257,10 @@ def builtin_kl_pairs(batch_size: int, block_size: int | None = None) -> np.ndarr
         raise ValueError(f"batch_size {batch_size} with block_size {block_size} leaves a block of one example: "
                          "it has no mismatched KL pair")
     return pairing
+
+
+# the kind's registrations (the registries live in cases, mistakes and candidates)
+PIPELINE_CASE_BUILDERS.append(cases)
+mistakes.PIPELINE_MUTANTS["kl_pairs"] = mutants
+candidates.PIPELINE_EVALUATORS["kl_pairs"] = evaluate
+candidates.PIPELINE_BUILTINS["kl_pairs"] = lambda variant: builtin_kl_pairs

@@ -7,7 +7,6 @@ diagnosis (report.diagnose) names a mistake when its mutant reproduces a failing
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -17,7 +16,7 @@ import numpy as np
 
 from ..logprobs import logprobs_backward, logprobs_forward, sequence_logprobs_backward, sequence_logprobs_forward
 from ..losses import dpo_loss_and_grad, sigmoid
-from .cases import KINDS, Case, hf_name, model_case_batch, model_from_case
+from .cases import KINDS, PIPELINE_KINDS, Case, hf_name, model_case_batch, model_from_case
 
 
 @dataclass(frozen=True)
@@ -264,7 +263,7 @@ def mutants(kind: str, variant: str | None) -> list[_Mutant]:
 
 
 def _builtin_mutants(kind: str, variant: str | None) -> list[_Mutant]:
-    if kind in PIPELINE_MUTANTS:
+    if kind in PIPELINE_KINDS:
         return []
     if kind == "kto_loss":
         return [_kto_loss_mutant(m, _LOSS_MISTAKE_KNOBS[m]) for m in _KTO_VARIANT_MISTAKES[variant]]
@@ -389,7 +388,7 @@ for _id, _where in _SEEN_IN.items():
         KNOWN_MISTAKES[_id] = replace(KNOWN_MISTAKES[_id], seen_in=_where)
 
 # kinds that check a piece of the training pipeline rather than a formula: their mutants live in their modules
-PIPELINE_MUTANTS = {"kl_pairs": "kl_pairs", "data_parallel": "distributed", "accumulation": "distributed"}
+PIPELINE_MUTANTS: dict = {}  # kind -> (kind, variant) -> mutants; kl_pairs.py and distributed.py add theirs
 
 
 def _class_mean_weights(labels, desirable_weight, undesirable_weight) -> tuple[float, float]:
@@ -505,8 +504,7 @@ _MATCHED_PAIR_FORMS = (("z_from_matched_pairs", dict(z_source="batch")),
 def real_code_mutants(kind: str, variant: str | None) -> list[_Mutant]:
     """The mutants of the mistakes found in real code, for a kind and variant."""
     if kind in PIPELINE_MUTANTS:
-        module = importlib.import_module(f".{PIPELINE_MUTANTS[kind]}", __package__)
-        return module.mutants(kind, variant)
+        return PIPELINE_MUTANTS[kind](kind, variant)
     out: list[_Mutant] = []
     if kind == "kto_loss":
         out += [_reduction_mutant("class_means_added"), _reduction_mutant("loss_summed")]
