@@ -247,9 +247,28 @@ class _Group:
         return False
 
     def kill(self) -> None:
+        """Kill every rank still running and wait (bounded) until the launcher has seen each one end."""
         for r in self.ranks:
             r.read_events()
             r.kill()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            for r in self.ranks:
+                r.read_events()
+            if all(r.pid is None or r.exit_code is not None for r in self.ranks) and not self._launcher_alive():
+                return
+            time.sleep(POLL_SECONDS)
+
+    def _launcher_alive(self) -> bool:
+        """Whether the process that forked this group's ranks (it ends once they have) is still there."""
+        forked = next((r.last("forked") for r in self.ranks if r.last("forked")), None)
+        if forked is None or "launcher" not in forked:
+            return False
+        try:
+            os.kill(int(forked["launcher"]), 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
     def results(self) -> dict:
         for r in self.ranks:

@@ -249,7 +249,7 @@ def _run_plan(plan_path: str, fds: list[int]) -> int:
         pid = os.fork()
         if pid == 0:
             _rank_child(rank_spec, fds)
-        _append_event(rank_spec["events"], event="forked", pid=pid)
+        _append_event(rank_spec["events"], event="forked", pid=pid, launcher=os.getpid())
         children[pid] = rank_spec
     for fd in fds:
         os.close(fd)
