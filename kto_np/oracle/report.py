@@ -193,8 +193,9 @@ class Report:
                      f"{len(self.errors)} case(s) raised, {len(self.checks) - len(compared)} skipped"
                      + (" (the cases are not kto_np's: see 'cases:')" if self.cases_identical is False else ""))
         if self.not_verified:
-            lines.append(f"not verified: {', '.join(self.not_verified)} (the checks that decide "
-                         f"{'them' if len(self.not_verified) > 1 else 'it'} could not run: see the skip rows)")
+            lines.append(f"not verified: {', '.join(self.not_verified)} (no number compared tells "
+                         f"{'them' if len(self.not_verified) > 1 else 'it'} from the reference: the deciding "
+                         "checks were skipped or their cases did not run)")
         lines.append(f"diagnosis: {self.diagnosis}")
         return "\n".join(lines)
 
@@ -216,6 +217,9 @@ def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[t
                 if quantity not in outputs or is_metric != mutant.metrics or (value is None and not is_metric):
                     continue
                 mutated = outputs[quantity]
+                if mutated is None:  # any value is this mutant's (a subgradient at a corner)
+                    explained.add((case_name, quantity))
+                    continue
                 reference = by_name[case_name].expected[quantity]
                 if projection is not None:
                     mutated, reference = projection(mutated), projection(reference)
@@ -285,7 +289,11 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
         return Diagnosis((mistake.id,), f"matches known mistake {mistake.id}: {mistake.title}: it raised on every "
                                         f"case with one class and only there (fix: {mistake.fix})"), not_verified
     if not candidate_values:
-        return Diagnosis((), "the candidate raised on every case: nothing to compare with the known mistakes"), ()
+        return Diagnosis((), "no case ran to the end (the ERROR lines above): nothing to compare with the known "
+                             "mistakes"), ()
+    if not all_failing and not report.errors and report.cases_identical is False:
+        return Diagnosis((), "every number compared matches the reference, but on cases that differ from kto_np's "
+                             "export (see 'cases:'): no verdict"), not_verified
     if not all_failing and report.errors:
         return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
                              "not run to the end (the ERROR lines above)"), not_verified
