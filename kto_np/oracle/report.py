@@ -306,6 +306,8 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
     if matches:
         ids = tuple(dict.fromkeys(m.mistake for m in matches))
         text = "; ".join(f"{i}: {KNOWN_MISTAKES[i].title} (fix: {KNOWN_MISTAKES[i].fix})" for i in ids)
+        if all(i.endswith("_convention") for i in ids):  # data_parallel's other unequal-shard convention
+            return Diagnosis(ids, f"follows another convention, not a mistake: {text}"), not_verified
         return Diagnosis(ids, f"matches known mistake{'s' if len(ids) > 1 else ''} {text}"), not_verified
     if _within_float32(report, by_name, candidate_values):
         return Diagnosis((), "every failing number is within float32 tolerance: an intermediate is computed in "
