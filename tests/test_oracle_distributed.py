@@ -187,6 +187,8 @@ def test_data_parallel_mistake_is_named(candidate, mistake):
     torch_or_skip()
     report = oracle.verify(candidate, "data_parallel", cases=cases_named("R3_unequal"))
     assert not report.passed and report.diagnosis.mistakes == (mistake,), report
+    if mistake.endswith("_convention"):
+        assert report.diagnosis.message.startswith("follows another convention, not a mistake"), report
 
 
 def test_a_rank_that_raises_ends_the_check_at_once():
