@@ -29,7 +29,8 @@ def assert_kto_matches(candidate, kind: str = "kto_loss", variant: str | None = 
     "kto" the kind's default). tolerance: "float64" or "float32". convention: None (detected), "kto_np" or "split".
     Returns the passing Report (its not_verified lists mistakes no check could rule out).
     """
-    if variant == "kto" and kind in VARIANTS and "kto" not in VARIANTS[kind]:
+    if variant is not None and kind in VARIANTS and (VARIANTS[kind] == (None,)
+                                                     or (variant == "kto" and "kto" not in VARIANTS[kind])):
         variant = None  # the default "kto" does not apply: the kind's own default (or no variant) instead
     report = verify(candidate, kind, variant, cases, tolerance=tolerance, timeout=timeout, convention=convention,
                     kl_rotation=kl_rotation)

@@ -80,7 +80,9 @@ def verify(candidate, kind: str = "kto_loss", variant: str | None = None, cases=
 
     candidate: a callable, or a spec string "module:function" / "path/file.py:function".
     kind: "kto_loss" (variant "kto" by default, or "edifice", "edifice_stop_z_grad", "apo_zero_unpaired"),
-    "dpo_loss", "logprobs", "sequence_logprobs", "model_kto" (variant "kto"); candidate signatures in
+    "dpo_loss", "logprobs", "sequence_logprobs", "model_kto" (variant "kto"), and the pipeline kinds "kl_pairs"
+    ("whole_batch", "blocks"), "data_parallel" ("rank_means", "global_mean"; R real ranks in a gloo process group,
+    whatever isolate says) and "accumulation" ("kto"); candidate signatures in
     docs/ORACLE.md. cases: None (generated in memory), a path to exported cases, or Cases.
     tolerance: "float64" or "float32" (see TOLERANCES). timeout: seconds per case (None: no limit).
     isolate: None runs the candidate in a child process when it can be named there (a spec, a module-level
