@@ -53,9 +53,11 @@ class Batch(NamedTuple):
 
 def kl_partner_indices(batch_size: int, rotation: int = KL_ROTATION) -> np.ndarray:
     """For each prompt i, the example whose completion it is paired with for the KL estimate:
-    j = (i + rotation) mod B, so j != i for every i when B > 1 and rotation is not a multiple of B.
-    With B = 1 the only pair is matched (TRL allows it; the estimate is then the example's own
-    log-ratio)."""
+    j = (i + rotation) mod B, so j != i for every i and each completion is used once, when B > 1 and
+    rotation is not a multiple of B. A batch of one has no mismatched pair: ValueError."""
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 for KL pairs (a batch of one has no mismatched pair: "
+                         f"its only KL row would be the example itself), got {batch_size}")
     return (np.arange(batch_size) + rotation) % batch_size
 
 
@@ -98,12 +100,14 @@ def make_batch(prompt_ids, completion_ids, labels, *, pad_id: int = 0, dtype="fl
                rotation: int = KL_ROTATION, prompts=(), completions=()) -> Batch:
     """A Batch from token-id lists: prompt_ids[i], completion_ids[i] (lists of ints), labels [B].
 
-    Matched row i = prompt i + completion i; KL row i = prompt i + completion kl_partner_indices[i].
+    Matched row i = prompt i + completion i; KL row i = prompt i + completion kl_partner_indices[i]
+    (for B = 1 the KL row is the matched row: usable for SFT and the variants without KL pairs).
     Rows are right-padded with pad_id to the longest row (or max_len). The ids themselves are the
     model's to check (model.check_tokens); the structure is checked here.
     """
     _check_rows(prompt_ids, completion_ids, labels, rotation)
-    partners = kl_partner_indices(len(prompt_ids), rotation)
+    # a batch of one has no KL pair: its KL row is its matched row, which kto_dlogits refuses to use
+    partners = kl_partner_indices(len(prompt_ids), rotation) if len(prompt_ids) > 1 else [0]
     kl_completion_ids = [completion_ids[j] for j in partners]
     np_dtype = resolve_dtype(dtype)
     tokens, mask = _pad_rows(prompt_ids, completion_ids, max_len, pad_id, np_dtype, "prompt + completion")
@@ -156,6 +160,9 @@ def kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, conf
     """
     kl_logps = None
     if config.uses_kl_pairs and kl_ref_logps is not None:
+        if batch.tokens.shape[0] < 2:
+            raise ValueError("a KTO step with KL pairs needs a batch of at least 2 examples (a batch of one "
+                             "has no mismatched pair), got 1")
         kl_logps = forward_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)
     else:
         kl_ref_logps = None

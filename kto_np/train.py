@@ -157,6 +157,9 @@ class TrainConfig:
         check_choice("backend", self.backend, backend.BACKENDS)
         check_choice("task", self.task, ("sort", "reverse"))
         object.__setattr__(self, "stop_z_grad", check_bool("stop_z_grad", self.stop_z_grad))
+        if self.variant == "kto" and self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 for variant 'kto': its KL estimate pairs each prompt with "
+                             f"another example's completion, and a batch of one has none; got {self.batch_size}")
         for name in ("num_examples", "sft_examples"):
             if getattr(self, name) < self.batch_size:
                 raise ValueError(f"{name} must be >= batch_size ({self.batch_size}), got {getattr(self, name)}")

@@ -101,7 +101,9 @@ def metrics_mistake(variant, mistake):
 
 def torch_model_prompt_in_mask():
     torch = torch_or_skip()
-    from test_oracle import torch_gpt2_logits, torch_token_logps  # an independent GPT-2 written in torch
+    from test_oracle import torch_token_logps
+
+    from kto_np import torch_reference  # the independent GPT-2 written in torch
 
     loss = torch_kto_loss("kto")
 
@@ -110,7 +112,10 @@ def torch_model_prompt_in_mask():
         def logps(completions, masks):
             tokens = torch.cat([prompt_tokens, completions], dim=1)
             mask = torch.cat([torch.ones(prompt_tokens.shape, dtype=masks.dtype), masks], dim=1)  # the mistake
-            return torch_token_logps(torch, torch_gpt2_logits(torch, state_dict, config, tokens), tokens, mask, 1)
+            params = {name.removeprefix("transformer."): value for name, value in state_dict.items()}
+            logits = torch_reference.gpt2_logits(params, tokens, num_heads=config["n_head"], tie_embeddings=False,
+                                                 layer_norm_eps=config["layer_norm_epsilon"])
+            return torch_token_logps(torch, logits, tokens, mask, 1)
 
         return loss(logps(completion_tokens, completion_mask), ref_logps, labels, beta, desirable_weight,
                     undesirable_weight, kl_policy_logps=logps(torch.roll(completion_tokens, 1, 0),
