@@ -20,6 +20,7 @@ __all__ = [
     "SCHEDULES",
     "adamw_init",
     "adamw_step",
+    "check_adamw_state",
     "clip_grad_norm",
     "learning_rate",
 ]
@@ -98,6 +99,12 @@ def _check_state(state, params: dict) -> int:
     _check_like_params("state['m']", state["m"], params)
     _check_like_params("state['v']", state["v"], params)
     return int(step)
+
+
+def check_adamw_state(state, params: dict) -> int:
+    """Check an AdamW state (from adamw_init / a checkpoint) against params; returns its step."""
+    _check_array_dict("params", params)
+    return _check_state(state, params)
 
 
 def _check_betas(betas) -> tuple[float, float]:
