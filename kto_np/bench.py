@@ -698,7 +698,22 @@ def _check_args(args) -> list[BenchConfig]:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.append and not args.results:
         raise ValueError("--append needs --results PATH")
+    if args.results is not None:
+        _check_results_path(args.results)
     return [CONFIGS[n] for n in names]
+
+
+def _check_results_path(path: str) -> None:
+    """--results is checked before the benchmark runs (minutes), not when writing its table."""
+    if not path:
+        raise ValueError("--results must be a file name, got an empty string")
+    if os.path.isdir(path):
+        raise ValueError(f"--results must be a file name, got the folder {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--results {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"--results {path!r} is not writable")
 
 
 def _import_torch(backend_name: str):
@@ -724,8 +739,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         backend.set_backend(args.backend)
     except (ImportError, RuntimeError) as exc:
-        print(f"skipped: backend {args.backend} is not available ({exc})")
-        return 0
+        print(f"bench: error: --backend {args.backend} is not available ({exc})", file=sys.stderr)
+        return 2
     try:
         if args.threads is not None and args.threads != blas_threads()[0]:
             try:
