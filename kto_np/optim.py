@@ -195,7 +195,8 @@ def adamw_step(
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Global L2 norm of all gradients; rescale them in place when it exceeds max_norm.
 
-    total = sqrt(Σ_name Σ g²), accumulated in float64 whatever the gradients' dtype.
+    total = sqrt(Σ_name Σ g²), accumulated in float64 whatever the gradients' dtype, in an order that
+    does not depend on the number of BLAS threads (the blocks' sums are added with math.fsum).
     coef = max_norm / (total + 1e-6); when coef < 1 every gradient is multiplied by coef
     (torch.nn.utils.clip_grad_norm_). A NaN or infinite total is returned as is and nothing is
     scaled: the caller decides (skip the step, lower the learning rate, stop).
@@ -207,7 +208,9 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
         xp = array_module(grad)
         for (block,) in _flat_blocks(grad):
             flat = block.astype(xp.float64, copy=False).reshape(-1)
-            squares.append(float(xp.dot(flat, flat)) if flat.size else 0.0)
+            # einsum's own loop, not BLAS dot: a threaded dot splits the sum differently for each
+            # thread count, and the last bit of the norm (hence of the update) with it
+            squares.append(float(xp.einsum("i,i->", flat, flat)) if flat.size else 0.0)
     total = math.sqrt(math.fsum(squares))
     if not math.isfinite(total):
         return total

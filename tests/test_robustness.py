@@ -312,3 +312,44 @@ def test_the_package_names_still_import():
     assert kto_np.losses.kto_loss is kto_np.kto_loss
     with pytest.raises(AttributeError, match="no attribute 'bogus'"):
         kto_np.bogus  # noqa: B018
+
+
+# ----------------------------------------------------------------------------------------------
+# item 9: the same numbers whatever the number of BLAS threads
+
+THREADS_RUN = """
+import hashlib, sys
+import numpy as np
+from kto_np import optim, step
+from kto_np.data import Tokenizer, collate, make_examples, make_task
+from kto_np.model import build
+for dtype in ("float32", "float64"):
+    batch = collate(make_examples(make_task("sort", 4), 32, seed=0), Tokenizer(), dtype=dtype)
+    model = build(hidden_size=64, num_layers=2, num_heads=4, vocab_size=Tokenizer().vocab_size, max_seq_len=12,
+                  dtype=dtype)
+    params = model.init(0)
+    state = optim.adamw_init(params)
+    for _ in range(3):  # what train.run does per step: loss, clip, AdamW
+        loss, _, grads = step.sft_step(model, params, batch)
+        norm = optim.clip_grad_norm(grads, 0.5)
+        optim.adamw_step(params, grads, state, lr=1e-2)
+        digest = hashlib.sha256(b"".join(np.ascontiguousarray(params[k]).tobytes() for k in sorted(params)))
+        print(dtype, repr(loss), repr(norm), digest.hexdigest())
+"""
+
+
+def test_metrics_and_parameters_do_not_depend_on_the_blas_thread_count():
+    runs = []
+    for threads in (1, 2):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OPENBLAS_NUM_THREADS": str(threads),
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        runs.append(subprocess.Popen([sys.executable, "-c", THREADS_RUN], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True))
+    outputs = []
+    for r in runs:
+        out, err = r.communicate(timeout=300)
+        assert r.returncode == 0, err[-2000:]
+        outputs.append(out.splitlines())
+    assert len(outputs[0]) == 6
+    for one, two in zip(*outputs):
+        assert one == two, f"1 BLAS thread: {one}; 2 threads: {two}"
