@@ -51,6 +51,14 @@ from .validation import (
 POSITIONAL = ("learned", "sinusoidal")
 
 
+# Sane bounds, checked before any array exists (a crafted checkpoint config cannot ask for 10**6 layers):
+# far beyond any model this NumPy implementation can train, far below what would exhaust memory by
+# bookkeeping alone.
+MAX_SIZES = {"vocab_size": 1 << 24, "max_seq_len": 1 << 20, "hidden_size": 1 << 16, "num_layers": 1 << 12,
+             "num_heads": 1 << 12}
+MAX_PARAMETERS = 1 << 36
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Hyper-parameters of the model. Validated on construction."""
@@ -67,16 +75,29 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "hidden_size", "num_layers", "num_heads"):
-            check_positive_int(name, getattr(self, name))
+            value = check_positive_int(name, getattr(self, name))
+            if value > MAX_SIZES[name]:
+                raise ValueError(f"{name} must be <= {MAX_SIZES[name]}, got {value}")
+            object.__setattr__(self, name, value)  # a plain int (np.int64 would not go into JSON)
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f"hidden_size must be divisible by num_heads, got hidden_size={self.hidden_size} "
                 f"and num_heads={self.num_heads}"
             )
-        check_fraction("dropout", self.dropout)
+        object.__setattr__(self, "dropout", check_fraction("dropout", self.dropout))
         check_choice("dtype", self.dtype, ("float32", "float64"))
         check_choice("positional", self.positional, POSITIONAL)
         object.__setattr__(self, "tie_embeddings", check_bool("tie_embeddings", self.tie_embeddings))
+
+        if self.num_params() > MAX_PARAMETERS:
+            raise ValueError(f"the config gives {self.num_params():,} parameters, more than the {MAX_PARAMETERS:,} "
+                             "this implementation takes")
+
+    def num_params(self) -> int:
+        """The number of parameters, from the sizes alone (sum of the sizes of param_shapes)."""
+        V, T, C, L = self.vocab_size, self.max_seq_len, self.hidden_size, self.num_layers
+        return (V * C * (1 if self.tie_embeddings else 2) + (T * C if self.positional == "learned" else 0)
+                + L * (12 * C * C + 13 * C) + 2 * C)
 
     @property
     def head_size(self) -> int:

@@ -1,6 +1,7 @@
 """Robustness at the edges (issue 15): atomic writes and special files, damaged run folders,
 divergence, one writer per run folder, crafted files, determinism across BLAS thread counts, CLI edges."""
 
+import io
 import json
 import os
 import shutil
@@ -9,10 +10,15 @@ import stat
 import subprocess
 import sys
 import threading
+import time
+import tracemalloc
+import zipfile
 
+import numpy as np
 import pytest
 
 from kto_np import checkpoint, cli, files, train
+from kto_np.model import build
 
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX special files")
 
@@ -353,3 +359,81 @@ def test_metrics_and_parameters_do_not_depend_on_the_blas_thread_count():
     assert len(outputs[0]) == 6
     for one, two in zip(*outputs):
         assert one == two, f"1 BLAS thread: {one}; 2 threads: {two}"
+
+
+# ----------------------------------------------------------------------------------------------
+# item 7: bounded work for crafted files
+
+
+def _tiny_checkpoint(path):
+    model = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=11, dropout=0.0, max_seq_len=8)
+    checkpoint.save(path, model.init(0), model.config)
+    return path
+
+
+def _rewrite(source, target, *, config_changes=None, add=None):
+    """Copy an .npz, editing its config JSON, then append the entries `add` {name: (header_shape, data_bytes)}."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if config_changes and info.filename == checkpoint.CONFIG_KEY + ".npy":
+                config = json.loads(str(np.load(io.BytesIO(data))[()]))
+                buffer = io.BytesIO()
+                np.save(buffer, np.array(json.dumps({**config, **config_changes})))
+                data = buffer.getvalue()
+            dst.writestr(info.filename, data)
+        for name, (shape, nbytes) in (add or {}).items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=files.ZIP_DATE_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with dst.open(info, "w", force_zip64=True) as f:
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+                f.write(header.getvalue())
+                for start in range(0, nbytes, 1 << 22):
+                    f.write(bytes(min(1 << 22, nbytes - start)))
+    return target
+
+
+@pytest.mark.parametrize("layers", [10**6, 4096])
+def test_a_crafted_config_is_refused_before_any_array_is_read(tmp_path, layers):
+    crafted = _rewrite(_tiny_checkpoint(tmp_path / "tiny.npz"), tmp_path / "crafted.npz",
+                       config_changes={"num_layers": layers})
+    assert crafted.stat().st_size < 20_000
+    started = time.perf_counter()
+    with pytest.raises(checkpoint.CheckpointError, match="num_layers must be <= 4096|missing keys"):
+        checkpoint.load(crafted)
+    assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"zzz_unknown": ((1 << 24,), 1 << 26)}, "unexpected keys"),  # 64 MiB of zeros, declared honestly
+    ({"extra/bomb": ((1 << 24,), 1 << 26)}, "extra arrays declare"),
+    ({"extra/liar": ((2,), 1 << 26)}, "header declares"),  # a header that understates its data
+])
+def test_a_deflate_bomb_costs_no_more_than_its_header(tmp_path, entry, match):
+    bomb = _rewrite(_tiny_checkpoint(tmp_path / "tiny.npz"), tmp_path / "bomb.npz", add=entry)
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match=match):
+            checkpoint.load(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"reading the crafted file took {peak / 2**20:.0f} MiB"
+
+
+def test_npz_archive_reads_headers_first_and_arrays_exactly(tmp_path):
+    path = tmp_path / "a.npz"
+    fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
+    np.savez(path, a=fortran, s=np.array("text"), i=np.arange(4, dtype=np.int16))
+    with files.NpzArchive(str(path)) as npz:
+        assert {k: (h.shape, str(h.dtype)) for k, h in npz.headers.items()} == {
+            "a": ((2, 3), "float64"), "s": ((), "<U4"), "i": ((4,), "int16")}
+        np.testing.assert_array_equal(npz.read("a"), fortran)
+        assert str(npz.read("s")) == "text"
+        with pytest.raises(files.ArchiveError, match="more than the 4 allowed"):
+            npz.read("i", max_bytes=4)
+    np.savez(tmp_path / "o.npz", o=np.array([None, 1], dtype=object))
+    with pytest.raises(files.ArchiveError, match="nothing is unpickled"):
+        files.NpzArchive(str(tmp_path / "o.npz"))
