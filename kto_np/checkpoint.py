@@ -33,7 +33,7 @@ from . import backend
 from .backend import to_numpy
 from .files import ArchiveError, NpzArchive, atomic_write, write_npy_entry
 from .model import GPTConfig, check_params, param_shapes
-from .validation import check_positive_int
+from .validation import check_positive_int, reject_autograd
 
 __all__ = [
     "FORMAT_VERSION",
@@ -159,6 +159,7 @@ def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) ->
         raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
     check_params(params, config)
     for name, value in params.items():
+        reject_autograd(f"params[{name!r}]", value)
         dtype = getattr(value, "dtype", None)
         if dtype is None:
             raise TypeError(f"params[{name!r}] must be an array, got {type(value).__name__}")

@@ -16,6 +16,8 @@ import numpy as np
 from .backend import array_module, asarray, resolve_dtype
 from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
 from .losses import KTOConfig
+from .model import GPT
+from .validation import as_labels, check_positive_int
 
 __all__ = [
     "KL_ROTATION",
@@ -59,6 +61,32 @@ def kl_partner_indices(batch_size: int, rotation: int = KL_ROTATION) -> np.ndarr
     return (np.arange(batch_size) + rotation) % batch_size
 
 
+_MAX_ID = (1 << 62) - 1  # ids are stored as int64
+
+
+def _check_id_lists(name: str, rows, count: int | None = None) -> list[list[int]]:
+    """A list of rows, each a sequence of non-negative integer ids (as plain ints)."""
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__") or not hasattr(rows, "__iter__"):
+        raise TypeError(f"{name} must be a list of id lists, got {type(rows).__name__}")
+    if count is not None and len(rows) != count:
+        raise ValueError(f"{name} must have one row per row of prompt_ids ({count}), got {len(rows)}")
+    if count is None and len(rows) == 0:
+        raise ValueError(f"{name} must not be empty")
+    checked = []
+    for i, row in enumerate(rows):
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
+            raise TypeError(f"{name}[{i}] must be a list of ids, got {type(row).__name__}")
+        ids = []
+        for token in row:
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                raise TypeError(f"{name}[{i}] must hold integer ids, got {type(token).__name__} {token!r}")
+            if not 0 <= int(token) <= _MAX_ID:
+                raise ValueError(f"{name}[{i}] ids must be in [0, {_MAX_ID}], got {int(token)}")
+            ids.append(int(token))
+        checked.append(ids)
+    return checked
+
+
 def _pad_rows(prompt_ids, completion_ids, length, pad_id: int, dtype, row_name: str):
     """Right-padded tokens [B, T] and completion mask [B, T] for rows prompt + completion."""
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
@@ -79,8 +107,15 @@ def make_batch(prompt_ids, completion_ids, labels, *, pad_id: int = 0, dtype="fl
     """A Batch from token-id lists: prompt_ids[i], completion_ids[i] (lists of ints), labels [B].
 
     Matched row i = prompt i + completion i; KL row i = prompt i + completion kl_partner_indices[i].
-    Rows are right-padded with pad_id to the longest row (or max_len). The caller has checked the ids.
+    Rows are right-padded with pad_id to the longest row (or max_len). Ids are checked to be
+    non-negative integers (their upper bound, the vocabulary, is the model's check).
     """
+    prompt_ids = _check_id_lists("prompt_ids", prompt_ids)
+    completion_ids = _check_id_lists("completion_ids", completion_ids, len(prompt_ids))
+    labels = as_labels("labels", labels, len(prompt_ids)).astype(np.int64)
+    pad_id = check_positive_int("pad_id", pad_id, minimum=0)
+    if pad_id > _MAX_ID:
+        raise ValueError(f"pad_id must be <= {_MAX_ID}, got {pad_id}")
     partners = kl_partner_indices(len(prompt_ids), rotation)
     kl_completion_ids = [completion_ids[j] for j in partners]
     np_dtype = resolve_dtype(dtype)
@@ -132,6 +167,10 @@ def kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, conf
     they need no backward), run before the policy forward so that its activations are not held
     meanwhile. The logits buffer becomes dlogits (no second [B, T, V] array).
     """
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a GPT (from kto_np.build), got {type(model).__name__}")
+    if not isinstance(config, KTOConfig):
+        raise TypeError(f"config must be a KTOConfig (from kto_np.losses), got {type(config).__name__}")
     kl_logps = None
     if config.uses_kl_pairs and kl_ref_logps is not None:
         kl_logps = forward_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)

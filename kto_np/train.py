@@ -414,8 +414,11 @@ class _Run:
 
 
 def _is_non_finite_error(exc: ValueError) -> bool:
-    """The core's check that a quantity (logits, log-probs, dlogps, dlogits, ...) is finite."""
-    return isinstance(exc, NonFiniteError) or "must be finite" in str(exc)
+    """The core's check that a quantity (logits, log-probs, the loss, dlogps, dlogits, ...) is finite or
+    does not overflow (its messages say "must be finite", "overflows", "too large", "non-finite")."""
+    text = str(exc)
+    return isinstance(exc, NonFiniteError) or any(
+        words in text for words in ("must be finite", "overflow", "too large", "non-finite"))
 
 
 def _non_finite_names(arrays: dict) -> list[str]:
@@ -488,7 +491,12 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
                                f"{_non_finite_names(grads)} are not finite")
             lr = learning_rate(step, base_lr=base_lr, warmup_steps=min(config.warmup_steps, steps),
                                total_steps=steps, schedule="cosine", min_lr_ratio=0.1)
-            adamw_step(params, grads, opt_state, lr=lr, weight_decay=config.weight_decay)
+            try:
+                adamw_step(params, grads, opt_state, lr=lr, weight_decay=config.weight_decay)
+            except ValueError as exc:
+                if _is_non_finite_error(exc):  # the update overflowed the parameters
+                    raise diverged(str(exc)) from exc
+                raise
             bad = _non_finite_names(params)
             if bad:
                 raise diverged(f"the update (learning rate {lr:g}) made the parameters {bad} non-finite")

@@ -218,9 +218,11 @@ def test_a_file_size_limit_during_a_run_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, quantity", [
-    (dict(lr=1e10), "logits must be finite"),
-    (dict(sft_lr=1e10), "logits must be finite"),
-    (dict(lr=1e39, warmup_steps=0), "made the parameters"),
+    (dict(lr=1e10), "non-finite logits"),
+    (dict(sft_lr=1e10), "non-finite logits"),
+    (dict(lr=1e39, warmup_steps=0), "overflow to infinity"),
+    (dict(beta=1e308), "beta=1e+308"),
+    (dict(desirable_weight=1e308, undesirable_weight=1e308), "desirable_weight=1e+308"),
 ])
 def test_divergence_is_named_with_its_step_and_quantity(tmp_path, kwargs, quantity):
     config = train.TrainConfig(**{**TINY, **kwargs})
@@ -437,3 +439,19 @@ def test_npz_archive_reads_headers_first_and_arrays_exactly(tmp_path):
     np.savez(tmp_path / "o.npz", o=np.array([None, 1], dtype=object))
     with pytest.raises(files.ArchiveError, match="nothing is unpickled"):
         files.NpzArchive(str(tmp_path / "o.npz"))
+
+
+def test_numpy_scalars_are_plain_numbers_and_a_string_array_is_no_number(tmp_path):
+    model = build(hidden_size=8, num_layers=np.int64(1), num_heads=np.int32(2), vocab_size=np.uint8(11),
+                  dropout=np.float32(0.1), max_seq_len=np.int64(8))
+    assert type(model.config.dropout) is float and type(model.config.num_layers) is int
+    checkpoint.save(tmp_path / "m.npz", model.init(0), model.config)  # JSON takes the config
+    assert checkpoint.load(tmp_path / "m.npz").config == model.config
+    from kto_np.losses import KTOConfig  # noqa: PLC0415
+
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        KTOConfig(beta=np.array("0.1"))
+    with pytest.raises(ValueError, match="beta must be finite"):
+        KTOConfig(beta=10**400)
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        KTOConfig(beta=np.complex128(0.1))
