@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 # exported name -> the module that defines it
 _EXPORTS = {
+    "Edifice": "edifice",
+    "EdificeConfig": "edifice",
     "generate": "generate",
     "compute_logprobs": "logprobs",
     "sequence_logprobs": "logprobs",

@@ -12,11 +12,12 @@ from . import __version__
 COMMANDS = ("gradcheck", "figures", "oracle", "bench", "demo", "train")
 # TrainConfig fields that have a command-line option (the rest come from the preset)
 TRAINING_OPTIONS = ("steps", "sft_steps", "variant", "beta", "desirable_weight", "undesirable_weight",
-                    "desirable_fraction", "lr", "seed", "dtype", "backend")
+                    "desirable_fraction", "lr", "seed", "dtype", "backend", "architecture", "token_embedding")
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
-    from .gradcheck import format_report, loss_and_logprob_checks, model_checks  # noqa: PLC0415
+    from .gradcheck import format_report  # noqa: PLC0415
+    from .gradcheck_suite import loss_and_logprob_checks, model_checks  # noqa: PLC0415
     from .losses import VARIANTS  # noqa: PLC0415
 
     rows = loss_and_logprob_checks(seed=args.seed)
@@ -37,6 +38,16 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
                 ok = all(r.passed for r in checked)
                 print(f"  {variant:<18} {positional:<10} {'tied' if tie else 'untied':<6} "
                       f"worst {worst.rel_error:.2e} ({worst.name})  {'pass' if ok else 'FAIL'}")
+    print("\nEdifice's backbone (architecture edifice, every parameter; worst tensor of each):")
+    for variant in VARIANTS:
+        for token_embedding in ("fixed", "learned"):
+            checked = model_checks(seed=args.seed, variant=variant, architecture="edifice",
+                                   token_embedding=token_embedding)
+            all_rows += checked
+            worst = max(checked, key=lambda r: r.rel_error)
+            ok = all(r.passed for r in checked)
+            print(f"  {variant:<18} {token_embedding + ' embedding':<17} "
+                  f"worst {worst.rel_error:.2e} ({worst.name})  {'pass' if ok else 'FAIL'}")
     failed = [r for r in all_rows if not r.passed]
     worst = max(all_rows, key=lambda r: r.rel_error / r.tolerance)
     print(f"\n{len(all_rows) - len(failed)}/{len(all_rows)} tensors passed; closest to its tolerance: "
@@ -74,6 +85,19 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:  # records that are not a run's (no phase, no step, ...)
         print(f"kto-np figures: error: --run {args.run!r} is damaged: {exc}", file=sys.stderr)
         return 2
+    if args.run is not None and os.path.isfile(os.path.join(args.run, "checkpoints", "kto.npz")):
+        from .landscape import LandscapeError, run_landscape  # noqa: PLC0415
+
+        has_trajectory = os.path.isdir(os.path.join(args.run, "trajectory"))
+        try:  # the landscape figures of the run's policy (landscape_*.png; kto-np landscape has the options)
+            paths += run_landscape(args.run, args.out, directions=("random", "pca") if has_trajectory else "random",
+                                   seed=args.seed, write_data=False, progress=False, log=lambda *a: None)["paths"]
+        except LandscapeError as exc:
+            print(f"kto-np figures: error: {exc}", file=sys.stderr)
+            return 2
+        except (OSError, TypeError, ValueError) as exc:  # a damaged checkpoint: CheckpointError included
+            print(f"kto-np figures: error: --run {args.run!r} is damaged: {exc}", file=sys.stderr)
+            return 2
     for path in paths:
         print(path)
     if records is None:
@@ -91,7 +115,31 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
     from .oracle import main_check  # noqa: PLC0415
 
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
-                      tolerance=args.tolerance)
+                      tolerance=args.tolerance, timeout=args.timeout, convention=args.convention,
+                      kl_rotation=args.kl_rotation)
+
+
+def _cmd_oracle_compare(args: argparse.Namespace) -> int:
+    from .oracle import main_compare  # noqa: PLC0415
+
+    return main_compare(args.cases_dir, args.results, tolerance=args.tolerance)
+
+
+def _cmd_landscape(args: argparse.Namespace) -> int:
+    from .landscape import LandscapeError, run_landscape  # noqa: PLC0415
+
+    log = (lambda *a, **k: None) if args.quiet else print
+    try:
+        run_landscape(args.run, args.out, variant=args.variant, directions=args.directions, points=args.points,
+                      span=args.span, seed=args.seed, num_examples=args.examples,
+                      eval_prompts=args.eval_prompts, progress=not args.quiet, log=log)
+    except LandscapeError as exc:
+        print(f"kto-np landscape: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kto-np landscape: error: cannot write to {args.out!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _int_at_least(minimum: int):
@@ -152,6 +200,11 @@ def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
                    help=f"parameter and activation dtype (default: {defaults.dtype})")
     p.add_argument("--backend", choices=("numpy", "cupy"), default=defaults.backend,
                    help="array library: numpy (CPU) or cupy (GPU, needs the gpu extra) (default: numpy)")
+    p.add_argument("--architecture", choices=("gpt2", "edifice"), default=defaults.architecture,
+                   help="the network: gpt2, or edifice (Edifice.Meta.KTO.build's own backbone) (default: gpt2)")
+    p.add_argument("--token-embedding", choices=("fixed", "learned"), default=defaults.token_embedding,
+                   help="--architecture edifice only: Edifice's fixed embedding (its default; the logits then "
+                   "ignore the token ids) or a learned table")
     p.add_argument("--out", default=None, help="run folder (default: runs/<command>)")
     p.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
     p.add_argument("--resume", action="store_true",
@@ -174,7 +227,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             steps=args.steps, sft_steps=args.sft_steps, variant=args.variant, beta=args.beta,
             desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
             desirable_fraction=args.desirable_fraction, lr=args.lr, seed=args.seed, dtype=args.dtype,
-            backend=args.backend, **args.preset)
+            backend=args.backend, architecture=args.architecture, token_embedding=args.token_embedding,
+            **args.preset)
     except (TypeError, ValueError) as exc:
         print(f"kto-np {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -231,13 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="regenerate every figure (PNG) from code",
                        description="Write every figure as a PNG into --out, deterministically: the value "
                        "functions, loss and gradient surfaces, KTO vs DPO vs APO-zero, the z gradient, class "
-                       "balance, per-token gradients, and the training curves of a run (--run).")
+                       "balance, per-token gradients, and the training curves and loss landscapes of a run (--run).")
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--run", default=None, help="a run folder whose metrics.jsonl gives training_curves.png")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic batches (default: 0)")
     p.set_defaults(func=_cmd_figures)
 
-    from .oracle import KINDS, TOLERANCES  # noqa: PLC0415
+    from .oracle import CONVENTIONS, DEFAULT_TIMEOUT, KINDS, TOLERANCES  # noqa: PLC0415
 
     oracle = sub.add_parser("oracle", help="export float64 reference cases, or check another KTO implementation",
                             description="The gradient oracle: reference cases (float64) for other KTO "
@@ -250,10 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the cases in a non-empty OUT_DIR")
     p.set_defaults(func=_cmd_oracle_export)
     p = oracle_sub.add_parser("check", help="check a function (package.module:function) against the cases",
-                              description="Import SPEC (package.module:function or path/file.py:function), "
-                              "run it on every case of --kind and compare loss, gradient and metrics. "
-                              "Exit status 0 when it passes, 1 when it does not, 2 when it cannot be loaded.")
-    p.add_argument("spec", metavar="SPEC", help="package.module:function or path/to/file.py:function")
+                              description="Import SPEC (package.module:function or path/file.py:function) in a "
+                              "child process, run it on every case of --kind and compare loss, gradient and "
+                              "metrics here. Exit status 0 when it passes, 1 when it does not (an exit, crash or "
+                              "timeout of the candidate included), 2 when it cannot be loaded.")
+    p.add_argument("spec", metavar="SPEC", help="package.module:function, path/to/file.py:function, module:Class "
+                   "or module:Class.method")
     p.add_argument("--kind", choices=KINDS, default="kto_loss", help="what the function computes (default: kto_loss)")
     p.add_argument("--variant", default=None,
                    help="loss variant for --kind kto_loss (kto, edifice, edifice_stop_z_grad, apo_zero_unpaired; "
@@ -261,7 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=None, help="a folder written by 'oracle export' (default: generate in memory)")
     p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
                    help="tolerances for a float64 or a float32 implementation (default: float64)")
+    p.add_argument("--timeout", type=_float_in(0.0, low_open=True), default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="time limit per case; a case still running then fails as timed out "
+                   f"(default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--convention", choices=tuple(CONVENTIONS), default=None,
+                   help="how SPEC is called: kto_np (the oracle's keywords) or split (policy_chosen_logps, ..., "
+                   "reference_KL_logps -> losses, rewards, kl); default: detected from its parameter names")
+    p.add_argument("--kl-rotation", type=int, choices=(-1, 1), default=-1, metavar="{-1,+1}",
+                   help="model_kto: the KL pairs SPEC builds, prompt i with completion i-1 (-1, TRL) or i+1 "
+                   "(+1, OpenRLHF, HALOs); the reference is computed for the one declared (default: -1)")
     p.set_defaults(func=_cmd_oracle_check)
+    p = oracle_sub.add_parser("compare", help="check numbers computed in any language (RESULTS.json) against "
+                              "the cases in CASES_DIR",
+                              description="Read RESULTS.json (format kto_np-oracle-results, "
+                              "docs/oracle-results.schema.json) and compare its numbers with the cases exported to "
+                              "CASES_DIR: the same report and diagnosis as 'check'. Exit status 0 when they "
+                              "pass, 1 when they do not, 2 when the cases or the results cannot be read.")
+    p.add_argument("cases_dir", metavar="CASES_DIR")
+    p.add_argument("results", metavar="RESULTS.json")
+    p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
+                   help="tolerances for numbers computed in float64 or float32 (default: float64)")
+    p.set_defaults(func=_cmd_oracle_compare)
 
     from . import bench  # noqa: PLC0415
 
@@ -283,6 +359,37 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text.split(";")[0], description=text + ".")
         _add_training_options(p, TrainConfig(**preset))
         p.set_defaults(func=_cmd_train, preset={k: v for k, v in preset.items() if k not in TRAINING_OPTIONS})
+
+    from .landscape import DIRECTIONS, LOSS_VARIANTS, MAX_POINTS, MIN_POINTS  # noqa: PLC0415
+
+    p = sub.add_parser("landscape", help="loss landscapes of a run's policy (random, PCA, Hessian planes)",
+                       description="The loss of a run's trained policy on a fixed batch of its own data, in "
+                       "float64: a 2-D plane around the policy (--directions), the segment from the reference "
+                       "to the policy with the desirable rate of samples, and the same policy under edifice, "
+                       "edifice with stop_z_grad, kto and apo_zero_unpaired against a shift of every "
+                       "log-probability. Writes landscape_<directions>.png, landscape_interpolation.png, "
+                       "landscape_variants.png and landscape.npz (loss [N, N], alpha [N], beta [N]; the "
+                       "policy at 0, 0).")
+    p.add_argument("--run", required=True, help="a run folder (kto-np demo / train)")
+    p.add_argument("--variant", choices=LOSS_VARIANTS, default=None,
+                   help="the loss drawn in the plane and along the segment (default: the run's variant)")
+    p.add_argument("--directions", choices=DIRECTIONS, default="random",
+                   help="random: filter-normalised Gaussian; pca: the training trajectory's principal plane; "
+                   "hessian: the top two Hessian eigen-directions (default: random)")
+    p.add_argument("--points", type=int, default=21,
+                   help=f"grid points per axis, in [{MIN_POINTS}, {MAX_POINTS}] (default: 21)")
+    p.add_argument("--span", type=float, default=1.0,
+                   help="half-width of the grid, > 0: filter-normalised units (random), the step where the "
+                   "quadratic model has risen by the loss (hessian), 1.2 x the trajectory's extent (pca) "
+                   "(default: 1.0)")
+    p.add_argument("--examples", type=positive_int, default=None,
+                   help="size of the fixed batch: the first examples of the run's data (default: 32)")
+    p.add_argument("--eval-prompts", type=positive_int, default=128,
+                   help="held-out prompts sampled for the desirable rate along the segment (default: 128)")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/landscape)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random directions (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no file list")
+    p.set_defaults(func=_cmd_landscape)
     return parser
 
 

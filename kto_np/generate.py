@@ -25,6 +25,7 @@ def forward_with_cache(model: GPT, params: dict, tokens, kv_cache: KVCache | Non
     max_seq_len is made. Same numbers as GPT.forward on the whole sequence.
     """
     if kv_cache is None:
+        model.check_params(params)
         tokens = model.check_tokens(tokens)
         kv_cache = KVCache.empty(model, tokens.shape[0], xp=array_module(params["wte.weight"]))
     logits, _ = model.forward(params, tokens, kv_cache=kv_cache)
@@ -57,8 +58,8 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
     A row that has produced stop_token keeps producing stop_token; generation ends early (n <
     max_new_tokens) once every row has. T0 + max_new_tokens must not exceed max_seq_len.
     """
-    if not isinstance(model, GPT):
-        raise TypeError(f"model must be a GPT (from kto_np.build), got {type(model).__name__}")
+    if not all(callable(getattr(model, method, None)) for method in ("forward", "check_params", "check_tokens")):
+        raise TypeError(f"model must be a model from kto_np (build, Edifice), got {type(model).__name__}")
     config = model.config
     prompt = to_numpy(model.check_tokens(prompt_tokens, "prompt_tokens")).astype(np.int64)
     B, T0 = prompt.shape
@@ -81,12 +82,15 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
     model.check_params(params)
     if max_new_tokens == 0:
         return prompt
+    if not isinstance(model, GPT):  # Edifice's backbone has no key/value cache: re-run the whole forward
+        return _generate_by_recomputation(model, params, prompt, max_new_tokens, temperature, top_k, rng,
+                                          stop_token)
 
     # checked once above: each step runs the model's forward unchecked, on the new token only
     xp = array_module(params["wte.weight"])
     kv_cache = KVCache.empty(model, B, capacity=T0 + max_new_tokens, xp=xp)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite logits are reported below, by name
-        logits, _ = model._forward(params, prompt, kv_cache=kv_cache)
+        logits, _ = model._forward(params, prompt, keep_cache=False, kv_cache=kv_cache)
     generated = []
     stopped = np.zeros(B, dtype=bool)
     for step in range(max_new_tokens):
@@ -101,5 +105,26 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
         if stopped.all() or step == max_new_tokens - 1:
             break
         with np.errstate(over="ignore", invalid="ignore"):
-            logits, _ = model._forward(params, next_tokens[:, None], kv_cache=kv_cache)
+            logits, _ = model._forward(params, next_tokens[:, None], keep_cache=False, kv_cache=kv_cache)
     return np.concatenate([prompt, np.stack(generated, axis=1)], axis=1)
+
+
+def _generate_by_recomputation(model, params: dict, prompt: np.ndarray, max_new_tokens: int,
+                               temperature: float, top_k: int | None, rng, stop_token: int | None) -> np.ndarray:
+    """generate() for a model without a key/value cache: each new token runs model.forward on the whole
+    sequence so far (the same tokens as a cached model would give, at T times the cost)."""
+    tokens = prompt
+    stopped = np.zeros(prompt.shape[0], dtype=bool)
+    for _ in range(max_new_tokens):
+        logits, _ = model.forward(params, tokens, keep_cache=False)  # [B, T, V]
+        if not bool(array_module(logits).isfinite(logits[:, -1]).all()):
+            raise ValueError("params give non-finite logits: params must be finite and small enough that the "
+                             "activations do not overflow")
+        next_tokens = _next_tokens(logits[:, -1], temperature, top_k, rng)  # [B]
+        if stop_token is not None:
+            next_tokens = np.where(stopped, stop_token, next_tokens)
+            stopped |= next_tokens == stop_token
+        tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
+        if stopped.all():
+            break
+    return tokens

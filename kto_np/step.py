@@ -16,8 +16,7 @@ import numpy as np
 from .backend import array_module, asarray, resolve_dtype
 from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
 from .losses import KTOConfig
-from .model import GPT
-from .validation import as_labels, check_positive_int
+from .validation import check_positive_int, reject_autograd
 
 __all__ = [
     "KL_ROTATION",
@@ -61,32 +60,6 @@ def kl_partner_indices(batch_size: int, rotation: int = KL_ROTATION) -> np.ndarr
     return (np.arange(batch_size) + rotation) % batch_size
 
 
-_MAX_ID = (1 << 62) - 1  # ids are stored as int64
-
-
-def _check_id_lists(name: str, rows, count: int | None = None) -> list[list[int]]:
-    """A list of rows, each a sequence of non-negative integer ids (as plain ints)."""
-    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__") or not hasattr(rows, "__iter__"):
-        raise TypeError(f"{name} must be a list of id lists, got {type(rows).__name__}")
-    if count is not None and len(rows) != count:
-        raise ValueError(f"{name} must have one row per row of prompt_ids ({count}), got {len(rows)}")
-    if count is None and len(rows) == 0:
-        raise ValueError(f"{name} must not be empty")
-    checked = []
-    for i, row in enumerate(rows):
-        if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
-            raise TypeError(f"{name}[{i}] must be a list of ids, got {type(row).__name__}")
-        ids = []
-        for token in row:
-            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
-                raise TypeError(f"{name}[{i}] must hold integer ids, got {type(token).__name__} {token!r}")
-            if not 0 <= int(token) <= _MAX_ID:
-                raise ValueError(f"{name}[{i}] ids must be in [0, {_MAX_ID}], got {int(token)}")
-            ids.append(int(token))
-        checked.append(ids)
-    return checked
-
-
 def _pad_rows(prompt_ids, completion_ids, length, pad_id: int, dtype, row_name: str):
     """Right-padded tokens [B, T] and completion mask [B, T] for rows prompt + completion."""
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
@@ -102,17 +75,59 @@ def _pad_rows(prompt_ids, completion_ids, length, pad_id: int, dtype, row_name: 
     return tokens, mask
 
 
+_MAX_ID = (1 << 62) - 1  # ids are stored as int64
+
+
+def _check_id_lists(name: str, rows) -> list[list[int]]:
+    """Each row a sequence of non-negative integer ids, returned as plain ints."""
+    checked = []
+    for i, row in enumerate(rows):
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
+            raise TypeError(f"{name}[{i}] must be a list of ids, got {type(row).__name__}")
+        ids = []
+        for token in row:
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                raise TypeError(f"{name}[{i}] must hold integer ids, got {type(token).__name__} {token!r}")
+            if not 0 <= int(token) <= _MAX_ID:
+                raise ValueError(f"{name}[{i}] ids must be in [0, {_MAX_ID}], got {int(token)}")
+            ids.append(int(token))
+        checked.append(ids)
+    return checked
+
+
+def _check_rows(prompt_ids, completion_ids, labels, rotation) -> None:
+    for name, rows in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+        if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__"):
+            raise TypeError(f"{name} must be a list of token-id lists, got {type(rows).__name__}")
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids must not be empty, got 0 rows")
+    labels = np.asarray(labels)
+    if len(completion_ids) != len(prompt_ids) or labels.shape != (len(prompt_ids),):
+        raise ValueError(f"prompt_ids, completion_ids and labels must have one entry per example, got "
+                         f"{len(prompt_ids)}, {len(completion_ids)} and shape {labels.shape}")
+    if labels.dtype.kind not in "biu" or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (undesirable) or 1 (desirable), got {labels.tolist()}")
+    if isinstance(rotation, bool) or not isinstance(rotation, (int, np.integer)):
+        raise TypeError(f"rotation must be an integer (KL row i pairs with completion i + rotation), "
+                        f"got {type(rotation).__name__} {rotation!r}")
+    if len(prompt_ids) > 1 and rotation % len(prompt_ids) == 0:
+        raise ValueError(f"rotation must not be a multiple of the batch size {len(prompt_ids)}: every KL pair "
+                         f"would be matched (prompt i with its own completion), got {rotation}")
+
+
 def make_batch(prompt_ids, completion_ids, labels, *, pad_id: int = 0, dtype="float32", max_len=None,
                rotation: int = KL_ROTATION, prompts=(), completions=()) -> Batch:
     """A Batch from token-id lists: prompt_ids[i], completion_ids[i] (lists of ints), labels [B].
 
     Matched row i = prompt i + completion i; KL row i = prompt i + completion kl_partner_indices[i].
-    Rows are right-padded with pad_id to the longest row (or max_len). Ids are checked to be
-    non-negative integers (their upper bound, the vocabulary, is the model's check).
+    Rows are right-padded with pad_id to the longest row (or max_len). The ids' upper bound (the
+    vocabulary) is the model's to check (model.check_tokens); the structure, the ids' type and sign
+    and pad_id are checked here.
     """
+    reject_autograd("labels", labels)
+    _check_rows(prompt_ids, completion_ids, labels, rotation)
     prompt_ids = _check_id_lists("prompt_ids", prompt_ids)
-    completion_ids = _check_id_lists("completion_ids", completion_ids, len(prompt_ids))
-    labels = as_labels("labels", labels, len(prompt_ids)).astype(np.int64)
+    completion_ids = _check_id_lists("completion_ids", completion_ids)
     pad_id = check_positive_int("pad_id", pad_id, minimum=0)
     if pad_id > _MAX_ID:
         raise ValueError(f"pad_id must be <= {_MAX_ID}, got {pad_id}")
@@ -167,8 +182,8 @@ def kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, conf
     they need no backward), run before the policy forward so that its activations are not held
     meanwhile. The logits buffer becomes dlogits (no second [B, T, V] array).
     """
-    if not isinstance(model, GPT):
-        raise TypeError(f"model must be a GPT (from kto_np.build), got {type(model).__name__}")
+    if not all(callable(getattr(model, method, None)) for method in ("forward", "backward", "check_params")):
+        raise TypeError(f"model must be a model from kto_np (build, Edifice), got {type(model).__name__}")
     if not isinstance(config, KTOConfig):
         raise TypeError(f"config must be a KTOConfig (from kto_np.losses), got {type(config).__name__}")
     kl_logps = None

@@ -17,6 +17,9 @@ A run folder holds:
   checkpoints/sft.npz    latest SFT state (params, AdamW state, step): resume point
   checkpoints/reference.npz   the finished reference
   checkpoints/kto.npz    latest KTO state: resume point; at the end, the trained policy
+  trajectory/kto_step_NNNNNN.npz   the policy's parameters every max(1, steps // TRAJECTORY_POINTS)
+                         KTO steps (checkpoint.save format, extra {"step": N}): the thin trajectory that
+                         `kto-np landscape --directions pca` projects (step 0 is checkpoints/reference.npz)
   summary.json           before/after numbers (desirable_rate_before, desirable_rate_after, ...)
   training_curves.png    loss, rewards, KL and desirable rate against the step
 
@@ -52,9 +55,10 @@ from .data import (
 from .files import write_json, write_text
 from .generate import generate
 from .losses import VARIANTS, KTOConfig, check_balance, check_weights_not_both_zero
-from .model import GPT, build
+from .model import GPT, build, model_from_config
 from .optim import adamw_init, adamw_step, check_adamw_state, clip_grad_norm, learning_rate
 from .step import Batch, forward_logps, kto_dlogits, kto_step, reference_logps, sft_step
+from .step import completion_logps as step_completion_logps
 from .validation import check_bool, check_choice, check_finite_scalar, check_positive_int
 
 try:
@@ -78,6 +82,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "training_curves.pn
              "checkpoints/sft.npz", "checkpoints/reference.npz", "checkpoints/kto.npz")
 PHASES = ("sft", "kto")
 _PHASE_ORDER = {"sft": 0, "kto": 1, "eval": 1}  # evaluations happen during KTO
+TRAJECTORY_DIR = "trajectory"
+TRAJECTORY_POINTS = 20  # policy snapshots kept along the KTO phase (each one parameter set)
 EVAL_SEED = 2024  # the same draws for every evaluation, so "before" and "after" are paired
 
 
@@ -112,7 +118,9 @@ class TrainConfig:
     num_layers: int = 2
     num_heads: int = 4
     dropout: float = 0.0
-    positional: str = "learned"
+    positional: str = "learned"  # architecture "gpt2" only
+    architecture: str = "gpt2"  # or "edifice": Edifice's own backbone (kto_np.edifice)
+    token_embedding: str | None = None  # architecture "edifice" only: "fixed" (its default) or "learned"
     dtype: str = "float32"
     backend: str = "numpy"
     # SFT of the reference
@@ -159,16 +167,21 @@ class TrainConfig:
         for name in ("num_examples", "sft_examples"):
             if getattr(self, name) < self.batch_size:
                 raise ValueError(f"{name} must be >= batch_size ({self.batch_size}), got {getattr(self, name)}")
-        self.model_config()  # validates hidden_size, num_heads, dropout, dtype, positional
+        if self.architecture == "edifice" and self.positional != "learned":
+            raise ValueError(f"positional={self.positional!r} does not apply to architecture='edifice' "
+                             "(its positions are a fixed [sin | cos] table)")
+        self.model_config()  # validates hidden_size, num_heads, dropout, dtype, positional, architecture
 
     def kto_config(self) -> KTOConfig:
         return KTOConfig(self.variant, self.beta, self.desirable_weight, self.undesirable_weight, self.stop_z_grad)
 
     def model_config(self):
+        options = (dict(positional=self.positional, token_embedding=self.token_embedding)
+                   if self.architecture == "gpt2"
+                   else dict(architecture=self.architecture, token_embedding=self.token_embedding))
         return build(hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
                      vocab_size=Tokenizer().vocab_size, dropout=self.dropout,
-                     max_seq_len=2 * self.num_digits + 4, dtype=self.dtype,
-                     positional=self.positional).config
+                     max_seq_len=2 * self.num_digits + 4, dtype=self.dtype, **options).config
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,11 +195,21 @@ class TrainConfig:
         return cls(**d)
 
 
+# the names these had before the step module (kept so that earlier code keeps working)
+completion_logps = step_completion_logps
+frozen_logps = forward_logps
+sft_loss_and_grads = sft_step
+
+
 def kto_loss_and_param_grads(model: GPT, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
                              variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
                              undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
-                             rng=None):
-    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads)."""
+                             rng=None, warn_balance: bool = False):
+    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads). The step never
+    warns about the class balance (run checks it once for the whole data); warn_balance is accepted
+    for compatibility with earlier versions and must be False."""
+    if check_bool("warn_balance", warn_balance):
+        raise ValueError("warn_balance must be False: use losses.check_balance(labels, ...) for a batch's balance")
     config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
     return kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train=train, rng=rng)
 
@@ -429,7 +452,8 @@ def _non_finite_names(arrays: dict) -> list[str]:
 
 def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfig, run: _Run, *,
               steps: int, base_lr: float, batch_loss, prepare_epoch=None, evaluate_fn=None,
-              initial_eval: dict | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+              initial_eval: dict | None = None, progress: bool = True, stop_after: int | None = None,
+              trajectory_every: int | None = None) -> dict:
     """Train params for `steps` AdamW steps; resume from checkpoints/<phase>.npz if it exists.
 
     Each epoch's batches come from iterate_batches(seed, epoch); prepare_epoch(batches) -> one extra
@@ -437,6 +461,8 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
     batch_loss(params, batch, extra, rng) -> (loss, metrics, grads). Returns the trained params.
     evaluate_fn(params) -> {"desirable_rate", ...} runs every config.eval_every steps; initial_eval is
     its result for the starting params (logged as step 0). stop_after: stop (with a checkpoint) there.
+    trajectory_every: also save the params as trajectory/<phase>_step_NNNNNN.npz every that many steps
+    (a resumed run rewrites the same files bit for bit).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -459,6 +485,10 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
     steps_per_epoch = len(examples) // config.batch_size
     phase_id = PHASES.index(phase)
     batches, extras, batches_epoch = [], [], None
+    if trajectory_every is not None and start == 0 and os.path.isdir(run.path(TRAJECTORY_DIR)):
+        for name in os.listdir(run.path(TRAJECTORY_DIR)):  # an earlier run's snapshots (--force)
+            if name.startswith(f"{phase}_step_"):
+                os.unlink(run.path(f"{TRAJECTORY_DIR}/{name}"))
     bar = tqdm(total=steps, initial=start, desc=phase.upper(), disable=None if progress else True, leave=False,
                dynamic_ncols=True)
     for step in range(start, steps if stop_after is None else min(steps, stop_after)):
@@ -508,6 +538,9 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
         bar.set_postfix(loss=f"{loss:.4f}")
         if evaluate_fn is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
             run.log({"phase": "eval", "step": step + 1, "desirable_rate": evaluate_fn(params)["desirable_rate"]})
+        if trajectory_every is not None and (step + 1) % trajectory_every == 0:
+            checkpoint.save(run.path(f"{TRAJECTORY_DIR}/{phase}_step_{step + 1:06d}.npz"), params, model.config,
+                            extra={"step": step + 1})
         if (step + 1) % config.checkpoint_every == 0 or step + 1 in (steps, stop_after):
             checkpoint.save(ckpt_path, params, model.config,
                             extra={"adamw": opt_state, "step": step + 1, "phase": phase})
@@ -540,7 +573,7 @@ def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after:
     backend.set_backend(config.backend)
     started = time.perf_counter()
     task = make_task(config.task, config.num_digits)
-    model = GPT(config.model_config())
+    model = model_from_config(config.model_config())
     heldout = make_prompts(task, config.eval_prompts, seed=config.seed)
 
     # 1. the reference: SFT on a mix of good and bad completions
@@ -589,7 +622,8 @@ def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after:
     policy = _optimize("kto", model, policy, examples, config, run_dir, steps=config.steps,
                        base_lr=config.lr, batch_loss=kto_batch_loss, prepare_epoch=reference_of_epoch,
                        evaluate_fn=evaluate_fn, initial_eval=before,
-                       progress=progress, stop_after=stop_after)
+                       progress=progress, stop_after=stop_after,
+                       trajectory_every=max(1, config.steps // TRAJECTORY_POINTS))
     if stop_after is not None and stop_after < config.steps:
         return {"stopped_after": stop_after}
 
@@ -636,7 +670,7 @@ def run_token_gradients(out_dir, num_examples: int = 6):
     with open(run_dir.path("config.json"), encoding="utf-8") as f:
         config = TrainConfig.from_dict(json.load(f))
     reference = checkpoint.load(run_dir.path("checkpoints/reference.npz"))
-    model = GPT(reference.config)
+    model = model_from_config(reference.config)
     task = make_task(config.task, config.num_digits)
     examples = make_examples(task, num_examples, seed=config.seed + 2)
     batch = collate(examples, Tokenizer(), dtype=model.config.dtype)

@@ -26,6 +26,7 @@ EXPECTED = [
     "04_training_with_binary_feedback.py",
     "05_verify_a_pytorch_kto.py",
     "06_loss_surfaces.py",
+    "07_edifice_backbone.py",
 ]
 # The tutorials whose settings depend on KTO_NP_TUTORIAL_FAST: their full settings run as slow tests.
 SIZE_DEPENDENT = ["04_training_with_binary_feedback.py", "06_loss_surfaces.py"]

@@ -245,7 +245,7 @@ print(f"worst relative error over {len(rows)} tensors: {max(r.rel_error for r in
 
 # %% [markdown]
 # The same check, for every loss variant and a few model options, is `kto-np gradcheck` on the
-# command line (`kto_np.gradcheck.model_checks` in Python).
+# command line (`kto_np.gradcheck_suite.model_checks` in Python).
 #
 # A last sanity check of the chain: the logits gradient the model backward receives is the one from
 # tutorial 2, so the embedding gradient of a token that appears nowhere in the batch (the pad "_" is
