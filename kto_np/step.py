@@ -16,6 +16,7 @@ import numpy as np
 from .backend import array_module, asarray, resolve_dtype
 from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
 from .losses import KTOConfig
+from .validation import check_positive_int, reject_autograd
 
 __all__ = [
     "KL_ROTATION",
@@ -76,6 +77,26 @@ def _pad_rows(prompt_ids, completion_ids, length, pad_id: int, dtype, row_name: 
     return tokens, mask
 
 
+_MAX_ID = (1 << 62) - 1  # ids are stored as int64
+
+
+def _check_id_lists(name: str, rows) -> list[list[int]]:
+    """Each row a sequence of non-negative integer ids, returned as plain ints."""
+    checked = []
+    for i, row in enumerate(rows):
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
+            raise TypeError(f"{name}[{i}] must be a list of ids, got {type(row).__name__}")
+        ids = []
+        for token in row:
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                raise TypeError(f"{name}[{i}] must hold integer ids, got {type(token).__name__} {token!r}")
+            if not 0 <= int(token) <= _MAX_ID:
+                raise ValueError(f"{name}[{i}] ids must be in [0, {_MAX_ID}], got {int(token)}")
+            ids.append(int(token))
+        checked.append(ids)
+    return checked
+
+
 def _check_rows(prompt_ids, completion_ids, labels, rotation) -> None:
     for name, rows in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
         if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__"):
@@ -102,10 +123,17 @@ def make_batch(prompt_ids, completion_ids, labels, *, pad_id: int = 0, dtype="fl
 
     Matched row i = prompt i + completion i; KL row i = prompt i + completion kl_partner_indices[i]
     (for B = 1 the KL row is the matched row: usable for SFT and the variants without KL pairs).
-    Rows are right-padded with pad_id to the longest row (or max_len). The ids themselves are the
-    model's to check (model.check_tokens); the structure is checked here.
+    Rows are right-padded with pad_id to the longest row (or max_len). The ids' upper bound (the
+    vocabulary) is the model's to check (model.check_tokens); the structure, the ids' type and sign
+    and pad_id are checked here.
     """
+    reject_autograd("labels", labels)
     _check_rows(prompt_ids, completion_ids, labels, rotation)
+    prompt_ids = _check_id_lists("prompt_ids", prompt_ids)
+    completion_ids = _check_id_lists("completion_ids", completion_ids)
+    pad_id = check_positive_int("pad_id", pad_id, minimum=0)
+    if pad_id > _MAX_ID:
+        raise ValueError(f"pad_id must be <= {_MAX_ID}, got {pad_id}")
     # a batch of one has no KL pair: its KL row is its matched row, which kto_dlogits refuses to use
     partners = kl_partner_indices(len(prompt_ids), rotation) if len(prompt_ids) > 1 else [0]
     kl_completion_ids = [completion_ids[j] for j in partners]
@@ -158,6 +186,10 @@ def kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, conf
     they need no backward), run before the policy forward so that its activations are not held
     meanwhile. The logits buffer becomes dlogits (no second [B, T, V] array).
     """
+    if not all(callable(getattr(model, method, None)) for method in ("forward", "backward", "check_params")):
+        raise TypeError(f"model must be a model from kto_np (build, Edifice), got {type(model).__name__}")
+    if not isinstance(config, KTOConfig):
+        raise TypeError(f"config must be a KTOConfig (from kto_np.losses), got {type(config).__name__}")
     kl_logps = None
     if config.uses_kl_pairs and kl_ref_logps is not None:
         if batch.tokens.shape[0] < 2:
