@@ -379,14 +379,32 @@ def _finite_difference_grads(candidate, case: Case, mode: str, names: list, step
         def objective(x=x, input_key=input_key) -> float:
             return objective_at({input_key: x})
 
+        directions = fd_directions(case.name, name, x.shape)  # [K, ...]
+        step = _fit_step(objective, x, directions[0], step, notes)
         if x.size <= FD_FULL_MAX_ENTRIES and case.kind != "model_kto":
             values[f"grad/{name}"] = (numerical_gradient(objective, x, step), "finite differences", None)
             continue
-        directions = fd_directions(case.name, name, x.shape)  # [K, ...]
         derivatives = directional_derivatives(objective, x, directions, step)
         values[f"grad/{name}"] = (derivatives, f"finite differences ({FD_DIRECTIONS} directions)",
                                   DirectionalProjection(directions))
     return values
+
+
+def _fit_step(objective, x, direction, step: float, notes: list) -> float:
+    """The step, or float32's when the candidate's rounding shows at this one: a directional derivative
+    with `step` and with float32's step disagree by more than 1 % (a float64 computation agrees to ~1e-6;
+    float32 inside float64 code does not)."""
+    large = FD_STEP_BY_DTYPE["float32"]
+    if step >= large:
+        return step
+    fine, coarse = (directional_derivatives(objective, x, direction[None], h)[0] for h in (step, large))
+    if abs(fine - coarse) <= 1e-2 * abs(coarse) + 1e-9:
+        return step
+    note = (f"finite differences with step {step:g} see rounding noise (the candidate computes in float32 "
+            f"somewhere): step {large:g} used")
+    if note not in notes:
+        notes.append(note)
+    return large
 
 
 def fd_directions(case_name: str, name: str, shape: tuple) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 A Case holds named inputs (what a candidate is called with) and the expected outputs. Loss-level
 cases come from losses.kto_loss_and_grad / dpo_loss_and_grad, log-prob cases from logprobs, and the
-model cases from the core's KTO step on a small GPT-2 (train.kto_loss_and_param_grads, step.kto_step
-once the core has it). Shape letters: n batch of log-probs, B batch of sequences, T time, V vocabulary.
+model cases from the core's KTO step (step.kto_step) on a small GPT-2, its KL rows built by
+step.kl_partner_indices for the case's rotation. Shape letters: n batch of log-probs, B batch of
+sequences, T time, V vocabulary.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from ..logprobs import (
     sequence_logprobs_backward,
     sequence_logprobs_forward,
 )
-from ..losses import dpo_loss_and_grad, kto_loss_and_grad
+from ..losses import KTOConfig, dpo_loss_and_grad, kto_loss_and_grad
 from ..model import GPT, GPTConfig, param_shapes
+from ..step import KL_ROTATION, Batch, kl_partner_indices, kto_step
 from ..validation import check_choice
 
 KINDS = ("kto_loss", "dpo_loss", "logprobs", "sequence_logprobs", "model_kto")
@@ -414,21 +416,9 @@ def joined(prompt_tokens, completion_tokens, completion_mask):
     return tokens, sequence_mask
 
 
-# The KL-row rotation, as the core's step module defines it (step.kl_partner_indices, KL_ROTATION = -1):
-# KL row i pairs prompt i with the completion of example (i + rotation) mod B.
-KL_ROTATION = -1
-
-
-def kl_partner_indices(batch_size: int, rotation: int = KL_ROTATION) -> np.ndarray:
-    """[B] int: the example whose completion KL row i borrows, (i + rotation) mod B."""
-    return (np.arange(batch_size) + rotation) % batch_size
-
-
 def model_case_batch(case: Case, rotation: int = KL_ROTATION):
     """The tensor batch of a model case: matched rows [prompt_i ; completion_i] and KL rows
     [prompt_i ; completion_(i + rotation) mod B], masks 0 on the prompt."""
-    from ..data import Batch  # noqa: PLC0415  (step.Batch / step.make_batch once the core has them)
-
     inputs = case.inputs
     prompt, completion, completion_mask = (np.asarray(inputs[k]) for k in
                                            ("prompt_tokens", "completion_tokens", "completion_mask"))
@@ -441,15 +431,13 @@ def model_case_batch(case: Case, rotation: int = KL_ROTATION):
 def model_reference_outputs(case: Case, rotation: int | None = None) -> dict[str, np.ndarray]:
     """Loss, intermediates and every parameter's gradient of a model case, by the core's KTO step, with the
     KL rows of `rotation` (default: the case's own)."""
-    from ..train import kto_loss_and_param_grads  # noqa: PLC0415  (step.kto_step once the core has it)
-
     inputs = case.inputs
     model, params = model_from_case(case)
     batch = model_case_batch(case, case.kl_rotation if rotation is None else rotation)
-    loss, metrics, grads = kto_loss_and_param_grads(
-        model, params, batch, np.asarray(inputs["ref_logps"]), np.asarray(inputs["kl_ref_logps"]),
-        variant="kto", beta=float(inputs["beta"]), desirable_weight=float(inputs["desirable_weight"]),
-        undesirable_weight=float(inputs["undesirable_weight"]))
+    config = KTOConfig("kto", beta=float(inputs["beta"]), desirable_weight=float(inputs["desirable_weight"]),
+                       undesirable_weight=float(inputs["undesirable_weight"]))
+    loss, metrics, grads = kto_step(model, params, batch, np.asarray(inputs["ref_logps"]),
+                                    np.asarray(inputs["kl_ref_logps"]), config)
     logits = model.forward(params, batch.tokens)[0]  # [B, T, V]: the intermediates a candidate may return
     kl_logits = model.forward(params, batch.kl_tokens)[0]
     out = {

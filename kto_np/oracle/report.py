@@ -211,6 +211,9 @@ def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[t
                 if quantity not in outputs or value is None or quantity.startswith("metrics/"):
                     continue
                 mutated = outputs[quantity]
+                if mutated is None:  # any value is this mutant's (a subgradient at a corner)
+                    explained.add((case_name, quantity))
+                    continue
                 reference = by_name[case_name].expected[quantity]
                 if projection is not None:
                     mutated, reference = projection(mutated), projection(reference)
@@ -264,7 +267,8 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
         return Diagnosis((), "all checks passed"), ()
     failing = {(c.case, c.quantity) for c in report.failures if not c.quantity.startswith("metrics/")}
     if not candidate_values:
-        return Diagnosis((), "the candidate raised on every case: nothing to compare with the known mistakes"), ()
+        return Diagnosis((), "no case ran to the end (the ERROR lines above): nothing to compare with the known "
+                             "mistakes"), ()
     if not failing and report.errors:
         return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
                              "not run to the end (the ERROR lines above)"), not_verified
