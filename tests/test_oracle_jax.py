@@ -66,9 +66,10 @@ def test_jax_per_example_losses_are_averaged_and_differentiated():
     assert any("per-example" in note for note in report.notes)
 
 
+@pytest.mark.slow
 def test_jax_at_float64_in_a_child_with_jax_enable_x64(tmp_path, monkeypatch):
-    """The child process reads JAX_ENABLE_X64 from the environment: the JAX candidate is then checked at float64,
-    and the mistake is still named."""
+    """The child process reads JAX_ENABLE_X64 from the environment: the JAX candidate is then checked at float64
+    (every number but the gradient through z agrees to float64 tolerance), and the mistake is still named."""
     (tmp_path / "my_jax_kto.py").write_text(textwrap.dedent('''
         import jax
         import jax.numpy as jnp
@@ -91,8 +92,8 @@ def test_jax_at_float64_in_a_child_with_jax_enable_x64(tmp_path, monkeypatch):
     '''))
     monkeypatch.setenv("JAX_ENABLE_X64", "1")
     monkeypatch.chdir(tmp_path)
-    good = oracle.verify(f"{tmp_path / 'my_jax_kto.py'}:kto_loss", "kto_loss", "kto")
-    assert good.passed, str(good)
-    assert not any("JAX_ENABLE_X64" in note for note in good.notes)
     bad = oracle.verify(f"{tmp_path / 'my_jax_kto.py'}:kto_loss_attached", "kto_loss", "kto")
+    assert bad.tolerance == "float64"
+    assert {c.quantity for c in bad.failures} == {"grad/kl_policy_logps"}, str(bad)
     assert bad.diagnosis.mistakes == ("z_not_detached",), str(bad)
+    assert not any("JAX_ENABLE_X64" in note for note in bad.notes)
