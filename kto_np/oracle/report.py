@@ -193,8 +193,9 @@ class Report:
                      f"{len(self.errors)} case(s) raised, {len(self.checks) - len(compared)} skipped"
                      + (" (the cases are not kto_np's: see 'cases:')" if self.cases_identical is False else ""))
         if self.not_verified:
-            lines.append(f"not verified: {', '.join(self.not_verified)} (the checks that decide "
-                         f"{'them' if len(self.not_verified) > 1 else 'it'} could not run: see the skip rows)")
+            lines.append(f"not verified: {', '.join(self.not_verified)} (no number compared tells "
+                         f"{'them' if len(self.not_verified) > 1 else 'it'} from the reference: the deciding "
+                         "checks were skipped or their cases did not run)")
         lines.append(f"diagnosis: {self.diagnosis}")
         return "\n".join(lines)
 
@@ -269,6 +270,9 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
     if not candidate_values:
         return Diagnosis((), "no case ran to the end (the ERROR lines above): nothing to compare with the known "
                              "mistakes"), ()
+    if not failing and not report.errors and report.cases_identical is False:
+        return Diagnosis((), "every number compared matches the reference, but on cases that differ from kto_np's "
+                             "export (see 'cases:'): no verdict"), not_verified
     if not failing and report.errors:
         return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
                              "not run to the end (the ERROR lines above)"), not_verified
