@@ -9,6 +9,12 @@ from kto_np import oracle
 jax = pytest.importorskip("jax", reason="jax not installed (pip install jax jaxlib): the JAX candidate tests skip")
 jnp = pytest.importorskip("jax.numpy", reason="jax not installed")
 
+# four cases keep JAX's op-by-op dispatch short and still decide every known mistake: without KL pairs, with
+# them (z_ref > 0), a negative KL estimate (the clamp), undesirable examples only
+CASE_NAMES = ("no_kl_pairs", "kl_pairs", "kl_pairs_negative", "undesirable_only")
+CASES = [c for c in oracle.generate_cases() if c.kind == "kto_loss" and c.variant == "kto"
+         and c.name.rsplit("/", 1)[1] in CASE_NAMES]
+
 
 def _kto(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight, kl_policy_logps, kl_ref_logps,
          stop_gradient: bool):
@@ -42,7 +48,7 @@ def jax_kto_per_example(policy_logps, ref_logps, labels, beta, desirable_weight,
 
 
 def test_jax_with_stop_gradient_passes_with_gradients_from_jax_grad():
-    report = oracle.verify(jax_kto, "kto_loss", "kto", tolerance="float32", isolate=False)
+    report = oracle.verify(jax_kto, "kto_loss", "kto", tolerance="float32", isolate=False, cases=CASES)
     assert report.passed, str(report)
     sources = {c.source for c in report.checks if c.quantity.startswith("grad/")}
     assert sources == {"jax.grad"}
@@ -53,7 +59,7 @@ def test_jax_with_stop_gradient_passes_with_gradients_from_jax_grad():
 
 
 def test_jax_without_stop_gradient_is_named_z_not_detached():
-    report = oracle.verify(jax_kto_z_not_detached, "kto_loss", "kto", tolerance="float32", isolate=False)
+    report = oracle.verify(jax_kto_z_not_detached, "kto_loss", "kto", tolerance="float32", isolate=False, cases=CASES)
     assert not report.passed
     failing = {c.quantity for c in report.failures}
     assert "grad/kl_policy_logps" in failing
@@ -61,7 +67,7 @@ def test_jax_without_stop_gradient_is_named_z_not_detached():
 
 
 def test_jax_per_example_losses_are_averaged_and_differentiated():
-    report = oracle.verify(jax_kto_per_example, "kto_loss", "kto", tolerance="float32", isolate=False)
+    report = oracle.verify(jax_kto_per_example, "kto_loss", "kto", tolerance="float32", isolate=False, cases=CASES)
     assert report.passed, str(report)
     assert any("per-example" in note for note in report.notes)
 
@@ -92,7 +98,7 @@ def test_jax_at_float64_in_a_child_with_jax_enable_x64(tmp_path, monkeypatch):
     '''))
     monkeypatch.setenv("JAX_ENABLE_X64", "1")
     monkeypatch.chdir(tmp_path)
-    bad = oracle.verify(f"{tmp_path / 'my_jax_kto.py'}:kto_loss_attached", "kto_loss", "kto")
+    bad = oracle.verify(f"{tmp_path / 'my_jax_kto.py'}:kto_loss_attached", "kto_loss", "kto", cases=CASES)
     assert bad.tolerance == "float64"
     assert {c.quantity for c in bad.failures} == {"grad/kl_policy_logps"}, str(bad)
     assert bad.diagnosis.mistakes == ("z_not_detached",), str(bad)
