@@ -72,6 +72,25 @@ def test_jax_per_example_losses_are_averaged_and_differentiated():
     assert any("per-example" in note for note in report.notes)
 
 
+def jax_sequence_logprobs(logits, tokens, completion_mask):
+    """The language-model convention: logits at t - 1 score token t."""
+    token_logps = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), tokens[:, 1:, None], axis=-1)
+    return jnp.sum(token_logps[..., 0] * completion_mask[:, 1:], axis=-1)
+
+
+def jax_sequence_logprobs_not_shifted(logits, tokens, completion_mask):
+    token_logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, :, None], axis=-1)
+    return jnp.sum(token_logps[..., 0] * completion_mask, axis=-1)
+
+
+def test_jax_log_probs_differentiated_with_jax_grad():
+    good = oracle.verify(jax_sequence_logprobs, "sequence_logprobs", tolerance="float32", isolate=False)
+    assert good.passed, str(good)
+    assert {c.source for c in good.checks if c.quantity == "grad/logits"} == {"jax.grad"}
+    bad = oracle.verify(jax_sequence_logprobs_not_shifted, "sequence_logprobs", tolerance="float32", isolate=False)
+    assert bad.diagnosis.mistakes == ("logits_not_shifted",), bad.diagnosis.message
+
+
 @pytest.mark.slow
 def test_jax_at_float64_in_a_child_with_jax_enable_x64(tmp_path, monkeypatch):
     """The child process reads JAX_ENABLE_X64 from the environment: the JAX candidate is then checked at float64
