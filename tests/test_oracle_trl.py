@@ -36,6 +36,10 @@ def _installed_trl():
 @pytest.mark.slow
 def test_installed_trl_passes_at_both_levels(capsys):
     api = _installed_trl()
+    if oracle_trl._major(api.version) < 1:  # TRL 0.x: the loss level only; the model level is not driven
+        assert oracle_trl.main_trl("all") == 2
+        assert "model level" in capsys.readouterr().err
+        return
     assert oracle_trl.main_trl("all") == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert out.startswith(f"TRL {api.version}: ")
