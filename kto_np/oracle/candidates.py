@@ -349,7 +349,8 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
                                       else _as_float64(grad, f"grad/{name}"), "autograd", None)
         return Evaluation(values, notes)
     if mode == "jax":  # jax.grad, as autograd for torch (jax_support.py)
-        values.update(jax_gradients(candidate, case, arguments, missing, notes))
+        values.update(jax_gradients(candidate, case, arguments, missing, notes, parse_output=_parse_output,
+                                    as_float64=_as_float64))
         return Evaluation(values, notes)
     step = max(FD_STEP[tolerance], FD_STEP_BY_DTYPE.get(_dtype_of(parsed.primary), 0.0))
     values.update(_finite_difference_grads(candidate, case, mode, missing, step, notes))

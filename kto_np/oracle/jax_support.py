@@ -51,13 +51,12 @@ def _substitute(value, replacements: dict):
     return value
 
 
-def jax_gradients(candidate, case, arguments, names: list, notes: list) -> dict:
+def jax_gradients(candidate, case, arguments, names: list, notes: list, *, parse_output, as_float64) -> dict:
     """{"grad/<name>": (array, "jax.grad", None)} for `names`, by jax.grad of the candidate's objective at the
-    case's inputs (arguments: the NumPy call's _Arguments)."""
+    case's inputs (arguments: the NumPy call's _Arguments; parse_output and as_float64: the caller's
+    readers of a candidate's return value and of an array, passed in so this module imports no caller)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
-
-    from .candidates import _as_float64, _parse_output  # noqa: PLC0415
 
     if not x64_enabled():
         if X64_HINT not in notes:
@@ -68,12 +67,12 @@ def jax_gradients(candidate, case, arguments, names: list, notes: list) -> dict:
         replacements = {id(o): x for o, x in zip(originals, xs)}
         args = [_substitute(a, replacements) for a in arguments.args]
         kwargs = {k: _substitute(v, replacements) for k, v in arguments.kwargs.items()}
-        primary = _parse_output(case.kind, candidate(*args, **kwargs)).primary
+        primary = parse_output(case.kind, candidate(*args, **kwargs)).primary
         if case.kind in ("logprobs", "sequence_logprobs"):
             return jnp.sum(jnp.asarray(primary) * jnp.asarray(case.inputs["upstream"]))
         primary = jnp.asarray(primary)
         return jnp.mean(primary) if primary.ndim == 1 else primary  # per-example losses: their mean
 
     grads = jax.grad(objective, argnums=tuple(range(len(originals))))(*(jnp.asarray(o) for o in originals))
-    return {f"grad/{name}": (_as_float64(np.asarray(g), f"grad/{name}"), "jax.grad", None)
+    return {f"grad/{name}": (as_float64(np.asarray(g), f"grad/{name}"), "jax.grad", None)
             for name, g in zip(names, grads)}
