@@ -15,7 +15,7 @@ import zipfile
 
 import numpy as np
 
-__all__ = ["ZIP_DATE_TIME", "atomic_write", "write_json", "write_npy_entry", "write_text"]
+__all__ = ["ZIP_DATE_TIME", "atomic_write", "write_json", "write_npy_entry", "write_npz", "write_text"]
 
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the zip epoch: the same arrays always give the same bytes
 
@@ -92,3 +92,10 @@ def write_npy_entry(archive: zipfile.ZipFile, key: str, array) -> None:
     info.external_attr = 0o644 << 16
     with archive.open(info, "w", force_zip64=True) as entry:
         np.lib.format.write_array(entry, np.asarray(array), allow_pickle=False)
+
+
+def write_npz(path, arrays: dict) -> None:
+    """Write {key: array} as an .npz (write_npy_entry for each, in the dict's order), atomically."""
+    with atomic_write(path, "wb") as file, zipfile.ZipFile(file, "w", allowZip64=True) as archive:
+        for key, value in arrays.items():
+            write_npy_entry(archive, key, value)
