@@ -15,8 +15,9 @@ from kto_np.losses import KTOConfig, dpo_loss, kto_loss, kto_loss_and_grad
 from kto_np.model import build
 
 ALL_VARIANTS = landscape.LOSS_VARIANTS
-TINY_RUN = dict(hidden_size=8, num_layers=1, num_heads=2, sft_steps=30, steps=8, batch_size=8, sft_examples=32,
-                num_examples=32, eval_prompts=16, eval_every=4, checkpoint_every=4, warmup_steps=1, num_digits=2)
+TINY_RUN = dict(hidden_size=8, num_layers=1, num_heads=2, sft_steps=30, steps=23, batch_size=8, sft_examples=32,
+                num_examples=32, eval_prompts=16, eval_every=8, checkpoint_every=4, warmup_steps=1, num_digits=2)
+TRAJECTORY_STEPS = [*range(2, 23, 2), 23]  # 23 steps: every ceil(23 / 20) = 2 steps, and the last one
 # prompts repeat with both labels, so DPO has pairs; both classes, several completion lengths
 EXAMPLES = [("21=", "12.", 1), ("21=", "21.", 0), ("43=", "34.", 1), ("43=", "3.", 0), ("70=", "07.", 1),
             ("58=", "585.", 0)]
@@ -365,7 +366,7 @@ def tiny_run(tmp_path_factory):
 
 def test_the_run_keeps_a_thin_trajectory_that_a_resumed_run_rewrites_identically(tiny_run, tmp_path):
     names = sorted(os.listdir(tiny_run / "trajectory"))
-    assert names == [f"kto_step_{s:06d}.npz" for s in range(1, TINY_RUN["steps"] + 1)]  # steps // 20 -> every step
+    assert names == [f"kto_step_{s:06d}.npz" for s in TRAJECTORY_STEPS]
     last = checkpoint.load(tiny_run / "trajectory" / names[-1])
     final = checkpoint.load(tiny_run / "checkpoints/kto.npz")
     assert last.extra["step"] == TINY_RUN["steps"]
@@ -395,7 +396,7 @@ def test_cli_writes_the_figures_and_the_data_deterministically(tiny_run, tmp_pat
     data = np.load(out / "landscape.npz", allow_pickle=False)
     assert data["loss"].shape == (5, 5) and data["alpha"].shape == (5,) and data["beta"].shape == (5,)
     assert data["alpha"][2] == 0.0 and data["beta"][2] == 0.0
-    assert str(data["variant"]) == "kto" and data["trajectory"].shape == (TINY_RUN["steps"] + 1, 2)
+    assert str(data["variant"]) == "kto" and data["trajectory"].shape == (len(TRAJECTORY_STEPS) + 1, 2)
     # the centre is the policy's loss on the run's batch, recomputed independently
     states = landscape.load_run(tiny_run)
     batch = landscape.run_batch(states.config, landscape.DEFAULT_EXAMPLES)
@@ -453,3 +454,24 @@ def test_figures_command_adds_the_landscape_figures(tiny_run, tmp_path, capsys, 
                  "landscape_variants.png", "training_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and name in out
     assert not (tmp_path / "landscape.npz").exists()
+
+
+def test_figures_command_still_writes_the_other_figures_when_the_landscape_fails(tiny_run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from kto_np import plots
+
+    def fail(*args, **kwargs):
+        raise landscape.LandscapeError("run folder 'x' has no checkpoints/kto.npz")
+
+    def other_figures(out_dir, **kwargs):  # (the real ones take ~20 s; here only the order of events counts)
+        path = os.path.join(out_dir, "training_curves.png")
+        with open(path, "wb") as f:
+            f.write(b"png")
+        return [path]
+
+    monkeypatch.setattr(landscape, "run_landscape", fail)
+    monkeypatch.setattr(plots, "make_all_figures", other_figures)
+    code, out, err = run_cli(capsys, "figures", "--out", str(tmp_path), "--run", str(tiny_run))
+    assert code == 0
+    assert out.splitlines()[0] == str(tmp_path / "training_curves.png")
+    assert len(err.strip().splitlines()) == 1 and "warning" in err and "checkpoints/kto.npz" in err, err
