@@ -351,6 +351,8 @@ def test_data_that_cannot_serve_the_variant():
         landscape.make_problem(model, reference, unpaired, "edifice_stop_z_grad")
     with pytest.raises(ValueError, match="variant"):
         landscape.make_problem(model, reference, unpaired, "ipo")
+    with pytest.raises(TypeError, match="config must be a losses.KTOConfig"):
+        landscape.make_problem(model, reference, unpaired, "kto", config={"beta": 0.1})
 
 
 # ----------------------------------------------------------------------------------------------
