@@ -85,21 +85,23 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:  # records that are not a run's (no phase, no step, ...)
         print(f"kto-np figures: error: --run {args.run!r} is damaged: {exc}", file=sys.stderr)
         return 2
+    for path in paths:
+        print(path)
     if args.run is not None and os.path.isfile(os.path.join(args.run, "checkpoints", "kto.npz")):
         from .landscape import LandscapeError, run_landscape  # noqa: PLC0415
 
         has_trajectory = os.path.isdir(os.path.join(args.run, "trajectory"))
         try:  # the landscape figures of the run's policy (landscape_*.png; kto-np landscape has the options)
-            paths += run_landscape(args.run, args.out, directions=("random", "pca") if has_trajectory else "random",
-                                   seed=args.seed, write_data=False, progress=False, log=lambda *a: None)["paths"]
-        except LandscapeError as exc:
-            print(f"kto-np figures: error: {exc}", file=sys.stderr)
-            return 2
-        except (OSError, TypeError, ValueError) as exc:  # a damaged checkpoint: CheckpointError included
+            written = run_landscape(args.run, args.out, directions=("random", "pca") if has_trajectory else "random",
+                                    seed=args.seed, write_data=False, progress=False, log=lambda *a: None)["paths"]
+        except (LandscapeError, OSError) as exc:  # the other figures are written: one line, still success
+            print(f"kto-np figures: warning: no landscape figures: {exc}", file=sys.stderr)
+        except (TypeError, ValueError) as exc:  # a damaged checkpoint: CheckpointError included
             print(f"kto-np figures: error: --run {args.run!r} is damaged: {exc}", file=sys.stderr)
             return 2
-    for path in paths:
-        print(path)
+        else:
+            for path in written:
+                print(path)
     if records is None:
         print("(training_curves.png needs a run: kto-np figures --run runs/demo)")
     return 0

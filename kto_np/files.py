@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["ZIP_DATE_TIME", "ArchiveError", "ArrayHeader", "NpzArchive", "atomic_write", "remove_stale_temporaries",
-           "write_json", "write_npy_entry", "write_text"]
+           "write_json", "write_npy_entry", "write_npz", "write_text"]
 
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the zip epoch: the same arrays always give the same bytes
 _TEMPORARY = re.compile(r"^\..+\.kto_np\.(\d+)\.[a-z0-9_]{8}\.tmp$")  # .<name>.kto_np.<pid>.<random>.tmp
@@ -301,3 +301,10 @@ class NpzArchive:
         if header.fortran_order:
             return array.reshape(header.shape[::-1]).transpose()
         return array.reshape(header.shape)
+
+
+def write_npz(path, arrays: dict) -> None:
+    """Write {key: array} as an .npz (write_npy_entry for each, in the dict's order), atomically."""
+    with atomic_write(path, "wb") as file, zipfile.ZipFile(file, "w", allowZip64=True) as archive:
+        for key, value in arrays.items():
+            write_npy_entry(archive, key, value)

@@ -38,10 +38,14 @@ The landscapes (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets",
 
 Loss variants: "edifice", "kto", "apo_zero_unpaired" (kto_np.losses), "edifice_stop_z_grad", "dpo",
 "sft". "edifice_stop_z_grad" has the edifice loss's value but trains on a different gradient; what
-that gradient descends is the edifice loss with z held at its value at the centre (the policy), and
-that surrogate is what is drawn for it (its gradient at the centre is kto_loss_and_grad(...,
-stop_z_grad=True)'s). "dpo" needs prompts that appear in the batch with a desirable and an undesirable
-completion (pairs); "sft" is the mean negative log-likelihood per token of the desirable completions.
+that gradient descends is the edifice loss with z held at its value z0 at the centre (the policy), and
+that surrogate is what is drawn for it (its gradient at the centre is step.kto_step's with
+KTOConfig("edifice", stop_z_grad=True)). It is computed by the library as apo_zero_unpaired against the
+reference log-probs shifted by z0/β, minus the mean weight (make_problem has the identity). Every value
+and gradient comes from kto_np.losses and kto_np.step; the one addition is "kto"'s gradient path
+through z_ref, which training detaches and a landscape of the loss value needs. "dpo" needs prompts
+that appear in the batch with a desirable and an undesirable completion (pairs); "sft" is the mean
+negative log-likelihood per token of the desirable completions (step.sft_step on those rows).
 """
 
 from __future__ import annotations
@@ -50,7 +54,6 @@ import json
 import math
 import os
 import time
-import zipfile
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -58,14 +61,15 @@ import numpy as np
 
 from .backend import to_numpy
 from .checkpoint import CheckpointError, load
-from .data import Batch, Tokenizer, collate, make_examples, make_prompts, make_task
-from .files import atomic_write, write_npy_entry
+from .data import Batch, Tokenizer, collate, make_task
+from .files import write_npz
 from .logprobs import sequence_logprobs_backward
-from .losses import dpo_loss_and_grad, kto_loss_and_grad, sigmoid
+from .losses import VARIANTS as KTO_VARIANTS
+from .losses import KTOConfig, dpo_loss, dpo_loss_and_grad
 from .model import GPT
-from .step import completion_logps, forward_logps
-from .train import TRAJECTORY_DIR, TrainConfig, evaluate
-from .validation import check_choice, check_finite_scalar, check_positive_int
+from .step import completion_logps, forward_logps, kto_step, reference_logps, sft_step
+from .train import TRAJECTORY_DIR, TrainConfig, evaluate, heldout_prompts, kto_examples
+from .validation import check_choice, check_positive_int
 
 __all__ = [
     "COMPARISON_VARIANTS",
@@ -157,26 +161,21 @@ def _to_float64(params: dict) -> dict:
 
 
 class LossProblem(NamedTuple):
-    """A loss on one fixed batch, everything but the policy parameters fixed (float64)."""
+    """A loss on one fixed batch, everything but the policy parameters fixed (float64).
+
+    The KTO variants are the library's: the value is config.loss_and_grad of the model's log-probs,
+    the gradient step.kto_step's (for "kto" plus the path through z_ref, _z_ref_path_grads).
+    """
 
     model: GPT  # float64, no dropout
-    batch: Batch  # float64 masks
+    batch: Batch  # float64 masks; "sft": the desirable rows only
     variant: str  # one of LOSS_VARIANTS
-    ref_logps: np.ndarray  # [B] frozen reference, matched rows
+    config: KTOConfig  # the library loss evaluated: β, λ_D, λ_U and its variant (edifice, kto, apo_zero_unpaired;
+    #                    "edifice_stop_z_grad": apo_zero_unpaired against shifted ref_logps, see make_problem)
+    ref_logps: np.ndarray  # [B] frozen reference, matched rows ("edifice_stop_z_grad": + z0 / β)
     kl_ref_logps: np.ndarray  # [B] frozen reference, KL rows
-    beta: float
-    desirable_weight: float
-    undesirable_weight: float
-    frozen_z: float | None  # edifice_stop_z_grad: z = mean β r at the centre
+    offset: float  # added to the library loss: -mean_i w_i for "edifice_stop_z_grad", else 0
     pairs: tuple  # dpo: (chosen rows [P], rejected rows [P]); () otherwise
-
-
-def _sequence_logps(model: GPT, params: dict, tokens, completion_mask, *, keep_cache: bool = False):
-    """The one place this module asks the core for completion log-probs [B] (and the caches when
-    keep_cache, for a backward pass): step.completion_logps / step.forward_logps."""
-    if keep_cache:
-        return completion_logps(model, params, tokens, completion_mask)
-    return forward_logps(model, params, tokens, completion_mask), None
 
 
 def _dpo_pairs(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
@@ -195,19 +194,38 @@ def _dpo_pairs(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
     return np.array(chosen, dtype=np.int64), np.array(rejected, dtype=np.int64)
 
 
-def make_problem(model: GPT, ref_params: dict, batch: Batch, variant: str, *, beta: float = 0.1,
-                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+def _batch_rows(batch: Batch, rows) -> Batch:
+    """The sub-batch of `rows` (matched rows, their KL rows and strings)."""
+    def pick(strings):
+        return tuple(strings[i] for i in rows) if strings else ()
+
+    return Batch(tokens=batch.tokens[rows], completion_mask=batch.completion_mask[rows], labels=batch.labels[rows],
+                 kl_tokens=batch.kl_tokens[rows], kl_completion_mask=batch.kl_completion_mask[rows],
+                 prompts=pick(batch.prompts), completions=pick(batch.completions),
+                 kl_completions=pick(batch.kl_completions))
+
+
+def make_problem(model: GPT, ref_params: dict, batch: Batch, variant: str, *, config: KTOConfig | None = None,
                  center: dict | None = None) -> LossProblem:
     """The loss `variant` on `batch` against the frozen reference `ref_params` (all cast to float64).
 
+    config: β and the weights λ_D, λ_U (a losses.KTOConfig, checked when it was made; default
+    KTOConfig()); its variant and stop_z_grad are replaced by the ones `variant` names. "dpo" uses its β.
     center: the parameters at which "edifice_stop_z_grad" freezes z (required for that variant).
+
+    "edifice_stop_z_grad" is edifice with z held at z0 = mean β r at the centre:
+    loss_i = -w_i σ(s_i (β r_i - z0)). With r'_i = r_i - z0 / β (the reference shifted by z0 / β),
+    -w_i σ(s_i β r'_i) = w_i σ(-s_i β r'_i) - w_i, the apo_zero_unpaired loss_i minus w_i; so the value is
+    the library's apo_zero_unpaired against ref_logps + z0 / β, minus mean_i w_i, and its gradient
+    (no z term) is step.kto_step's for that config, equal at the centre to edifice's with stop_z_grad.
+
     Raises LandscapeError when the data cannot serve the variant: "dpo" without a prompt that has both
     a desirable and an undesirable completion, "sft" without a desirable completion.
     """
     check_choice("variant", variant, LOSS_VARIANTS)
-    beta = check_finite_scalar("beta", beta, positive=True)
-    desirable_weight = check_finite_scalar("desirable_weight", desirable_weight, nonnegative=True)
-    undesirable_weight = check_finite_scalar("undesirable_weight", undesirable_weight, nonnegative=True)
+    config = KTOConfig() if config is None else config
+    if not isinstance(config, KTOConfig):
+        raise TypeError(f"config must be a losses.KTOConfig, got {type(config).__name__}")
     if not isinstance(batch, Batch):
         raise TypeError(f"batch must be a data.Batch, got {type(batch).__name__}")
     model = GPT(replace(model.config, dtype="float64", dropout=0.0))
@@ -224,109 +242,110 @@ def make_problem(model: GPT, ref_params: dict, batch: Batch, variant: str, *, be
             raise LandscapeError(
                 f"variant 'dpo' needs pairs (a prompt with a desirable and an undesirable completion); "
                 f"the {len(labels)} examples of the batch have none: use a KTO variant or paired data")
-    if variant == "sft" and not labels.any():
-        raise LandscapeError(f"variant 'sft' needs desirable completions; the {len(labels)} examples of the "
-                             "batch have none")
-    if variant in ("edifice", "edifice_stop_z_grad", "kto") and desirable_weight == undesirable_weight == 0:
-        raise LandscapeError("desirable_weight and undesirable_weight must not both be 0")
-    ref_logps = to_numpy(_sequence_logps(model, ref_params, batch.tokens, batch.completion_mask)[0])
-    kl_ref_logps = to_numpy(_sequence_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask)[0])
-    problem = LossProblem(model, batch, variant, ref_logps, kl_ref_logps, beta, desirable_weight,
-                          undesirable_weight, None, pairs)
+    if variant == "sft":
+        if not labels.any():
+            raise LandscapeError(f"variant 'sft' needs desirable completions; the {len(labels)} examples of the "
+                                 "batch have none")
+        batch = _batch_rows(batch, np.flatnonzero(labels == 1))
+    if variant == "edifice_stop_z_grad" and center is None:
+        raise ValueError("center must be given for variant 'edifice_stop_z_grad' (z is frozen there)")
+    library_variant = {"edifice_stop_z_grad": "apo_zero_unpaired"}.get(variant, variant)
+    if library_variant in KTO_VARIANTS:
+        config = replace(config, variant=library_variant, stop_z_grad=False)
+    ref_logps, kl_ref_logps = reference_logps(model, ref_params, batch)
+    offset = 0.0
     if variant == "edifice_stop_z_grad":
-        if center is None:
-            raise ValueError("center must be given for variant 'edifice_stop_z_grad' (z is frozen there)")
-        logps = to_numpy(_sequence_logps(model, _to_float64(center), batch.tokens, batch.completion_mask)[0])
-        problem = problem._replace(frozen_z=float(np.mean(beta * (logps - ref_logps))))
-    return problem
+        center_logps = forward_logps(model, _to_float64(center), batch.tokens, batch.completion_mask)
+        frozen_z = float(np.mean(config.beta * (center_logps - ref_logps)))  # z0 = mean β r at the centre
+        ref_logps = ref_logps + frozen_z / config.beta
+        offset = -float(np.mean(np.where(labels == 1, config.desirable_weight, config.undesirable_weight)))
+    return LossProblem(model, batch, variant, config, ref_logps, kl_ref_logps, offset, pairs)
 
 
-def _loss_and_dlogps(problem: LossProblem, logps, kl_logps, shift: float = 0.0):
-    """(loss, dL/dlogps [B]) from the policy log-probs of the matched rows (and the KL rows for "kto"),
-    with `shift` added to every policy log-prob. For "kto" this dL/dlogps holds z_ref fixed (as the
-    training step does); _kl_logps_grad adds the path through z_ref."""
+def _loss_of_logps(problem: LossProblem, logps, kl_logps=None, shift: float = 0.0) -> float:
+    """The loss from the policy's log-probs [B] (and its KL-row log-probs [B] for "kto"), with `shift`
+    added to every one of them."""
     p = problem
     logps = np.asarray(logps, dtype=np.float64) + shift
-    weights = dict(beta=p.beta, desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight)
-    if p.variant in ("edifice", "apo_zero_unpaired"):
-        loss, dlogps, _ = kto_loss_and_grad(logps, p.ref_logps, p.batch.labels,
-                                            variant=p.variant, warn_balance=False, **weights)
-        return loss, dlogps
-    if p.variant == "kto":
-        loss, dlogps, _ = kto_loss_and_grad(logps, p.ref_logps, p.batch.labels, variant="kto",
-                                            kl_policy_logps=np.asarray(kl_logps) + shift,
-                                            kl_ref_logps=p.kl_ref_logps, warn_balance=False, **weights)
-        return loss, dlogps
-    if p.variant == "edifice_stop_z_grad":  # loss_i = -w_i σ(s_i (β r_i - z0)), z0 fixed
-        desirable = p.batch.labels == 1
-        w = np.where(desirable, p.desirable_weight, p.undesirable_weight)
-        s = np.where(desirable, 1.0, -1.0)
-        u = p.beta * (logps - p.ref_logps) - p.frozen_z
-        n = logps.shape[0]
-        return float(np.mean(-w * sigmoid(s * u))), -w * s * sigmoid(u) * sigmoid(-u) * p.beta / n
     if p.variant == "dpo":
         chosen, rejected = p.pairs
-        loss, (dchosen, drejected), _ = dpo_loss_and_grad(logps[chosen], logps[rejected], p.ref_logps[chosen],
-                                                          p.ref_logps[rejected], p.beta)
-        dlogps = np.zeros_like(logps)
-        dlogps[chosen] += dchosen
-        dlogps[rejected] += drejected
-        return loss, dlogps
-    # sft: -sum_{desirable b} logp_b / N_tokens(desirable)
-    desirable = (p.batch.labels == 1).astype(np.float64)
-    num_tokens = float((p.batch.completion_mask * desirable[:, None]).sum())
-    return -float((logps * desirable).sum()) / num_tokens, -desirable / num_tokens
+        return dpo_loss(logps[chosen], logps[rejected], p.ref_logps[chosen], p.ref_logps[rejected], p.config.beta)
+    if p.variant == "sft":  # step.sft_step's loss, forward only: -sum_b logp_b / N_tokens
+        return -float(logps.sum()) / float(p.batch.completion_mask.sum())
+    kl = (np.asarray(kl_logps) + shift, p.kl_ref_logps) if p.config.uses_kl_pairs else (None, None)
+    return p.config.loss_and_grad(logps, p.ref_logps, p.batch.labels, *kl)[0] + p.offset
 
 
-def _kl_logps_grad(problem: LossProblem, kl_logps, dlogps, shift: float = 0.0):
-    """"kto": dL/dkl_logps [B] through z_ref = max(0, mean_j(kl_logps_j - kl_ref_j)). The loss depends on
-    r_i - z_ref only, so dL/dz_ref = -sum_i dL/dlogps_i, and dz_ref/dkl_logps_j = 1/B when z_ref > 0."""
-    kl_logps = np.asarray(kl_logps, dtype=np.float64) + shift
-    if float(np.mean(kl_logps - problem.kl_ref_logps)) <= 0.0:  # clamped: z_ref = 0 does not move
-        return np.zeros_like(kl_logps)
-    return np.full_like(kl_logps, -float(np.sum(dlogps)) / kl_logps.shape[0])
+def _grads_through_logps(model: GPT, params: dict, tokens, completion_mask, loss_of_logps):
+    """(value, dvalue/dparams) of a function of completion log-probs: step.completion_logps [B] ->
+    loss_of_logps(logps) -> (value, dvalue/dlogps [B]) -> log-prob backward -> model backward."""
+    logps, (model_cache, logp_cache) = completion_logps(model, params, tokens, completion_mask)
+    value, dlogps = loss_of_logps(logps)
+    return value, model.backward(sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True), model_cache)
+
+
+def _z_ref_path_grads(problem: LossProblem, params: dict) -> dict:
+    """"kto", while z_ref > 0 (the caller checks): the gradient that reaches the parameters through
+    z_ref = max(0, mean_j(kl_logps_j - kl_ref_j)). Training detaches it (step.kto_step); the landscape
+    keeps it, so that its slopes and curvature are those of the loss value it draws. The loss depends on
+    r_i - z_ref only, so dL/dz_ref = -sum_i dL/dlogps_i (z_ref held fixed), and dz_ref/dkl_logps_j = 1/B."""
+    p, b = problem, problem.batch
+    logps = forward_logps(p.model, params, b.tokens, b.completion_mask)
+
+    def through_z_ref(kl_logps):
+        loss, dlogps, _ = p.config.loss_and_grad(logps, p.ref_logps, b.labels, kl_logps, p.kl_ref_logps)
+        return loss, np.full_like(kl_logps, -float(dlogps.sum()) / kl_logps.shape[0])
+
+    return _grads_through_logps(p.model, params, b.kl_tokens, b.kl_completion_mask, through_z_ref)[1]
 
 
 def _policy_logps(problem: LossProblem, params: dict):
     """Forward only: (matched-row log-probs [B], KL-row log-probs [B] or None when the loss ignores them)."""
     b = problem.batch
-    logps = to_numpy(_sequence_logps(problem.model, params, b.tokens, b.completion_mask)[0])
+    logps = forward_logps(problem.model, params, b.tokens, b.completion_mask)
     kl_logps = None
     if problem.variant == "kto":
-        kl_logps = to_numpy(_sequence_logps(problem.model, params, b.kl_tokens, b.kl_completion_mask)[0])
-    return logps, kl_logps
+        kl_logps = forward_logps(problem.model, params, b.kl_tokens, b.kl_completion_mask)
+    return to_numpy(logps), None if kl_logps is None else to_numpy(kl_logps)
 
 
 def loss_value(problem: LossProblem, params: dict, shift: float = 0.0) -> float:
     """The loss at params (forward only), with `shift` added to every policy log-probability."""
     logps, kl_logps = _policy_logps(problem, _to_float64(params))
-    return _loss_and_dlogps(problem, logps, kl_logps, shift)[0]
+    return _loss_of_logps(problem, logps, kl_logps, shift)
 
 
 def loss_and_grad(problem: LossProblem, params: dict) -> tuple[float, dict]:
-    """(loss, dL/dparams): the gradient of the function the landscape draws (model backward of dL/dlogps).
+    """(loss, dL/dparams): the gradient of the function the landscape draws.
 
-    For "kto" that includes the path through z_ref (the KL rows), which the training step detaches:
-    the landscape's slopes and Hessian are those of the loss value. For every other variant it is the
-    training step's gradient ("edifice_stop_z_grad": of the surrogate with z frozen at the centre).
+    KTO variants: step.kto_step with the problem's config ("edifice_stop_z_grad": of the surrogate with
+    z frozen at the centre), and for "kto" plus the path through z_ref, which the training step
+    detaches (_z_ref_path_grads). "sft": step.sft_step. "dpo": losses.dpo_loss_and_grad, backward
+    through the log-probs.
     """
     params = _to_float64(params)
-    b = problem.batch
-    model = problem.model
-    logps, (model_cache, logp_cache) = _sequence_logps(model, params, b.tokens, b.completion_mask, keep_cache=True)
-    kl_logps, kl_caches = None, None
-    if problem.variant == "kto":
-        kl_logps, kl_caches = _sequence_logps(model, params, b.kl_tokens, b.kl_completion_mask, keep_cache=True)
-        kl_logps = to_numpy(kl_logps)
-    loss, dlogps = _loss_and_dlogps(problem, to_numpy(logps), kl_logps)
-    grads = model.backward(sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True), model_cache)
-    if kl_caches is not None:
-        dkl = _kl_logps_grad(problem, kl_logps, dlogps)
-        if dkl.any():
-            kl_grads = model.backward(sequence_logprobs_backward(dkl, kl_caches[1], overwrite_logits=True),
-                                      kl_caches[0])
-            grads = {k: grads[k] + kl_grads[k] for k in grads}
-    return loss, grads
+    p, b = problem, problem.batch
+    if p.variant == "sft":
+        loss, _, grads = sft_step(p.model, params, b)
+        return loss, grads
+    if p.variant == "dpo":
+        chosen, rejected = p.pairs
+
+        def dpo(logps):
+            loss, (dchosen, drejected), _ = dpo_loss_and_grad(logps[chosen], logps[rejected], p.ref_logps[chosen],
+                                                              p.ref_logps[rejected], p.config.beta)
+            dlogps = np.zeros_like(logps)
+            dlogps[chosen] += dchosen
+            dlogps[rejected] += drejected
+            return loss, dlogps
+
+        return _grads_through_logps(p.model, params, b.tokens, b.completion_mask, dpo)
+    kl_ref_logps = p.kl_ref_logps if p.config.uses_kl_pairs else None
+    loss, metrics, grads = kto_step(p.model, params, b, p.ref_logps, kl_ref_logps, p.config)
+    if p.config.uses_kl_pairs and metrics["kl"] > 0.0:  # metrics["kl"] is z_ref
+        z_ref_grads = _z_ref_path_grads(p, params)
+        grads = {k: grads[k] + z_ref_grads[k] for k in grads}
+    return loss + p.offset, grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,12 +490,11 @@ def logprob_shift_direction(problem: LossProblem, params: dict) -> dict:
     rows = []
     for tokens, mask in row_sets:
         for i in range(tokens.shape[0]):
-            logps, (model_cache, logp_cache) = _sequence_logps(problem.model, params, tokens, mask,
-                                                               keep_cache=True)
             onehot = np.zeros(tokens.shape[0])
             onehot[i] = 1.0
-            dlogits = sequence_logprobs_backward(onehot, logp_cache, overwrite_logits=True)
-            rows.append(_flatten(problem.model.backward(dlogits, model_cache)))
+            _, row = _grads_through_logps(problem.model, params, tokens, mask,
+                                          lambda logps, d=onehot: (0.0, d))  # d logp_i / d params
+            rows.append(_flatten(row))
     jacobian = np.stack(rows)  # [R, P]
     # minimum-norm least squares: rows that are the same sequence twice (a KL row equal to a matched
     # row) make J J^T singular but the equations consistent
@@ -536,11 +554,11 @@ def shift_losses(problems: dict, start: dict, end: dict, ts, shifts, *, progress
     bar = _bar(ts.size, "shift comparison", progress)
     for m, t in enumerate(ts):
         params = _combine(start, (t, delta))
-        logps = to_numpy(_sequence_logps(any_problem.model, params, b.tokens, b.completion_mask)[0])
-        kl_logps = to_numpy(_sequence_logps(any_problem.model, params, b.kl_tokens, b.kl_completion_mask)[0])
+        logps = to_numpy(forward_logps(any_problem.model, params, b.tokens, b.completion_mask))
+        kl_logps = to_numpy(forward_logps(any_problem.model, params, b.kl_tokens, b.kl_completion_mask))
         for name, problem in problems.items():
             for k, c in enumerate(shifts):
-                out[name][m, k] = _loss_and_dlogps(problem, logps, kl_logps, c)[0]
+                out[name][m, k] = _loss_of_logps(problem, logps, kl_logps, c)
         bar.update(1)
     bar.close()
     return out
@@ -620,10 +638,7 @@ def run_batch(config: TrainConfig, num_examples: int) -> Batch:
     if num_examples > config.num_examples:
         raise LandscapeError(f"--examples must be <= the run's num_examples ({config.num_examples}), "
                              f"got {num_examples}")
-    task = make_task(config.task, config.num_digits)
-    examples = make_examples(task, config.num_examples, seed=config.seed + 1,
-                             desirable_fraction=config.desirable_fraction)[:num_examples]
-    return collate(examples, Tokenizer(), dtype="float64")
+    return collate(kto_examples(config)[:num_examples], Tokenizer(), dtype="float64")
 
 
 def run_variant(config: TrainConfig) -> str:
@@ -700,7 +715,7 @@ def desirable_rates(states: RunStates, ts, *, num_prompts: int = 128, progress: 
     model θ_ref + t (θ* - θ_ref) on num_prompts held-out prompts: [M]."""
     config = states.config
     task = make_task(config.task, config.num_digits)
-    prompts = make_prompts(task, num_prompts, seed=config.seed)
+    prompts = heldout_prompts(config, num_prompts)
     delta = {k: states.policy[k] - states.reference[k] for k in states.policy}
     bar = _bar(len(ts), "desirable rate", progress)
     rates = []
@@ -711,14 +726,6 @@ def desirable_rates(states: RunStates, ts, *, num_prompts: int = 128, progress: 
         bar.update(1)
     bar.close()
     return np.array(rates)
-
-
-def _write_npz(path, arrays: dict) -> None:
-    """An .npz (no pickle, fixed timestamps: same numbers, same bytes), written atomically."""
-    with atomic_write(path, "wb") as file:
-        with zipfile.ZipFile(file, "w", allowZip64=True) as archive:
-            for key, value in arrays.items():
-                write_npy_entry(archive, key, np.asarray(value))
 
 
 def interpolation_ts(points: int) -> np.ndarray:
@@ -746,9 +753,8 @@ def run_landscape(run_dir, out_dir=None, *, variant: str | None = None, directio
     config = states.config
     variant = run_variant(config) if variant is None else check_choice("variant", variant, LOSS_VARIANTS)
     batch = run_batch(config, min(DEFAULT_EXAMPLES, config.num_examples) if num_examples is None else num_examples)
-    weights = dict(beta=config.beta, desirable_weight=config.desirable_weight,
-                   undesirable_weight=config.undesirable_weight)
-    problem = make_problem(states.model, states.reference, batch, variant, center=states.policy, **weights)
+    hyper = config.kto_config()  # β and the weights of the run; make_problem sets the variant
+    problem = make_problem(states.model, states.reference, batch, variant, config=hyper, center=states.policy)
     paths, seconds, cpu_seconds = [], {}, {}
     os.makedirs(out_dir, exist_ok=True)
 
@@ -778,7 +784,7 @@ def run_landscape(run_dir, out_dir=None, *, variant: str | None = None, directio
         f"({cpu_seconds['interpolation']:.1f} s CPU)")
 
     started, cpu = time.perf_counter(), time.process_time()
-    problems = {v: make_problem(states.model, states.reference, batch, v, center=states.policy, **weights)
+    problems = {v: make_problem(states.model, states.reference, batch, v, config=hyper, center=states.policy)
                 for v in COMPARISON_VARIANTS}
     shifts = np.linspace(-SHIFT_RANGE_BETA / config.beta, SHIFT_RANGE_BETA / config.beta, points)
     comparison = shift_losses(problems, states.reference, states.policy, ts, shifts, progress=progress)
@@ -793,7 +799,7 @@ def run_landscape(run_dir, out_dir=None, *, variant: str | None = None, directio
     if write_data:
         first = landscapes[0]
         path = os.path.join(out_dir, "landscape.npz")
-        _write_npz(path, {
+        write_npz(path, {
             "loss": first.loss, "alpha": first.alpha, "beta": first.beta,
             "directions": np.array(first.directions), "variant": np.array(variant),
             "center_loss": np.array(first.center_loss), "kto_beta": np.array(config.beta),

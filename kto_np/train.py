@@ -17,9 +17,10 @@ A run folder holds:
   checkpoints/sft.npz    latest SFT state (params, AdamW state, step): resume point
   checkpoints/reference.npz   the finished reference
   checkpoints/kto.npz    latest KTO state: resume point; at the end, the trained policy
-  trajectory/kto_step_NNNNNN.npz   the policy's parameters every max(1, steps // TRAJECTORY_POINTS)
-                         KTO steps (checkpoint.save format, extra {"step": N}): the thin trajectory that
-                         `kto-np landscape --directions pca` projects (step 0 is checkpoints/reference.npz)
+  trajectory/kto_step_NNNNNN.npz   the policy's parameters every ceil(steps / TRAJECTORY_POINTS) KTO
+                         steps and at the last one (checkpoint.save format, extra {"step": N}): the thin
+                         trajectory that `kto-np landscape --directions pca` projects (step 0 is
+                         checkpoints/reference.npz)
   summary.json           before/after numbers (desirable_rate_before, desirable_rate_after, ...)
   training_curves.png    loss, rewards, KL and desirable rate against the step
 
@@ -465,7 +466,7 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
     evaluate_fn(params) -> {"desirable_rate", ...} runs every config.eval_every steps; initial_eval is
     its result for the starting params (logged as step 0). stop_after: stop (with a checkpoint) there.
     trajectory_every: also save the params as trajectory/<phase>_step_NNNNNN.npz every that many steps
-    (a resumed run rewrites the same files bit for bit).
+    and at the last step (a resumed run rewrites the same files bit for bit).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -541,7 +542,7 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
         bar.set_postfix(loss=f"{loss:.4f}")
         if evaluate_fn is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
             run.log({"phase": "eval", "step": step + 1, "desirable_rate": evaluate_fn(params)["desirable_rate"]})
-        if trajectory_every is not None and (step + 1) % trajectory_every == 0:
+        if trajectory_every is not None and ((step + 1) % trajectory_every == 0 or step + 1 == steps):
             checkpoint.save(run.path(f"{TRAJECTORY_DIR}/{phase}_step_{step + 1:06d}.npz"), params, model.config,
                             extra={"step": step + 1})
         if (step + 1) % config.checkpoint_every == 0 or step + 1 in (steps, stop_after):
@@ -553,6 +554,20 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
 
 # ----------------------------------------------------------------------------------------------
 # the whole run
+
+
+def kto_examples(config: TrainConfig) -> list:
+    """The run's KTO feedback data: config.num_examples examples of the task (seed + 1, the
+    config's desirable fraction), the examples the policy trains on."""
+    return make_examples(make_task(config.task, config.num_digits), config.num_examples, seed=config.seed + 1,
+                         desirable_fraction=config.desirable_fraction)
+
+
+def heldout_prompts(config: TrainConfig, num_prompts: int | None = None) -> list[str]:
+    """The run's held-out evaluation prompts (seed = config.seed): num_prompts of them, default
+    config.eval_prompts."""
+    num_prompts = config.eval_prompts if num_prompts is None else num_prompts
+    return make_prompts(make_task(config.task, config.num_digits), num_prompts, seed=config.seed)
 
 
 def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = False,
@@ -577,7 +592,7 @@ def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after:
     started = time.perf_counter()
     task = make_task(config.task, config.num_digits)
     model = model_from_config(config.model_config())
-    heldout = make_prompts(task, config.eval_prompts, seed=config.seed)
+    heldout = heldout_prompts(config)
 
     # 1. the reference: SFT on a mix of good and bad completions
     reference_path = run_dir.path("checkpoints/reference.npz")
@@ -604,8 +619,7 @@ def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after:
     log(f"reference: desirable rate {before['desirable_rate']:.1%} on {len(heldout)} held-out prompts")
 
     # 2. the policy: KTO from binary feedback, starting from the reference
-    examples = make_examples(task, config.num_examples, seed=config.seed + 1,
-                             desirable_fraction=config.desirable_fraction)
+    examples = kto_examples(config)
     ratio = check_balance([label for _, _, label in examples], config.desirable_weight, config.undesirable_weight)
     log(f"KTO ({config.variant}, beta={config.beta}): {config.steps} steps on {len(examples)} examples; "
         f"lambda_D n_D / (lambda_U n_U) = {ratio if ratio is None else round(ratio, 3)}")
@@ -626,7 +640,7 @@ def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after:
                        base_lr=config.lr, batch_loss=kto_batch_loss, prepare_epoch=reference_of_epoch,
                        evaluate_fn=evaluate_fn, initial_eval=before,
                        progress=progress, stop_after=stop_after,
-                       trajectory_every=max(1, config.steps // TRAJECTORY_POINTS))
+                       trajectory_every=math.ceil(config.steps / TRAJECTORY_POINTS))
     if stop_after is not None and stop_after < config.steps:
         return {"stopped_after": stop_after}
 

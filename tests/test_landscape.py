@@ -15,8 +15,9 @@ from kto_np.losses import KTOConfig, dpo_loss, kto_loss, kto_loss_and_grad
 from kto_np.model import build
 
 ALL_VARIANTS = landscape.LOSS_VARIANTS
-TINY_RUN = dict(hidden_size=8, num_layers=1, num_heads=2, sft_steps=30, steps=8, batch_size=8, sft_examples=32,
-                num_examples=32, eval_prompts=16, eval_every=4, checkpoint_every=4, warmup_steps=1, num_digits=2)
+TINY_RUN = dict(hidden_size=8, num_layers=1, num_heads=2, sft_steps=30, steps=23, batch_size=8, sft_examples=32,
+                num_examples=32, eval_prompts=16, eval_every=8, checkpoint_every=4, warmup_steps=1, num_digits=2)
+TRAJECTORY_STEPS = [*range(2, 23, 2), 23]  # 23 steps: every ceil(23 / 20) = 2 steps, and the last one
 # prompts repeat with both labels, so DPO has pairs; both classes, several completion lengths
 EXAMPLES = [("21=", "12.", 1), ("21=", "21.", 0), ("43=", "34.", 1), ("43=", "3.", 0), ("70=", "07.", 1),
             ("58=", "585.", 0)]
@@ -90,20 +91,83 @@ def test_grid_centre_is_the_policy_loss_and_slope_is_grad_dot_direction(variant)
         assert slope == pytest.approx(analytic, rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.parametrize("variant, stop_z_grad", [("edifice", False), ("edifice", True), ("apo_zero_unpaired", False)])
-def test_gradient_is_the_training_steps_gradient(variant, stop_z_grad):
-    # ("kto" is left out on purpose: its landscape gradient includes the path through z_ref, which the
-    # training step detaches; the slope test above checks it against finite differences.)
-    model, reference, policy = tiny_model()
+def torch_loss(variant, model, reference, params, batch):
+    """The landscape's loss of `variant` at params (= the centre for edifice_stop_z_grad), by the PyTorch
+    twin (kto_np.torch_reference) and autograd: (loss, {name: gradient})."""
+    torch = pytest.importorskip("torch", reason="the PyTorch twin kto_np.torch_reference needs torch")
+    from kto_np import torch_reference
+
+    def logps(p, tokens, mask):
+        tokens = torch.tensor(tokens)
+        logits = torch_reference.gpt2_logits(p, tokens, num_heads=model.config.num_heads)
+        return torch_reference.sequence_logps(logits, tokens, torch.tensor(mask))
+
+    weights = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    frozen = {k: torch.tensor(v) for k, v in reference.items()}
+    pol = logps(weights, batch.tokens, batch.completion_mask)
+    ref = logps(frozen, batch.tokens, batch.completion_mask)
+    labels = torch.tensor(batch.labels == 1)
+    if variant in ("edifice", "apo_zero_unpaired"):
+        loss = torch_reference.kto_loss(pol, ref, labels, 0.1, variant=variant)
+    elif variant == "edifice_stop_z_grad":
+        loss = torch_reference.kto_loss(pol, ref, labels, 0.1, variant="edifice", stop_z_grad=True)
+    elif variant == "kto":  # z_ref NOT detached (the landscape draws the loss value): r - z_ref via the reference
+        z_ref = (logps(weights, batch.kl_tokens, batch.kl_completion_mask)
+                 - logps(frozen, batch.kl_tokens, batch.kl_completion_mask)).mean().clamp(min=0)
+        assert float(z_ref.detach()) > 0  # else the path through z_ref would not be exercised
+        loss = torch_reference.kto_loss(pol, ref + z_ref, labels, 0.1, variant="kto")
+    elif variant == "dpo":  # rows (0, 1) and (2, 3) are the pairs
+        loss = torch_reference.dpo_loss(pol[[0, 2]], pol[[1, 3]], ref[[0, 2]], ref[[1, 3]], 0.1)
+    else:  # sft: mean NLL per completion token of the desirable rows
+        loss = -pol[labels].sum() / torch.tensor(batch.completion_mask)[labels].sum()
+    loss.backward()
+    return float(loss.detach()), {k: w.grad.numpy() for k, w in weights.items()}
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_gradient_matches_pytorch_autograd(variant):
+    model, reference, policy = tiny_model()  # its KL rows have z_ref > 0 (torch_loss checks)
     batch = tiny_batch()
-    name = "edifice_stop_z_grad" if stop_z_grad else variant
-    problem = landscape.make_problem(model, reference, batch, name, center=policy)
-    ref, kl_ref = step.reference_logps(model, reference, batch)
-    loss, _, expected = step.kto_step(model, policy, batch, ref, kl_ref,
-                                      KTOConfig(variant=variant, stop_z_grad=stop_z_grad))
-    mine_loss, mine = landscape.loss_and_grad(problem, policy)
-    assert mine_loss == pytest.approx(loss, rel=1e-12)
-    np.testing.assert_allclose(flat(mine), flat(expected), rtol=1e-10, atol=1e-14)
+    problem = landscape.make_problem(model, reference, batch, variant, center=policy)
+    expected_loss, expected = torch_loss(variant, model, reference, policy, batch)
+    loss, grads = landscape.loss_and_grad(problem, policy)
+    assert loss == pytest.approx(expected_loss, rel=1e-12)
+    for name in policy:
+        np.testing.assert_allclose(grads[name], expected[name], rtol=1e-9, atol=1e-13, err_msg=name)
+
+
+def test_frozen_z_edifice_is_apo_zero_against_the_shifted_reference():
+    # the identity make_problem uses: -w σ(s(βr - z0)) = apo_zero_unpaired's loss at r - z0/β, minus w
+    rng = np.random.default_rng(4)
+    logps, ref = rng.normal(-8.0, 2.0, 7), rng.normal(-8.0, 2.0, 7)
+    labels = np.array([1, 0, 1, 1, 0, 0, 1])
+    config = KTOConfig("apo_zero_unpaired", beta=0.3, desirable_weight=1.5, undesirable_weight=0.7)
+    w = np.where(labels == 1, 1.5, 0.7)
+    s = np.where(labels == 1, 1.0, -1.0)
+    for z0 in (-0.8, 0.0, 0.45):
+        direct = np.mean(-w / (1 + np.exp(-s * (0.3 * (logps - ref) - z0))))
+        via_apo = config.loss_and_grad(logps, ref + z0 / 0.3, labels)[0] - w.mean()
+        assert via_apo == pytest.approx(direct, rel=1e-13)
+    # through make_problem, away from the centre (the loss there is not the edifice loss: z stays z0),
+    # the value and its slope against the independent formula and its finite differences
+    model, reference, policy = tiny_model()
+    batch = collate(EXAMPLES[:-1], Tokenizer(), dtype="float64")  # 3 desirable, 2 undesirable: L moves with z
+    problem = landscape.make_problem(model, reference, batch, "edifice_stop_z_grad", center=policy)
+    assert landscape.loss_value(problem, policy) == pytest.approx(
+        independent_loss("edifice", model, reference, policy, batch, None), rel=1e-12)
+    elsewhere = landscape._combine(policy, (0.5, landscape.random_direction(policy, np.random.default_rng(6))))
+    expected = independent_loss("edifice_stop_z_grad", model, reference, elsewhere, batch, policy)
+    assert abs(expected - independent_loss("edifice", model, reference, elsewhere, batch, None)) > 1e-5
+    loss, grads = landscape.loss_and_grad(problem, elsewhere)
+    assert landscape.loss_value(problem, elsewhere) == pytest.approx(expected, rel=1e-12)
+    assert loss == pytest.approx(expected, rel=1e-12)
+    d = landscape.random_direction(policy, np.random.default_rng(5))
+    h = 1e-5
+    slope = (independent_loss("edifice_stop_z_grad", model, reference, landscape._combine(elsewhere, (h, d)), batch,
+                              policy)
+             - independent_loss("edifice_stop_z_grad", model, reference, landscape._combine(elsewhere, (-h, d)),
+                                batch, policy)) / (2 * h)
+    assert float(flat(grads) @ flat(d)) == pytest.approx(slope, rel=1e-6, abs=1e-10)
 
 
 def test_filter_normalisation_gives_each_filter_the_parameters_filter_norm():
@@ -137,9 +201,13 @@ def test_interpolation_ends_are_the_reference_and_policy_losses():
     assert 0.0 in ts and 1.0 in ts and ts[0] == -0.5 and ts[-1] == 1.5
 
 
-def test_hessian_vector_product_matches_the_finite_difference_hessian():
-    model, reference, policy = tiny_model(hidden_size=2, num_heads=1)  # ~270 parameters
-    batch = tiny_batch()
+def test_hessian_vector_product_matches_second_differences_of_the_loss_values():
+    model, reference, policy = tiny_model(hidden_size=2, num_heads=1, seed=2)  # 120 parameters
+    # 3 desirable, 2 undesirable: sum_i dL/dlogps_i != 0, so z_ref's path carries a fifth of H v here
+    batch = collate(EXAMPLES[:-1], Tokenizer(), dtype="float64")
+    kl_mean = np.mean(logps_of(model, policy, batch.kl_tokens, batch.kl_completion_mask)
+                      - logps_of(model, reference, batch.kl_tokens, batch.kl_completion_mask))
+    assert kl_mean > 0.01  # z_ref > 0 (and stays so within the steps below): its path is part of the Hessian
     problem = landscape.make_problem(model, reference, batch, "kto")
     theta = flat(policy)
     P = theta.size
@@ -151,33 +219,39 @@ def test_hessian_vector_product_matches_the_finite_difference_hessian():
             i += value.size
         return out
 
-    def loss(v):
+    def loss(v):  # loss VALUES only (forward passes): the reference shares nothing with the gradient code
         return landscape.loss_value(problem, unflat(v))
 
-    def grad(v):
-        return flat(landscape.loss_and_grad(problem, unflat(v))[1])
+    def hessian_times(v, h=2e-5):  # (H v)_i = mixed second difference of L along e_i and v / |v|, times |v|
+        w = v / np.linalg.norm(v)
+        out = np.empty(P)
+        for i in range(P):
+            e = np.zeros(P)
+            e[i] = h
+            out[i] = (loss(theta + e + h * w) - loss(theta + e - h * w) - loss(theta - e + h * w)
+                      + loss(theta - e - h * w)) / (4 * h * h)
+        return out * np.linalg.norm(v)
 
-    h = 1e-5  # the full Hessian, column by column, from central differences of the gradient
-    hessian = np.stack([(grad(theta + h * e) - grad(theta - h * e)) / (2 * h) for e in np.eye(P)], axis=1)
-    scale = np.abs(hessian).max()
-    np.testing.assert_allclose(hessian, hessian.T, atol=1e-6 * scale)  # only a true gradient gives this
     rng = np.random.default_rng(0)
-    for _ in range(3):
+    for _ in range(2):
         v = rng.standard_normal(P)
         hv = flat(landscape.hessian_vector_product(problem, policy, unflat(v)))
-        np.testing.assert_allclose(hv, hessian @ v, atol=1e-6 * scale * np.linalg.norm(v))
-        # and against the loss values alone: u'Hv by second differences (polarisation)
-        u = rng.standard_normal(P)
-        u, w = u / np.linalg.norm(u), v / np.linalg.norm(v)
-        k = 1e-4
-        second = (loss(theta + k * u + k * w) - loss(theta + k * u - k * w) - loss(theta - k * u + k * w)
-                  + loss(theta - k * u - k * w)) / (4 * k * k)
-        assert u @ hv / np.linalg.norm(v) == pytest.approx(second, rel=1e-4, abs=1e-7 * scale)
-    # the power iteration on these products finds the largest-magnitude eigenvalues of that Hessian
+        expected = hessian_times(v)
+        np.testing.assert_allclose(hv, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    # the power iteration on these products finds the largest-magnitude eigenvalues of the Hessian they
+    # make (symmetric: only a true gradient's differences give that), and the curvature of the loss
+    # VALUES along the top eigenvector is its eigenvalue
+    hessian = np.stack([flat(landscape.hessian_vector_product(problem, policy, unflat(e))) for e in np.eye(P)], axis=1)
+    scale = np.abs(hessian).max()
+    np.testing.assert_allclose(hessian, hessian.T, atol=1e-6 * scale)
     eigenvalues = np.linalg.eigvalsh((hessian + hessian.T) / 2)
     top = eigenvalues[np.argsort(-np.abs(eigenvalues))[:2]]
-    _, _, found = landscape.hessian_directions(problem, policy, iterations=500, tol=1e-10)
+    d1, _, found = landscape.hessian_directions(problem, policy, iterations=500, tol=1e-10)
     np.testing.assert_allclose(found, top, rtol=1e-3)
+    u, k = flat(d1), 2e-5
+    assert np.linalg.norm(u) == pytest.approx(1.0)
+    curvature = (loss(theta + k * u) - 2 * loss(theta) + loss(theta - k * u)) / (k * k)
+    assert curvature == pytest.approx(found[0], rel=1e-3)
 
 
 def test_power_iteration_finds_the_eigenpairs_of_a_known_matrix():
@@ -277,6 +351,8 @@ def test_data_that_cannot_serve_the_variant():
         landscape.make_problem(model, reference, unpaired, "edifice_stop_z_grad")
     with pytest.raises(ValueError, match="variant"):
         landscape.make_problem(model, reference, unpaired, "ipo")
+    with pytest.raises(TypeError, match="config must be a losses.KTOConfig"):
+        landscape.make_problem(model, reference, unpaired, "kto", config={"beta": 0.1})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +368,7 @@ def tiny_run(tmp_path_factory):
 
 def test_the_run_keeps_a_thin_trajectory_that_a_resumed_run_rewrites_identically(tiny_run, tmp_path):
     names = sorted(os.listdir(tiny_run / "trajectory"))
-    assert names == [f"kto_step_{s:06d}.npz" for s in range(1, TINY_RUN["steps"] + 1)]  # steps // 20 -> every step
+    assert names == [f"kto_step_{s:06d}.npz" for s in TRAJECTORY_STEPS]
     last = checkpoint.load(tiny_run / "trajectory" / names[-1])
     final = checkpoint.load(tiny_run / "checkpoints/kto.npz")
     assert last.extra["step"] == TINY_RUN["steps"]
@@ -322,7 +398,7 @@ def test_cli_writes_the_figures_and_the_data_deterministically(tiny_run, tmp_pat
     data = np.load(out / "landscape.npz", allow_pickle=False)
     assert data["loss"].shape == (5, 5) and data["alpha"].shape == (5,) and data["beta"].shape == (5,)
     assert data["alpha"][2] == 0.0 and data["beta"][2] == 0.0
-    assert str(data["variant"]) == "kto" and data["trajectory"].shape == (TINY_RUN["steps"] + 1, 2)
+    assert str(data["variant"]) == "kto" and data["trajectory"].shape == (len(TRAJECTORY_STEPS) + 1, 2)
     # the centre is the policy's loss on the run's batch, recomputed independently
     states = landscape.load_run(tiny_run)
     batch = landscape.run_batch(states.config, landscape.DEFAULT_EXAMPLES)
@@ -380,3 +456,24 @@ def test_figures_command_adds_the_landscape_figures(tiny_run, tmp_path, capsys, 
                  "landscape_variants.png", "training_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and name in out
     assert not (tmp_path / "landscape.npz").exists()
+
+
+def test_figures_command_still_writes_the_other_figures_when_the_landscape_fails(tiny_run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from kto_np import plots
+
+    def fail(*args, **kwargs):
+        raise landscape.LandscapeError("run folder 'x' has no checkpoints/kto.npz")
+
+    def other_figures(out_dir, **kwargs):  # (the real ones take ~20 s; here only the order of events counts)
+        path = os.path.join(out_dir, "training_curves.png")
+        with open(path, "wb") as f:
+            f.write(b"png")
+        return [path]
+
+    monkeypatch.setattr(landscape, "run_landscape", fail)
+    monkeypatch.setattr(plots, "make_all_figures", other_figures)
+    code, out, err = run_cli(capsys, "figures", "--out", str(tmp_path), "--run", str(tiny_run))
+    assert code == 0
+    assert out.splitlines()[0] == str(tmp_path / "training_curves.png")
+    assert len(err.strip().splitlines()) == 1 and "warning" in err and "checkpoints/kto.npz" in err, err
