@@ -18,23 +18,36 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TUTORIALS_DIR = REPO / "tutorials"
-TUTORIALS = sorted(TUTORIALS_DIR.glob("[0-9][0-9]_*.py"))
+# The lessons NN_name.py, then the appendices AN_name.py.
+TUTORIALS = sorted(TUTORIALS_DIR.glob("[0-9][0-9]_*.py")) + sorted(TUTORIALS_DIR.glob("A[0-9]_*.py"))
 EXPECTED = [
     "01_kto_loss_by_hand.py",
-    "02_sequence_logprobs.py",
-    "03_backprop_through_the_transformer.py",
-    "04_training_with_binary_feedback.py",
-    "05_verify_a_pytorch_kto.py",
-    "06_loss_surfaces.py",
+    "02_loss_surfaces.py",
+    "03_sequence_logprobs.py",
+    "04_backprop_through_the_transformer.py",
+    "05_training_with_binary_feedback.py",
+    "06_imbalanced_feedback.py",
+    "08_the_seed_formula_in_training.py",
+    "09_when_z_ref_is_positive.py",
+    "10_kto_vs_dpo.py",
+    "11_beta_in_training.py",
+    "A1_verify_a_pytorch_kto.py",
 ]
 # The tutorials whose settings depend on KTO_NP_TUTORIAL_FAST: their full settings run as slow tests.
-SIZE_DEPENDENT = ["04_training_with_binary_feedback.py", "06_loss_surfaces.py"]
+SIZE_DEPENDENT = ["02_loss_surfaces.py", "05_training_with_binary_feedback.py", "06_imbalanced_feedback.py",
+                  "08_the_seed_formula_in_training.py", "09_when_z_ref_is_positive.py", "10_kto_vs_dpo.py",
+                  "11_beta_in_training.py"]
 # What each tutorial writes into KTO_NP_TUTORIAL_OUT (and nothing else anywhere).
 OUTPUTS = {
-    "04_training_with_binary_feedback.py": ["04_training_curves.png", "run"],
-    "05_verify_a_pytorch_kto.py": ["oracle_cases"],
-    "06_loss_surfaces.py": ["06_class_balance.png", "06_kto_vs_dpo.png", "06_loss_surface_kto.png",
-                            "06_value_functions.png", "06_z_gradient.png"],
+    "02_loss_surfaces.py": ["02_class_balance.png", "02_kto_vs_dpo.png", "02_loss_surface_kto.png",
+                            "02_value_functions.png", "02_z_gradient.png"],
+    "05_training_with_binary_feedback.py": ["05_training_curves.png", "run"],
+    "06_imbalanced_feedback.py": ["06_class_balance.png", "band_weights", "equal_weights", "reference"],
+    "08_the_seed_formula_in_training.py": ["edifice", "edifice_stop_z", "kto", "reference"],
+    "09_when_z_ref_is_positive.py": ["balanced", "desirable_only", "reference"],
+    "10_kto_vs_dpo.py": ["reference"],
+    "11_beta_in_training.py": ["beta_0.01", "beta_0.1", "beta_1", "reference"],
+    "A1_verify_a_pytorch_kto.py": ["oracle_cases"],
 }
 TIMEOUT_S = 300
 

@@ -45,7 +45,7 @@ def sigmoid(x):
 # ## The batch
 #
 # Six examples. For each we have the summed log-probability of its completion under the policy being
-# trained, log π(y|x), and under the frozen reference model, log π_ref(y|x) (tutorial 2 shows how
+# trained, log π(y|x), and under the frozen reference model, log π_ref(y|x) (tutorial 3 shows how
 # these sums are computed from logits). Labels: 1 = desirable, 0 = undesirable.
 
 # %%
@@ -316,7 +316,7 @@ print(f"APO-zero: {apo:.12f} = KTO without KL pairs: {loss_no_kl_pairs:.12f}")
 # and its gradient with respect to the chosen log-prob is −β σ(−h_i)/n. Two differences from KTO
 # show in the formulas: DPO only sees the *difference* of two rewards (no reference point), and
 # −log σ does not saturate on the wrong side: as h → −∞ the gradient tends to −β/n, where KTO's
-# σ(u)σ(−u) vanishes (tutorial 6 plots both).
+# σ(u)σ(−u) vanishes (tutorial 2 plots both).
 
 # %%
 # pair the examples up by position, as if each pair shared a prompt

@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # 2. Sequence log-probabilities
+# # 3. Sequence log-probabilities
 #
 # KTO's inputs are the summed log-probabilities log π(y|x) of whole completions. A language model
 # gives logits [B, T, V] (batch, time, vocabulary); this tutorial turns them into one number per

@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # 4. Training with binary feedback
+# # 5. Training with binary feedback
 #
 # The whole pipeline on a task small enough to run in seconds:
 #
@@ -167,7 +167,7 @@ if not FAST:
 
 # %%
 fig = plot_training_curves(records)
-figure_path = save_figure(fig, OUT / "04_training_curves.png")
+figure_path = save_figure(fig, OUT / "05_training_curves.png")
 print("saved", figure_path)
 assert figure_path.stat().st_size > 0
 fig  # noqa: B018  (displays the figure in a notebook)

@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # 6. Loss surfaces: what they teach about β, z and λ
+# # 2. Loss surfaces: what they teach about β, z and λ
 #
 # One example's KTO loss depends on its log-ratio r = log π(y|x) − log π_ref(y|x) only through
 #
@@ -190,14 +190,14 @@ for (desirable_weight, undesirable_weight), row in zip(weight_settings, shares):
 # %%
 grid = {} if not FAST else {"xs": np.linspace(-30.0, 30.0, 41), "ys": np.linspace(0.0, 20.0, 21)}
 figures = {
-    "06_value_functions.png": plots.plot_value_functions(),
-    "06_loss_surface_kto.png": plots.plot_loss_surface("kto", **grid),
-    "06_kto_vs_dpo.png": plots.plot_kto_vs_dpo(),
-    "06_z_gradient.png": plots.plot_z_gradient_effect(),
-    "06_class_balance.png": plots.plot_class_balance(desirable_fractions=np.linspace(0.05, 0.95, 19 if FAST else 91)),
+    "02_value_functions.png": plots.plot_value_functions(),
+    "02_loss_surface_kto.png": plots.plot_loss_surface("kto", **grid),
+    "02_kto_vs_dpo.png": plots.plot_kto_vs_dpo(),
+    "02_z_gradient.png": plots.plot_z_gradient_effect(),
+    "02_class_balance.png": plots.plot_class_balance(desirable_fractions=np.linspace(0.05, 0.95, 19 if FAST else 91)),
 }
 for name, fig in figures.items():
     path = plots.save_figure(fig, OUT / name)
     assert path.stat().st_size > 0
-print("saved", sorted(p.name for p in OUT.glob("06_*.png")), "in", OUT)
-figures["06_kto_vs_dpo.png"]  # noqa: B018  (displays the figure in a notebook)
+print("saved", sorted(p.name for p in OUT.glob("02_*.png")), "in", OUT)
+figures["02_kto_vs_dpo.png"]  # noqa: B018  (displays the figure in a notebook)
