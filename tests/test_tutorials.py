@@ -1,4 +1,5 @@
-"""The tutorials run, assert what they claim, leave nothing behind, and are valid jupytext notebooks.
+"""The tutorials run, assert what they claim, leave nothing behind, and are valid jupytext notebooks;
+the committed executed notebooks (tutorials/*.ipynb) hold exactly their scripts' cells.
 
 Each tutorial runs as a subprocess (`python tutorials/NN_name.py`) in an empty temporary working
 directory, with KTO_NP_TUTORIAL_FAST=1 and KTO_NP_TUTORIAL_OUT pointing into pytest's tmp_path, and
@@ -8,6 +9,7 @@ empty stderr, and write only into KTO_NP_TUTORIAL_OUT.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -146,3 +148,51 @@ def test_readme_lists_every_tutorial():
     for tutorial in TUTORIALS:
         assert f"({tutorial.name})" in readme, f"tutorials/README.md does not link {tutorial.name}"
     assert "jupytext --to notebook tutorials/01_kto_loss_by_hand.py" in readme
+
+
+# ---------------------------------------------------------------------------------------------------
+# the executed notebooks (built by tutorials/build_notebooks.py; no kernel needed here)
+
+NOTEBOOKS_MAX_BYTES = 4 * 2**20  # all notebooks together
+
+
+def _notebook(tutorial: Path) -> dict:
+    path = tutorial.with_suffix(".ipynb")
+    assert path.exists(), f"{path.name} is missing: run python tutorials/build_notebooks.py {tutorial.name[:2]}"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _text(source) -> str:
+    return source if isinstance(source, str) else "".join(source)
+
+
+@pytest.mark.parametrize("tutorial", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_notebook_cells_are_its_script(tutorial):
+    jupytext = pytest.importorskip("jupytext", reason="jupytext not installed (pip install jupytext)")
+    expected = [(cell.cell_type, cell.source) for cell in jupytext.read(tutorial).cells]
+    cells = [(cell["cell_type"], _text(cell["source"])) for cell in _notebook(tutorial)["cells"]]
+    assert cells == expected, (f"{tutorial.with_suffix('.ipynb').name} differs from {tutorial.name}: "
+                               f"run python tutorials/build_notebooks.py {tutorial.name[:2]}")
+
+
+@pytest.mark.parametrize("tutorial", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_notebook_is_executed_and_readable(tutorial):
+    code = [cell for cell in _notebook(tutorial)["cells"] if cell["cell_type"] == "code"]
+    assert all(cell["execution_count"] is not None for cell in code), "not executed"
+    for cell in code:
+        source = _text(cell["source"])
+        for output in cell["outputs"]:
+            assert output["output_type"] != "error", f"a cell failed:\n{source}"
+            assert output.get("name") != "stderr", f"a cell wrote to stderr:\n{''.join(output['text'])}"
+            plain = _text(output.get("data", {}).get("text/plain", ""))
+            assert "<Figure size" not in plain and "Row(" not in plain, f"an unreadable result:\n{plain[:300]}"
+        last_line = source.strip().splitlines()[-1].split("#")[0].strip()
+        if last_line == "fig" or re.fullmatch(r"figures\[.*\]", last_line):
+            assert any("image/png" in output.get("data", {}) for output in cell["outputs"]), \
+                f"the figure of this cell is not shown inline:\n{source[-300:]}"
+
+
+def test_notebooks_stay_small():
+    sizes = {p.name: p.stat().st_size for p in TUTORIALS_DIR.glob("*.ipynb")}
+    assert sum(sizes.values()) < NOTEBOOKS_MAX_BYTES, sizes
+    assert sorted(sizes) == sorted(p.with_suffix(".ipynb").name for p in TUTORIALS), "a notebook without a script"

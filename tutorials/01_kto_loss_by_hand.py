@@ -93,7 +93,7 @@ assert abs(slope_at_reference - 0.25) < 1e-3
 
 # %%
 fig = plots.plot_value_functions()
-fig
+fig  # noqa: B018  (shows the figure in a notebook)
 
 # %% [markdown]
 # **Loss aversion and the paper's band.** The figure draws λ_U > λ_D because that is what loss

@@ -240,4 +240,4 @@ for row, text in zip(synthetic.norms, synthetic.tokens_text):
     scored = row > 0
     assert not scored[0] and np.all(np.array(text)[scored] != "")  # never the first token, never padding
 fig = plots.plot_token_gradients(synthetic.norms, synthetic.tokens_text, labels=synthetic.labels)
-fig
+fig  # noqa: B018  (shows the figure in a notebook)

@@ -146,7 +146,8 @@ assert rejected[-tenth:].mean() < 0 and -rejected[-tenth:].mean() > abs(chosen[-
 # completion. For this task a completion for a different prompt is simply wrong, and KTO learns to
 # make wrong answers less likely than the reference did, so the raw estimate mean(log π − log π_ref)
 # on those pairs, logged as `kl_raw`, is *negative* on most steps, and the clamp max(0, ·) holds
-# z_ref (`kl`) at 0 (on every step of the normal setting, on most steps of the fast one). With z_ref = 0 the loss is APO-zero's (tutorial 1).
+# z_ref (`kl`) at 0 (on every step of the normal setting, on most steps of the fast one). With
+# z_ref = 0 the loss is APO-zero's (tutorial 1).
 # That is a property of this task, not a bug: z_ref measures how the policy has moved on
 # *unrelated* text from the data set (a biased estimate of the KL, not the KL itself), and here
 # unrelated text is what KTO learns to avoid. Tutorial 9 shows it positive.
@@ -189,4 +190,4 @@ fig = plot_training_curves(records)
 figure_path = save_figure(fig, OUT / "05_training_curves.png")
 print("saved", figure_path)
 assert figure_path.stat().st_size > 0
-fig
+fig  # noqa: B018  (shows the figure in a notebook)

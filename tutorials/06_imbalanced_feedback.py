@@ -163,4 +163,4 @@ assert abs(shares[0, 0] - (1 / 9) / (1 + 1 / 9)) < 1e-12 and abs(shares[1, 0] - 
 fig = plots.plot_class_balance(weight_settings=((1.0, 1.0), (10.0, 1.0), (2.0, 1.0), (1.0, 2.0)),
                                desirable_fractions=np.linspace(0.05, 0.95, 19 if FAST else 91))
 plots.save_figure(fig, OUT / "06_class_balance.png")
-fig
+fig  # noqa: B018  (shows the figure in a notebook)

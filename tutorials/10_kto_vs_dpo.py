@@ -158,7 +158,8 @@ def kto_batches(examples_per_batch, desirable_weight=1.0):
 heldout = make_prompts(task, base.eval_prompts, seed=base.seed)
 heldout_pairs = []
 for prompt in heldout:
-    wrong = next(c for kind in task.mistakes for c in task.mistake_completions(prompt, kind) if not task.judge(prompt, c))
+    candidates = [c for kind in task.mistakes for c in task.mistake_completions(prompt, kind)]
+    wrong = next(c for c in candidates if not task.judge(prompt, c))
     heldout_pairs.append((prompt, task.answer(prompt), wrong))
 
 

@@ -63,6 +63,8 @@ def build(script: Path) -> tuple[Path, float]:
 def main(argv: list[str]) -> int:
     os.environ.pop("KTO_NP_TUTORIAL_FAST", None)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # tqdm.auto, imported by kto_np.train, warns in a kernel without ipywidgets (progress bars are off here)
+    os.environ["PYTHONWARNINGS"] = "ignore:IProgress not found"
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # tiny matrices
         os.environ.setdefault(name, "1")
     scripts = tutorial_scripts(argv)
