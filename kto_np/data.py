@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import asarray, resolve_dtype, to_numpy
+from .step import Batch, make_batch
 from .validation import check_bool, check_choice, check_finite_scalar, check_positive_int
 
 __all__ = [
@@ -369,20 +370,6 @@ def make_examples(task: Task, n: int, *, seed: int, desirable_fraction: float = 
 # batches
 
 
-class Batch(NamedTuple):
-    """A collated batch: matched rows (prompt i + completion i) and KL rows (prompt i + completion
-    of example (i - 1) mod B, TRL's rotation). Arrays belong to the selected backend."""
-
-    tokens: object              # [B, T]  int64, right-padded with pad_id
-    completion_mask: object     # [B, T]  float, 1 on completion tokens (end token included)
-    labels: object              # [B]     int64, 1 desirable, 0 undesirable
-    kl_tokens: object           # [B, T'] int64, prompt i + completion (i - 1) mod B
-    kl_completion_mask: object  # [B, T'] float
-    prompts: tuple              # B prompt strings
-    completions: tuple          # B completion strings
-    kl_completions: tuple       # B completion strings of the KL rows: completions[(i - 1) % B]
-
-
 def _check_examples(examples) -> list[tuple[str, str, int]]:
     if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
         raise TypeError(
@@ -405,53 +392,27 @@ def _check_examples(examples) -> list[tuple[str, str, int]]:
     return checked
 
 
-def _pad_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], length: int | None,
-              pad_id: int, dtype: np.dtype, row_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded tokens [B, T] and completion mask [B, T] for rows prompt + completion."""
-    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    if length is None:
-        length = max(lengths)
-    elif max(lengths) > length:
-        raise ValueError(f"max_len must be >= the longest {row_name} ({max(lengths)} tokens), got {length}")
-    tokens = np.full((len(lengths), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(lengths), length), dtype=dtype)
-    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        tokens[b, : len(p) + len(c)] = p + c
-        mask[b, len(p): len(p) + len(c)] = 1
-    return tokens, mask
-
-
 def collate(examples, tokenizer: Tokenizer, *, dtype="float32", max_len: int | None = None) -> Batch:
     """Tokenize, right-pad and mask a list of (prompt, completion, label); build the KL rows.
 
     T is the longest matched row (or max_len), T' the longest KL row (or max_len). KL row i is
-    prompt i + completion (i - 1) mod B, as TRL's KTOTrainer builds its KL dataset
-    (completions [c_{B-1}, c_0, ..., c_{B-2}]). With B = 1 the KL row is the example itself (as in
+    prompt i + completion (i - 1) mod B (step.make_batch, step.KL_ROTATION), as TRL's KTOTrainer
+    builds its KL dataset (completions [c_{B-1}, c_0, ..., c_{B-2}]). With B = 1 the KL row is the example itself (as in
     TRL): the KL estimate is then the example's own log-ratio, which is allowed but uninformative.
     """
     rows = _check_examples(examples)
     if not isinstance(tokenizer, Tokenizer):
         raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
-    np_dtype = resolve_dtype(dtype)
+    resolve_dtype(dtype)
     if max_len is not None:
         max_len = check_positive_int("max_len", max_len)
     prompts = tuple(p for p, _, _ in rows)
     completions = tuple(c for _, c, _ in rows)
-    kl_completions = completions[-1:] + completions[:-1]
     prompt_ids = [tokenizer.encode(p, name=f"examples[{i}] prompt") for i, p in enumerate(prompts)]
     completion_ids = [tokenizer.encode(c, name=f"examples[{i}] completion")
                       for i, c in enumerate(completions)]
-    kl_completion_ids = completion_ids[-1:] + completion_ids[:-1]
-    tokens, mask = _pad_rows(prompt_ids, completion_ids, max_len, tokenizer.pad_id, np_dtype,
-                             "prompt + completion")
-    kl_tokens, kl_mask = _pad_rows(prompt_ids, kl_completion_ids, max_len, tokenizer.pad_id, np_dtype,
-                                   "prompt + KL completion")
-    labels = np.array([label for _, _, label in rows], dtype=np.int64)
-    return Batch(
-        tokens=asarray(tokens), completion_mask=asarray(mask), labels=asarray(labels),
-        kl_tokens=asarray(kl_tokens), kl_completion_mask=asarray(kl_mask),
-        prompts=prompts, completions=completions, kl_completions=kl_completions,
-    )
+    return make_batch(prompt_ids, completion_ids, [label for _, _, label in rows], pad_id=tokenizer.pad_id,
+                      dtype=dtype, max_len=max_len, prompts=prompts, completions=completions)
 
 
 def iterate_batches(examples: Sequence, batch_size: int, *, seed: int, epoch: int = 0,

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import logprobs, losses, step
 from .backend import array_module, to_numpy
+from .losses import KTOConfig
+from .model import build
 
 __all__ = [
     "GradCheckRow",
@@ -166,8 +169,6 @@ def loss_and_logprob_checks(seed: int = 0, tolerance: float = DEFAULT_TOLERANCE)
 
     Random float64 inputs from `seed`; one row per function and option.
     """
-    from . import logprobs, losses  # noqa: PLC0415  (gradcheck is imported by both modules' tests)
-
     rng = np.random.default_rng(seed)
     rows: list[GradCheckRow] = []
 
@@ -225,15 +226,13 @@ def loss_and_logprob_checks(seed: int = 0, tolerance: float = DEFAULT_TOLERANCE)
 def _edifice_loss_with_frozen_z(policy, ref, labels, *, beta, desirable_weight, undesirable_weight, **_):
     """The edifice loss as a function of policy with z held at its current value: the function whose
     gradient kto_loss_and_grad(..., stop_z_grad=True) returns."""
-    from .losses import sigmoid  # noqa: PLC0415
-
     z = float(np.mean(beta * (policy - ref)))
     desirable = np.asarray(labels) == 1
 
     def loss() -> float:
         reward = beta * (policy - ref) - z
-        per_example = np.where(desirable, -desirable_weight * sigmoid(reward),
-                               -undesirable_weight * sigmoid(-reward))
+        per_example = np.where(desirable, -desirable_weight * losses.sigmoid(reward),
+                               -undesirable_weight * losses.sigmoid(-reward))
         return float(np.mean(per_example))
 
     return loss
@@ -242,40 +241,34 @@ def _edifice_loss_with_frozen_z(policy, ref, labels, *, beta, desirable_weight, 
 def model_checks(seed: int = 0, variant: str = "kto", tolerance: float = 1e-6, *, positional: str = "learned",
                  tie_embeddings: bool = True) -> list[GradCheckRow]:
     """End to end: the gradient of the KTO loss w.r.t. every parameter of a small GPT-2, through the
-    model, the shifted completion log-probs and the loss `variant`, against finite differences.
+    model, the shifted completion log-probs and the loss `variant` (step.kto_step), against finite
+    differences.
 
     Config V=11, C=12, NH=3, L=2, T=6, B=4 in float64; prompts of 2 tokens, right padding on two rows.
     """
-    from .data import Batch  # noqa: PLC0415
-    from .losses import kto_loss  # noqa: PLC0415
-    from .model import build  # noqa: PLC0415
-    from .train import completion_logps, kto_loss_and_param_grads  # noqa: PLC0415
-
     rng = np.random.default_rng(seed)
     model = build(hidden_size=12, num_layers=2, num_heads=3, vocab_size=11, dropout=0.0, max_seq_len=8,
                   dtype="float64", positional=positional, tie_embeddings=tie_embeddings)
     params = model.init(seed)
     params = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in params.items()}  # off the init's symmetry
-    B, T = 4, 6
-    tokens = rng.integers(1, 11, (B, T))
-    mask = np.zeros((B, T))
-    mask[:, 2:] = 1.0
-    mask[1, 5:] = mask[3, 4:] = 0.0  # padding
-    kl_tokens = np.concatenate([tokens[:, :2], np.roll(tokens[:, 2:], 1, axis=0)], axis=1)
-    kl_mask = np.concatenate([mask[:, :2], np.roll(mask[:, 2:], 1, axis=0)], axis=1)
-    batch = Batch(tokens, mask, np.array([1, 0, 1, 0]), kl_tokens, kl_mask, (), (), ())
-    ref_logps = completion_logps(model, params, tokens, mask)[0] + 0.3 * rng.standard_normal(B)
-    kl_ref_logps = completion_logps(model, params, kl_tokens, kl_mask)[0] - 0.5  # z > 0: clamp inactive
-    options = dict(variant=variant, beta=0.5, desirable_weight=1.0, undesirable_weight=1.2,
-                   kl_ref_logps=kl_ref_logps if variant == "kto" else None)
-    _, _, grads = kto_loss_and_param_grads(model, params, batch, ref_logps, **options)
+    tokens = rng.integers(1, 11, (4, 6))
+    completion_lengths = [4, 3, 4, 2]  # rows 1 and 3 end in padding
+    batch = step.make_batch([row[:2].tolist() for row in tokens],
+                            [row[2:2 + n].tolist() for row, n in zip(tokens, completion_lengths)],
+                            [1, 0, 1, 0], dtype="float64")
+    ref_logps = step.forward_logps(model, params, batch.tokens, batch.completion_mask) + 0.3 * rng.standard_normal(4)
+    # kl_ref below the policy's KL-row log-probs: z > 0, so the clamp is inactive
+    kl_ref_logps = step.forward_logps(model, params, batch.kl_tokens, batch.kl_completion_mask) - 0.5
+    config = KTOConfig(variant, beta=0.5, desirable_weight=1.0, undesirable_weight=1.2)
+    _, _, grads = step.kto_step(model, params, batch, ref_logps, kl_ref_logps, config)
     # z is detached in "kto": the function differentiated holds the KL rows' policy log-probs fixed.
-    frozen_kl_logps = completion_logps(model, params, kl_tokens, kl_mask)[0] if variant == "kto" else None
+    kl_policy_logps, kl_ref = None, None
+    if config.uses_kl_pairs:
+        kl_policy_logps = step.forward_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)
+        kl_ref = kl_ref_logps
 
     def loss() -> float:
-        logps = completion_logps(model, params, tokens, mask)[0]
-        return kto_loss(logps, ref_logps, batch.labels, options["beta"], options["desirable_weight"],
-                        options["undesirable_weight"], variant=variant, kl_policy_logps=frozen_kl_logps,
-                        kl_ref_logps=options["kl_ref_logps"], warn_balance=False)
+        logps = step.forward_logps(model, params, batch.tokens, batch.completion_mask)
+        return config.loss_and_grad(logps, ref_logps, batch.labels, kl_policy_logps, kl_ref)[0]
 
     return check_gradients(loss, params, grads, tolerance=tolerance, seed=seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "VARIANTS",
     "DPOCache",
     "KTOCache",
+    "KTOConfig",
     "check_balance",
     "default_beta",
     "dpo_backward",
@@ -137,6 +139,47 @@ def check_weights_not_both_zero(desirable_weight: float, undesirable_weight: flo
 # KTO family
 
 
+@dataclass(frozen=True)
+class KTOConfig:
+    """The hyper-parameters of one KTO loss, checked once when the config is made.
+
+    variant: "edifice" (the seed formula), "kto" (paper / TRL) or "apo_zero_unpaired";
+    beta: β > 0; desirable_weight λ_D >= 0, undesirable_weight λ_U >= 0, not both 0;
+    stop_z_grad: for "edifice", stop the gradient through z = mean(β r).
+    """
+
+    variant: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    stop_z_grad: bool = False
+
+    def __post_init__(self):
+        check_choice("variant", self.variant, VARIANTS)
+        checked = {
+            "beta": check_finite_scalar("beta", self.beta, positive=True),
+            "desirable_weight": check_finite_scalar("desirable_weight", self.desirable_weight, nonnegative=True),
+            "undesirable_weight": check_finite_scalar("undesirable_weight", self.undesirable_weight,
+                                                      nonnegative=True),
+            "stop_z_grad": check_bool("stop_z_grad", self.stop_z_grad),
+        }
+        check_weights_not_both_zero(checked["desirable_weight"], checked["undesirable_weight"])
+        for name, value in checked.items():  # plain Python floats and bools from here on
+            object.__setattr__(self, name, value)
+
+    @property
+    def uses_kl_pairs(self) -> bool:
+        """Only "kto" estimates z from KL pairs (mismatched prompt/completion rows)."""
+        return self.variant == "kto"
+
+    def loss_and_grad(self, policy_logps, ref_logps, labels, kl_policy_logps=None, kl_ref_logps=None, *,
+                      warn_balance=False):
+        """(loss, dL/dpolicy_logps [n], metrics) of this loss; see kto_forward for the formulas."""
+        loss, cache = _kto_forward(policy_logps, ref_logps, labels, self, kl_policy_logps, kl_ref_logps,
+                                   warn_balance)
+        return loss, kto_backward(1.0, cache), kto_metrics(cache)
+
+
 class KTOCache(NamedTuple):
     """Saved by kto_forward for kto_backward and kto_metrics."""
 
@@ -151,20 +194,12 @@ class KTOCache(NamedTuple):
     kl_raw: float | None = None  # kto with KL pairs: mean KL-pair log-ratio before the clamp, else None
 
 
-def _check_kto_inputs(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
-                      variant, stop_z_grad, kl_policy_logps, kl_ref_logps, warn_balance):
-    check_choice("variant", variant, VARIANTS)
-    stop_z_grad = check_bool("stop_z_grad", stop_z_grad)
-    warn_balance = check_bool("warn_balance", warn_balance)
+def _check_kto_arrays(policy_logps, ref_logps, labels, variant, kl_policy_logps, kl_ref_logps):
     policy_logps = as_float_array("policy_logps", policy_logps, ndim=1)
     ref_logps = as_float_array("ref_logps", ref_logps, ndim=1)
     check_same_shape("ref_logps", ref_logps, "policy_logps", policy_logps)
     xp = array_module(policy_logps, ref_logps)
     desirable = _on_module(xp, as_labels("labels", labels, policy_logps.shape[0]))
-    beta = check_finite_scalar("beta", beta, positive=True)
-    desirable_weight = check_finite_scalar("desirable_weight", desirable_weight, nonnegative=True)
-    undesirable_weight = check_finite_scalar("undesirable_weight", undesirable_weight, nonnegative=True)
-    check_weights_not_both_zero(desirable_weight, undesirable_weight)
 
     given = [name for name, value in (("kl_policy_logps", kl_policy_logps), ("kl_ref_logps", kl_ref_logps))
              if value is not None]
@@ -182,23 +217,23 @@ def _check_kto_inputs(policy_logps, ref_logps, labels, beta, desirable_weight, u
         kl_policy_logps = _on_module(xp, as_float_array("kl_policy_logps", kl_policy_logps, ndim=1))
         kl_ref_logps = _on_module(xp, as_float_array("kl_ref_logps", kl_ref_logps, ndim=1))
         check_same_shape("kl_ref_logps", kl_ref_logps, "kl_policy_logps", kl_policy_logps)
-    return (xp, policy_logps, ref_logps, desirable, beta, desirable_weight, undesirable_weight,
-            stop_z_grad, kl_policy_logps, kl_ref_logps, warn_balance)
+    return xp, policy_logps, ref_logps, desirable, kl_policy_logps, kl_ref_logps
 
 
-def _kto_forward(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
-                 *, variant="edifice", stop_z_grad=False, kl_policy_logps=None, kl_ref_logps=None,
+def _kto_forward(policy_logps, ref_logps, labels, config: KTOConfig, kl_policy_logps=None, kl_ref_logps=None,
                  warn_balance=True):
-    (xp, policy_logps, ref_logps, desirable, beta, desirable_weight, undesirable_weight, stop_z_grad,
-     kl_policy_logps, kl_ref_logps, warn_balance) = _check_kto_inputs(
-        policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight, variant,
-        stop_z_grad, kl_policy_logps, kl_ref_logps, warn_balance)
+    """kto_forward with its hyper-parameters in a checked KTOConfig."""
+    warn_balance = check_bool("warn_balance", warn_balance)
+    variant, beta = config.variant, config.beta
+    xp, policy_logps, ref_logps, desirable, kl_policy_logps, kl_ref_logps = _check_kto_arrays(
+        policy_logps, ref_logps, labels, variant, kl_policy_logps, kl_ref_logps)
     n = policy_logps.shape[0]
     if warn_balance and variant in ("edifice", "kto"):
         num_desirable = int(desirable.sum())
-        ratio = _balance_ratio(num_desirable, n - num_desirable, desirable_weight, undesirable_weight)
-        _warn_if_unbalanced(ratio, num_desirable, n - num_desirable, desirable_weight, undesirable_weight,
-                            stacklevel=4)  # the caller of the public function
+        ratio = _balance_ratio(num_desirable, n - num_desirable, config.desirable_weight,
+                               config.undesirable_weight)
+        _warn_if_unbalanced(ratio, num_desirable, n - num_desirable, config.desirable_weight,
+                            config.undesirable_weight, stacklevel=4)  # the caller of the public function
 
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
         log_ratios = policy_logps - ref_logps  # [n] r
@@ -206,8 +241,8 @@ def _kto_forward(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0
         raise ValueError("policy_logps - ref_logps must be finite, got an overflow (log-probabilities near "
                          "the largest float)")
     dtype = log_ratios.dtype
-    weights = xp.where(desirable, xp.asarray(desirable_weight, dtype=dtype),
-                       xp.asarray(undesirable_weight, dtype=dtype))  # [n] w
+    weights = xp.where(desirable, xp.asarray(config.desirable_weight, dtype=dtype),
+                       xp.asarray(config.undesirable_weight, dtype=dtype))  # [n] w
     signs = xp.where(desirable, xp.asarray(1.0, dtype=dtype), xp.asarray(-1.0, dtype=dtype))  # [n] s
 
     if variant == "edifice":
@@ -228,7 +263,7 @@ def _kto_forward(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0
         losses = weights * sigmoid(-signs * u)  # 1 - σ(s u) = σ(-s u)
     loss = float(xp.mean(losses))
     dloss_du = -weights * signs * sigmoid(u) * sigmoid(-u)  # [n]
-    cache = KTOCache(variant, beta, variant == "edifice" and not stop_z_grad, z, dloss_du, policy_logps,
+    cache = KTOCache(variant, beta, variant == "edifice" and not config.stop_z_grad, z, dloss_du, policy_logps,
                      log_ratios, desirable, kl_raw)
     return loss, cache
 
@@ -255,9 +290,8 @@ def kto_forward(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0,
     A UserWarning is raised for "edifice" and "kto" when both classes are present and
     λ_D n_D / (λ_U n_U) is outside [1, 4/3] (see check_balance), unless warn_balance=False.
     """
-    return _kto_forward(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
-                        variant=variant, stop_z_grad=stop_z_grad, kl_policy_logps=kl_policy_logps,
-                        kl_ref_logps=kl_ref_logps, warn_balance=warn_balance)
+    config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
+    return _kto_forward(policy_logps, ref_logps, labels, config, kl_policy_logps, kl_ref_logps, warn_balance)
 
 
 def kto_backward(dloss, cache: KTOCache):
@@ -317,9 +351,9 @@ def kto_loss_and_grad(policy_logps, ref_logps, labels, beta=0.1, desirable_weigh
                       undesirable_weight=1.0, *, variant="edifice", stop_z_grad=False,
                       kl_policy_logps=None, kl_ref_logps=None, warn_balance=True):
     """(loss, dL/dpolicy_logps [n], metrics) for any KTO variant; arguments as kto_forward."""
-    loss, cache = _kto_forward(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
-                               variant=variant, stop_z_grad=stop_z_grad, kl_policy_logps=kl_policy_logps,
-                               kl_ref_logps=kl_ref_logps, warn_balance=warn_balance)
+    config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
+    loss, cache = _kto_forward(policy_logps, ref_logps, labels, config, kl_policy_logps, kl_ref_logps,
+                               warn_balance)
     return loss, kto_backward(1.0, cache), kto_metrics(cache)
 
 
@@ -327,10 +361,8 @@ def kto_loss(policy_logps, ref_logps, labels, beta=0.1, desirable_weight=1.0, un
              *, variant="edifice", stop_z_grad=False, kl_policy_logps=None, kl_ref_logps=None,
              warn_balance=True) -> float:
     """The KTO loss as a Python float (the seed API); formulas in kto_forward."""
-    loss, _ = _kto_forward(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
-                           variant=variant, stop_z_grad=stop_z_grad, kl_policy_logps=kl_policy_logps,
-                           kl_ref_logps=kl_ref_logps, warn_balance=warn_balance)
-    return loss
+    config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
+    return _kto_forward(policy_logps, ref_logps, labels, config, kl_policy_logps, kl_ref_logps, warn_balance)[0]
 
 
 # ---------------------------------------------------------------------------------------------------

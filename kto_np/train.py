@@ -40,7 +40,6 @@ import numpy as np
 from . import backend, checkpoint
 from .backend import to_numpy
 from .data import (
-    Batch,
     Tokenizer,
     collate,
     completion_from_tokens,
@@ -52,23 +51,19 @@ from .data import (
 )
 from .files import write_json, write_text
 from .generate import generate
-from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
-from .losses import VARIANTS, check_balance, check_weights_not_both_zero, kto_loss_and_grad
+from .losses import VARIANTS, KTOConfig, check_balance, check_weights_not_both_zero
 from .model import GPT, build
 from .optim import adamw_init, adamw_step, clip_grad_norm, learning_rate
+from .step import Batch, forward_logps, kto_dlogits, kto_step, reference_logps, sft_step
 from .validation import check_bool, check_choice, check_finite_scalar, check_positive_int
 
 __all__ = [
     "RunError",
     "TrainConfig",
     "TrainingDiverged",
-    "completion_logps",
     "evaluate",
-    "frozen_logps",
     "kto_loss_and_param_grads",
-    "reference_logps",
     "run",
-    "sft_loss_and_grads",
 ]
 
 METRIC_NAMES = ("loss", "kl", "kl_raw", "rewards/chosen", "rewards/rejected", "rewards/margins",
@@ -160,6 +155,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= batch_size ({self.batch_size}), got {getattr(self, name)}")
         self.model_config()  # validates hidden_size, num_heads, dropout, dtype, positional
 
+    def kto_config(self) -> KTOConfig:
+        return KTOConfig(self.variant, self.beta, self.desirable_weight, self.undesirable_weight, self.stop_z_grad)
+
     def model_config(self):
         return build(hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
                      vocab_size=Tokenizer().vocab_size, dropout=self.dropout,
@@ -178,75 +176,13 @@ class TrainConfig:
         return cls(**d)
 
 
-# ----------------------------------------------------------------------------------------------
-# one batch: log-probabilities, losses and the gradient of every parameter
-
-
-def completion_logps(model: GPT, params: dict, tokens, completion_mask, *, train=False, rng=None):
-    """Policy forward + shifted log-probs of the completion tokens: [B, T] -> [B], caches."""
-    logits, model_cache = model.forward(params, tokens, train=train, rng=rng)  # [B, T, V]
-    logps, logp_cache = sequence_logprobs_forward(logits, tokens, completion_mask)  # [B]
-    return logps, (model_cache, logp_cache)
-
-
-def frozen_logps(model: GPT, params: dict, tokens, completion_mask):
-    """Forward only, no gradient (a frozen reference, the KL rows): completion log-probs [B].
-    Keeps no activations, so it costs the memory of one layer at a time."""
-    logits, _ = model.forward(params, tokens, keep_cache=False)  # [B, T, V]
-    return sequence_logprobs_forward(logits, tokens, completion_mask)[0]
-
-
-def reference_logps(model: GPT, ref_params: dict, batch: Batch):
-    """Frozen-reference log-probs of a batch's matched rows and KL rows: ([B], [B]). Forward only."""
-    return (frozen_logps(model, ref_params, batch.tokens, batch.completion_mask),
-            frozen_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask))
-
-
 def kto_loss_and_param_grads(model: GPT, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
                              variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
                              undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
-                             rng=None, warn_balance: bool = False):
-    """The whole KTO gradient of one batch: (loss, metrics, grads of every policy parameter).
-
-    policy forward -> sequence log-probs [B] -> kto_loss_and_grad -> dlogps [B]
-    -> dlogits [B, T, V] -> model backward -> grads (same keys as params).
-    For variant "kto" with kl_ref_logps given, the KL rows (each prompt with another example's
-    completion) go through a policy forward only: z is detached, so they need no backward.
-    ref_logps / kl_ref_logps come from the frozen reference (reference_logps).
-    """
-    kl_logps = None
-    if variant == "kto" and kl_ref_logps is not None:
-        kl_logps = frozen_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)  # before the
-    else:  # policy forward, so its activations are not held while the KL rows run
-        kl_ref_logps = None
-    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens,
-                                                        batch.completion_mask, train=train, rng=rng)
-    loss, dlogps, metrics = kto_loss_and_grad(
-        logps, ref_logps, batch.labels, beta, desirable_weight, undesirable_weight, variant=variant,
-        stop_z_grad=stop_z_grad, kl_policy_logps=kl_logps, kl_ref_logps=kl_ref_logps,
-        warn_balance=warn_balance)
-    # the logits are needed no more: their buffer becomes dlogits (no second [B, T, V] array)
-    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)
-    del logp_cache
-    grads = model.backward(dlogits, model_cache)
-    return loss, metrics, grads
-
-
-def sft_loss_and_grads(model: GPT, params: dict, batch: Batch, *, train=False, rng=None):
-    """Supervised fine-tuning: mean negative log-likelihood per completion token.
-
-    L = -sum_b logp_b / N_tokens, so dL/dlogp_b = -1 / N_tokens for every sequence.
-    Returns (loss, {}, grads).
-    """
-    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens,
-                                                        batch.completion_mask, train=train, rng=rng)
-    xp = backend.array_module(logps)
-    num_tokens = float(batch.completion_mask.sum())
-    loss = -float(logps.sum()) / num_tokens
-    dlogps = xp.full(logps.shape, -1.0 / num_tokens, dtype=logps.dtype)
-    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)
-    grads = model.backward(dlogits, model_cache)
-    return loss, {}, grads
+                             rng=None):
+    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads)."""
+    config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
+    return kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train=train, rng=rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +384,7 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
             f"({model.num_params():,} parameters)")
 
         def sft_batch_loss(params, batch, extra, rng):
-            return sft_loss_and_grads(model, params, batch, train=config.dropout > 0, rng=rng)
+            return sft_step(model, params, batch, train=config.dropout > 0, rng=rng)
 
         ref_params = _optimize("sft", model, model.init(config.seed), sft_examples, config, run_dir,
                                steps=config.sft_steps, base_lr=config.sft_lr, batch_loss=sft_batch_loss,
@@ -468,16 +404,15 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
     log(f"KTO ({config.variant}, beta={config.beta}): {config.steps} steps on {len(examples)} examples; "
         f"lambda_D n_D / (lambda_U n_U) = {ratio if ratio is None else round(ratio, 3)}")
 
+    kto_config = config.kto_config()
+
     def kto_batch_loss(params, batch, reference, rng):
         ref, kl_ref = reference
-        return kto_loss_and_param_grads(
-            model, params, batch, ref, kl_ref, variant=config.variant, beta=config.beta,
-            desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
-            stop_z_grad=config.stop_z_grad, train=config.dropout > 0, rng=rng)
+        return kto_step(model, params, batch, ref, kl_ref, kto_config, train=config.dropout > 0, rng=rng)
 
     def reference_of_epoch(batches):
-        if config.variant != "kto":  # only "kto" estimates z from the KL rows
-            return [(frozen_logps(model, ref_params, b.tokens, b.completion_mask), None) for b in batches]
+        if not kto_config.uses_kl_pairs:  # only "kto" estimates z from the KL rows
+            return [(forward_logps(model, ref_params, b.tokens, b.completion_mask), None) for b in batches]
         return [reference_logps(model, ref_params, b) for b in batches]
 
     policy = {k: v.copy() for k, v in ref_params.items()}
@@ -511,21 +446,12 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
     return summary
 
 
-def token_gradient_norms(model: GPT, params: dict, ref_params: dict, batch: Batch, *, variant: str = "kto",
-                         beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+def token_gradient_norms(model: GPT, params: dict, ref_params: dict, batch: Batch, config: KTOConfig):
     """|dL/dlogits| per token of the KTO loss of `batch`: [B, T], column t for the logits that score
     token t (the logits at t - 1); 0 where nothing is scored (the prompt, padding, position 0)."""
     ref_logps, kl_ref_logps = reference_logps(model, ref_params, batch)
-    kl_logps = None
-    if variant == "kto":
-        kl_logps = frozen_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)
-    else:
-        kl_ref_logps = None
-    logps, (_, logp_cache) = completion_logps(model, params, batch.tokens, batch.completion_mask)
-    _, dlogps, _ = kto_loss_and_grad(logps, ref_logps, batch.labels, beta, desirable_weight, undesirable_weight,
-                                     variant=variant, kl_policy_logps=kl_logps, kl_ref_logps=kl_ref_logps,
-                                     warn_balance=False)
-    dlogits = to_numpy(sequence_logprobs_backward(dlogps, logp_cache)).astype(np.float64)  # [B, T, V]
+    _, _, dlogits, _ = kto_dlogits(model, params, batch, ref_logps, kl_ref_logps, config)
+    dlogits = to_numpy(dlogits).astype(np.float64)  # [B, T, V]
     norms = np.zeros(dlogits.shape[:2])
     norms[:, 1:] = np.sqrt((dlogits[:, :-1] ** 2).sum(axis=-1))
     return norms
@@ -544,9 +470,7 @@ def run_token_gradients(out_dir, num_examples: int = 6):
     task = make_task(config.task, config.num_digits)
     examples = make_examples(task, num_examples, seed=config.seed + 2)
     batch = collate(examples, Tokenizer(), dtype=model.config.dtype)
-    norms = token_gradient_norms(model, reference.params, reference.params, batch, variant=config.variant,
-                                 beta=config.beta, desirable_weight=config.desirable_weight,
-                                 undesirable_weight=config.undesirable_weight)
+    norms = token_gradient_norms(model, reference.params, reference.params, batch, config.kto_config())
     tokens = to_numpy(batch.tokens)
     tokenizer = Tokenizer()
     text = [[tokenizer.decode([t]) if t != tokenizer.pad_id else "" for t in row] for row in tokens]

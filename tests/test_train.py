@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from kto_np import checkpoint, train
+from kto_np import checkpoint, step, train
 from kto_np.data import Tokenizer, collate, make_examples, make_task
 from kto_np.gradcheck import check_gradients, model_checks
 from kto_np.losses import VARIANTS
@@ -40,8 +40,8 @@ def test_sft_gradient_matches_finite_differences():
     model = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=Tokenizer().vocab_size, dropout=0.0,
                   max_seq_len=10, dtype="float64")
     params = model.init(1)
-    _, _, grads = train.sft_loss_and_grads(model, params, batch)
-    rows = check_gradients(lambda: train.sft_loss_and_grads(model, params, batch)[0], params, grads,
+    _, _, grads = step.sft_step(model, params, batch)
+    rows = check_gradients(lambda: step.sft_step(model, params, batch)[0], params, grads,
                            tolerance=1e-6)
     assert all(r.passed for r in rows), [(r.name, r.rel_error) for r in rows if not r.passed]
 
@@ -52,7 +52,7 @@ def test_sft_loss_is_mean_token_nll():
     model = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=13, dropout=0.0, max_seq_len=10,
                   dtype="float64")
     params = model.init(0)
-    loss, _, _ = train.sft_loss_and_grads(model, params, batch)
+    loss, _, _ = step.sft_step(model, params, batch)
     logits, _ = model.forward(params, batch.tokens)
     # independent: per-token log-softmax by hand, shifted, masked, averaged over completion tokens
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -119,7 +119,7 @@ def test_resume_drops_records_written_after_the_checkpoint(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     config = train.TrainConfig(**{**TINY, "checkpoint_every": 5})
-    real = train.kto_loss_and_param_grads
+    real = train.kto_step
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -127,7 +127,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, mo
         calls["n"] += 1
         return (float("nan") if calls["n"] == 8 else loss), metrics, grads
 
-    monkeypatch.setattr(train, "kto_loss_and_param_grads", poisoned)
+    monkeypatch.setattr(train, "kto_step", poisoned)
     with pytest.raises(train.TrainingDiverged, match="kto step 8"):
         quiet_run(config, tmp_path / "run")
     saved = checkpoint.load(tmp_path / "run/checkpoints/kto.npz")

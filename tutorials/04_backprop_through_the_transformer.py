@@ -51,7 +51,8 @@ from kto_np.layers import (
 )
 from kto_np.logprobs import sequence_logprobs_backward, sequence_logprobs_forward
 from kto_np.model import GPT, block_backward, block_forward
-from kto_np.train import completion_logps, kto_loss_and_param_grads
+from kto_np.step import completion_logps
+from kto_np.train import kto_loss_and_param_grads
 
 rng = np.random.default_rng(0)
 B, T, C, NH, V = 2, 5, 6, 2, 7

@@ -48,7 +48,8 @@ from kto_np.generate import generate
 from kto_np.losses import kto_loss_and_grad
 from kto_np.model import GPT
 from kto_np.plots import load_metrics_records
-from kto_np.train import TrainConfig, completion_logps, run
+from kto_np.step import forward_logps
+from kto_np.train import TrainConfig, run
 
 FAST = os.environ.get("KTO_NP_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("KTO_NP_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="kto_np_tutorial_"))
@@ -101,8 +102,8 @@ def sampled_kl(folder, seed=0):
     before_end = (np.cumsum(new, axis=1) - new) == 0  # up to and including the first end token
     mask = np.zeros(tokens.shape, dtype=model.config.np_dtype)
     mask[:, T0:] = before_end
-    log_ratios = (completion_logps(model, policy, tokens, mask)[0]
-                  - completion_logps(model, reference.params, tokens, mask)[0])
+    log_ratios = (forward_logps(model, policy, tokens, mask)
+                  - forward_logps(model, reference.params, tokens, mask))
     return float(np.mean(log_ratios))
 
 
@@ -189,8 +190,8 @@ for batch_size in (2, 4, 16, 64):
     for b in range(32):
         batch = collate(examples[b * batch_size:(b + 1) * batch_size], tokenizer)
         kl_rows = (batch.kl_tokens, batch.kl_completion_mask)
-        estimates.append(float(np.mean(completion_logps(model, policy, *kl_rows)[0]
-                                       - completion_logps(model, reference.params, *kl_rows)[0])))
+        estimates.append(float(np.mean(forward_logps(model, policy, *kl_rows)
+                                       - forward_logps(model, reference.params, *kl_rows))))
     spread[batch_size] = float(np.std(estimates))
     print(f"per-step batch {batch_size:3d}: estimate {np.mean(estimates):+7.3f} ± {spread[batch_size]:.3f} "
           f"(std over 32 batches)")

@@ -19,9 +19,9 @@
 # from **single** judged completions. A pair is also two judged completions, so paired data can
 # train both: DPO on the pairs, KTO on their halves as unpaired thumbs-up / thumbs-down examples
 # (TRL's KTOTrainer does the same split when given a paired data set). This tutorial writes the two
-# training loops side by side, with the library's losses (`dpo_loss_and_grad`,
-# `kto_loss_and_param_grads`), the same reference, optimizer, schedule and step count, and then
-# gives KTO data that DPO cannot use.
+# training loops side by side, with the library's pieces (`dpo_loss_and_grad` for DPO,
+# `kto_np.step.kto_step` with a `KTOConfig` for KTO), the same reference, optimizer, schedule and
+# step count, and then gives KTO data that DPO cannot use.
 
 # %%
 import os
@@ -34,9 +34,11 @@ import numpy as np
 from kto_np import checkpoint, dpo_loss_and_grad
 from kto_np.data import Tokenizer, collate, make_examples, make_prompts, make_task
 from kto_np.logprobs import sequence_logprobs_backward
+from kto_np.losses import KTOConfig
 from kto_np.model import GPT
 from kto_np.optim import adamw_init, adamw_step, clip_grad_norm, learning_rate
-from kto_np.train import TrainConfig, completion_logps, evaluate, kto_loss_and_param_grads, run
+from kto_np.step import completion_logps, forward_logps, kto_step, reference_logps
+from kto_np.train import TrainConfig, evaluate, run
 
 FAST = os.environ.get("KTO_NP_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("KTO_NP_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="kto_np_tutorial_"))
@@ -71,7 +73,7 @@ assert all(task.judge(p, c) == 1 and task.judge(p, r) == 0 for p, c, r in pairs)
 def logps_of(params, examples):
     """Completion log-probs [B] of (prompt, completion, label) rows, forward only."""
     batch = collate(examples, tokenizer)
-    return completion_logps(model, params, batch.tokens, batch.completion_mask)[0]
+    return forward_logps(model, params, batch.tokens, batch.completion_mask)
 
 
 # %% [markdown]
@@ -81,7 +83,7 @@ def logps_of(params, examples):
 # each side (tutorial 1), and two backward passes whose parameter gradients add up.
 
 # %%
-def dpo_step(params, chunk, ref_chosen, ref_rejected):
+def dpo_pass(params, chunk, ref_chosen, ref_rejected):
     chosen = collate([(p, c, 1) for p, c, _ in chunk], tokenizer)
     rejected = collate([(p, r, 0) for p, _, r in chunk], tokenizer)
     logps_c, (model_cache_c, logp_cache_c) = completion_logps(model, params, chosen.tokens, chosen.completion_mask)
@@ -105,10 +107,10 @@ def unpaired(chunk, seed):
     return [examples[i] for i in np.random.default_rng(seed).permutation(len(examples))]
 
 
-def kto_step(params, examples, ref_logps, kl_ref_logps, desirable_weight=1.0):
+def kto_pass(params, examples, ref_logps, kl_ref_logps, desirable_weight=1.0):
     batch = collate(examples, tokenizer)
-    return kto_loss_and_param_grads(model, params, batch, ref_logps, kl_ref_logps, variant="kto", beta=base.beta,
-                                    desirable_weight=desirable_weight)
+    config = KTOConfig(variant="kto", beta=base.beta, desirable_weight=desirable_weight)
+    return kto_step(model, params, batch, ref_logps, kl_ref_logps, config)
 
 
 # %% [markdown]
@@ -118,12 +120,12 @@ def kto_step(params, examples, ref_logps, kl_ref_logps, desirable_weight=1.0):
 # batch are computed once, before training, as `run` does.
 
 # %%
-def train(step, batches):
-    """AdamW over `batches` (one step each): step(params, *batch) -> (loss, metrics, grads)."""
+def train(one_pass, batches):
+    """AdamW over `batches` (one step each): one_pass(params, *batch) -> (loss, metrics, grads)."""
     params = {name: value.copy() for name, value in reference.params.items()}
     state = adamw_init(params)
     for index, batch in enumerate(batches):
-        _, _, grads = step(params, *batch)
+        _, _, grads = one_pass(params, *batch)
         clip_grad_norm(grads, base.max_grad_norm)
         lr = learning_rate(index, base_lr=base.lr, warmup_steps=base.warmup_steps, total_steps=len(batches),
                            schedule="cosine", min_lr_ratio=0.1)
@@ -141,8 +143,7 @@ def kto_batches(examples_per_batch, desirable_weight=1.0):
     batches = []
     for examples in examples_per_batch:
         batch = collate(examples, tokenizer)
-        ref = completion_logps(model, reference.params, batch.tokens, batch.completion_mask)[0]
-        kl_ref = completion_logps(model, reference.params, batch.kl_tokens, batch.kl_completion_mask)[0]
+        ref, kl_ref = reference_logps(model, reference.params, batch)
         batches.append((examples, ref, kl_ref, desirable_weight))
     return batches
 
@@ -182,10 +183,10 @@ results = {"reference": report("reference", reference.params)}
 # ## Same pairs, both methods
 
 # %%
-dpo_policy = train(dpo_step, dpo_batches(pairs))
+dpo_policy = train(dpo_pass, dpo_batches(pairs))
 results["DPO"] = report("DPO, 32 pairs per step", dpo_policy)
 chunks = [pairs[i:i + 32] for i in range(0, len(pairs), 32)]
-kto_policy = train(kto_step, kto_batches([unpaired(chunk, seed) for seed, chunk in enumerate(chunks)]))
+kto_policy = train(kto_pass, kto_batches([unpaired(chunk, seed) for seed, chunk in enumerate(chunks)]))
 results["KTO"] = report("KTO, the same 64 halves per step", kto_policy)
 if not FAST:
     for method in ("DPO", "KTO"):
@@ -218,11 +219,11 @@ order = np.random.default_rng(1).permutation(len(examples))
 examples = [examples[i] for i in order]
 print(f"{len(complete)} complete pairs; {len(lone_thumbs_down)} lone thumbs-down; KTO sees {len(examples)} examples")
 few_batches = dpo_batches(complete)
-dpo_few = train(dpo_step, [few_batches[i % len(few_batches)] for i in range(base.steps)])
+dpo_few = train(dpo_pass, [few_batches[i % len(few_batches)] for i in range(base.steps)])
 results["DPO few"] = report("DPO, complete pairs only", dpo_few)
 all_batches = kto_batches([examples[i:i + 64] for i in range(0, 64 * (len(examples) // 64), 64)],
                           desirable_weight=9.0)
-kto_all = train(kto_step, [all_batches[i % len(all_batches)] for i in range(base.steps)])
+kto_all = train(kto_pass, [all_batches[i % len(all_batches)] for i in range(base.steps)])
 results["KTO all"] = report("KTO, every judgment, λ_D = 9", kto_all)
 if not FAST:
     assert results["KTO all"]["desirable rate"] > results["reference"]["desirable rate"] + 0.2

@@ -36,10 +36,12 @@ from kto_np import checkpoint
 from kto_np.data import Tokenizer, collate, make_examples, make_prompts, make_task, prompt_tokens
 from kto_np.files import write_json
 from kto_np.generate import generate
+from kto_np.losses import KTOConfig
 from kto_np.model import GPT
 from kto_np.optim import adamw_init, adamw_step
 from kto_np.plots import load_metrics_records
-from kto_np.train import TrainConfig, completion_logps, kto_loss_and_param_grads, reference_logps, run
+from kto_np.step import forward_logps, kto_step, reference_logps
+from kto_np.train import TrainConfig, run
 
 FAST = os.environ.get("KTO_NP_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("KTO_NP_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="kto_np_tutorial_"))
@@ -72,7 +74,7 @@ ref_logps, kl_ref_logps = reference_logps(model, reference.params, batch)
 gradient_norms, adamw_updates = {}, {}
 for beta in BETAS:
     params = {name: value.copy() for name, value in reference.params.items()}
-    _, _, grads = kto_loss_and_param_grads(model, params, batch, ref_logps, kl_ref_logps, variant="kto", beta=beta)
+    _, _, grads = kto_step(model, params, batch, ref_logps, kl_ref_logps, KTOConfig(variant="kto", beta=beta))
     gradient_norms[beta] = float(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values())))
     adamw_step(params, grads, adamw_init(params), lr=base.lr, weight_decay=0.0)
     adamw_updates[beta] = np.concatenate([(params[k] - reference.params[k]).ravel() for k in params])
@@ -112,8 +114,8 @@ def sampled_kl(params, seed=0):
     new = tokens[:, T0:] == tokenizer.end_id
     mask = np.zeros(tokens.shape, dtype=model.config.np_dtype)
     mask[:, T0:] = (np.cumsum(new, axis=1) - new) == 0
-    return float(np.mean(completion_logps(model, params, tokens, mask)[0]
-                         - completion_logps(model, reference.params, tokens, mask)[0]))
+    log_ratios = forward_logps(model, params, tokens, mask) - forward_logps(model, reference.params, tokens, mask)
+    return float(np.mean(log_ratios))
 
 
 def kto_run(name, **changes):

@@ -1,0 +1,172 @@
+"""One training step, from token ids to the gradient of every parameter: the tensor batch, the KL
+rows (the one rotation of completions), the reference log-probabilities, the KTO step and the SFT step.
+
+    tokens [B, T] --model.forward--> logits [B, T, V] --sequence_logprobs--> logps [B]
+    --KTO loss--> dL/dlogps [B] --logprobs backward--> dL/dlogits [B, T, V] --model.backward--> grads
+
+Shape letters: B batch, T the longest prompt + completion row, T' the longest KL row, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import array_module, asarray, resolve_dtype
+from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
+from .losses import KTOConfig
+
+__all__ = [
+    "KL_ROTATION",
+    "Batch",
+    "KTOConfig",
+    "completion_logps",
+    "forward_logps",
+    "kl_partner_indices",
+    "kto_dlogits",
+    "kto_step",
+    "make_batch",
+    "reference_logps",
+    "sft_step",
+]
+
+# KL row i pairs prompt i with the completion of example (i + KL_ROTATION) mod B: -1 is TRL's
+# rotation (completions [c_{B-1}, c_0, ..., c_{B-2}]); HALOs and OpenRLHF use +1.
+KL_ROTATION = -1
+
+
+class Batch(NamedTuple):
+    """A batch: matched rows (prompt i + completion i) and KL rows (prompt i + completion of
+    example (i + rotation) mod B). Arrays belong to the selected backend; the strings are optional
+    (data.collate fills them, synthetic batches leave them empty)."""
+
+    tokens: object              # [B, T]  int64, right-padded with pad_id
+    completion_mask: object     # [B, T]  float, 1 on completion tokens
+    labels: object              # [B]     int64, 1 desirable, 0 undesirable
+    kl_tokens: object           # [B, T'] int64, prompt i + completion (i + rotation) mod B
+    kl_completion_mask: object  # [B, T'] float
+    prompts: tuple = ()         # B prompt strings
+    completions: tuple = ()     # B completion strings
+    kl_completions: tuple = ()  # B completion strings of the KL rows
+
+
+def kl_partner_indices(batch_size: int, rotation: int = KL_ROTATION) -> np.ndarray:
+    """For each prompt i, the example whose completion it is paired with for the KL estimate:
+    j = (i + rotation) mod B, so j != i for every i when B > 1 and rotation is not a multiple of B.
+    With B = 1 the only pair is matched (TRL allows it; the estimate is then the example's own
+    log-ratio)."""
+    return (np.arange(batch_size) + rotation) % batch_size
+
+
+def _pad_rows(prompt_ids, completion_ids, length, pad_id: int, dtype, row_name: str):
+    """Right-padded tokens [B, T] and completion mask [B, T] for rows prompt + completion."""
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    if length is None:
+        length = max(lengths)
+    elif max(lengths) > length:
+        raise ValueError(f"max_len must be >= the longest {row_name} ({max(lengths)} tokens), got {length}")
+    tokens = np.full((len(lengths), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(lengths), length), dtype=dtype)
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        tokens[b, : len(p) + len(c)] = list(p) + list(c)
+        mask[b, len(p): len(p) + len(c)] = 1
+    return tokens, mask
+
+
+def make_batch(prompt_ids, completion_ids, labels, *, pad_id: int = 0, dtype="float32", max_len=None,
+               rotation: int = KL_ROTATION, prompts=(), completions=()) -> Batch:
+    """A Batch from token-id lists: prompt_ids[i], completion_ids[i] (lists of ints), labels [B].
+
+    Matched row i = prompt i + completion i; KL row i = prompt i + completion kl_partner_indices[i].
+    Rows are right-padded with pad_id to the longest row (or max_len). The caller has checked the ids.
+    """
+    partners = kl_partner_indices(len(prompt_ids), rotation)
+    kl_completion_ids = [completion_ids[j] for j in partners]
+    np_dtype = resolve_dtype(dtype)
+    tokens, mask = _pad_rows(prompt_ids, completion_ids, max_len, pad_id, np_dtype, "prompt + completion")
+    kl_tokens, kl_mask = _pad_rows(prompt_ids, kl_completion_ids, max_len, pad_id, np_dtype,
+                                   "prompt + KL completion")
+    kl_completions = tuple(completions[j] for j in partners) if completions else ()
+    return Batch(tokens=asarray(tokens), completion_mask=asarray(mask),
+                 labels=asarray(np.asarray(labels, dtype=np.int64)), kl_tokens=asarray(kl_tokens),
+                 kl_completion_mask=asarray(kl_mask), prompts=tuple(prompts), completions=tuple(completions),
+                 kl_completions=kl_completions)
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probabilities of completions
+
+
+def completion_logps(model, params: dict, tokens, completion_mask, *, train=False, rng=None):
+    """Forward + shifted log-probs of the completion tokens: [B, T] -> [B], and the caches
+    (model cache, log-prob cache) that the backward needs."""
+    logits, model_cache = model.forward(params, tokens, train=train, rng=rng)  # [B, T, V]
+    logps, logp_cache = sequence_logprobs_forward(logits, tokens, completion_mask)  # [B]
+    return logps, (model_cache, logp_cache)
+
+
+def forward_logps(model, params: dict, tokens, completion_mask):
+    """Completion log-probs [B] with no gradient (the frozen reference; the policy's KL rows, whose
+    z is detached). Keeps no activations: it costs the memory of one layer at a time."""
+    logits, _ = model.forward(params, tokens, keep_cache=False)  # [B, T, V]
+    return sequence_logprobs_forward(logits, tokens, completion_mask)[0]
+
+
+def reference_logps(model, ref_params: dict, batch: Batch):
+    """The frozen reference's log-probs of a batch's matched rows and KL rows: ([B], [B])."""
+    return (forward_logps(model, ref_params, batch.tokens, batch.completion_mask),
+            forward_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# the KTO step and the SFT step
+
+
+def kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config: KTOConfig, *,
+                train=False, rng=None):
+    """The KTO loss of a batch and its gradient w.r.t. the policy's logits:
+    (loss, metrics, dlogits [B, T, V], model cache).
+
+    Only "kto" uses the KL rows: they go through a policy forward only (z_ref is detached, so
+    they need no backward), run before the policy forward so that its activations are not held
+    meanwhile. The logits buffer becomes dlogits (no second [B, T, V] array).
+    """
+    kl_logps = None
+    if config.uses_kl_pairs and kl_ref_logps is not None:
+        kl_logps = forward_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)
+    else:
+        kl_ref_logps = None
+    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens, batch.completion_mask,
+                                                        train=train, rng=rng)
+    loss, dlogps, metrics = config.loss_and_grad(logps, ref_logps, batch.labels, kl_logps, kl_ref_logps)
+    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)
+    return loss, metrics, dlogits, model_cache
+
+
+def kto_step(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config: KTOConfig, *,
+             train=False, rng=None):
+    """The whole KTO gradient of one batch: (loss, metrics, grads of every policy parameter).
+
+    policy forward -> sequence log-probs [B] -> KTO loss -> dL/dlogps [B] -> dL/dlogits [B, T, V]
+    -> model backward -> grads (same keys as params). ref_logps, kl_ref_logps: reference_logps.
+    """
+    loss, metrics, dlogits, model_cache = kto_dlogits(model, params, batch, ref_logps, kl_ref_logps, config,
+                                                      train=train, rng=rng)
+    return loss, metrics, model.backward(dlogits, model_cache)
+
+
+def sft_step(model, params: dict, batch: Batch, *, train=False, rng=None):
+    """Supervised fine-tuning: the mean negative log-likelihood per completion token.
+
+    L = -sum_b logp_b / N_tokens, so dL/dlogp_b = -1 / N_tokens for every sequence.
+    Returns (loss, {}, grads).
+    """
+    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens, batch.completion_mask,
+                                                        train=train, rng=rng)
+    xp = array_module(logps)
+    num_tokens = float(batch.completion_mask.sum())
+    loss = -float(logps.sum()) / num_tokens
+    dlogps = xp.full(logps.shape, -1.0 / num_tokens, dtype=logps.dtype)
+    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)
+    return loss, {}, model.backward(dlogits, model_cache)
