@@ -3,7 +3,8 @@
     python benchmarks/bench_step.py --configs small,medium,seed --results benchmarks/RESULTS.md
     python benchmarks/bench_step.py --help
 
-The work is in kto_np/bench.py (also `kto-np bench`).
+What is timed and the options: kto_np/bench.py (also `kto-np bench`); the measuring and the
+report: benchmarks/harness.py.
 """
 
 import os

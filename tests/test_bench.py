@@ -1,8 +1,9 @@
-"""The benchmark (kto_np/bench.py, benchmarks/bench_step.py): it runs on the tiny config and prints its
-lines; its PyTorch twin computes the same loss, gradients and AdamW step as kto_np in float64 (that is
-what makes the timing comparison fair); its kto_np step is the training code's; the blocked paths of
-the speed work give the same numbers as whole arrays."""
+"""The benchmark (kto_np/bench.py, benchmarks/harness.py, benchmarks/bench_step.py): it runs on the tiny
+config and prints its lines; its PyTorch side (kto_np.torch_reference) computes the same loss, gradients
+and AdamW step as kto_np in float64 (that is what makes the timing comparison fair); its kto_np step is
+the training code's; the blocked paths of the speed work give the same numbers as whole arrays."""
 
+import ast
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ TORCH_SKIP = "torch not installed (pip install 'kto_np[torch]')"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_step.py")
 TINY = bench.CONFIGS["tiny"]
+harness = bench.load_harness()
 
 
 def has_torch() -> bool:
@@ -80,12 +82,12 @@ def test_script_writes_the_results_file(tiny_run):
 
 def test_results_append_keeps_earlier_sections(tmp_path):
     path = tmp_path / "RESULTS.md"
-    bench.write_results(str(path), "## first\n", append=True)
-    bench.write_results(str(path), "## second\n", append=True)
+    harness.write_results(str(path), "## first\n", append=True)
+    harness.write_results(str(path), "## second\n", append=True)
     text = path.read_text()
     assert text.count("# Benchmarks: one KTO step") == 1
     assert text.index("## first") < text.index("## second")
-    bench.write_results(str(path), "## third\n", append=False)
+    harness.write_results(str(path), "## third\n", append=False)
     assert "## first" not in path.read_text() and "## third" in path.read_text()
 
 
@@ -96,10 +98,48 @@ def test_results_append_keeps_earlier_sections(tmp_path):
     (["--tiny", "--warmup", "-1"], "--warmup"),
     (["--tiny", "--threads", "0"], "--threads"),
     (["--tiny", "--append"], "--append"),
+    (["--tiny", "--seed", "-1"], "--seed"),
 ])
 def test_bad_options_exit_2_naming_the_option(capsys, argv, match):
     assert bench.main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_outside_a_source_checkout_the_entry_point_says_where_the_harness_is(monkeypatch, capsys, tmp_path):
+    missing = str(tmp_path / "benchmarks" / "harness.py")
+    monkeypatch.setattr(bench, "harness_path", lambda: missing)
+    monkeypatch.delitem(sys.modules, "kto_np_benchmarks_harness")
+    assert bench.main(["--tiny", "--no-memory"]) == 2
+    err = capsys.readouterr().err
+    assert "source checkout" in err and missing in err
+
+
+def test_the_package_side_of_the_benchmark_imports_no_tool_above_it():
+    """kto_np/bench.py and kto_np/torch_reference.py: no import of the CLI (no cli <-> bench cycle), and
+    torch only inside functions."""
+    for name in ("bench.py", "torch_reference.py"):
+        with open(os.path.join(REPO, "kto_np", name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in tree.body:  # module level only: lazy imports sit inside functions
+            if isinstance(node, ast.ImportFrom):
+                imported |= {f"{node.module or ''}.{a.name}".lstrip(".") for a in node.names}
+                imported.add(node.module or "")
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        parts = {part for n in imported for part in n.split(".")}
+        assert "cli" not in parts and "torch" not in parts, (name, sorted(imported))
+
+
+def test_torch_reference_imports_without_torch_and_says_how_to_install_it():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from kto_np import torch_reference\n"
+            "try:\n    torch_reference.require_torch()\n"
+            "except ImportError as exc:\n    print(exc)\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": REPO}, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "needs PyTorch" in completed.stdout and ".[torch]" in completed.stdout, completed.stdout
 
 
 def test_cupy_backend_skips_cleanly_without_a_gpu(capsys):
@@ -117,7 +157,7 @@ def test_cupy_backend_skips_cleanly_without_a_gpu(capsys):
 
 def test_memory_probe_measures_the_step_in_a_fresh_process():
     small = bench.CONFIGS["small"]
-    peak = bench.measure_memory("numpy", small, "numpy", threads=1)
+    peak = harness.measure_memory("numpy", small, "numpy", threads=1)
     params = bench.NumpyKTOStep(small).model.num_params()
     # at least the policy, reference, two AdamW moments and the gradients (float32), far below a GiB
     assert 5 * 4 * params <= peak < 2**30, f"peak {peak / 2**20:.1f} MiB for {params} parameters"

@@ -7,6 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from kto_np import torch_reference
 from kto_np.gradcheck import check_gradients, format_report, rel_error
 from kto_np.model import GPT, GPTConfig, build, param_shapes
 
@@ -301,41 +302,7 @@ def test_bad_seed_and_config():
 
 
 # ----------------------------------------------------------------------------------------------
-# parity with an independent PyTorch float64 implementation
-
-
-def torch_logits(torch, params, tokens, config):
-    """GPT-2 forward in plain torch ops (float64), written independently of kto_np."""
-    F = torch.nn.functional
-    tokens = torch.from_numpy(tokens)
-    batch, seq = tokens.shape
-    hidden, heads = config.hidden_size, config.num_heads
-    head_size = hidden // heads
-    if config.positional == "learned":
-        positions = params["wpe.weight"][:seq]
-    else:
-        pos = torch.arange(seq, dtype=torch.float64)[:, None]
-        div = torch.pow(10000.0, torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
-        positions = torch.zeros(seq, hidden, dtype=torch.float64)
-        positions[:, 0::2] = torch.sin(pos / div)
-        positions[:, 1::2] = torch.cos(pos / div[: hidden // 2])
-    x = params["wte.weight"][tokens] + positions
-    allowed = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
-    for i in range(config.num_layers):
-        p = lambda name, i=i: params[f"h.{i}.{name}"]  # noqa: E731
-        h = F.layer_norm(x, (hidden,), p("ln_1.weight"), p("ln_1.bias"), eps=1e-5)
-        q, k, v = (h @ p("attn.c_attn.weight") + p("attn.c_attn.bias")).split(hidden, dim=2)
-        q, k, v = (a.view(batch, seq, heads, head_size).transpose(1, 2) for a in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(head_size)
-        att = torch.softmax(att.masked_fill(~allowed, float("-inf")), dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(batch, seq, hidden)
-        x = x + y @ p("attn.c_proj.weight") + p("attn.c_proj.bias")
-        h = F.layer_norm(x, (hidden,), p("ln_2.weight"), p("ln_2.bias"), eps=1e-5)
-        h = F.gelu(h @ p("mlp.c_fc.weight") + p("mlp.c_fc.bias"), approximate="tanh")
-        x = x + h @ p("mlp.c_proj.weight") + p("mlp.c_proj.bias")
-    x = F.layer_norm(x, (hidden,), params["ln_f.weight"], params["ln_f.bias"], eps=1e-5)
-    head = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]
-    return x @ head.T
+# parity with the independent PyTorch twin (kto_np.torch_reference), float64
 
 
 @pytest.mark.parametrize(("positional", "tie_embeddings"), VARIANTS)
@@ -349,7 +316,9 @@ def test_torch_parity_logits_and_every_gradient(positional, tie_embeddings):
     grads = model.backward(dlogits, cache)
 
     torch_params = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
-    their_logits = torch_logits(torch, torch_params, tokens, model.config)
+    config = model.config
+    their_logits = torch_reference.gpt2_logits(torch_params, torch.from_numpy(tokens), num_heads=config.num_heads,
+                                               positional=config.positional, tie_embeddings=config.tie_embeddings)
     (their_logits * torch.from_numpy(dlogits)).sum().backward()
 
     their_logits = their_logits.detach().numpy()

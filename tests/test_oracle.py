@@ -4,13 +4,12 @@ cases round-trip exactly and refuse to load when damaged."""
 
 import hashlib
 import json
-import math
 import zipfile
 
 import numpy as np
 import pytest
 
-from kto_np import files, oracle
+from kto_np import files, oracle, torch_reference
 
 KIND_VARIANTS = [(kind, variant) for kind in oracle.KINDS for variant in oracle.VARIANTS[kind]]
 
@@ -98,15 +97,39 @@ def numpy_logprobs(shift, mistake=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# an independent PyTorch re-implementation (autograd gives the gradients), with the mistakes as switches
+# PyTorch candidates: the shared independent twin (kto_np.torch_reference; autograd gives the gradients)
+# passes; each known mistake is a wrapper around it, or for the loss's inner formula a deliberate
+# second formula with the mistake switched in (the only other KTO formulas: the mutants)
+
+BETA_MISTAKES = {"beta_twice": lambda beta: beta * beta, "beta_missing": lambda beta: 1.0}
+LOGPS_MISTAKES = ("mask_ignored", "masked_mean", "mean_over_time")
+LOSS_FORMULA_MISTAKES = ("z_not_detached", "z_detached", "z_clamped", "z_not_clamped", "undesirable_sign",
+                         "weights_normalise_mean")
 
 
 def torch_kto_loss(variant, mistake=None):
+    torch_or_skip()
+    if mistake in LOSS_FORMULA_MISTAKES:
+        return torch_kto_loss_mutant(variant, mistake)
+    stop_z_grad = variant == "edifice_stop_z_grad"
+    scale_beta = BETA_MISTAKES.get(mistake, lambda beta: beta)
+
+    def candidate(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                  kl_policy_logps=None, kl_ref_logps=None):
+        return torch_reference.kto_loss(
+            policy_logps, ref_logps, labels, scale_beta(beta), desirable_weight, undesirable_weight,
+            kl_policy_logps, kl_ref_logps, variant="edifice" if stop_z_grad else variant, stop_z_grad=stop_z_grad)
+
+    return candidate
+
+
+def torch_kto_loss_mutant(variant, mistake):
+    """The loss with a mistake inside its formula (z handling, the undesirable sign, the mean)."""
     torch = torch_or_skip()
 
     def candidate(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
                   kl_policy_logps=None, kl_ref_logps=None):
-        b = {"beta_twice": beta * beta, "beta_missing": 1.0}.get(mistake, beta)
+        b = beta
         r = policy_logps - ref_logps
         w = torch.where(labels, torch.full_like(r, desirable_weight), torch.full_like(r, undesirable_weight))
         if variant.startswith("edifice"):
@@ -140,25 +163,25 @@ def torch_kto_loss(variant, mistake=None):
 
 
 def torch_dpo_loss(mistake=None):
-    torch = torch_or_skip()
+    torch_or_skip()
+    scale_beta = BETA_MISTAKES.get(mistake, lambda beta: beta)
 
     def candidate(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-        b = {"beta_twice": beta * beta, "beta_missing": 1.0}.get(mistake, beta)
-        h = b * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps))
-        return -torch.nn.functional.logsigmoid(h).mean()
+        return torch_reference.dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                        ref_rejected_logps, scale_beta(beta))
 
     return candidate
 
 
 def torch_token_logps(torch, logits, tokens, mask, shift, mistake=None):
-    T = logits.shape[1]
-    token_logps = logits[:, :T - shift].log_softmax(-1).gather(-1, tokens[:, shift:, None]).squeeze(-1)
-    weights = torch.ones_like(token_logps) if mistake == "mask_ignored" else mask[:, shift:]
-    total = (token_logps * weights).sum(-1)
+    """torch_reference.sequence_logps, with the mask or the sum mistaken when asked."""
+    if mistake == "mask_ignored":
+        return torch_reference.sequence_logps(logits, tokens, torch.ones_like(mask), shift)
+    total = torch_reference.sequence_logps(logits, tokens, mask, shift)
     if mistake == "masked_mean":
-        return total / weights.sum(-1)
+        return total / mask[:, shift:].sum(-1)
     if mistake == "mean_over_time":
-        return (token_logps * weights).mean(-1)
+        return total / (logits.shape[1] - shift)
     return total
 
 
@@ -172,42 +195,23 @@ def torch_logprobs(shift, mistake=None):
     return candidate
 
 
-def torch_gpt2_logits(torch, state_dict, config, tokens):
-    """GPT-2 forward written from the architecture: pre-LN blocks, fused qkv Conv1D, causal attention,
-    tanh-GELU MLP, final LayerNorm, tied head."""
-    F = torch.nn.functional
-    C, NH, eps = config["n_embd"], config["n_head"], config["layer_norm_epsilon"]
-    B, T = tokens.shape
-    x = state_dict["transformer.wte.weight"][tokens] + state_dict["transformer.wpe.weight"][:T]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    for layer in range(config["n_layer"]):
-        p = f"transformer.h.{layer}."
-        h = F.layer_norm(x, (C,), state_dict[p + "ln_1.weight"], state_dict[p + "ln_1.bias"], eps)
-        qkv = h @ state_dict[p + "attn.c_attn.weight"] + state_dict[p + "attn.c_attn.bias"]
-        q, k, v = (t.reshape(B, T, NH, C // NH).transpose(1, 2) for t in qkv.split(C, dim=-1))
-        attention = ((q @ k.transpose(-2, -1)) / math.sqrt(C // NH)).masked_fill(~causal, float("-inf"))
-        y = (attention.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
-        x = x + y @ state_dict[p + "attn.c_proj.weight"] + state_dict[p + "attn.c_proj.bias"]
-        h = F.layer_norm(x, (C,), state_dict[p + "ln_2.weight"], state_dict[p + "ln_2.bias"], eps)
-        h = F.gelu(h @ state_dict[p + "mlp.c_fc.weight"] + state_dict[p + "mlp.c_fc.bias"], approximate="tanh")
-        x = x + h @ state_dict[p + "mlp.c_proj.weight"] + state_dict[p + "mlp.c_proj.bias"]
-    x = F.layer_norm(x, (C,), state_dict["transformer.ln_f.weight"], state_dict["transformer.ln_f.bias"], eps)
-    return x @ state_dict["lm_head.weight"].T
-
-
 def torch_model_kto(mistake=None):
+    """The oracle's Hugging Face-named GPT-2 through torch_reference.gpt2_logits (untied lm_head)."""
     torch = torch_or_skip()
     rotation = {"kl_pairs_not_mismatched": 0, "kl_pairs_rotated_wrong_way": -1}.get(mistake, 1)
     shift = {"logits_not_shifted": 0, "logits_shifted_twice": 2}.get(mistake, 1)
-    logps_mistake = mistake if mistake in ("mask_ignored", "masked_mean", "mean_over_time") else None
+    logps_mistake = mistake if mistake in LOGPS_MISTAKES else None
     loss = torch_kto_loss("kto", mistake)
 
     def candidate(state_dict, config, prompt_tokens, completion_tokens, completion_mask, labels, ref_logps,
                   kl_ref_logps, beta, desirable_weight, undesirable_weight):
+        params = {name.removeprefix("transformer."): value for name, value in state_dict.items()}
+
         def logps(completions, masks):
             tokens = torch.cat([prompt_tokens, completions], dim=1)
             mask = torch.cat([torch.zeros(prompt_tokens.shape, dtype=masks.dtype), masks], dim=1)
-            logits = torch_gpt2_logits(torch, state_dict, config, tokens)
+            logits = torch_reference.gpt2_logits(params, tokens, num_heads=config["n_head"], tie_embeddings=False,
+                                                 layer_norm_eps=config["layer_norm_epsilon"])
             return torch_token_logps(torch, logits, tokens, mask, shift, logps_mistake)
 
         policy_logps = logps(completion_tokens, completion_mask)

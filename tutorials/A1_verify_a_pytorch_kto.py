@@ -27,7 +27,8 @@
 #
 # 1. a NumPy candidate (no torch needed): a correct one, then one with a subtle weighting bug;
 # 2. a log-prob candidate that forgets the language-model shift;
-# 3. PyTorch candidates: correct, z not detached, and the σ(−KL − z) sign slip (skipped without torch);
+# 3. PyTorch candidates: correct (kto_np.torch_reference), z not detached, and the σ(−KL − z) sign
+#    slip (skipped without torch);
 # 4. exporting the cases and reading one with NumPy alone.
 
 # %%
@@ -158,21 +159,22 @@ except ImportError as exc:  # torch is an optional extra: pip install 'kto_np[to
     print(f"skipping the PyTorch candidates: torch is not installed ({exc})")
 
 # %% [markdown]
-# A correct TRL-style implementation:
+# A correct TRL-style implementation: `kto_np.torch_reference.kto_loss`, the independent PyTorch twin
+# that kto_np's own tests and benchmark check kto_np against (written from the formulas in plain torch,
+# nothing taken from kto_np's NumPy code). Its signature is the `kto_loss` kind's, so it is a candidate
+# as it stands. For variant "kto" it computes
+#
+#     log_ratios = policy_logps - ref_logps
+#     z = (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()     # 0 without KL pairs
+#     desirable = desirable_weight * (1 - torch.sigmoid(beta * (log_ratios - z)))
+#     undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (z - log_ratios)))
+#     loss = torch.where(labels, desirable, undesirable).mean()
 
 # %%
 if torch is not None:
-    def kto_torch(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
-                  kl_policy_logps=None, kl_ref_logps=None):
-        log_ratios = policy_logps - ref_logps
-        z = torch.zeros((), dtype=log_ratios.dtype)
-        if kl_policy_logps is not None:
-            z = (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()
-        desirable = desirable_weight * (1 - torch.sigmoid(beta * (log_ratios - z)))
-        undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (z - log_ratios)))
-        return torch.where(labels, desirable, undesirable).mean()
+    from kto_np import torch_reference
 
-    report = oracle.verify(kto_torch, kind="kto_loss", variant="kto")
+    report = oracle.verify(torch_reference.kto_loss, kind="kto_loss", variant="kto")
     print(report)
     assert report.passed
     assert {c.source for c in report.checks} == {"returned", "autograd"}
