@@ -50,7 +50,8 @@ BETAS = (0.01, 0.1, 1.0)
 
 base = TrainConfig(
     num_digits=3, hidden_size=32, num_layers=2, num_heads=2,
-    sft_examples=2048, sft_steps=40 if FAST else 300, num_examples=2048, steps=10 if FAST else 100,
+    sft_examples=512 if FAST else 2048, sft_steps=40 if FAST else 300, num_examples=512 if FAST else 2048,
+    steps=10 if FAST else 100,
     lr=1e-3, eval_prompts=32 if FAST else 200, eval_every=10 if FAST else 50, checkpoint_every=1000, seed=0,
 )
 reference_run = OUT / "reference"
