@@ -120,10 +120,10 @@ print(f"kl_raw: first step {kl_raw[0]:+.3f}, last step {kl_raw[-1]:+.3f}; positi
 print(f"KL(π ‖ π_ref) on samples from the policy: {kl_balanced:+.3f}")
 assert kl_raw[0] == 0.0  # step 1: the policy is the reference
 if not FAST:
-    assert kl_raw[-1] < -1.0 < 0.5 < kl_balanced
+    assert kl_raw[-1] < -1.0 and 1.0 < kl_balanced < 2.0
 
 # %% [markdown]
-# The policy has moved: its samples are, on average, half a nat or more more likely under itself
+# The policy has moved: its own samples are, on average, about 1.5 nats more likely under itself
 # than under the reference. But it moved *away* from the mismatched completions (for this task a
 # completion for another prompt is wrong, and KTO learns to avoid wrong answers), so the estimate
 # on them is strongly negative and the clamp holds z_ref at 0. With z_ref = 0, KTO's loss is
