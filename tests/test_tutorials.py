@@ -43,8 +43,8 @@ TRAINING_LESSONS = ["06_imbalanced_feedback.py", "08_the_seed_formula_in_trainin
                     "10_kto_vs_dpo.py", "11_beta_in_training.py"]
 # What each tutorial writes into KTO_NP_TUTORIAL_OUT (and nothing else anywhere).
 OUTPUTS = {
-    "02_loss_surfaces.py": ["02_class_balance.png", "02_kto_vs_dpo.png", "02_loss_surface_kto.png",
-                            "02_value_functions.png", "02_z_gradient.png"],
+    "02_loss_surfaces.py": ["02_class_balance.png", "02_kto_vs_dpo.png", "02_loss_surface_beta.png",
+                            "02_loss_surface_kto.png", "02_value_functions.png", "02_z_gradient.png"],
     "05_training_with_binary_feedback.py": ["05_training_curves.png", "run"],
     "06_imbalanced_feedback.py": ["06_class_balance.png", "band_weights", "equal_weights", "reference"],
     "08_the_seed_formula_in_training.py": ["edifice", "edifice_stop_z", "kto", "reference"],
