@@ -16,7 +16,6 @@ __all__ = [
     "BACKENDS",
     "array_module",
     "asarray",
-    "default_dtype",
     "get_backend",
     "resolve_dtype",
     "scatter_add",
@@ -125,9 +124,3 @@ def resolve_dtype(dtype: Any) -> np.dtype:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {resolved}")
     return resolved
 
-
-def default_dtype(purpose: str = "train") -> np.dtype:
-    """float32 for training and speed, float64 for checks and reference cases."""
-    if purpose not in ("train", "check"):
-        raise ValueError(f"purpose must be 'train' or 'check', got {purpose!r}")
-    return np.dtype(np.float32 if purpose == "train" else np.float64)

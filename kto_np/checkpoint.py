@@ -5,9 +5,13 @@ A checkpoint is a zip of .npy entries, readable by `numpy.load(path, allow_pickl
     __kto_np_format__   int64 scalar, the format version (FORMAT_VERSION)
     __config_json__     str scalar, GPTConfig.to_dict() as JSON
     <parameter name>    every parameter under its own name: "wte.weight", "h.0.attn.c_attn.weight", ...
-    __extra_json__      str scalar, only when `extra` was given: `extra` as JSON, each array in it
-                        replaced by the marker {"__array__": "extra/<keys joined by />"}
-    extra/<path>        the arrays of `extra`, e.g. "extra/adamw/m/wte.weight", "extra/rng/0"
+    extra/<key path>    each array of `extra` under its dict keys joined by "/", e.g.
+                        "extra/adamw/m/wte.weight" for extra["adamw"]["m"]["wte.weight"]
+    __extra_json__      str scalar, only when `extra` was given: a flat JSON object holding each
+                        other value of `extra` under its key path, e.g. {"step": 17, "adamw/step": 17}
+
+Format version 2 (flat extra keys); version 1 wrote the extra state as nested JSON with array
+markers: a version-1 file loads only when it has no extra state.
 
 Files are written atomically (temporary file in the same folder, fsync, os.replace) and with fixed zip
 timestamps, so the same state always gives the same bytes. Nothing is pickled.
@@ -41,12 +45,11 @@ __all__ = [
     "save",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_KEY = "__kto_np_format__"
 CONFIG_KEY = "__config_json__"
 EXTRA_JSON_KEY = "__extra_json__"
 EXTRA_PREFIX = "extra/"
-ARRAY_MARKER = "__array__"
 
 HF_PREFIX = "transformer."
 HF_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not parameters
@@ -66,7 +69,7 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# extra: nested dicts/lists of JSON values and arrays <-> JSON text + named arrays
+# extra: nested dicts <-> flat "a/b/c" keys, arrays as .npy entries and the rest as one JSON object
 
 
 def _is_array(value) -> bool:
@@ -76,58 +79,55 @@ def _is_array(value) -> bool:
     return type(value).__module__.split(".")[0] == "cupy" and hasattr(value, "shape")
 
 
-def _encode_extra(value, where: str, path: tuple[str, ...], arrays: dict[str, Any]):
-    """JSON-able copy of `value`, its arrays replaced by markers and collected into `arrays`."""
-    if _is_array(value):
-        dtype = np.dtype(value.dtype)
-        if dtype.hasobject:
-            raise TypeError(f"{where} must not hold Python objects (dtype {dtype}): nothing is pickled")
-        for part in path:
-            if part in ("", ".", "..") or "/" in part or "\\" in part:
-                raise ValueError(
-                    f"{where}: keys on the way to an array must be non-empty names without '/' "
-                    f"or '\\', got {part!r}"
-                )
-        name = EXTRA_PREFIX + "/".join(path)
-        arrays[name] = value
-        return {ARRAY_MARKER: name}
+def _json_value(value, where: str):
+    """value as JSON (None, bool, int, float, str, lists of them; tuples become lists)."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, Mapping):
-        encoded = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where} keys must be str (JSON), got {type(key).__name__} {key!r}")
-            if key == ARRAY_MARKER:
-                raise ValueError(f"{where} must not use the reserved key {ARRAY_MARKER!r}")
-            encoded[key] = _encode_extra(item, f"{where}[{key!r}]", (*path, key), arrays)
-        return encoded
     if isinstance(value, (list, tuple)):
-        return [
-            _encode_extra(item, f"{where}[{i}]", (*path, str(i)), arrays) for i, item in enumerate(value)
-        ]
+        return [_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
     raise TypeError(
-        f"{where} must be an array, a JSON value (None, bool, int, float, str) or a dict/list of "
-        f"them, got {type(value).__name__}"
+        f"{where} must be an array, a JSON value (None, bool, int, float, str, a list of them) or a dict "
+        f"of them, got {type(value).__name__} (arrays go directly under dict keys, not inside lists)"
     )
 
 
-def _decode_extra(value, arrays: dict[str, Any], used: set[str]):
-    if isinstance(value, dict):
-        if set(value) == {ARRAY_MARKER}:
-            name = value[ARRAY_MARKER]
-            if name not in arrays:
-                raise KeyError(f"the extra state refers to a missing array entry {name!r}")
-            used.add(name)
-            return arrays[name]
-        return {key: _decode_extra(item, arrays, used) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_decode_extra(item, arrays, used) for item in value]
-    return value
+def _flatten_extra(extra: Mapping, where: str, prefix: str, arrays: dict, values: dict) -> None:
+    """Each leaf of the nested dict `extra` under its key path "<prefix>a/b": arrays into `arrays`,
+    the other values (and empty dicts) into `values`."""
+    for key, item in extra.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{where} keys must be str (JSON), got {type(key).__name__} {key!r}")
+        item_where = f"{where}[{key!r}]"
+        if key in ("", ".", "..") or "/" in key or "\\" in key:
+            raise ValueError(f"{item_where}: keys must be non-empty names without '/' or '\\'")
+        if isinstance(item, Mapping) and item:
+            _flatten_extra(item, item_where, f"{prefix}{key}/", arrays, values)
+        elif isinstance(item, Mapping):
+            values[prefix + key] = {}
+        elif _is_array(item):
+            if np.dtype(item.dtype).hasobject:
+                raise TypeError(f"{item_where} must not hold Python objects (dtype {item.dtype}): nothing is pickled")
+            arrays[prefix + key] = item
+        else:
+            values[prefix + key] = _json_value(item, item_where)
+
+
+def _unflatten_extra(path: str, leaves) -> dict:
+    """The nested dict of the flat ("a/b/c", leaf) pairs `leaves`."""
+    extra: dict = {}
+    for name, value in leaves:
+        *parents, leaf = name.split("/")
+        node = extra
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf in node:
+            raise CheckpointError(f"checkpoint {path!r}: the extra entry {name!r} clashes with another one")
+        node[leaf] = value
+    return extra
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,9 +147,10 @@ def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) ->
     """Write params, config and optional extra state to one .npz file at `path`, atomically.
 
     params: name -> array (NumPy or CuPy), exactly the keys and shapes of param_shapes(config), in
-        the config's dtype. extra: a dict whose leaves are arrays or JSON values (None, bool, int,
-        float, str; tuples become lists), nested in dicts with str keys and lists: optimizer state,
-        step counter, RNG state (`rng.bit_generator.state`), metrics. Missing parent folders are
+        the config's dtype. extra: a dict whose values are arrays, JSON values (None, bool, int,
+        float, str, lists of them; tuples become lists) or dicts of the same, keys str without '/':
+        optimizer state, step counter, RNG state (`rng.bit_generator.state`), metrics. It loads as an
+        equal dict (NumPy scalars come back as 0-d arrays, key order aside). Missing parent folders are
         created. On any failure the temporary file is removed and an existing file at `path` is
         left as it was.
     """
@@ -166,9 +167,9 @@ def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) ->
     if extra is not None and not isinstance(extra, Mapping):
         raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
     extra_arrays: dict[str, Any] = {}
-    extra_json = None
+    extra_values: dict[str, Any] = {}
     if extra is not None:
-        extra_json = json.dumps(_encode_extra(extra, "extra", (), extra_arrays))
+        _flatten_extra(extra, "extra", "", extra_arrays, extra_values)
     if os.path.isdir(path):
         raise ValueError(f"path must be a file name, got the directory {path!r}")
 
@@ -178,10 +179,10 @@ def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) ->
             _write_entry(archive, CONFIG_KEY, np.array(json.dumps(config.to_dict())))
             for name in param_shapes(config):
                 _write_entry(archive, name, params[name])
-            if extra_json is not None:
-                _write_entry(archive, EXTRA_JSON_KEY, np.array(extra_json))
+            if extra is not None:
+                _write_entry(archive, EXTRA_JSON_KEY, np.array(json.dumps(extra_values)))
                 for name, value in extra_arrays.items():
-                    _write_entry(archive, name, value)
+                    _write_entry(archive, EXTRA_PREFIX + name, value)
 
 
 def _json_entry(path: str, arrays: dict, key: str):
@@ -237,6 +238,11 @@ def load(path) -> Checkpoint:
         )
     if version < 1:
         raise CheckpointError(f"checkpoint {path!r} has an invalid format version {version}")
+    if version < FORMAT_VERSION and EXTRA_JSON_KEY in arrays:
+        raise CheckpointError(
+            f"checkpoint {path!r} has format version {version}, whose extra state (nested JSON) this "
+            f"kto_np (format {FORMAT_VERSION}, flat keys) does not read: only its parameters would load"
+        )
     if CONFIG_KEY not in arrays:
         raise CheckpointError(f"checkpoint {path!r} has no {CONFIG_KEY!r} entry")
     config_dict = _json_entry(path, arrays, CONFIG_KEY)
@@ -263,21 +269,11 @@ def load(path) -> Checkpoint:
         )
 
     xp = backend.xp()
-    extra_arrays = {k: xp.asarray(v) for k, v in arrays.items() if k.startswith(EXTRA_PREFIX)}
-    extra: dict = {}
-    if EXTRA_JSON_KEY in arrays:
-        used: set[str] = set()
-        try:
-            extra = _decode_extra(_json_entry(path, arrays, EXTRA_JSON_KEY), extra_arrays, used)
-        except KeyError as exc:
-            raise CheckpointError(f"checkpoint {path!r}: {exc.args[0]}") from exc
-        if not isinstance(extra, dict):
-            raise CheckpointError(f"checkpoint {path!r}: the extra state must be a JSON object")
-    else:
-        used = set()
-    unused = sorted(set(extra_arrays) - used)
-    if unused:
-        raise CheckpointError(f"checkpoint {path!r} has extra arrays no extra state refers to: {unused}")
+    extra_values = _json_entry(path, arrays, EXTRA_JSON_KEY) if EXTRA_JSON_KEY in arrays else {}
+    if not isinstance(extra_values, dict):
+        raise CheckpointError(f"checkpoint {path!r}: {EXTRA_JSON_KEY!r} must be a JSON object")
+    extra_arrays = {k[len(EXTRA_PREFIX):]: xp.asarray(v) for k, v in arrays.items() if k.startswith(EXTRA_PREFIX)}
+    extra = _unflatten_extra(path, [*extra_values.items(), *extra_arrays.items()])
     params = {name: xp.asarray(stored_params[name]) for name in param_shapes(config)}
     return Checkpoint(params=params, config=config, extra=extra)
 

@@ -63,6 +63,16 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"kto-np figures: error: cannot write to {args.out!r}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    if args.run is not None and os.path.isfile(os.path.join(args.run, "checkpoints", "kto.npz")):
+        from .landscape import LandscapeError, run_landscape  # noqa: PLC0415
+
+        has_trajectory = os.path.isdir(os.path.join(args.run, "trajectory"))
+        try:  # the landscape figures of the run's policy (landscape_*.png; kto-np landscape has the options)
+            paths += run_landscape(args.run, args.out, directions=("random", "pca") if has_trajectory else "random",
+                                   seed=args.seed, write_data=False, progress=False, log=lambda *a: None)["paths"]
+        except LandscapeError as exc:
+            print(f"kto-np figures: error: {exc}", file=sys.stderr)
+            return 2
     for path in paths:
         print(path)
     if records is None:
@@ -81,6 +91,23 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
 
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
                       tolerance=args.tolerance)
+
+
+def _cmd_landscape(args: argparse.Namespace) -> int:
+    from .landscape import LandscapeError, run_landscape  # noqa: PLC0415
+
+    log = (lambda *a, **k: None) if args.quiet else print
+    try:
+        run_landscape(args.run, args.out, variant=args.variant, directions=args.directions, points=args.points,
+                      span=args.span, seed=args.seed, num_examples=args.examples,
+                      eval_prompts=args.eval_prompts, progress=not args.quiet, log=log)
+    except LandscapeError as exc:
+        print(f"kto-np landscape: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kto-np landscape: error: cannot write to {args.out!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _int_at_least(minimum: int):
@@ -213,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="regenerate every figure (PNG) from code",
                        description="Write every figure as a PNG into --out, deterministically: the value "
                        "functions, loss and gradient surfaces, KTO vs DPO vs APO-zero, the z gradient, class "
-                       "balance, per-token gradients, and the training curves of a run (--run).")
+                       "balance, per-token gradients, and the training curves and loss landscapes of a run (--run).")
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--run", default=None, help="a run folder whose metrics.jsonl gives training_curves.png")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic batches (default: 0)")
@@ -265,6 +292,37 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text.split(";")[0], description=text + ".")
         _add_training_options(p, TrainConfig(**preset))
         p.set_defaults(func=_cmd_train, preset={k: v for k, v in preset.items() if k not in TRAINING_OPTIONS})
+
+    from .landscape import DIRECTIONS, LOSS_VARIANTS, MAX_POINTS, MIN_POINTS  # noqa: PLC0415
+
+    p = sub.add_parser("landscape", help="loss landscapes of a run's policy (random, PCA, Hessian planes)",
+                       description="The loss of a run's trained policy on a fixed batch of its own data, in "
+                       "float64: a 2-D plane around the policy (--directions), the segment from the reference "
+                       "to the policy with the desirable rate of samples, and the same policy under edifice, "
+                       "edifice with stop_z_grad, kto and apo_zero_unpaired against a shift of every "
+                       "log-probability. Writes landscape_<directions>.png, landscape_interpolation.png, "
+                       "landscape_variants.png and landscape.npz (loss [N, N], alpha [N], beta [N]; the "
+                       "policy at 0, 0).")
+    p.add_argument("--run", required=True, help="a run folder (kto-np demo / train)")
+    p.add_argument("--variant", choices=LOSS_VARIANTS, default=None,
+                   help="the loss drawn in the plane and along the segment (default: the run's variant)")
+    p.add_argument("--directions", choices=DIRECTIONS, default="random",
+                   help="random: filter-normalised Gaussian; pca: the training trajectory's principal plane; "
+                   "hessian: the top two Hessian eigen-directions (default: random)")
+    p.add_argument("--points", type=int, default=21,
+                   help=f"grid points per axis, in [{MIN_POINTS}, {MAX_POINTS}] (default: 21)")
+    p.add_argument("--span", type=float, default=1.0,
+                   help="half-width of the grid, > 0: filter-normalised units (random), the step where the "
+                   "quadratic model has risen by the loss (hessian), 1.2 x the trajectory's extent (pca) "
+                   "(default: 1.0)")
+    p.add_argument("--examples", type=positive_int, default=None,
+                   help="size of the fixed batch: the first examples of the run's data (default: 32)")
+    p.add_argument("--eval-prompts", type=positive_int, default=128,
+                   help="held-out prompts sampled for the desirable rate along the segment (default: 128)")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/landscape)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random directions (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no file list")
+    p.set_defaults(func=_cmd_landscape)
     return parser
 
 

@@ -1,84 +1,20 @@
 """Autoregressive generation with a key/value cache (eval mode: no dropout).
 
-forward_with_cache runs the model on new tokens only, appending each layer's keys and values to a
-KVCache and attending over everything cached; positions continue from the cache length. Its logits
-equal those of GPT.forward on the whole sequence. generate() decodes greedily or by sampling.
-Shape letters: B batch, T time, C channels, V vocabulary, NH heads, HS head size, L layers.
+The model's own forward runs the new tokens only: GPT.forward(..., kv_cache=...) appends each
+layer's keys and values to a KVCache and attends over everything cached, positions continuing from
+the cache length, with the same logits as a forward over the whole sequence. generate() decodes
+greedily or by sampling. Shape letters: B batch, T time, V vocabulary.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
 from .backend import array_module, to_numpy
-from .layers import (
-    causal_mask,
-    gelu_forward,
-    layernorm_forward,
-    linear_forward,
-    merge_heads,
-    softmax_forward,
-    split_heads,
-)
-from .model import GPT, LAYERNORM_EPS
-from .validation import check_finite_scalar, check_positive_int
+from .model import GPT, KVCache
+from .validation import check_finite_scalar, check_positive_int, check_rng
 
 __all__ = ["KVCache", "forward_with_cache", "generate"]
-
-
-@dataclass
-class KVCache:
-    """Keys and values of every layer for the first `length` positions (buffers of `capacity`)."""
-
-    keys: list  # L x [B, NH, capacity, HS]
-    values: list  # L x [B, NH, capacity, HS]
-    length: int  # positions filled so far
-
-    @classmethod
-    def empty(cls, model: GPT, batch_size: int, capacity: int | None = None, xp: Any = np) -> KVCache:
-        """Zeroed buffers for batch_size sequences of up to capacity (default max_seq_len) positions."""
-        config = model.config
-        capacity = config.max_seq_len if capacity is None else capacity
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("capacity", capacity)
-        if capacity > config.max_seq_len:
-            raise ValueError(f"capacity must be <= max_seq_len={config.max_seq_len}, got {capacity}")
-        shape = (batch_size, config.num_heads, capacity, config.head_size)
-        keys = [xp.zeros(shape, dtype=config.np_dtype) for _ in range(config.num_layers)]
-        values = [xp.zeros(shape, dtype=config.np_dtype) for _ in range(config.num_layers)]
-        return cls(keys, values, 0)
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-
-def _cached_attention(params: dict, prefix: str, x, kv_cache: KVCache, layer: int, num_heads: int):
-    """Attention of the new positions over cached + new keys.  x [B, Tn, C] -> [B, Tn, C].
-
-    Writes this layer's new keys and values at positions start..start+Tn-1 of the cache.
-    """
-    xp = array_module(x)
-    B, Tn, C = x.shape
-    start = kv_cache.length
-    end = start + Tn
-    qkv, _ = linear_forward(x, params[prefix + "attn.c_attn.weight"], params[prefix + "attn.c_attn.bias"])
-    q, k, v = (xp.ascontiguousarray(split_heads(part, num_heads))
-               for part in xp.split(qkv, 3, axis=-1))  # [B, NH, Tn, HS]
-    kv_cache.keys[layer][:, :, start:end] = k
-    kv_cache.values[layer][:, :, start:end] = v
-    keys = kv_cache.keys[layer][:, :, :end]  # [B, NH, end, HS]
-    values = kv_cache.values[layer][:, :, :end]
-    scores = q @ keys.transpose(0, 1, 3, 2)  # [B, NH, Tn, end]
-    scores *= 1.0 / math.sqrt(C // num_heads)
-    probs, _ = softmax_forward(scores, mask=causal_mask(Tn, end, xp))
-    y = merge_heads(probs @ values)  # [B, Tn, C]
-    out, _ = linear_forward(y, params[prefix + "attn.c_proj.weight"], params[prefix + "attn.c_proj.bias"])
-    return out
 
 
 def forward_with_cache(model: GPT, params: dict, tokens, kv_cache: KVCache | None = None):
@@ -88,38 +24,10 @@ def forward_with_cache(model: GPT, params: dict, tokens, kv_cache: KVCache | Non
     extended in place. Returns (logits [B, Tn, V], kv_cache). With kv_cache=None a new one of capacity
     max_seq_len is made. Same numbers as GPT.forward on the whole sequence.
     """
-    config = model.config
-    model.check_params(params)
-    xp = array_module(params["wte.weight"])
-    tokens = xp.asarray(model.check_tokens(tokens))
-    B, Tn = tokens.shape
     if kv_cache is None:
-        kv_cache = KVCache.empty(model, B, xp=xp)
-    if not isinstance(kv_cache, KVCache):
-        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
-    if kv_cache.keys[0].shape[0] != B:
-        raise ValueError(f"tokens must have the cache's batch size {kv_cache.keys[0].shape[0]}, got {B}")
-    start = kv_cache.length
-    if start + Tn > kv_cache.capacity:
-        raise ValueError(
-            f"tokens would fill positions up to {start + Tn}, beyond the cache capacity {kv_cache.capacity} "
-            f"(max_seq_len={config.max_seq_len})")
-
-    x = params["wte.weight"][tokens]  # [B, Tn, C]
-    x += model.position_embeddings(params, Tn, start)
-    for layer in range(config.num_layers):
-        p = f"h.{layer}."
-        ln_1_out, _ = layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"], LAYERNORM_EPS)
-        x = x + _cached_attention(params, p, ln_1_out, kv_cache, layer, config.num_heads)
-        ln_2_out, _ = layernorm_forward(x, params[p + "ln_2.weight"], params[p + "ln_2.bias"], LAYERNORM_EPS)
-        fc_out, _ = linear_forward(ln_2_out, params[p + "mlp.c_fc.weight"], params[p + "mlp.c_fc.bias"])
-        gelu_out, _ = gelu_forward(fc_out)
-        mlp_out, _ = linear_forward(gelu_out, params[p + "mlp.c_proj.weight"], params[p + "mlp.c_proj.bias"])
-        x = x + mlp_out
-    kv_cache.length = start + Tn
-    x_final, _ = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
-    head_weight = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]  # [V, C]
-    logits = x_final @ head_weight.T  # [B, Tn, V]
+        tokens = model.check_tokens(tokens)
+        kv_cache = KVCache.empty(model, tokens.shape[0], xp=array_module(params["wte.weight"]))
+    logits, _ = model.forward(params, tokens, kv_cache=kv_cache)
     return logits, kv_cache
 
 
@@ -162,20 +70,18 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
         if top_k > config.vocab_size:
             raise ValueError(f"top_k must be <= vocab_size={config.vocab_size}, got {top_k}")
     if temperature > 0.0:
-        if rng is None:
-            raise ValueError("rng must be a numpy.random.Generator when temperature > 0, got None")
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        check_rng(rng, "temperature > 0")
     if stop_token is not None:
         stop_token = check_positive_int("stop_token", stop_token, minimum=0)
         if stop_token >= config.vocab_size:
             raise ValueError(f"stop_token must be in [0, {config.vocab_size}), got {stop_token}")
+    model.check_params(params)
     if max_new_tokens == 0:
         return prompt
 
-    xp = array_module(params["wte.weight"])
-    kv_cache = KVCache.empty(model, B, capacity=T0 + max_new_tokens, xp=xp)
-    logits, kv_cache = forward_with_cache(model, params, prompt, kv_cache)
+    # checked once above: each step runs the model's forward unchecked, on the new token only
+    kv_cache = KVCache.empty(model, B, capacity=T0 + max_new_tokens, xp=array_module(params["wte.weight"]))
+    logits, _ = model._forward(params, prompt, kv_cache=kv_cache)
     generated = []
     stopped = np.zeros(B, dtype=bool)
     for step in range(max_new_tokens):
@@ -186,5 +92,5 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
         generated.append(next_tokens)
         if stopped.all() or step == max_new_tokens - 1:
             break
-        logits, kv_cache = forward_with_cache(model, params, next_tokens[:, None], kv_cache)
+        logits, _ = model._forward(params, next_tokens[:, None], kv_cache=kv_cache)
     return np.concatenate([prompt, np.stack(generated, axis=1)], axis=1)

@@ -3,6 +3,9 @@
 Each op is `out, cache = X_forward(...)` and `grads = X_backward(dout, cache)`; the cache is a small
 NamedTuple holding what the backward needs. Shape letters: B batch, T time, C channels, NH heads,
 HS head size (C // NH), V vocabulary; `...` is any number of leading axes.
+
+The ops assume valid input: the public functions that call them (GPT.forward, generate, ...) check
+their arguments once, at the door.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backend import array_module, scatter_add
-from .validation import check_finite_scalar, check_positive_int
 
 __all__ = [
     "AttentionCache",
@@ -70,12 +72,8 @@ def embedding_backward(dout, cache: EmbeddingCache, out=None):
     With out [V, C] given, the sums are added to it in place and out is returned (a tied embedding
     adds its lookup gradient to the head's gradient without a second [V, C] array).
     """
-    xp = array_module(dout)
     if out is None:
-        out = xp.zeros((cache.num_embeddings, dout.shape[-1]), dtype=cache.dtype)
-    elif tuple(out.shape) != (cache.num_embeddings, dout.shape[-1]) or out.dtype != cache.dtype:
-        raise ValueError(f"out must be a [{cache.num_embeddings}, {dout.shape[-1]}] {cache.dtype} array, "
-                         f"got shape {tuple(out.shape)} and dtype {out.dtype}")
+        out = array_module(dout).zeros((cache.num_embeddings, dout.shape[-1]), dtype=cache.dtype)
     scatter_add(out, cache.indices, dout)
     return out
 
@@ -133,10 +131,8 @@ def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
     centered = x - mean
     var = (centered * centered).mean(axis=-1, keepdims=True)
     rstd = 1.0 / xp.sqrt(var + eps)
-    centered *= rstd  # now x_hat
-    centered *= weight
-    centered += bias
-    return centered, LayerNormCache(x, weight, mean, rstd)
+    out = centered * rstd * weight + bias
+    return out, LayerNormCache(x, weight, mean, rstd)
 
 
 def layernorm_backward(dout, cache: LayerNormCache):
@@ -146,18 +142,13 @@ def layernorm_backward(dout, cache: LayerNormCache):
     Returns (dx [..., C], dweight [C], dbias [C]).
     """
     C = cache.x.shape[-1]
-    x_hat = cache.x - cache.mean
-    x_hat *= cache.rstd
+    x_hat = (cache.x - cache.mean) * cache.rstd
     dbias = dout.reshape(-1, C).sum(axis=0)
     dout_x_hat = dout * x_hat
     dweight = dout_x_hat.reshape(-1, C).sum(axis=0)
-    g_x_hat = dout_x_hat
-    g_x_hat *= cache.weight
-    dx = dout * cache.weight  # g
-    dx -= dx.mean(axis=-1, keepdims=True)
-    x_hat *= g_x_hat.mean(axis=-1, keepdims=True)
-    dx -= x_hat
-    dx *= cache.rstd
+    g = dout * cache.weight
+    g_x_hat = dout_x_hat * cache.weight
+    dx = (g - g.mean(axis=-1, keepdims=True) - x_hat * g_x_hat.mean(axis=-1, keepdims=True)) * cache.rstd
     return dx, dweight, dbias
 
 
@@ -167,40 +158,23 @@ def layernorm_backward(dout, cache: LayerNormCache):
 
 class GeluCache(NamedTuple):
     x: Any  # [...]
-    tanh_inner: Any  # [...]  tanh(sqrt(2/pi) (x + 0.044715 x^3))
+    tanh_out: Any  # [...]  t = tanh(sqrt(2/pi) (x + 0.044715 x^3))
 
 
 def gelu_forward(x):
-    """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    """out = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715 x^3)) = tanh(x (a + b x^2)),
+    a = sqrt(2/pi), b = sqrt(2/pi) 0.044715."""
     xp = array_module(x)
-    # the tanh argument, built in one buffer: x (sqrt(2/pi) + sqrt(2/pi) 0.044715 x^2)
-    tanh_inner = x * x
-    tanh_inner *= SQRT_2_OVER_PI * GELU_COEFF
-    tanh_inner += SQRT_2_OVER_PI
-    tanh_inner *= x
-    xp.tanh(tanh_inner, out=tanh_inner)
-    out = tanh_inner + 1.0
-    out *= x
-    out *= 0.5
-    return out, GeluCache(x, tanh_inner)
+    tanh_out = xp.tanh(((SQRT_2_OVER_PI * GELU_COEFF) * (x * x) + SQRT_2_OVER_PI) * x)
+    out = (tanh_out + 1.0) * x * 0.5
+    return out, GeluCache(x, tanh_out)
 
 
 def gelu_backward(dout, cache: GeluCache):
-    """dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)), t = tanh(...)."""
-    xp = array_module(dout)
-    x, t = cache.x, cache.tanh_inner
-    dinner = x * x  # d(tanh argument)/dx = sqrt(2/pi) + sqrt(2/pi) 3 * 0.044715 x^2
-    dinner *= SQRT_2_OVER_PI * 3.0 * GELU_COEFF
-    dinner += SQRT_2_OVER_PI
-    local = t * t  # then 0.5 x (1 - t^2) dinner + 0.5 (1 + t)
-    xp.subtract(1.0, local, out=local)
-    local *= x
-    local *= dinner
-    local += t
-    local += 1.0
-    local *= 0.5
-    local *= dout
-    return local
+    """dx = dout * 0.5 ((1 - t^2) x (a + 3 b x^2) + t + 1): the derivative of 0.5 x (1 + tanh(x (a + b x^2)))."""
+    x, t = cache.x, cache.tanh_out
+    dtanh_arg = (SQRT_2_OVER_PI * 3.0 * GELU_COEFF) * (x * x) + SQRT_2_OVER_PI  # d(x (a + b x^2))/dx
+    return ((1.0 - t * t) * x * dtanh_arg + t + 1.0) * 0.5 * dout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,44 +185,31 @@ class SoftmaxCache(NamedTuple):
     probs: Any  # [..., N]
 
 
-def softmax_forward(x, mask=None, *, out=None):
+def softmax_forward(x, mask=None):
     """probs = exp(x - max) / sum(exp(x - max)) over the last axis.
 
     mask (bool, broadcastable to x, True = keep) sets the excluded entries' probability to exactly 0;
     a row with no kept entry gives all zeros (and zero gradient) rather than NaN.
-    out: where to write probs (may be x itself, which is then overwritten); a new array by default.
     """
     xp = array_module(x)
-    if out is None:
-        out = xp.empty_like(x)
-    if mask is None:
-        xp.subtract(x, x.max(axis=-1, keepdims=True), out=out)
-    else:
-        if out is not x:
-            xp.copyto(out, x)
-        xp.copyto(out, x.dtype.type(-np.inf), where=~mask)
-        row_max = out.max(axis=-1, keepdims=True)
-        row_max = xp.where(xp.isfinite(row_max), row_max, x.dtype.type(0))  # fully masked row
-        out -= row_max
-    probs = xp.exp(out, out=out)
-    total = probs.sum(axis=-1, keepdims=True)
+    if mask is not None:
+        x = xp.where(mask, x, x.dtype.type(-np.inf))
+    row_max = x.max(axis=-1, keepdims=True)
+    if mask is not None:
+        row_max = xp.where(xp.isfinite(row_max), row_max, x.dtype.type(0))  # a fully masked row
+    exps = xp.exp(x - row_max)
+    total = exps.sum(axis=-1, keepdims=True)
     if mask is not None:
         total = xp.where(total > 0, total, x.dtype.type(1))
-    probs *= 1.0 / total
+    probs = exps * (1.0 / total)
     return probs, SoftmaxCache(probs)
 
 
-def softmax_backward(dprobs, cache: SoftmaxCache, *, out=None):
-    """dx = probs * (dprobs - sum(dprobs * probs, last axis)).
-
-    out: where to write dx (may be dprobs itself, which is then overwritten); a new array by default.
-    """
-    xp = array_module(dprobs)
+def softmax_backward(dprobs, cache: SoftmaxCache):
+    """dx = probs * (dprobs - sum(dprobs * probs, last axis))."""
     probs = cache.probs
-    row_dot = xp.einsum("...j,...j->...", dprobs, probs)[..., None]  # sum_j dprobs_j probs_j
-    dx = xp.subtract(dprobs, row_dot, out=out)
-    dx *= probs
-    return dx
+    row_dot = array_module(dprobs).einsum("...j,...j->...", dprobs, probs)[..., None]  # sum_j dprobs_j probs_j
+    return (dprobs - row_dot) * probs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,35 +222,23 @@ class DropoutCache(NamedTuple):
 
 
 def dropout_forward(x, p: float, *, train: bool, rng: np.random.Generator | None = None):
-    """out = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn on the host from `rng`.
+    """out = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn on the host from `rng`; p in [0, 1).
 
     The identity when train is False or p == 0 (rng is then not used). The mask is drawn with NumPy
     and moved to x's array module, so NumPy and CuPy runs with the same rng use the same mask.
     """
-    p = check_finite_scalar("p", p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p must be in [0, 1), got {p}")
     if not train or p == 0.0:
         return x, DropoutCache(None, 1.0)
-    if rng is None:
-        raise ValueError("rng must be a numpy.random.Generator when train=True and p > 0, got None")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    xp = array_module(x)
-    keep = xp.asarray(rng.random(x.shape) >= p)
+    keep = array_module(x).asarray(rng.random(x.shape) >= p)
     scale = 1.0 / (1.0 - p)
-    out = x * keep
-    out *= scale
-    return out, DropoutCache(keep, scale)
+    return x * keep * scale, DropoutCache(keep, scale)
 
 
 def dropout_backward(dout, cache: DropoutCache):
     """dx = dout * keep / (1 - p), with the mask of the forward pass."""
     if cache.keep is None:
         return dout
-    dx = dout * cache.keep
-    dx *= cache.scale
-    return dx
+    return dout * cache.keep * cache.scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,33 +283,37 @@ class AttentionGrads(NamedTuple):
 
 
 def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads: int, *,
-                      dropout: float = 0.0, train: bool = False, rng: np.random.Generator | None = None):
+                      dropout: float = 0.0, train: bool = False, rng: np.random.Generator | None = None,
+                      past: tuple | None = None):
     """Causal multi-head self-attention, GPT-2 style.
 
     q, k, v = split(x @ c_attn_weight + c_attn_bias)             x [B, T, C] -> 3 x [B, NH, T, HS]
-    probs = softmax(q @ k^T / sqrt(HS), causal mask)             [B, NH, T, T]
+    probs = softmax(q @ k^T / sqrt(HS), causal mask)             [B, NH, T, Tk]
     y = dropout(probs) @ v                                       [B, NH, T, HS]
     out = merge(y) @ c_proj_weight + c_proj_bias                 [B, T, C]
+
+    past = (keys, values, start), buffers [B, NH, capacity, HS] of a key/value cache (generation):
+    x holds positions start..start+T-1, its k and v are written into the buffers there, and the
+    queries attend over all Tk = start + T cached keys. Without past, Tk = T and start = 0.
     """
     xp = array_module(x)
-    if getattr(x, "ndim", None) != 3:
-        raise ValueError(f"x must be 3-D [B, T, C], got shape {tuple(getattr(x, 'shape', ()))}")
     B, T, C = x.shape
-    check_positive_int("num_heads", num_heads)
-    if C % num_heads:
-        raise ValueError(f"num_heads must divide the channels C={C}, got num_heads={num_heads}")
     HS = C // num_heads
     qkv, qkv_cache = linear_forward(x, c_attn_weight, c_attn_bias)  # [B, T, 3C]
     # contiguous heads: NumPy's batched matmul falls back to a slow loop on strided views
     qkv_heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, num_heads, HS).transpose(2, 0, 3, 1, 4))
     q, k, v = qkv_heads[0], qkv_heads[1], qkv_heads[2]  # [B, NH, T, HS] each
+    if past is not None:
+        keys, values, start = past
+        keys[:, :, start:start + T], values[:, :, start:start + T] = k, v
+        k, v = keys[:, :, :start + T], values[:, :, :start + T]  # [B, NH, Tk, HS]
+    Tk = k.shape[2]
     scale = 1.0 / math.sqrt(HS)
     # k^T as its own contiguous array: OpenBLAS runs small plain products A @ B on one thread, but
     # sends A @ B.T (a transposed operand) to its threaded path, slow for many small heads
-    k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, T]
-    scores = q @ k_t  # [B, NH, T, T]
-    scores *= scale
-    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, T, xp), out=scores)
+    k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, Tk]
+    scores = q @ k_t * scale  # [B, NH, T, Tk]
+    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, Tk, xp))
     probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
     y = probs_dropped @ v  # [B, NH, T, HS]
     out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
@@ -369,7 +322,7 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
 
 
 def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
-    """Backward of attention_forward, read bottom-up. dout [B, T, C] -> AttentionGrads."""
+    """Backward of attention_forward (without past), read bottom-up. dout [B, T, C] -> AttentionGrads."""
     xp = array_module(dout)
     B, NH, T, HS = cache.q.shape
     # out = merge(y) @ c_proj_weight + c_proj_bias
@@ -380,9 +333,9 @@ def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
     dprobs_dropped = dy @ v_t  # [B, NH, T, T]
     dv = cache.probs_dropped.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, HS]
     dprobs = dropout_backward(dprobs_dropped, cache.dropout_cache)
-    dscores = softmax_backward(dprobs, cache.softmax_cache, out=dprobs)  # masked entries get exactly 0
+    dscores = softmax_backward(dprobs, cache.softmax_cache)  # masked entries get exactly 0
     # scores = q @ k^T * scale
-    dscores *= cache.scale
+    dscores = dscores * cache.scale
     dq = dscores @ cache.k  # [B, NH, T, HS]
     dk = dscores.transpose(0, 1, 3, 2) @ cache.q  # [B, NH, T, HS]
     dqkv = xp.empty((B, T, 3, NH, HS), dtype=dout.dtype)

@@ -43,7 +43,11 @@ _CHUNK_ELEMENTS = 1 << 18
 
 
 def log_softmax(logits, axis: int = -1):
-    """log_softmax(x)_i = x_i - max(x) - log(sum_j exp(x_j - max(x))); same shape and dtype as x."""
+    """log_softmax(x)_i = x_i - max(x) - log(sum_j exp(x_j - max(x))); same shape and dtype as x.
+
+    The whole-array formula (tutorial 02 builds on it); the log-prob functions below compute the same
+    one block of rows at a time.
+    """
     logits = as_float_array("logits", logits)
     xp = array_module(logits)
     shifted = logits - xp.max(logits, axis=axis, keepdims=True)
@@ -97,14 +101,16 @@ class LogprobsCache(NamedTuple):
     logsumexp: object  # [B, T]
 
 
-def _validate(logits, targets, mask, logits_name="logits", targets_name="targets", mask_name="mask"):
-    """Shapes and types; the finiteness of logits is checked by _logsumexp_last on its way."""
-    logits = as_float_array(logits_name, logits, ndim=3, finite=False)
+def _validate(logits, targets, mask, targets_name="targets", mask_name="mask"):
+    """The door check of both conventions: logits [B, T, V] float, targets [B, T] ids in [0, V), mask
+    [B, T] (None: all ones) in the logits dtype. The finiteness of logits is checked by _logsumexp_last
+    on its way."""
+    logits = as_float_array("logits", logits, ndim=3, finite=False)
     B, T, V = logits.shape
     targets = as_index_array(targets_name, targets, upper=V)
     if tuple(targets.shape) != (B, T):
         raise ValueError(
-            f"{targets_name} must have shape (B, T) = {(B, T)} to match {logits_name} {(B, T, V)}, "
+            f"{targets_name} must have shape (B, T) = {(B, T)} to match logits {(B, T, V)}, "
             f"got {tuple(targets.shape)}"
         )
     xp = array_module(logits)
@@ -123,7 +129,11 @@ def logprobs_forward(logits, targets, mask=None):
     logp[b] = sum_t mask[b, t] * (logits[b, t, targets[b, t]] - logsumexp(logits[b, t])).
     A fully masked row gives 0. The result has the dtype of logits.
     """
-    logits, targets, mask = _validate(logits, targets, mask)
+    return _logprobs_forward(*_validate(logits, targets, mask))
+
+
+def _logprobs_forward(logits, targets, mask):
+    """logprobs_forward on checked arguments (mask already in the logits dtype)."""
     xp = array_module(logits)
     lse = _logsumexp_last(logits, "logits")  # [B, T]
     target_logits = xp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
@@ -138,12 +148,20 @@ def logprobs_backward(dlogps, cache: LogprobsCache, out=None):
     """
     if not isinstance(cache, LogprobsCache):
         raise TypeError(f"cache must be the LogprobsCache returned by logprobs_forward, got {type(cache).__name__}")
-    logits, targets, mask, lse = cache
-    xp = array_module(logits)
-    B = logits.shape[0]
+    return _logprobs_backward(_check_dlogps(dlogps, cache.logits.shape[0]), cache, out)
+
+
+def _check_dlogps(dlogps, B: int):
     dlogps = as_float_array("dlogps", dlogps, ndim=1)
     if dlogps.shape[0] != B:
         raise ValueError(f"dlogps must have shape ({B},), got {tuple(dlogps.shape)}")
+    return dlogps
+
+
+def _logprobs_backward(dlogps, cache: LogprobsCache, out=None):
+    """logprobs_backward on checked arguments."""
+    logits, targets, mask, lse = cache
+    xp = array_module(logits)
     scale = mask * xp.asarray(dlogps, dtype=logits.dtype)[:, None]  # [B, T]
     if out is None:
         out = xp.empty_like(logits)
@@ -179,18 +197,10 @@ def sequence_logprobs_forward(logits, tokens, completion_mask):
     logp[b] = sum_{t=1}^{T-1} completion_mask[b, t] * log_softmax(logits[b, t-1])[tokens[b, t]].
     completion_mask[b, 0] is ignored (the first token has no logits before it).
     """
-    logits = as_float_array("logits", logits, ndim=3, finite=False)
-    tokens = as_index_array("tokens", tokens, upper=logits.shape[2])
-    if tokens.ndim != 2 or tuple(tokens.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
-            f"tokens must have shape (B, T) = {tuple(logits.shape[:2])} to match logits, "
-            f"got {tuple(tokens.shape)}"
-        )
-    completion_mask = as_float_array("completion_mask", completion_mask, allow_empty=True)
-    check_same_shape("completion_mask", completion_mask, "tokens", tokens)
+    logits, tokens, completion_mask = _validate(logits, tokens, completion_mask, "tokens", "completion_mask")
     if logits.shape[1] < 2:
         raise ValueError(f"sequences need at least 2 tokens for a shifted log-prob, got T={logits.shape[1]}")
-    logps, shifted_cache = logprobs_forward(logits[:, :-1], tokens[:, 1:], completion_mask[:, 1:])
+    logps, shifted_cache = _logprobs_forward(logits[:, :-1], tokens[:, 1:], completion_mask[:, 1:])
     return logps, SequenceLogprobsCache(shifted_cache, logits)
 
 
@@ -206,6 +216,7 @@ def sequence_logprobs_backward(dlogps, cache: SequenceLogprobsCache, *, overwrit
         raise TypeError(f"cache must be the cache of sequence_logprobs_forward, got {type(cache).__name__}")
     check_bool("overwrite_logits", overwrite_logits)
     logits = cache.logits  # [B, T, V]
+    dlogps = _check_dlogps(dlogps, logits.shape[0])
     xp = array_module(logits)
     if overwrite_logits:
         if not getattr(logits.flags, "writeable", True):  # (CuPy arrays are always writeable)
@@ -213,7 +224,7 @@ def sequence_logprobs_backward(dlogps, cache: SequenceLogprobsCache, *, overwrit
         dlogits = logits
     else:
         dlogits = xp.empty_like(logits)
-    logprobs_backward(dlogps, cache.shifted, out=dlogits[:, :-1])
+    _logprobs_backward(dlogps, cache.shifted, out=dlogits[:, :-1])
     dlogits[:, -1] = 0
     return dlogits
 

@@ -38,7 +38,15 @@ from .layers import (
     linear_backward,
     linear_forward,
 )
-from .validation import as_float_array, as_index_array, check_bool, check_choice, check_positive_int
+from .validation import (
+    as_float_array,
+    as_index_array,
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_positive_int,
+    check_rng,
+)
 
 POSITIONAL = ("learned", "sinusoidal")
 
@@ -65,10 +73,7 @@ class GPTConfig:
                 f"hidden_size must be divisible by num_heads, got hidden_size={self.hidden_size} "
                 f"and num_heads={self.num_heads}"
             )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise TypeError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_fraction("dropout", self.dropout)
         check_choice("dtype", self.dtype, ("float32", "float64"))
         check_choice("positional", self.positional, POSITIONAL)
         object.__setattr__(self, "tie_embeddings", check_bool("tie_embeddings", self.tie_embeddings))
@@ -169,7 +174,6 @@ class BlockCache(NamedTuple):
 
 
 class GPTCache(NamedTuple):
-    tokens: Any  # [B, T] int
     wte: EmbeddingCache  # token lookup
     embedding_dropout: DropoutCache  # on wte[tokens] + positions [B, T, C]
     blocks: list  # L x BlockCache
@@ -180,11 +184,12 @@ class GPTCache(NamedTuple):
     dtype: Any  # the model dtype
 
 
-def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool, rng):
+def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool, rng, past=None):
     """One pre-LN transformer block.  x [B, T, C] -> out [B, T, C]
 
     x_mid = x + dropout(attn(ln_1(x)))
     out = x_mid + dropout(mlp.c_proj(gelu(mlp.c_fc(ln_2(x_mid)))))
+    past: this layer's (keys, values, start) of a KVCache (see attention_forward), or None.
     """
     p = f"h.{layer}."
     ln_1_out, ln_1_cache = layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"],
@@ -192,7 +197,7 @@ def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool
     attn_out, attn_cache = attention_forward(
         ln_1_out, params[p + "attn.c_attn.weight"], params[p + "attn.c_attn.bias"],
         params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"], config.num_heads,
-        dropout=config.dropout, train=train, rng=rng,
+        dropout=config.dropout, train=train, rng=rng, past=past,
     )
     attn_out, attn_dropout_cache = dropout_forward(attn_out, config.dropout, train=train, rng=rng)
     x_mid = x + attn_out
@@ -230,6 +235,51 @@ def block_backward(dout, cache: BlockCache, layer: int, grads: dict):
     dx, grads[p + "ln_1.weight"], grads[p + "ln_1.bias"] = layernorm_backward(attn_grads.dx, cache.ln_1)
     dx += dx_mid  # the residual path of x_mid = x + ...
     return dx
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the first `length` positions (buffers of `capacity`).
+
+    GPT.forward(..., kv_cache=...) runs new tokens at positions length.. and appends their keys and
+    values, so generation runs each token through the model once.
+    """
+
+    keys: list  # L x [B, NH, capacity, HS]
+    values: list  # L x [B, NH, capacity, HS]
+    length: int  # positions filled so far
+
+    @classmethod
+    def empty(cls, model: GPT, batch_size: int, capacity: int | None = None, xp: Any = np) -> KVCache:
+        """Zeroed buffers for batch_size sequences of up to capacity (default max_seq_len) positions."""
+        config = model.config
+        capacity = config.max_seq_len if capacity is None else capacity
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("capacity", capacity)
+        if capacity > config.max_seq_len:
+            raise ValueError(f"capacity must be <= max_seq_len={config.max_seq_len}, got {capacity}")
+        shape = (batch_size, config.num_heads, capacity, config.head_size)
+        keys = [xp.zeros(shape, dtype=config.np_dtype) for _ in range(config.num_layers)]
+        values = [xp.zeros(shape, dtype=config.np_dtype) for _ in range(config.num_layers)]
+        return cls(keys, values, 0)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def check_room(self, tokens, config: GPTConfig) -> None:
+        """tokens [B, Tn] fit: the cache's batch size, and length + Tn <= capacity."""
+        B, Tn = tokens.shape
+        if B != self.batch_size:
+            raise ValueError(f"tokens must have the cache's batch size {self.batch_size}, got {B}")
+        if self.length + Tn > self.capacity:
+            raise ValueError(
+                f"tokens would fill positions up to {self.length + Tn}, beyond the cache capacity "
+                f"{self.capacity} (max_seq_len={config.max_seq_len})")
 
 
 class GPT:
@@ -299,24 +349,23 @@ class GPT:
         table = sinusoidal_positions(num_positions, config.hidden_size, start)
         return xp.asarray(table.astype(config.np_dtype))
 
-    def check_tokens(self, tokens, name: str = "tokens", *, max_len: int | None = None):
-        """tokens as a 2-D integer array [B, T] with 1 <= T <= max_len (default max_seq_len), ids in [0, V)."""
+    def check_tokens(self, tokens, name: str = "tokens"):
+        """tokens as a 2-D integer array [B, T] with 1 <= T <= max_seq_len, ids in [0, V)."""
         config = self.config
-        max_len = config.max_seq_len if max_len is None else max_len
         tokens = as_index_array(name, tokens, upper=config.vocab_size)
         if tokens.ndim != 2:
             raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(tokens.shape)}")
         if tokens.size == 0:
             raise ValueError(f"{name} must not be empty, got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > max_len:
+        if tokens.shape[1] > config.max_seq_len:
             raise ValueError(
-                f"{name} has sequence length {tokens.shape[1]}, more than max_seq_len={max_len}")
+                f"{name} has sequence length {tokens.shape[1]}, more than max_seq_len={config.max_seq_len}")
         return tokens
 
     # -- forward and backward --------------------------------------------------------------------
 
     def forward(self, params: dict, tokens, *, train: bool = False, rng: np.random.Generator | None = None,
-                keep_cache: bool = True):
+                keep_cache: bool = True, kv_cache: KVCache | None = None):
         """tokens [B, T] int -> (logits [B, T, V] in the model dtype, cache for backward).
 
         x = dropout(wte[tokens] + positions); x = block_l(x) for l = 0..L-1; x_final = ln_f(x);
@@ -325,36 +374,51 @@ class GPT:
         keep_cache=False is a forward-only pass (a frozen reference, no-gradient KL rows): the cache is
         None and each block's activations are freed as soon as the next block has run, so the pass
         holds about one block's activations instead of all L.
+        kv_cache (generation, eval mode, forward-only: the cache returned is None): tokens are at
+        positions kv_cache.length.., attend over everything cached, and are appended to it.
         """
-        config = self.config
         self.check_params(params)
+        tokens = self.check_tokens(tokens)
         check_bool("train", train)
         check_bool("keep_cache", keep_cache)
-        dropout_active = train and config.dropout > 0
-        if dropout_active and rng is None:
-            raise ValueError("rng must be a numpy.random.Generator when train=True and dropout > 0, got None")
-        if dropout_active and not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        if train and self.config.dropout > 0:
+            check_rng(rng, "train=True and dropout > 0")
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+            if train:
+                raise ValueError("kv_cache is for generation: it needs train=False")
+            kv_cache.check_room(tokens, self.config)
+        return self._forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache, kv_cache=kv_cache)
+
+    def _forward(self, params: dict, tokens, *, train: bool = False, rng=None, keep_cache: bool = False,
+                 kv_cache: KVCache | None = None):
+        """GPT.forward on checked arguments (generate calls it once per token)."""
+        config = self.config
         xp = array_module(params["wte.weight"])
-        tokens = xp.asarray(self.check_tokens(tokens))
+        tokens = xp.asarray(tokens)
         B, T = tokens.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        keep_cache = keep_cache and kv_cache is None
 
         token_vectors, wte_cache = embedding_forward(params["wte.weight"], tokens)  # [B, T, C]
-        x = token_vectors
-        x += self.position_embeddings(params, T)  # [T, C] broadcast over B
+        x = token_vectors + self.position_embeddings(params, T, start)  # [T, C] broadcast over B
         x, embedding_dropout_cache = dropout_forward(x, config.dropout, train=train, rng=rng)
         block_caches = []
         for layer in range(config.num_layers):
-            x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng)
+            past = None if kv_cache is None else (kv_cache.keys[layer], kv_cache.values[layer], start)
+            x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng, past=past)
             if keep_cache:
                 block_caches.append(block_cache)
+        if kv_cache is not None:
+            kv_cache.length = start + T
         x_final, ln_f_cache = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
         head_weight = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]  # [V, C]
         V = head_weight.shape[0]
         logits = (x_final.reshape(B * T, -1) @ head_weight.T).reshape(B, T, V)
         if not keep_cache:
             return logits, None
-        cache = GPTCache(tokens, wte_cache, embedding_dropout_cache, block_caches, ln_f_cache, x_final,
+        cache = GPTCache(wte_cache, embedding_dropout_cache, block_caches, ln_f_cache, x_final,
                          head_weight, (B, T, V), config.np_dtype)
         return logits, cache
 

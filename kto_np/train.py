@@ -18,6 +18,9 @@ A run folder holds:
   checkpoints/sft.npz    latest SFT state (params, AdamW state, step): resume point
   checkpoints/reference.npz   the finished reference
   checkpoints/kto.npz    latest KTO state: resume point; at the end, the trained policy
+  trajectory/kto_step_NNNNNN.npz   the policy's parameters every max(1, steps // TRAJECTORY_POINTS)
+                         KTO steps (checkpoint.save format, extra {"step": N}): the thin trajectory that
+                         `kto-np landscape --directions pca` projects (step 0 is checkpoints/reference.npz)
   summary.json           before/after numbers (desirable_rate_before, desirable_rate_after, ...)
   training_curves.png    loss, rewards, KL and desirable rate against the step
 
@@ -72,6 +75,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "training_curves.pn
              "checkpoints/sft.npz", "checkpoints/reference.npz", "checkpoints/kto.npz")
 PHASES = ("sft", "kto")
 _PHASE_ORDER = {"sft": 0, "kto": 1, "eval": 1}  # evaluations happen during KTO
+TRAJECTORY_DIR = "trajectory"
+TRAJECTORY_POINTS = 20  # policy snapshots kept along the KTO phase (each one parameter set)
 EVAL_SEED = 2024  # the same draws for every evaluation, so "before" and "after" are paired
 
 
@@ -289,7 +294,8 @@ class _Run:
 
 def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfig, run: _Run, *,
               steps: int, base_lr: float, batch_loss, prepare_epoch=None, evaluate_fn=None,
-              initial_eval: dict | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+              initial_eval: dict | None = None, progress: bool = True, stop_after: int | None = None,
+              trajectory_every: int | None = None) -> dict:
     """Train params for `steps` AdamW steps; resume from checkpoints/<phase>.npz if it exists.
 
     Each epoch's batches come from iterate_batches(seed, epoch); prepare_epoch(batches) -> one extra
@@ -297,6 +303,8 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
     batch_loss(params, batch, extra, rng) -> (loss, metrics, grads). Returns the trained params.
     evaluate_fn(params) -> {"desirable_rate", ...} runs every config.eval_every steps; initial_eval is
     its result for the starting params (logged as step 0). stop_after: stop (with a checkpoint) there.
+    trajectory_every: also save the params as trajectory/<phase>_step_NNNNNN.npz every that many steps
+    (a resumed run rewrites the same files bit for bit).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -318,6 +326,10 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
     steps_per_epoch = len(examples) // config.batch_size
     phase_id = PHASES.index(phase)
     batches, extras, batches_epoch = [], [], None
+    if trajectory_every is not None and start == 0 and os.path.isdir(run.path(TRAJECTORY_DIR)):
+        for name in os.listdir(run.path(TRAJECTORY_DIR)):  # an earlier run's snapshots (--force)
+            if name.startswith(f"{phase}_step_"):
+                os.unlink(run.path(f"{TRAJECTORY_DIR}/{name}"))
     bar = tqdm(total=steps, initial=start, desc=phase.upper(), disable=None if progress else True, leave=False,
                dynamic_ncols=True)
     for step in range(start, steps if stop_after is None else min(steps, stop_after)):
@@ -345,6 +357,9 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
         bar.set_postfix(loss=f"{loss:.4f}")
         if evaluate_fn is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
             run.log({"phase": "eval", "step": step + 1, "desirable_rate": evaluate_fn(params)["desirable_rate"]})
+        if trajectory_every is not None and (step + 1) % trajectory_every == 0:
+            checkpoint.save(run.path(f"{TRAJECTORY_DIR}/{phase}_step_{step + 1:06d}.npz"), params, model.config,
+                            extra={"step": step + 1})
         if (step + 1) % config.checkpoint_every == 0 or step + 1 in (steps, stop_after):
             checkpoint.save(ckpt_path, params, model.config,
                             extra={"adamw": opt_state, "step": step + 1, "phase": phase})
@@ -419,7 +434,8 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
     policy = _optimize("kto", model, policy, examples, config, run_dir, steps=config.steps,
                        base_lr=config.lr, batch_loss=kto_batch_loss, prepare_epoch=reference_of_epoch,
                        evaluate_fn=evaluate_fn, initial_eval=before,
-                       progress=progress, stop_after=stop_after)
+                       progress=progress, stop_after=stop_after,
+                       trajectory_every=max(1, config.steps // TRAJECTORY_POINTS))
     if stop_after is not None and stop_after < config.steps:
         return {"stopped_after": stop_after}
 

@@ -20,7 +20,9 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_finite_scalar",
+    "check_fraction",
     "check_positive_int",
+    "check_rng",
     "check_same_shape",
 ]
 
@@ -92,13 +94,9 @@ def as_labels(name: str, value, n: int):
     if arr.dtype.kind != "b" and arr.size:
         ok = (arr == 0) | (arr == 1)
         if not bool(ok.all()):
-            bad = to_python_list(arr[~ok][:3])
+            bad = [float(v) for v in arr[~ok][:3].tolist()]
             raise ValueError(f"{name} must contain only 0 and 1, got {bad}")
     return arr.astype(bool)
-
-
-def to_python_list(arr) -> list:
-    return [float(v) for v in arr.tolist()] if hasattr(arr, "tolist") else list(arr)
 
 
 def check_same_shape(name: str, arr, ref_name: str, ref) -> None:
@@ -123,6 +121,23 @@ def check_finite_scalar(name: str, value, *, positive: bool = False, nonnegative
     if nonnegative and not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
+
+
+def check_fraction(name: str, value, *, include_one: bool = False) -> float:
+    """A real number in [0, 1) (dropout, Adam's betas), or in [0, 1] with include_one. Returns a float."""
+    value = check_finite_scalar(name, value)
+    if not (0.0 <= value <= 1.0 if include_one else 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, {'1]' if include_one else '1)'}, got {value}")
+    return value
+
+
+def check_rng(rng, needed_when: str) -> np.random.Generator:
+    """A numpy.random.Generator, needed because of `needed_when` (e.g. "temperature > 0")."""
+    if rng is None:
+        raise ValueError(f"rng must be a numpy.random.Generator when {needed_when}, got None")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    return rng
 
 
 def check_positive_int(name: str, value, *, minimum: int = 1) -> int:

@@ -24,7 +24,6 @@ def test_backend_selection_and_dtypes(monkeypatch):
     assert backend.array_module(np.zeros(2), [1.0]) is np
     assert isinstance(backend.to_numpy([1, 2]), np.ndarray)
     assert backend.resolve_dtype("float32") == np.float32 and backend.resolve_dtype(np.float64) == np.float64
-    assert backend.default_dtype() == np.float32 and backend.default_dtype("check") == np.float64
     with pytest.raises(ValueError, match="backend must be one of"):
         backend.set_backend("jax")
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -111,6 +110,11 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         (lambda: validation.check_positive_int("n", 0), ValueError, "n must be >= 1"),
         (lambda: validation.check_positive_int("n", 1.5), TypeError, "n must be an integer"),
         (lambda: validation.check_choice("variant", "x", ("a",)), ValueError, "variant must be one of"),
+        (lambda: validation.check_fraction("p", 1.0), ValueError, r"p must be in \[0, 1\), got 1.0"),
+        (lambda: validation.check_fraction("f", 1.5, include_one=True), ValueError, r"f must be in \[0, 1\]"),
+        (lambda: validation.check_fraction("p", "0.1"), TypeError, "p must be a real number"),
+        (lambda: validation.check_rng(None, "temperature > 0"), ValueError, "rng must be .* when temperature > 0"),
+        (lambda: validation.check_rng(np.random.RandomState(0), "x"), TypeError, "rng must be a numpy"),
     ],
 )
 def test_validation_messages_name_the_argument(call, error, match):

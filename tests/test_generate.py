@@ -62,6 +62,11 @@ def test_forward_with_cache_makes_a_cache_and_enforces_capacity():
         forward_with_cache(model, params, prompt(4, batch=2, seq=1), KVCache.empty(model, 3))
     with pytest.raises(ValueError, match="capacity"):
         KVCache.empty(model, 1, capacity=MAX_SEQ_LEN + 1)
+    with pytest.raises(TypeError, match="kv_cache must be a KVCache"):
+        model.forward(params, prompt(5, seq=1), kv_cache={"keys": []})
+    with pytest.raises(ValueError, match="train=False"):
+        model.forward(params, prompt(5, seq=1), train=True, rng=np.random.default_rng(0),
+                      kv_cache=KVCache.empty(model, 3))
 
 
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal"])

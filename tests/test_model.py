@@ -284,6 +284,8 @@ def test_train_mode_needs_rng():
     ({"num_layers": 0}, "num_layers", ValueError),
     ({"vocab_size": 2.5}, "vocab_size", TypeError),
     ({"dropout": 1.0}, "dropout", ValueError),
+    ({"dropout": -0.1}, r"dropout must be in \[0, 1\)", ValueError),
+    ({"dropout": "0.1"}, "dropout must be a real number", TypeError),
     ({"dtype": "float16"}, "dtype", ValueError),
     ({"positional": "rotary"}, "positional", ValueError),
     ({"tie_embeddings": 1}, "tie_embeddings", TypeError),

@@ -231,3 +231,57 @@ figures["02_loss_surface_beta.png"]
 
 # %%
 figures["02_kto_vs_dpo.png"]
+
+# %% [markdown]
+# ## The landscape of a trained model: the seed formula's flat valley
+#
+# Everything above is the loss as a function of its inputs. `kto-np landscape --run runs/demo` draws
+# it as a function of a trained policy's *parameters*, on a fixed batch of the run's own data
+# (`kto_np.landscape`, float64): filter-normalised random planes (Li et al. 2018), the plane of the
+# training trajectory's principal components, the top Hessian eigen-directions, the segment from the
+# reference to the policy, and `figures/landscape_variants.png`, which puts one policy under four losses.
+#
+# That last figure's vertical axis is c, a constant added to *every* policy log-probability the loss
+# sees (matched rows and KL rows), the log-probabilities themselves computed by the model. The seed
+# formula (`edifice`) takes z = mean(β r) from the same batch, so β(r + c) − z(r + c) = β r − z: its
+# landscape is a valley that is exactly flat along c, and its gradient never moves the level of the
+# log-probabilities (it can fall together for right and wrong completions at no cost). With
+# `stop_z_grad` the value is the same, but the update descends the loss with z frozen, which slopes
+# along c: it drifts along that valley. `apo_zero_unpaired` (no z) is anchored at r = 0. `kto` is
+# anchored by its clamp z_ref = max(0, mean KL-row log-ratio): where z_ref is clamped at 0, as at the
+# demo's policy, lowering every log-probability costs; while it is above 0, `kto` is flat along c too.
+# Here is the same computation on a tiny model, checked:
+
+# %%
+from kto_np import landscape  # noqa: E402  (this section stands on its own)
+from kto_np.data import Tokenizer, collate  # noqa: E402
+from kto_np.model import build  # noqa: E402
+
+tiny = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=Tokenizer().vocab_size, dropout=0.0,
+             max_seq_len=8, dtype="float64")
+reference = tiny.init(0)
+rng = np.random.default_rng(1)
+policy = {k: v + 0.05 * rng.standard_normal(v.shape) for k, v in reference.items()}
+batch = collate([("21=", "12.", 1), ("43=", "3.", 0), ("70=", "07.", 1), ("58=", "585.", 0), ("96=", "69.", 1)],
+                Tokenizer(), dtype="float64")
+problems = {v: landscape.make_problem(tiny, reference, batch, v, center=policy) for v in landscape.COMPARISON_VARIANTS}
+shifts = np.linspace(-30.0, 30.0, 13)
+along_c = landscape.shift_losses(problems, reference, policy, [1.0], shifts)  # {variant: [1, 13]}
+for name, losses in along_c.items():
+    print(f"{name:<20} loss along c at the policy: max - min = {np.ptp(losses):.2e}")
+assert np.ptp(along_c["edifice"]) < 1e-12 and np.ptp(along_c["apo_zero_unpaired"]) > 1e-3
+
+# %% [markdown]
+# The same in parameter space: `logprob_shift_direction` is the smallest parameter step d whose
+# effect on every log-probability of the batch is +1 per unit (J d = 1, J the model's Jacobian).
+# The edifice loss has zero slope along it; apo_zero does not.
+
+# %%
+h = 1e-5
+for name in ("edifice", "apo_zero_unpaired"):
+    d = landscape.logprob_shift_direction(problems[name], policy)
+    plus = {k: policy[k] + h * d[k] for k in policy}
+    minus = {k: policy[k] - h * d[k] for k in policy}
+    slope = (landscape.loss_value(problems[name], plus) - landscape.loss_value(problems[name], minus)) / (2 * h)
+    print(f"{name:<20} slope along the parameter direction that shifts every log-prob: {slope:+.2e}")
+    assert (abs(slope) < 1e-9) if name == "edifice" else (abs(slope) > 1e-5)
