@@ -6,8 +6,8 @@
 Each script is converted with jupytext and run top to bottom in a fresh Python kernel (nbclient,
 ipykernel) in its full settings (KTO_NP_TUTORIAL_FAST unset), from an empty temporary folder, with
 KTO_NP_TUTORIAL_OUT in another temporary folder whose path is written as $KTO_NP_TUTORIAL_OUT in the
-outputs. The notebook keeps the script's cells, their outputs and figures (inline PNGs), and no
-timing metadata. Needs: pip install jupytext nbclient ipykernel. tests/test_tutorials.py checks that
+outputs. The notebook keeps the script's cells, their outputs and figures (inline PNGs), stable cell
+ids, and no timing metadata. Needs: pip install jupytext nbclient ipykernel. tests/test_tutorials.py checks that
 every notebook's cells are its script's.
 """
 
@@ -38,6 +38,18 @@ def _replace_in_outputs(cell, old: str, new: str) -> None:
                 output["data"][kind] = value.replace(old, new)
 
 
+def _merge_streams(cell) -> None:
+    """One stream output per run of stdout (or stderr) writes: how the kernel chunked them is timing."""
+    merged = []
+    for output in cell.get("outputs", []):
+        if merged and output["output_type"] == "stream" and merged[-1]["output_type"] == "stream" \
+                and merged[-1]["name"] == output["name"]:
+            merged[-1]["text"] += output["text"]
+        else:
+            merged.append(output)
+    cell["outputs"] = merged
+
+
 def build(script: Path) -> tuple[Path, float]:
     import jupytext  # noqa: PLC0415
     import nbformat  # noqa: PLC0415
@@ -51,8 +63,11 @@ def build(script: Path) -> tuple[Path, float]:
         NotebookClient(notebook, timeout=600, kernel_name="python3",
                        resources={"metadata": {"path": cwd}}).execute()
         seconds = time.perf_counter() - started
-        for cell in notebook.cells:
+        for index, cell in enumerate(notebook.cells):
             cell.metadata.pop("execution", None)
+            cell["id"] = f"cell-{index:03d}"  # stable ids: a rebuild changes only what the run changed
+            if cell.cell_type == "code":
+                _merge_streams(cell)
             _replace_in_outputs(cell, out, PLACEHOLDER)
     notebook.metadata.pop("jupytext", None)
     path = script.with_suffix(".ipynb")
