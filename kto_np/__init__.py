@@ -6,6 +6,7 @@ its explicit gradient, and float64 reference cases for checking other implementa
 
 __version__ = "0.1.0"
 
+from .edifice import Edifice, EdificeConfig  # noqa: E402
 from .generate import generate  # noqa: E402
 from .logprobs import compute_logprobs, sequence_logprobs  # noqa: E402
 from .losses import (  # noqa: E402
@@ -21,6 +22,8 @@ from .model import GPT, GPTConfig, build  # noqa: E402
 
 __all__ = [
     "GPT",
+    "Edifice",
+    "EdificeConfig",
     "GPTConfig",
     "VARIANTS",
     "__version__",

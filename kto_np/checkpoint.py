@@ -1,4 +1,5 @@
-"""Checkpoints (one .npz file: parameters, config, optimizer and RNG state) and the GPT-2 mapping.
+"""Checkpoints (one .npz file: parameters, config, optimizer and RNG state), the GPT-2 mapping, and (at
+the end) Axon's parameter layout and safetensors files (kto_np.safetensors, re-exported here).
 
 A checkpoint is a zip of .npy entries, readable by `numpy.load(path, allow_pickle=False)`:
 
@@ -31,18 +32,24 @@ import numpy as np
 
 from . import backend
 from .backend import to_numpy
+from .edifice import EdificeConfig
 from .files import atomic_write, write_npy_entry
-from .model import GPTConfig, check_params, param_shapes
+from .model import GPTConfig, check_params, config_from_dict, param_shapes
 from .validation import check_positive_int
 
 __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "CheckpointError",
+    "SafetensorsError",
     "load",
+    "load_safetensors",
+    "params_from_axon",
     "params_from_hf_gpt2",
+    "params_to_axon",
     "params_to_hf_gpt2",
     "save",
+    "save_safetensors",
 ]
 
 FORMAT_VERSION = 2
@@ -143,7 +150,7 @@ def _write_entry(archive: zipfile.ZipFile, key: str, value) -> None:
     write_npy_entry(archive, key, host)
 
 
-def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) -> None:
+def save(path, params: dict, config: GPTConfig | EdificeConfig, *, extra: dict | None = None) -> None:
     """Write params, config and optional extra state to one .npz file at `path`, atomically.
 
     params: name -> array (NumPy or CuPy), exactly the keys and shapes of param_shapes(config), in
@@ -155,8 +162,8 @@ def save(path, params: dict, config: GPTConfig, *, extra: dict | None = None) ->
         left as it was.
     """
     path = os.fspath(path)
-    if not isinstance(config, GPTConfig):
-        raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+    if not isinstance(config, (GPTConfig, EdificeConfig)):
+        raise TypeError(f"config must be a GPTConfig or an EdificeConfig, got {type(config).__name__}")
     check_params(params, config)
     for name, value in params.items():
         dtype = getattr(value, "dtype", None)
@@ -249,7 +256,7 @@ def load(path) -> Checkpoint:
     try:
         if not isinstance(config_dict, dict):
             raise ValueError(f"expected a JSON object, got {type(config_dict).__name__}")
-        config = GPTConfig.from_dict(config_dict)
+        config = config_from_dict(config_dict)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path!r} holds an invalid config: {exc}") from exc
 
@@ -411,3 +418,108 @@ def params_to_hf_gpt2(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
     if config.tie_embeddings:
         state_dict["lm_head.weight"] = state_dict[HF_PREFIX + "wte.weight"].copy()
     return state_dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Axon (Edifice) parameters and safetensors files
+
+from .safetensors import SafetensorsError, load_safetensors, save_safetensors  # noqa: E402  (re-exported)
+
+AXON_BLOCK = re.compile(r"^block_(\d+)_")
+
+
+def _axon_flat(params_or_nested, where: str) -> dict[str, np.ndarray]:
+    """{"layer.param": array} from Axon's nested {layer: {param: array}} or from that flat layout."""
+    if not isinstance(params_or_nested, Mapping) or not params_or_nested:
+        raise TypeError(f"{where} must be a non-empty mapping {{layer: {{param: array}}}} (or "
+                        f"{{'layer.param': array}}), got {type(params_or_nested).__name__}")
+    flat: dict[str, np.ndarray] = {}
+    for layer, value in params_or_nested.items():
+        if not isinstance(layer, str) or not layer:
+            raise TypeError(f"{where} keys must be non-empty str layer names, got {layer!r}")
+        if isinstance(value, Mapping):
+            for param, array in value.items():
+                if not isinstance(param, str) or not param or "." in param:
+                    raise ValueError(f"{where}[{layer!r}] keys must be parameter names without '.', got {param!r}")
+                flat[f"{layer}.{param}"] = _hf_to_numpy(f"{layer}.{param}", array)
+        elif "." in layer and getattr(value, "shape", None) is not None:
+            flat[layer] = _hf_to_numpy(layer, value)
+        else:
+            raise TypeError(f"{where}[{layer!r}] must be a mapping {{param: array}} (nested) or, under a "
+                            f"'layer.param' key, an array; got {type(value).__name__}")
+    return flat
+
+
+def params_from_axon(nested, *, num_heads: int, config_overrides: dict | None = None):
+    """Our Edifice params and EdificeConfig from Axon's parameters. Returns (params, config).
+
+    nested: {layer: {param: array}} as Axon's model state holds them ("block_1_attn_q": {"kernel",
+    "bias"}, "final_norm": {"gamma", "beta"}, ...), or the same flattened to {"layer.param": array}
+    (what load_safetensors returns for a file written from them). hidden_size comes from
+    final_norm.gamma, vocab_size from lm_head.kernel [H, V], num_layers from the block_{i} layers,
+    token_embedding from whether a "token_embed" layer is present; num_heads cannot be inferred.
+    config_overrides sets any other EdificeConfig field (max_seq_len, dropout, dtype; otherwise
+    Edifice's defaults 2048 and 0.1, and the arrays' dtype, which must be all float32 or all float64).
+    """
+    from .edifice import Edifice  # noqa: PLC0415
+
+    num_heads = check_positive_int("num_heads", num_heads)
+    config_overrides = {} if config_overrides is None else config_overrides
+    if not isinstance(config_overrides, Mapping):
+        raise TypeError(f"config_overrides must be a dict or None, got {type(config_overrides).__name__}")
+    unknown = sorted(set(config_overrides) - set(EdificeConfig.__dataclass_fields__))
+    if unknown or "num_heads" in config_overrides:
+        raise ValueError(f"config_overrides has keys {unknown or ['num_heads']} that are not settable; "
+                         f"settable: {sorted(set(EdificeConfig.__dataclass_fields__) - {'num_heads'})}")
+    tensors = _axon_flat(nested, "nested")
+    for name in ("final_norm.gamma", "lm_head.kernel"):
+        if name not in tensors:
+            raise ValueError(f"nested must contain {name!r} (Edifice's {name.split('.')[0]} layer), got none")
+    gamma, head = tensors["final_norm.gamma"], tensors["lm_head.kernel"]
+    if gamma.ndim != 1 or head.ndim != 2 or head.shape[0] != gamma.shape[0]:
+        raise ValueError(f"final_norm.gamma must be [H] and lm_head.kernel [H, V], got shapes {gamma.shape} "
+                         f"and {head.shape}")
+    layers = sorted({int(m.group(1)) for name in tensors if (m := AXON_BLOCK.match(name))})
+    if not layers or layers != list(range(1, len(layers) + 1)):
+        raise ValueError(f"nested must hold layers block_1_* ... block_L_*, got block numbers {layers}")
+    inferred = {"hidden_size": int(gamma.shape[0]), "vocab_size": int(head.shape[1]), "num_layers": len(layers),
+                "num_heads": num_heads,
+                "token_embedding": "learned" if "token_embed.kernel" in tensors else "fixed"}
+    if "dtype" not in config_overrides:
+        dtypes = sorted({str(t.dtype) for t in tensors.values()})
+        if len(dtypes) != 1 or dtypes[0] not in ("float32", "float64"):
+            raise ValueError(f"the arrays must all be float32 or all float64, got dtypes {dtypes}; pass "
+                             "config_overrides={'dtype': 'float32'} (or 'float64') to convert them")
+        inferred["dtype"] = dtypes[0]
+    try:
+        config = EdificeConfig(**{**inferred, **config_overrides})
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"nested and config_overrides do not make a valid EdificeConfig: {exc}") from exc
+    model = Edifice(config)
+    check_params(tensors, config, name="nested parameters (as 'layer.param')")
+    xp = backend.xp()
+    params = {name: xp.asarray(np.array(tensors[name], dtype=config.np_dtype, copy=True))
+              for name in param_shapes(config)}
+    model.check_params(params)
+    return params, config
+
+
+def params_to_axon(params: dict, config: EdificeConfig | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Axon's nested {layer: {param: array}} (NumPy copies) from our "layer.param" params.
+
+    With config given, params are first checked against it (names, shapes). Save the flat params with
+    save_safetensors for Elixir's `safetensors` library, then nest them again on the Elixir side.
+    """
+    if config is not None:
+        if not isinstance(config, EdificeConfig):
+            raise TypeError(f"config must be an EdificeConfig, got {type(config).__name__}")
+        check_params(params, config)
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of 'layer.param' -> array, got {type(params).__name__}")
+    nested: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in params.items():
+        if not isinstance(name, str) or name.count(".") != 1 or name.startswith(".") or name.endswith("."):
+            raise ValueError(f"params keys must be 'layer.param' (one '.'), got {name!r}")
+        layer, param = name.split(".")
+        nested.setdefault(layer, {})[param] = np.array(to_numpy(value), copy=True)
+    return nested

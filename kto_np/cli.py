@@ -11,11 +11,12 @@ from . import __version__
 
 # TrainConfig fields that have a command-line option (the rest come from the preset)
 TRAINING_OPTIONS = ("steps", "sft_steps", "variant", "beta", "desirable_weight", "undesirable_weight",
-                    "desirable_fraction", "lr", "seed", "dtype", "backend")
+                    "desirable_fraction", "lr", "seed", "dtype", "backend", "architecture", "token_embedding")
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
-    from .gradcheck import format_report, loss_and_logprob_checks, model_checks  # noqa: PLC0415
+    from .gradcheck import format_report  # noqa: PLC0415
+    from .gradcheck_suite import loss_and_logprob_checks, model_checks  # noqa: PLC0415
     from .losses import VARIANTS  # noqa: PLC0415
 
     rows = loss_and_logprob_checks(seed=args.seed)
@@ -36,6 +37,16 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
                 ok = all(r.passed for r in checked)
                 print(f"  {variant:<18} {positional:<10} {'tied' if tie else 'untied':<6} "
                       f"worst {worst.rel_error:.2e} ({worst.name})  {'pass' if ok else 'FAIL'}")
+    print("\nEdifice's backbone (architecture edifice, every parameter; worst tensor of each):")
+    for variant in VARIANTS:
+        for token_embedding in ("fixed", "learned"):
+            checked = model_checks(seed=args.seed, variant=variant, architecture="edifice",
+                                   token_embedding=token_embedding)
+            all_rows += checked
+            worst = max(checked, key=lambda r: r.rel_error)
+            ok = all(r.passed for r in checked)
+            print(f"  {variant:<18} {token_embedding + ' embedding':<17} "
+                  f"worst {worst.rel_error:.2e} ({worst.name})  {'pass' if ok else 'FAIL'}")
     failed = [r for r in all_rows if not r.passed]
     worst = max(all_rows, key=lambda r: r.rel_error / r.tolerance)
     print(f"\n{len(all_rows) - len(failed)}/{len(all_rows)} tensors passed; closest to its tolerance: "
@@ -90,7 +101,14 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
     from .oracle import main_check  # noqa: PLC0415
 
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
-                      tolerance=args.tolerance)
+                      tolerance=args.tolerance, timeout=args.timeout, convention=args.convention,
+                      kl_rotation=args.kl_rotation)
+
+
+def _cmd_oracle_compare(args: argparse.Namespace) -> int:
+    from .oracle import main_compare  # noqa: PLC0415
+
+    return main_compare(args.cases_dir, args.results, tolerance=args.tolerance)
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
@@ -168,6 +186,11 @@ def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
                    help=f"parameter and activation dtype (default: {defaults.dtype})")
     p.add_argument("--backend", choices=("numpy", "cupy"), default=defaults.backend,
                    help="array library: numpy (CPU) or cupy (GPU, needs the gpu extra) (default: numpy)")
+    p.add_argument("--architecture", choices=("gpt2", "edifice"), default=defaults.architecture,
+                   help="the network: gpt2, or edifice (Edifice.Meta.KTO.build's own backbone) (default: gpt2)")
+    p.add_argument("--token-embedding", choices=("fixed", "learned"), default=defaults.token_embedding,
+                   help="--architecture edifice only: Edifice's fixed embedding (its default; the logits then "
+                   "ignore the token ids) or a learned table")
     p.add_argument("--out", default=None, help="run folder (default: runs/<command>)")
     p.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
     p.add_argument("--resume", action="store_true",
@@ -187,7 +210,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             steps=args.steps, sft_steps=args.sft_steps, variant=args.variant, beta=args.beta,
             desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
             desirable_fraction=args.desirable_fraction, lr=args.lr, seed=args.seed, dtype=args.dtype,
-            backend=args.backend, **args.preset)
+            backend=args.backend, architecture=args.architecture, token_embedding=args.token_embedding,
+            **args.preset)
     except (TypeError, ValueError) as exc:
         print(f"kto-np {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -246,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic batches (default: 0)")
     p.set_defaults(func=_cmd_figures)
 
-    from .oracle import KINDS, TOLERANCES  # noqa: PLC0415
+    from .oracle import CONVENTIONS, DEFAULT_TIMEOUT, KINDS, TOLERANCES  # noqa: PLC0415
 
     oracle = sub.add_parser("oracle", help="export float64 reference cases, or check another KTO implementation",
                             description="The gradient oracle: reference cases (float64) for other KTO "
@@ -259,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the cases in a non-empty OUT_DIR")
     p.set_defaults(func=_cmd_oracle_export)
     p = oracle_sub.add_parser("check", help="check a function (package.module:function) against the cases",
-                              description="Import SPEC (package.module:function or path/file.py:function), "
-                              "run it on every case of --kind and compare loss, gradient and metrics. "
-                              "Exit status 0 when it passes, 1 when it does not, 2 when it cannot be loaded.")
-    p.add_argument("spec", metavar="SPEC", help="package.module:function or path/to/file.py:function")
+                              description="Import SPEC (package.module:function or path/file.py:function) in a "
+                              "child process, run it on every case of --kind and compare loss, gradient and "
+                              "metrics here. Exit status 0 when it passes, 1 when it does not (an exit, crash or "
+                              "timeout of the candidate included), 2 when it cannot be loaded.")
+    p.add_argument("spec", metavar="SPEC", help="package.module:function, path/to/file.py:function, module:Class "
+                   "or module:Class.method")
     p.add_argument("--kind", choices=KINDS, default="kto_loss", help="what the function computes (default: kto_loss)")
     p.add_argument("--variant", default=None,
                    help="loss variant for --kind kto_loss (kto, edifice, edifice_stop_z_grad, apo_zero_unpaired; "
@@ -270,7 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=None, help="a folder written by 'oracle export' (default: generate in memory)")
     p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
                    help="tolerances for a float64 or a float32 implementation (default: float64)")
+    p.add_argument("--timeout", type=_float_in(0.0, low_open=True), default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="time limit per case; a case still running then fails as timed out "
+                   f"(default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--convention", choices=tuple(CONVENTIONS), default=None,
+                   help="how SPEC is called: kto_np (the oracle's keywords) or split (policy_chosen_logps, ..., "
+                   "reference_KL_logps -> losses, rewards, kl); default: detected from its parameter names")
+    p.add_argument("--kl-rotation", type=int, choices=(-1, 1), default=-1, metavar="{-1,+1}",
+                   help="model_kto: the KL pairs SPEC builds, prompt i with completion i-1 (-1, TRL) or i+1 "
+                   "(+1, OpenRLHF, HALOs); the reference is computed for the one declared (default: -1)")
     p.set_defaults(func=_cmd_oracle_check)
+    p = oracle_sub.add_parser("compare", help="check numbers computed in any language (RESULTS.json) against "
+                              "the cases in CASES_DIR",
+                              description="Read RESULTS.json (format kto_np-oracle-results, "
+                              "docs/oracle-results.schema.json) and compare its numbers with the cases exported to "
+                              "CASES_DIR: the same report and diagnosis as 'check'. Exit status 0 when they "
+                              "pass, 1 when they do not, 2 when the cases or the results cannot be read.")
+    p.add_argument("cases_dir", metavar="CASES_DIR")
+    p.add_argument("results", metavar="RESULTS.json")
+    p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
+                   help="tolerances for numbers computed in float64 or float32 (default: float64)")
+    p.set_defaults(func=_cmd_oracle_compare)
 
     from . import bench  # noqa: PLC0415
 

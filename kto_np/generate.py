@@ -25,6 +25,7 @@ def forward_with_cache(model: GPT, params: dict, tokens, kv_cache: KVCache | Non
     max_seq_len is made. Same numbers as GPT.forward on the whole sequence.
     """
     if kv_cache is None:
+        model.check_params(params)
         tokens = model.check_tokens(tokens)
         kv_cache = KVCache.empty(model, tokens.shape[0], xp=array_module(params["wte.weight"]))
     logits, _ = model.forward(params, tokens, kv_cache=kv_cache)
@@ -78,10 +79,13 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
     model.check_params(params)
     if max_new_tokens == 0:
         return prompt
+    if not isinstance(model, GPT):  # Edifice's backbone has no key/value cache: re-run the whole forward
+        return _generate_by_recomputation(model, params, prompt, max_new_tokens, temperature, top_k, rng,
+                                          stop_token)
 
     # checked once above: each step runs the model's forward unchecked, on the new token only
     kv_cache = KVCache.empty(model, B, capacity=T0 + max_new_tokens, xp=array_module(params["wte.weight"]))
-    logits, _ = model._forward(params, prompt, kv_cache=kv_cache)
+    logits, _ = model._forward(params, prompt, keep_cache=False, kv_cache=kv_cache)
     generated = []
     stopped = np.zeros(B, dtype=bool)
     for step in range(max_new_tokens):
@@ -92,5 +96,23 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
         generated.append(next_tokens)
         if stopped.all() or step == max_new_tokens - 1:
             break
-        logits, _ = model._forward(params, next_tokens[:, None], kv_cache=kv_cache)
+        logits, _ = model._forward(params, next_tokens[:, None], keep_cache=False, kv_cache=kv_cache)
     return np.concatenate([prompt, np.stack(generated, axis=1)], axis=1)
+
+
+def _generate_by_recomputation(model, params: dict, prompt: np.ndarray, max_new_tokens: int,
+                               temperature: float, top_k: int | None, rng, stop_token: int | None) -> np.ndarray:
+    """generate() for a model without a key/value cache: each new token runs model.forward on the whole
+    sequence so far (the same tokens as a cached model would give, at T times the cost)."""
+    tokens = prompt
+    stopped = np.zeros(prompt.shape[0], dtype=bool)
+    for _ in range(max_new_tokens):
+        logits, _ = model.forward(params, tokens, keep_cache=False)  # [B, T, V]
+        next_tokens = _next_tokens(logits[:, -1], temperature, top_k, rng)  # [B]
+        if stop_token is not None:
+            next_tokens = np.where(stopped, stop_token, next_tokens)
+            stopped |= next_tokens == stop_token
+        tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
+        if stopped.all():
+            break
+    return tokens

@@ -197,6 +197,8 @@ def sequence_logprobs_forward(logits, tokens, completion_mask):
     logp[b] = sum_{t=1}^{T-1} completion_mask[b, t] * log_softmax(logits[b, t-1])[tokens[b, t]].
     completion_mask[b, 0] is ignored (the first token has no logits before it).
     """
+    if completion_mask is None:  # no default here: all ones would score the prompt tokens too
+        raise TypeError("completion_mask must be an array of 0/1 (1 on completion tokens), got None")
     logits, tokens, completion_mask = _validate(logits, tokens, completion_mask, "tokens", "completion_mask")
     if logits.shape[1] < 2:
         raise ValueError(f"sequences need at least 2 tokens for a shifted log-prob, got T={logits.shape[1]}")

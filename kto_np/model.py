@@ -17,6 +17,8 @@ import numpy as np
 
 from . import backend
 from .backend import array_module, resolve_dtype
+from .edifice import Edifice, EdificeConfig, build_edifice
+from .edifice import param_shapes as edifice_param_shapes
 from .layers import (
     LAYERNORM_EPS,
     AttentionCache,
@@ -49,6 +51,7 @@ from .validation import (
 )
 
 POSITIONAL = ("learned", "sinusoidal")
+ARCHITECTURES = ("gpt2", "edifice")  # build(architecture=...): this module's GPT-2, or edifice.Edifice
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class GPTConfig:
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape, in a fixed order (the order of the forward pass)."""
+    if isinstance(config, EdificeConfig):
+        return edifice_param_shapes(config)
     V, C, L = config.vocab_size, config.hidden_size, config.num_layers
     shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C)}
     if config.positional == "learned":
@@ -391,7 +396,7 @@ class GPT:
             kv_cache.check_room(tokens, self.config)
         return self._forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache, kv_cache=kv_cache)
 
-    def _forward(self, params: dict, tokens, *, train: bool = False, rng=None, keep_cache: bool = False,
+    def _forward(self, params: dict, tokens, *, train: bool = False, rng=None, keep_cache: bool,
                  kv_cache: KVCache | None = None):
         """GPT.forward on checked arguments (generate calls it once per token)."""
         config = self.config
@@ -467,9 +472,47 @@ class GPT:
 
 def build(hidden_size: int = 512, num_layers: int = 6, num_heads: int = 8, vocab_size: int = 32000,
           dropout: float = 0.1, max_seq_len: int = 2048, *, dtype: str = "float32",
-          positional: str = "learned", tie_embeddings: bool = True) -> GPT:
-    """A GPT-2 style model (seed API: Edifice.Meta.KTO.build). The config is validated here."""
+          positional: str | None = None, tie_embeddings: bool | None = None, architecture: str = "gpt2",
+          token_embedding: str | None = None) -> GPT | Edifice:
+    """The model of the seed API (Edifice.Meta.KTO.build). The config is validated here.
+
+    architecture="gpt2" (default): a GPT-2 style model, positional "learned" (default) or "sinusoidal",
+    tie_embeddings True (default) or False. architecture="edifice": Edifice's own backbone
+    (kto_np.edifice), token_embedding "fixed" (default, Edifice's) or "learned"; positional and
+    tie_embeddings do not apply to it and are rejected, as is token_embedding with "gpt2".
+    """
+    check_choice("architecture", architecture, ARCHITECTURES)
+    if architecture == "edifice":
+        not_applicable = [f"{name}={value!r}" for name, value in
+                          (("positional", positional), ("tie_embeddings", tie_embeddings)) if value is not None]
+        if not_applicable:
+            raise ValueError(
+                f"{', '.join(not_applicable)} do not apply to architecture='edifice' (its positions are a "
+                "fixed [sin | cos] table and its lm_head is a separate dense layer); leave them unset")
+        return build_edifice(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                             vocab_size=vocab_size, dropout=dropout, max_seq_len=max_seq_len, dtype=dtype,
+                             token_embedding="fixed" if token_embedding is None else token_embedding)
+    if token_embedding is not None:
+        raise ValueError(f"token_embedding={token_embedding!r} applies only to architecture='edifice' "
+                         "(GPT-2's token embedding is always learned)")
+    positional = "learned" if positional is None else positional
+    tie_embeddings = True if tie_embeddings is None else tie_embeddings
     config = GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, hidden_size=hidden_size,
                        num_layers=num_layers, num_heads=num_heads, dropout=dropout, dtype=dtype,
                        positional=positional, tie_embeddings=tie_embeddings)
     return GPT(config)
+
+
+def config_from_dict(d: dict) -> GPTConfig | EdificeConfig:
+    """A config from its to_dict(): EdificeConfig when d["architecture"] == "edifice", else GPTConfig."""
+    if not isinstance(d, dict):
+        raise TypeError(f"config must be a dict, got {type(d).__name__}")
+    if d.get("architecture", "gpt2") == "edifice":
+        return EdificeConfig.from_dict(d)
+    check_choice("architecture", d.get("architecture", "gpt2"), ARCHITECTURES)
+    return GPTConfig.from_dict({k: v for k, v in d.items() if k != "architecture"})
+
+
+def model_from_config(config: GPTConfig | EdificeConfig) -> GPT | Edifice:
+    """The model object of a config: GPT(config) or Edifice(config)."""
+    return Edifice(config) if isinstance(config, EdificeConfig) else GPT(config)

@@ -74,13 +74,35 @@ def _pad_rows(prompt_ids, completion_ids, length, pad_id: int, dtype, row_name: 
     return tokens, mask
 
 
+def _check_rows(prompt_ids, completion_ids, labels, rotation) -> None:
+    for name, rows in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+        if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__"):
+            raise TypeError(f"{name} must be a list of token-id lists, got {type(rows).__name__}")
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids must not be empty, got 0 rows")
+    labels = np.asarray(labels)
+    if len(completion_ids) != len(prompt_ids) or labels.shape != (len(prompt_ids),):
+        raise ValueError(f"prompt_ids, completion_ids and labels must have one entry per example, got "
+                         f"{len(prompt_ids)}, {len(completion_ids)} and shape {labels.shape}")
+    if labels.dtype.kind not in "biu" or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (undesirable) or 1 (desirable), got {labels.tolist()}")
+    if isinstance(rotation, bool) or not isinstance(rotation, (int, np.integer)):
+        raise TypeError(f"rotation must be an integer (KL row i pairs with completion i + rotation), "
+                        f"got {type(rotation).__name__} {rotation!r}")
+    if len(prompt_ids) > 1 and rotation % len(prompt_ids) == 0:
+        raise ValueError(f"rotation must not be a multiple of the batch size {len(prompt_ids)}: every KL pair "
+                         f"would be matched (prompt i with its own completion), got {rotation}")
+
+
 def make_batch(prompt_ids, completion_ids, labels, *, pad_id: int = 0, dtype="float32", max_len=None,
                rotation: int = KL_ROTATION, prompts=(), completions=()) -> Batch:
     """A Batch from token-id lists: prompt_ids[i], completion_ids[i] (lists of ints), labels [B].
 
     Matched row i = prompt i + completion i; KL row i = prompt i + completion kl_partner_indices[i].
-    Rows are right-padded with pad_id to the longest row (or max_len). The caller has checked the ids.
+    Rows are right-padded with pad_id to the longest row (or max_len). The ids themselves are the
+    model's to check (model.check_tokens); the structure is checked here.
     """
+    _check_rows(prompt_ids, completion_ids, labels, rotation)
     partners = kl_partner_indices(len(prompt_ids), rotation)
     kl_completion_ids = [completion_ids[j] for j in partners]
     np_dtype = resolve_dtype(dtype)

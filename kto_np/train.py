@@ -55,9 +55,10 @@ from .data import (
 from .files import write_json, write_text
 from .generate import generate
 from .losses import VARIANTS, KTOConfig, check_balance, check_weights_not_both_zero
-from .model import GPT, build
+from .model import GPT, build, model_from_config
 from .optim import adamw_init, adamw_step, clip_grad_norm, learning_rate
 from .step import Batch, forward_logps, kto_dlogits, kto_step, reference_logps, sft_step
+from .step import completion_logps as step_completion_logps
 from .validation import check_bool, check_choice, check_finite_scalar, check_positive_int
 
 __all__ = [
@@ -111,7 +112,9 @@ class TrainConfig:
     num_layers: int = 2
     num_heads: int = 4
     dropout: float = 0.0
-    positional: str = "learned"
+    positional: str = "learned"  # architecture "gpt2" only
+    architecture: str = "gpt2"  # or "edifice": Edifice's own backbone (kto_np.edifice)
+    token_embedding: str | None = None  # architecture "edifice" only: "fixed" (its default) or "learned"
     dtype: str = "float32"
     backend: str = "numpy"
     # SFT of the reference
@@ -158,16 +161,21 @@ class TrainConfig:
         for name in ("num_examples", "sft_examples"):
             if getattr(self, name) < self.batch_size:
                 raise ValueError(f"{name} must be >= batch_size ({self.batch_size}), got {getattr(self, name)}")
-        self.model_config()  # validates hidden_size, num_heads, dropout, dtype, positional
+        if self.architecture == "edifice" and self.positional != "learned":
+            raise ValueError(f"positional={self.positional!r} does not apply to architecture='edifice' "
+                             "(its positions are a fixed [sin | cos] table)")
+        self.model_config()  # validates hidden_size, num_heads, dropout, dtype, positional, architecture
 
     def kto_config(self) -> KTOConfig:
         return KTOConfig(self.variant, self.beta, self.desirable_weight, self.undesirable_weight, self.stop_z_grad)
 
     def model_config(self):
+        options = (dict(positional=self.positional, token_embedding=self.token_embedding)
+                   if self.architecture == "gpt2"
+                   else dict(architecture=self.architecture, token_embedding=self.token_embedding))
         return build(hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
                      vocab_size=Tokenizer().vocab_size, dropout=self.dropout,
-                     max_seq_len=2 * self.num_digits + 4, dtype=self.dtype,
-                     positional=self.positional).config
+                     max_seq_len=2 * self.num_digits + 4, dtype=self.dtype, **options).config
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,11 +189,21 @@ class TrainConfig:
         return cls(**d)
 
 
+# the names these had before the step module (kept so that earlier code keeps working)
+completion_logps = step_completion_logps
+frozen_logps = forward_logps
+sft_loss_and_grads = sft_step
+
+
 def kto_loss_and_param_grads(model: GPT, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
                              variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
                              undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
-                             rng=None):
-    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads)."""
+                             rng=None, warn_balance: bool = False):
+    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads). The step never
+    warns about the class balance (run checks it once for the whole data); warn_balance is accepted
+    for compatibility with earlier versions and must be False."""
+    if check_bool("warn_balance", warn_balance):
+        raise ValueError("warn_balance must be False: use losses.check_balance(labels, ...) for a batch's balance")
     config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
     return kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train=train, rng=rng)
 
@@ -385,7 +403,7 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
     backend.set_backend(config.backend)
     started = time.perf_counter()
     task = make_task(config.task, config.num_digits)
-    model = GPT(config.model_config())
+    model = model_from_config(config.model_config())
     heldout = make_prompts(task, config.eval_prompts, seed=config.seed)
 
     # 1. the reference: SFT on a mix of good and bad completions
@@ -482,7 +500,7 @@ def run_token_gradients(out_dir, num_examples: int = 6):
     with open(run_dir.path("config.json"), encoding="utf-8") as f:
         config = TrainConfig.from_dict(json.load(f))
     reference = checkpoint.load(run_dir.path("checkpoints/reference.npz"))
-    model = GPT(reference.config)
+    model = model_from_config(reference.config)
     task = make_task(config.task, config.num_digits)
     examples = make_examples(task, num_examples, seed=config.seed + 2)
     batch = collate(examples, Tokenizer(), dtype=model.config.dtype)

@@ -264,3 +264,11 @@ def test_log_softmax_and_backward_reject_bad_input():
         lp.log_softmax(np.array([0.0, np.inf]))
     with pytest.raises(TypeError, match="LogprobsCache"):
         lp.logprobs_backward(np.ones(2), None)
+
+
+def test_the_shifted_helper_has_no_default_mask():
+    # all ones would score the prompt tokens as if they were the completion
+    logits, tokens = np.zeros((1, 3, 4)), np.zeros((1, 3), dtype=np.int64)
+    for function in (lp.sequence_logprobs, lp.sequence_logprobs_forward):
+        with pytest.raises(TypeError, match="completion_mask must be an array of 0/1"):
+            function(logits, tokens, None)

@@ -44,6 +44,8 @@ def np_log_softmax(x):
 def numpy_kto_loss(variant, mistake=None):
     def candidate(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
                   kl_policy_logps=None, kl_ref_logps=None):
+        if mistake == "weights_ignored":
+            desirable_weight = undesirable_weight = 1.0
         b = {"beta_twice": beta * beta, "beta_missing": 1.0}.get(mistake, beta)
         r = policy_logps - ref_logps
         w = np.where(labels, desirable_weight, undesirable_weight)
@@ -104,7 +106,7 @@ def numpy_logprobs(shift, mistake=None):
 BETA_MISTAKES = {"beta_twice": lambda beta: beta * beta, "beta_missing": lambda beta: 1.0}
 LOGPS_MISTAKES = ("mask_ignored", "masked_mean", "mean_over_time")
 LOSS_FORMULA_MISTAKES = ("z_not_detached", "z_detached", "z_clamped", "z_not_clamped", "undesirable_sign",
-                         "weights_normalise_mean")
+                         "weights_normalise_mean", "weights_ignored")
 
 
 def torch_kto_loss(variant, mistake=None):
@@ -129,6 +131,8 @@ def torch_kto_loss_mutant(variant, mistake):
 
     def candidate(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
                   kl_policy_logps=None, kl_ref_logps=None):
+        if mistake == "weights_ignored":
+            desirable_weight = undesirable_weight = 1.0
         b = beta
         r = policy_logps - ref_logps
         w = torch.where(labels, torch.full_like(r, desirable_weight), torch.full_like(r, undesirable_weight))
@@ -195,10 +199,11 @@ def torch_logprobs(shift, mistake=None):
     return candidate
 
 
-def torch_model_kto(mistake=None):
-    """The oracle's Hugging Face-named GPT-2 through torch_reference.gpt2_logits (untied lm_head)."""
+def torch_model_kto(mistake=None, roll=1):
+    """The oracle's Hugging Face-named GPT-2 through torch_reference.gpt2_logits (untied lm_head).
+    roll: torch.roll's shift of the KL completions (1: TRL's prompt i with completion i - 1; -1: i + 1)."""
     torch = torch_or_skip()
-    rotation = {"kl_pairs_not_mismatched": 0, "kl_pairs_rotated_wrong_way": -1}.get(mistake, 1)
+    rotation = {"kl_pairs_not_mismatched": 0, "kl_pairs_rotated_wrong_way": -roll}.get(mistake, roll)
     shift = {"logits_not_shifted": 0, "logits_shifted_twice": 2}.get(mistake, 1)
     logps_mistake = mistake if mistake in LOGPS_MISTAKES else None
     loss = torch_kto_loss("kto", mistake)
@@ -308,12 +313,12 @@ LOSS_MUTANTS = [
     ("kto_loss", variant, mistake)
     for variant, mistakes in [
         ("edifice", ["z_detached", "z_clamped", "undesirable_sign", "beta_twice", "beta_missing",
-                     "weights_normalise_mean"]),
+                     "weights_normalise_mean", "weights_ignored"]),
         ("edifice_stop_z_grad", ["z_not_detached", "z_clamped", "undesirable_sign", "beta_twice", "beta_missing",
-                                 "weights_normalise_mean"]),
+                                 "weights_normalise_mean", "weights_ignored"]),
         ("kto", ["z_not_detached", "z_not_clamped", "undesirable_sign", "beta_twice", "beta_missing",
-                 "weights_normalise_mean"]),
-        ("apo_zero_unpaired", ["beta_twice", "beta_missing", "weights_normalise_mean"]),
+                 "weights_normalise_mean", "weights_ignored"]),
+        ("apo_zero_unpaired", ["beta_twice", "beta_missing", "weights_normalise_mean", "weights_ignored"]),
     ]
     for mistake in mistakes
 ] + [("dpo_loss", None, "beta_twice"), ("dpo_loss", None, "beta_missing")]
@@ -327,14 +332,14 @@ LOGPROB_MUTANTS = (
 MODEL_MUTANTS = [("model_kto", "kto", m) for m in (
     "kl_pairs_not_mismatched", "kl_pairs_rotated_wrong_way", "z_not_detached", "z_not_clamped",
     "logits_not_shifted", "logits_shifted_twice", "masked_mean", "mean_over_time", "mask_ignored",
-    "undesirable_sign", "beta_twice", "beta_missing", "weights_normalise_mean")]
+    "undesirable_sign", "beta_twice", "beta_missing", "weights_normalise_mean", "weights_ignored")]
 ALL_MUTANTS = LOSS_MUTANTS + LOGPROB_MUTANTS + MODEL_MUTANTS
 
 
 def test_every_builtin_mutant_is_covered_by_a_test_candidate():
     tested = {(kind, variant, LOGPROB_FORMS.get(form, form)) for kind, variant, form in ALL_MUTANTS}
     builtin = {(kind, variant, m.mistake) for kind, variant in KIND_VARIANTS
-               for m in oracle._mutants(kind, variant)}
+               for m in oracle.mistakes.mutants(kind, variant)}
     assert builtin == tested
     assert {m for _, _, m in builtin} == set(oracle.MISTAKES)
 
@@ -452,7 +457,7 @@ def test_candidate_errors_nan_and_bad_shapes_fail():
 
     report = oracle.verify(raises, "kto_loss", "kto")
     assert not report.passed and len(report.errors) == len(report.cases)
-    assert "boom" in str(report) and "raised on every case" in str(report.diagnosis)
+    assert "boom" in str(report) and "no case ran to the end" in str(report.diagnosis)
 
     report = oracle.verify(lambda **kw: (np.nan, np.zeros_like(kw["policy_logps"])), "kto_loss", "kto")
     assert not report.passed and any("NaN" in c.note for c in report.failures)
@@ -725,8 +730,58 @@ def test_mutant_engine_without_mistakes_is_the_reference():
     for case in oracle.generate_cases():
         if case.kind != "kto_loss":
             continue
-        outputs = oracle._kto_loss_mutant("none", {}).compute(case)
+        outputs = oracle.mistakes._kto_loss_mutant("none", {}).compute(case)
         for quantity, value in outputs.items():
             expected = case.expected[quantity]
             assert np.allclose(value, expected, rtol=1e-12, atol=1e-15), (
                 f"{case.name} {quantity}: engine {value} vs reference {expected}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the KL-row rotation is declared, not assumed; unit weights; an exactly-zero KL log-ratio
+
+
+@pytest.mark.parametrize("roll,kl_rotation", [(1, -1), (-1, 1)])
+def test_a_consistent_kl_rotation_passes_and_the_other_is_named(roll, kl_rotation):
+    """torch.roll(c, 1) is TRL's rotation (-1: completion i - 1), torch.roll(c, -1) OpenRLHF's and HALOs'
+    (+1: completion i + 1): each passes the cases declared for it and fails the others' with the name."""
+    candidate = torch_model_kto(roll=roll)
+    report = oracle.verify(candidate, "model_kto", kl_rotation=kl_rotation)
+    assert_passed(report)
+    assert f"kl_rotation={kl_rotation:+d}" in str(report)
+    assert_diagnosed(oracle.verify(candidate, "model_kto", kl_rotation=-kl_rotation), "kl_pairs_rotated_wrong_way")
+    assert_passed(oracle.verify(oracle.builtin_candidate("model_kto", kl_rotation=kl_rotation), "model_kto",
+                                kl_rotation=kl_rotation))
+    with pytest.raises(ValueError, match="kl_rotation"):
+        oracle.verify(candidate, "model_kto", kl_rotation=0)
+
+
+def test_the_cases_of_each_rotation_hold_reference_values_for_it():
+    from kto_np.oracle.cases import kl_partner_indices
+
+    by_name = {c.name: c for c in oracle.generate_cases() if c.kind == "model_kto"}
+    for name, case in by_name.items():
+        rotation = case.kl_rotation
+        partners = kl_partner_indices(4, rotation)
+        completions = case.inputs["completion_tokens"][partners]
+        assert np.array_equal(case.expected["kl_tokens"][:, 3:], completions), name
+        assert np.array_equal(partners, (np.arange(4) + rotation) % 4)
+    assert {c.kl_rotation for c in by_name.values()} == {-1, 1}
+
+
+def test_a_weightless_implementation_passes_the_unit_weight_cases_only_and_is_named():
+    for variant in oracle.VARIANTS["kto_loss"]:
+        candidate = torch_kto_loss(variant, "weights_ignored")
+        report = oracle.verify(candidate, "kto_loss", variant)
+        assert_diagnosed(report, "weights_ignored")
+        unit = [c for c in report.checks if c.case.endswith("/unit_weights")]
+        assert unit and all(c.passed for c in unit), report
+
+
+def test_kl_zero_case_is_exactly_zero_and_z_not_detached_is_still_named():
+    case = next(c for c in oracle.generate_cases() if c.name == "kto_loss/kto/kl_zero")
+    assert np.mean(case.inputs["kl_policy_logps"] - case.inputs["kl_ref_logps"]) == 0.0
+    assert case.expected["metrics/kl"] == 0.0
+    report = oracle.verify(torch_kto_loss("kto", "z_not_detached"), "kto_loss", "kto")
+    assert any(c.case.endswith("/kl_zero") and not c.passed for c in report.checks), report
+    assert report.diagnosis.mistakes == ("z_not_detached",)

@@ -8,7 +8,8 @@ import pytest
 
 from kto_np import checkpoint, step, train
 from kto_np.data import Tokenizer, collate, make_examples, make_task
-from kto_np.gradcheck import check_gradients, model_checks
+from kto_np.gradcheck import check_gradients
+from kto_np.gradcheck_suite import model_checks
 from kto_np.losses import VARIANTS
 from kto_np.model import build
 

@@ -29,6 +29,7 @@ EXPECTED = [
     "04_backprop_through_the_transformer.py",
     "05_training_with_binary_feedback.py",
     "06_imbalanced_feedback.py",
+    "07_edifice_backbone.py",
     "08_the_seed_formula_in_training.py",
     "09_when_z_ref_is_positive.py",
     "10_kto_vs_dpo.py",

@@ -322,7 +322,7 @@ check_op("KTO loss, every parameter tensor", kto_objective, params, grads, toler
 
 # %% [markdown]
 # The same check, for every loss variant and a few model options, is `kto-np gradcheck` on the
-# command line (`kto_np.gradcheck.model_checks` in Python).
+# command line (`kto_np.gradcheck_suite.model_checks` in Python).
 #
 # A last sanity check of the chain: the logits gradient the model backward receives is the one from
 # tutorial 3, so the embedding gradient of a token that appears nowhere in the batch (the pad "_" is

@@ -208,7 +208,7 @@ if torch is not None:
 # **Bug 2: σ(−KL − z).** The seed document's module doc writes the undesirable branch as σ(−KL − z);
 # the right one is σ(−(KL − z)) = σ(z − KL). Written as `sigmoid(-beta * r - beta * z)`, it agrees with
 # the reference whenever z_ref = 0, so it passes the cases without KL pairs, with a negative KL
-# estimate (clamped to 0) and with desirable examples only.
+# estimate (clamped to 0), with a KL estimate of exactly 0 and with desirable examples only.
 
 # %%
 if torch is not None:
@@ -227,7 +227,7 @@ if torch is not None:
     print("cases that still pass:", passing_cases)
     print("diagnosis:", report.diagnosis)
     assert set(passing_cases) == {"kto_loss/kto/no_kl_pairs", "kto_loss/kto/kl_pairs_negative",
-                                  "kto_loss/kto/desirable_only"}
+                                  "kto_loss/kto/desirable_only", "kto_loss/kto/kl_zero"}
     assert report.diagnosis.mistakes == ("undesirable_sign",)
 
 # %% [markdown]

@@ -1,0 +1,295 @@
+"""Comparing a candidate's numbers with the reference, the report, and the diagnosis.
+
+A quantity passes when max|c - r| <= atol + rtol max|r| (gradcheck.reference_error); the diagnosis names
+the known mistakes (mistakes.py) whose mutated formulas reproduce every failing number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import __version__
+from ..gradcheck import reference_error
+from .cases import Case
+from .mistakes import KNOWN_MISTAKES, mutants
+
+# (rtol, atol) per quantity class; a quantity passes when max|c - r| <= atol + rtol * max|r|.
+TOLERANCES = {
+    "float64": {
+        "loss": (1e-9, 1e-12),
+        "metric": (1e-9, 1e-12),
+        "logps": (1e-9, 1e-12),
+        "logits": (1e-9, 1e-12),
+        "grad": (1e-8, 1e-12),
+        "finite_differences": (1e-5, 1e-9),
+        "exact": (0.0, 0.0),
+    },
+    "float32": {
+        "loss": (1e-5, 1e-6),
+        "metric": (1e-5, 1e-6),
+        "logps": (1e-5, 1e-5),
+        "logits": (1e-5, 1e-5),
+        "grad": (1e-4, 1e-6),
+        "finite_differences": (1e-2, 1e-4),
+        "exact": (0.0, 0.0),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One quantity of one case compared with the reference."""
+
+    case: str
+    quantity: str
+    source: str  # "returned", "autograd", "vjp", "finite differences[ (K directions)]", "not checked"
+    shape: tuple
+    max_abs_error: float
+    rel_error: float  # max|c - r| / max|r|
+    rtol: float
+    atol: float
+    passed: bool
+    mismatch_index: tuple | None = None  # first index with |c - r| > atol + rtol max|r|
+    candidate_value: float | None = None
+    reference_value: float | None = None
+    note: str = ""
+
+    @property
+    def skipped(self) -> bool:
+        return self.source == "not checked"
+
+
+def quantity_class(quantity: str, source: str) -> str:
+    if source.startswith("finite differences"):
+        return "finite_differences"
+    if quantity == "loss":
+        return "loss"
+    if quantity.startswith("grad/"):
+        return "grad"
+    if quantity.startswith("metrics/"):
+        return "metric"
+    if quantity in ("tokens", "kl_tokens", "sequence_mask", "kl_sequence_mask"):
+        return "exact"
+    if quantity == "logits":
+        return "logits"
+    return "logps"
+
+
+def agrees(candidate, reference, rtol: float, atol: float) -> bool:
+    if candidate is None or reference is None:
+        return candidate is None and reference is None
+    if candidate.shape != reference.shape:
+        return False
+    both_nan = np.isnan(candidate) & np.isnan(reference)
+    if np.any(np.isnan(candidate) != np.isnan(reference)):
+        return False
+    c, r = np.where(both_nan, 0.0, candidate), np.where(both_nan, 0.0, reference)
+    max_abs, scale, _ = reference_error(c, r)
+    return max_abs <= atol + rtol * scale
+
+
+def compare(case: str, quantity: str, source: str, candidate, reference, tolerance: str) -> Check:
+    rtol, atol = TOLERANCES[tolerance][quantity_class(quantity, source)]
+    if source == "not checked":
+        return Check(case, quantity, source, (), math.nan, math.nan, rtol, atol, True,
+                     note="finite differences see the gradient through z, which this variant stops: "
+                          "return the gradient or use torch")
+    if reference is None:
+        ok = candidate is None or bool(candidate.size and np.isnan(candidate).all())
+        return Check(case, quantity, source, (), 0.0 if ok else math.inf, 0.0 if ok else math.inf, rtol, atol,
+                     ok, candidate_value=None if candidate is None else float(candidate.ravel()[0]),
+                     note="reference is None (class absent)" + ("" if ok else "; the candidate gave a number"))
+    if candidate is None:
+        return Check(case, quantity, source, tuple(reference.shape), math.inf, math.inf, rtol, atol, False,
+                     note="the candidate returned None")
+    if candidate.shape != reference.shape:
+        return Check(case, quantity, source, tuple(reference.shape), math.inf, math.inf, rtol, atol, False,
+                     note=f"shape {tuple(candidate.shape)}, expected {tuple(reference.shape)}")
+    max_abs, scale, rel = reference_error(candidate, reference)
+    bound = atol + rtol * scale
+    passed = bool(max_abs <= bound)
+    index = c_value = r_value = None
+    note = ""
+    if not passed:
+        bad = ~(np.abs(candidate - reference) <= bound)
+        index = tuple(int(i) for i in np.argwhere(bad)[0]) if candidate.ndim else ()
+        c_value, r_value = float(candidate[index]), float(reference[index])
+        if not np.all(np.isfinite(candidate)):
+            note = "the candidate has NaN or inf"
+    return Check(case, quantity, source, tuple(reference.shape), max_abs, rel, rtol, atol, passed, index,
+                 c_value, r_value, note)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Which known mistakes a failing candidate's numbers match (empty when none or when it passed)."""
+
+    mistakes: tuple[str, ...]
+    message: str
+    closest: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class Report:
+    """The result of verify: one Check per case and quantity, errors, notes and the diagnosis."""
+
+    kind: str
+    variant: str | None
+    tolerance: str
+    cases: list[str]
+    checks: list[Check] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # case -> what the candidate raised
+    notes: list[str] = field(default_factory=list)
+    diagnosis: Diagnosis = field(default_factory=lambda: Diagnosis((), "not run"))
+    cases_source: str = ""  # where the cases came from, and whether they are kto_np's own
+    cases_identical: bool | None = None  # False: a case folder that differs from what kto_np exports
+    not_verified: tuple[str, ...] = ()  # known mistakes the checks that ran cannot rule out
+    kl_rotation: int | None = None  # model_kto: the KL pairs the candidate was checked for
+
+    @property
+    def passed(self) -> bool:
+        compared = [c for c in self.checks if not c.skipped]
+        return (bool(compared) and not self.errors and all(c.passed for c in compared)
+                and self.cases_identical is not False)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def __str__(self) -> str:
+        title = (f"kto_np {__version__} gradient oracle: kind={self.kind}"
+                 + (f" variant={self.variant}" if self.variant else "")
+                 + (f" kl_rotation={self.kl_rotation:+d}" if self.kl_rotation is not None else "")
+                 + f", {len(self.cases)} cases, tolerance {self.tolerance}")
+        case_width = max([len("case")] + [len(c.case) for c in self.checks]) + 2
+        quantity_width = max([len("quantity")] + [len(c.quantity) for c in self.checks]) + 2
+        header = (f"{'case':<{case_width}}{'quantity':<{quantity_width}}{'source':<20}{'max abs err':>12}"
+                  f"{'rel err':>10}{'rtol':>8}  result")
+        lines = [title] + ([f"cases: {self.cases_source}"] if self.cases_source else []) + [header, "-" * len(header)]
+        for c in self.checks:
+            result = "skip" if c.skipped else ("pass" if c.passed else "FAIL")
+            lines.append(f"{c.case:<{case_width}}{c.quantity:<{quantity_width}}{c.source:<20}"
+                         f"{c.max_abs_error:>12.2e}{c.rel_error:>10.2e}{c.rtol:>8.0e}  {result}")
+            if c.mismatch_index is not None:
+                where = f" at {list(c.mismatch_index)}" if c.mismatch_index else ""
+                lines.append(f"{'':<{case_width}}  first mismatch{where}: candidate {c.candidate_value:.12g}"
+                             f"  reference {c.reference_value:.12g}")
+            if c.note and (not c.passed or c.skipped):
+                lines.append(f"{'':<{case_width}}  {c.note}")
+        for case, message in self.errors.items():
+            lines.append(f"{case}: ERROR, the candidate {message}")
+        lines += [f"note: {n}" for n in self.notes]
+        compared = [c for c in self.checks if not c.skipped]
+        failed = [c for c in compared if not c.passed]
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines.append(f"{verdict}: {len(compared) - len(failed)}/{len(compared)} checks passed, "
+                     f"{len(self.errors)} case(s) raised, {len(self.checks) - len(compared)} skipped"
+                     + (" (the cases are not kto_np's: see 'cases:')" if self.cases_identical is False else ""))
+        if self.not_verified:
+            lines.append(f"not verified: {', '.join(self.not_verified)} (no number compared tells "
+                         f"{'them' if len(self.not_verified) > 1 else 'it'} from the reference: the deciding "
+                         "checks were skipped or their cases did not run)")
+        lines.append(f"diagnosis: {self.diagnosis}")
+        return "\n".join(lines)
+
+
+def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[tuple]:
+    """Per mutant: (mutant, agrees with the candidate everywhere, differs from the reference somewhere among
+    the numbers compared, the (case, quantity) pairs it reproduces, how many numbers were compared)."""
+    table = []
+    for mutant in mutants(kind, variant):
+        agree, distinguishable, explained, compared = True, False, set(), 0
+        for case_name, quantities in candidate_values.items():
+            outputs = mutant.compute(by_name[case_name])
+            for quantity, (value, source, projection) in quantities.items():
+                if quantity not in outputs or value is None or quantity.startswith("metrics/"):
+                    continue
+                mutated = outputs[quantity]
+                if mutated is None:  # any value is this mutant's (a subgradient at a corner)
+                    explained.add((case_name, quantity))
+                    continue
+                reference = by_name[case_name].expected[quantity]
+                if projection is not None:
+                    mutated, reference = projection(mutated), projection(reference)
+                rtol, atol = TOLERANCES[tolerance][quantity_class(quantity, source)]
+                compared += 1
+                if agrees(value, np.asarray(mutated, dtype=np.float64), rtol, atol):
+                    explained.add((case_name, quantity))
+                else:
+                    agree = False
+                if not agrees(np.asarray(mutated, dtype=np.float64), np.asarray(reference, dtype=np.float64),
+                              rtol, atol):
+                    distinguishable = True
+        table.append((mutant, agree, distinguishable, explained, compared))
+    return table
+
+
+def _within_float32(report: Report, by_name, candidate_values) -> bool:
+    """Whether every failing check of a float64 report would pass at float32 tolerance."""
+    if report.tolerance != "float32" and report.failures:
+        for check in report.failures:
+            value, source, projection = candidate_values.get(check.case, {}).get(check.quantity, (None, "", None))
+            reference = by_name[check.case].expected.get(check.quantity)
+            if value is None or reference is None:
+                return False
+            if projection is not None:
+                reference = projection(reference)
+            if not compare(check.case, check.quantity, source, value, np.asarray(reference), "float32").passed:
+                return False
+        return True
+    return False
+
+
+def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_values: dict,
+             report: Report) -> tuple[Diagnosis, tuple[str, ...]]:
+    """(the diagnosis, the known mistakes not verified).
+
+    A mutant matches when, on every case and quantity the candidate gave (loss, gradients, log-probs,
+    intermediates; metrics aside), the candidate agrees with the mutant within the tolerance, the mutant
+    differs from the reference somewhere there, and every failing check is one the mutant accounts for.
+    A mistake is not verified when none of the numbers compared tells its mutant from the reference (the
+    deciding gradient was not checked, or the cases that show it did not run).
+    """
+    by_name = {case.name: case for case in cases}
+    table = _mutant_table(kind, variant, by_name, candidate_values, report.tolerance) if candidate_values else []
+    not_verified = tuple(dict.fromkeys(m.mistake for m, _, distinguishable, _, _ in table if not distinguishable))
+    if report.passed:
+        if not_verified:
+            return Diagnosis((), "every compared check passed, but the checks that decide "
+                                 f"{', '.join(not_verified)} could not run: those mistakes are not verified"
+                             ), not_verified
+        return Diagnosis((), "all checks passed"), ()
+    failing = {(c.case, c.quantity) for c in report.failures if not c.quantity.startswith("metrics/")}
+    if not candidate_values:
+        return Diagnosis((), "no case ran to the end (the ERROR lines above): nothing to compare with the known "
+                             "mistakes"), ()
+    if not failing and not report.errors and report.cases_identical is False:
+        return Diagnosis((), "every number compared matches the reference, but on cases that differ from kto_np's "
+                             "export (see 'cases:'): no verdict"), not_verified
+    if not failing and report.errors:
+        return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
+                             "not run to the end (the ERROR lines above)"), not_verified
+    matches = [m for m, agree, distinguishable, explained, compared in table
+               if agree and distinguishable and failing <= explained and compared]
+    if matches:
+        ids = tuple(dict.fromkeys(m.mistake for m in matches))
+        text = "; ".join(f"{i}: {KNOWN_MISTAKES[i].title} (fix: {KNOWN_MISTAKES[i].fix})" for i in ids)
+        return Diagnosis(ids, f"matches known mistake{'s' if len(ids) > 1 else ''} {text}"), not_verified
+    if _within_float32(report, by_name, candidate_values):
+        return Diagnosis((), "every failing number is within float32 tolerance: an intermediate is computed in "
+                             "float32 (a float32 cast, head or parameter); if that is meant, rerun with "
+                             "--tolerance float32 (verify(..., tolerance='float32'))"), not_verified
+    scores = [(len(failing & explained), m) for m, _, _, explained, _ in table]
+    best_count, best = max(scores, key=lambda s: s[0]) if scores else (0, None)
+    if best is None or best_count == 0:
+        return Diagnosis((), "no known mistake matches these numbers"), not_verified
+    return Diagnosis((), f"no known mistake matches every failing number; closest: {best.mistake} "
+                         f"({KNOWN_MISTAKES[best.mistake].title}) reproduces {best_count} of {len(failing)} "
+                         "failing checks", closest=best.mistake), not_verified

@@ -1,0 +1,38 @@
+"""Assertions for users' test suites, in the idiom of numpy.testing.
+
+    from kto_np.testing import assert_kto_matches
+
+    def test_my_kto_loss():
+        assert_kto_matches(my_kto_loss)                      # kind="kto_loss", variant="kto"
+        assert_kto_matches("my_pkg.losses:MyKTO", convention="split")
+
+A failing check raises AssertionError whose message is the oracle's report (which number is wrong, and
+the known mistake it matches); a candidate that cannot be loaded raises the oracle's LoadError. The
+candidate runs in a child process when it can be named there (a spec string or a module-level
+function or class), so that an exit or a crash in it fails the assertion instead of ending the tests.
+"""
+
+from __future__ import annotations
+
+from .oracle import DEFAULT_TIMEOUT, KL_ROTATION, VARIANTS, Report, verify
+
+__all__ = ["assert_kto_matches"]
+
+
+def assert_kto_matches(candidate, kind: str = "kto_loss", variant: str | None = "kto", tolerance: str = "float64",
+                       convention: str | None = None, *, cases=None, timeout: float | None = DEFAULT_TIMEOUT,
+                       kl_rotation: int = KL_ROTATION) -> Report:
+    """Raise AssertionError (message: the oracle's report) unless `candidate` passes every case of `kind`.
+
+    candidate: a callable or a spec ("module:function", "path/file.py:function", "module:Class",
+    "module:Class.method"). variant: the loss variant ("kto" by default; ignored for kinds without
+    variants). tolerance: "float64" or "float32". convention: None (detected), "kto_np" or "split".
+    Returns the passing Report (its not_verified lists mistakes no check could rule out).
+    """
+    if variant is not None and kind in VARIANTS and VARIANTS[kind] == (None,):
+        variant = None  # dpo_loss and the log-prob kinds have no variants: the default "kto" does not apply
+    report = verify(candidate, kind, variant, cases, tolerance=tolerance, timeout=timeout, convention=convention,
+                    kl_rotation=kl_rotation)
+    if not report.passed:
+        raise AssertionError(f"the candidate does not match kto_np's reference:\n{report}")
+    return report

@@ -1,0 +1,126 @@
+"""Case-file integrity: a case folder is compared with what this kto_np would export; a folder that differs
+is said to differ (and is no pass), and an invalid model config is a case error (exit 2), never the
+candidate's failure."""
+
+import json
+import shutil
+
+import pytest
+
+from kto_np import __version__, oracle
+
+UNDESIRABLE_SIGN = '''
+import numpy as np
+from kto_np import oracle
+
+good = oracle.builtin_candidate("kto_loss", "kto")
+good_model = oracle.builtin_candidate("model_kto")
+
+def undesirable_sign(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                     kl_policy_logps=None, kl_ref_logps=None):
+    r = policy_logps - ref_logps
+    z = 0.0 if kl_policy_logps is None else max(0.0, float(np.mean(kl_policy_logps - kl_ref_logps)))
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))
+    losses = np.where(labels, desirable_weight * (1 - sigmoid(beta * (r - z))),
+                      undesirable_weight * (1 - sigmoid(-beta * r - beta * z)))
+    return float(losses.mean())
+'''
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cases") / "cases"
+    oracle.export(folder)
+    return folder
+
+
+@pytest.fixture
+def candidates(tmp_path):
+    path = tmp_path / "integrity_candidates.py"
+    path.write_text(UNDESIRABLE_SIGN)
+    return path
+
+
+def edited_copy(exported, tmp_path, edit):
+    folder = tmp_path / "edited"
+    shutil.copytree(exported, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_an_exported_folder_is_verified_identical(exported, candidates, capsys):
+    assert oracle.main_check(f"{candidates}:good", "kto_loss", "kto", exported) == 0
+    assert f"cases: {exported}: verified identical to kto_np {__version__}'s" in capsys.readouterr().out
+
+
+def test_removed_manifest_entries_no_longer_let_a_buggy_candidate_pass(exported, candidates, tmp_path, capsys):
+    keep = {"kto_loss/kto/no_kl_pairs", "kto_loss/kto/kl_pairs_negative", "kto_loss/kto/desirable_only"}
+
+    def remove(manifest):
+        manifest["cases"] = [e for e in manifest["cases"] if e["kind"] != "kto_loss" or e["name"] in keep]
+
+    folder = edited_copy(exported, tmp_path, remove)
+    report = oracle.verify(f"{candidates}:undesirable_sign", "kto_loss", "kto", folder)
+    assert all(c.passed for c in report.checks)  # the bug does not show on the cases left...
+    assert not report.passed  # ...but the verdict is not a pass
+    assert report.cases_identical is False
+    assert "missing from the manifest: kto_loss/kto/batch_of_1" in report.cases_source
+    assert oracle.main_check(f"{candidates}:undesirable_sign", "kto_loss", "kto", folder) == 2
+    captured = capsys.readouterr()
+    assert "DIFFER from kto_np" in captured.out and "re-export" in captured.err
+
+
+def test_an_edited_valid_config_is_named_and_not_blamed_on_the_candidate(exported, candidates, tmp_path, capsys):
+    def edit(manifest):
+        for entry in manifest["cases"]:
+            if entry["kind"] == "model_kto":
+                entry["config"]["n_head"] = 4  # still a valid GPT-2 config, but not the model of these numbers
+
+    folder = edited_copy(exported, tmp_path, edit)
+    identical, line = oracle.store.compare_with_installed(folder)
+    assert not identical
+    assert "edited: model_kto/kto/kl_negative (config); model_kto/kto/kl_negative_rotation_plus_1 (config)" in line
+    assert oracle.main_check(f"{candidates}:good_model", "model_kto", None, folder) == 2
+    assert "(config)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n_head", 5, "n_embd 12 is not divisible by n_head 5"),
+    ("n_layer", 3, "2 layers; the config says"),
+    ("activation_function", "relu", "activation_function must be 'gelu_new'"),
+    ("vocab_size", "11", "vocab_size must be a positive integer"),
+])
+def test_an_invalid_config_is_a_case_error(exported, candidates, tmp_path, capsys, field, value, message):
+    def edit(manifest):
+        for entry in manifest["cases"]:
+            if entry["kind"] == "model_kto":
+                entry["config"][field] = value
+
+    folder = edited_copy(exported, tmp_path, edit)
+    with pytest.raises(ValueError, match="invalid model config"):
+        oracle.load_cases(folder)
+    assert oracle.main_check(f"{candidates}:good_model", "model_kto", None, folder) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err
+
+
+def test_loss_moved_to_absent_is_refused(exported, candidates, tmp_path, capsys):
+    def edit(manifest):
+        for entry in manifest["cases"]:
+            if entry["name"] == "kto_loss/kto/kl_pairs":
+                entry["absent"].append("loss")
+
+    folder = edited_copy(exported, tmp_path, edit)
+    with pytest.raises(ValueError, match="'absent' may list metrics only"):
+        oracle.load_cases(folder)
+    assert oracle.main_check(f"{candidates}:good", "kto_loss", "kto", folder) == 2
+
+
+def test_case_objects_and_in_memory_cases_say_where_they_came_from():
+    good = oracle.builtin_candidate("dpo_loss")
+    assert oracle.verify(good, "dpo_loss").cases_source == f"generated by kto_np {__version__}"
+    cases = [c for c in oracle.generate_cases() if c.kind == "dpo_loss"]
+    report = oracle.verify(good, "dpo_loss", cases=cases)
+    assert report.passed and report.cases_identical is None and "Case objects" in report.cases_source

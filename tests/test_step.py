@@ -1,0 +1,105 @@
+"""The step module: the batch and its KL rows (checked row by row, by hand), its door checks, and the
+KTO step against the losses and finite differences."""
+
+import numpy as np
+import pytest
+
+from kto_np import step
+from kto_np.gradcheck import check_gradients
+from kto_np.losses import KTOConfig, kto_loss
+from kto_np.model import build
+
+PROMPTS = [[5, 6], [7], [8, 9, 10]]
+COMPLETIONS = [[1, 2, 3], [4], [2, 2]]
+
+
+def _row(tokens, mask, b):
+    """(prompt + completion ids of row b without padding, the completion ids under the mask)."""
+    length = int(np.flatnonzero(np.asarray(tokens[b]) != 0)[-1]) + 1
+    return list(tokens[b][:length]), [int(t) for t, m in zip(tokens[b], mask[b]) if m == 1]
+
+
+@pytest.mark.parametrize("rotation, partners", [(-1, [2, 0, 1]), (1, [1, 2, 0]), (2, [2, 0, 1])])
+def test_kl_row_i_is_prompt_i_with_the_partners_completion(rotation, partners):
+    batch = step.make_batch(PROMPTS, COMPLETIONS, [1, 0, 1], rotation=rotation, dtype="float64")
+    assert step.kl_partner_indices(3, rotation).tolist() == partners
+    for i, j in enumerate(partners):
+        row, completion = _row(batch.kl_tokens, batch.kl_completion_mask, i)
+        assert row == PROMPTS[i] + COMPLETIONS[j]
+        assert completion == COMPLETIONS[j]
+        row, completion = _row(batch.tokens, batch.completion_mask, i)
+        assert row == PROMPTS[i] + COMPLETIONS[i] and completion == COMPLETIONS[i]
+
+
+def test_trl_rotation_is_the_default_and_every_pair_is_mismatched():
+    for size in range(2, 40):
+        partners = step.kl_partner_indices(size)
+        assert (partners != np.arange(size)).all()
+        assert sorted(partners.tolist()) == list(range(size))  # each completion used once
+        assert partners[0] == size - 1  # TRL: completions [c_{B-1}, c_0, ..., c_{B-2}]
+    assert step.kl_partner_indices(1).tolist() == [0]  # B = 1: the only pair is matched
+
+
+def test_padding_and_max_len():
+    batch = step.make_batch(PROMPTS, COMPLETIONS, [1, 0, 1], max_len=9, pad_id=0)
+    assert batch.tokens.shape == (3, 9) and batch.kl_tokens.shape == (3, 9)
+    assert batch.completion_mask.dtype == np.float32 and batch.tokens.dtype == np.int64
+    with pytest.raises(ValueError, match="max_len must be >= the longest prompt \\+ completion"):
+        step.make_batch(PROMPTS, COMPLETIONS, [1, 0, 1], max_len=3)
+
+
+@pytest.mark.parametrize("prompts, completions, labels, rotation, error, match", [
+    ([], [], [], -1, ValueError, "prompt_ids must not be empty"),
+    (PROMPTS, COMPLETIONS[:2], [1, 0, 1], -1, ValueError, "one entry per example"),
+    (PROMPTS, COMPLETIONS, [1, 0], -1, ValueError, "one entry per example"),
+    (PROMPTS, COMPLETIONS, [1, 7, 0], -1, ValueError, "labels must be 0"),
+    (PROMPTS, COMPLETIONS, [1.0, 0.5, 0.0], -1, ValueError, "labels must be 0"),
+    (PROMPTS, COMPLETIONS, [1, 0, 1], 1.5, TypeError, "rotation must be an integer"),
+    (PROMPTS, COMPLETIONS, [1, 0, 1], 3, ValueError, "multiple of the batch size"),
+    ("abc", COMPLETIONS, [1, 0, 1], -1, TypeError, "prompt_ids must be a list"),
+])
+def test_make_batch_rejects_bad_input_by_name(prompts, completions, labels, rotation, error, match):
+    with pytest.raises(error, match=match):
+        step.make_batch(prompts, completions, labels, rotation=rotation)
+
+
+def _tiny():
+    rng = np.random.default_rng(3)
+    model = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=11, dropout=0.0, max_seq_len=8,
+                  dtype="float64")
+    params = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in model.init(1).items()}
+    batch = step.make_batch(PROMPTS, COMPLETIONS, [1, 0, 1], dtype="float64")
+    return model, params, batch, rng
+
+
+@pytest.mark.parametrize("variant", ["edifice", "kto", "apo_zero_unpaired"])
+def test_kto_step_is_the_loss_of_the_logps_and_its_gradient(variant):
+    model, params, batch, rng = _tiny()
+    ref = step.forward_logps(model, params, batch.tokens, batch.completion_mask) + 0.2 * rng.standard_normal(3)
+    kl_ref = step.forward_logps(model, params, batch.kl_tokens, batch.kl_completion_mask) - 0.4  # z > 0
+    config = KTOConfig(variant, beta=0.7, desirable_weight=1.3, undesirable_weight=1.0)
+    loss, metrics, grads = step.kto_step(model, params, batch, ref, kl_ref, config)
+    kl_policy = step.forward_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)  # held fixed
+    kl = dict(kl_policy_logps=kl_policy, kl_ref_logps=kl_ref) if variant == "kto" else {}
+
+    def objective():
+        logps = step.forward_logps(model, params, batch.tokens, batch.completion_mask)
+        return kto_loss(logps, ref, batch.labels, 0.7, 1.3, 1.0, variant=variant, warn_balance=False, **kl)
+
+    assert loss == pytest.approx(objective(), rel=1e-14)
+    if variant == "kto":
+        assert metrics["kl"] > 0
+    rows = check_gradients(objective, params, grads, tolerance=1e-6, seed=0)
+    assert all(row.passed for row in rows), [row for row in rows if not row.passed]
+
+
+def test_sft_step_gradient_matches_finite_differences():
+    model, params, batch, _ = _tiny()
+    loss, _, grads = step.sft_step(model, params, batch)
+    tokens = float(np.asarray(batch.completion_mask).sum())
+
+    def objective():
+        return -float(step.forward_logps(model, params, batch.tokens, batch.completion_mask).sum()) / tokens
+
+    assert loss == pytest.approx(objective(), rel=1e-14)
+    assert all(row.passed for row in check_gradients(objective, params, grads, tolerance=1e-6, seed=0))
