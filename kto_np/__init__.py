@@ -2,39 +2,52 @@
 
 A GPT-2 style transformer with hand-written forward and backward passes, every KTO loss variant with
 its explicit gradient, and float64 reference cases for checking other implementations.
+
+The names below are imported on first use (PEP 562), so that `kto-np` starts without importing NumPy
+before its Ctrl-C handler is in place; `from kto_np import build` works as usual.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .edifice import Edifice, EdificeConfig  # noqa: E402
-from .generate import generate  # noqa: E402
-from .logprobs import compute_logprobs, sequence_logprobs  # noqa: E402
-from .losses import (  # noqa: E402
-    VARIANTS,
-    check_balance,
-    default_beta,
-    dpo_loss,
-    dpo_loss_and_grad,
-    kto_loss,
-    kto_loss_and_grad,
-)
-from .model import GPT, GPTConfig, build  # noqa: E402
+# exported name -> the module that defines it
+_EXPORTS = {
+    "Edifice": "edifice",
+    "EdificeConfig": "edifice",
+    "generate": "generate",
+    "compute_logprobs": "logprobs",
+    "sequence_logprobs": "logprobs",
+    "VARIANTS": "losses",
+    "check_balance": "losses",
+    "default_beta": "losses",
+    "dpo_loss": "losses",
+    "dpo_loss_and_grad": "losses",
+    "kto_loss": "losses",
+    "kto_loss_and_grad": "losses",
+    "GPT": "model",
+    "GPTConfig": "model",
+    "build": "model",
+}
 
-__all__ = [
-    "GPT",
-    "Edifice",
-    "EdificeConfig",
-    "GPTConfig",
-    "VARIANTS",
-    "__version__",
-    "build",
-    "check_balance",
-    "compute_logprobs",
-    "default_beta",
-    "dpo_loss",
-    "dpo_loss_and_grad",
-    "generate",
-    "kto_loss",
-    "kto_loss_and_grad",
-    "sequence_logprobs",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:  # a submodule not imported yet: kto_np.losses, kto_np.train, ...
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -254,7 +254,33 @@ def _check_args(args) -> list[BenchConfig]:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.append and not args.results:
         raise ValueError("--append needs --results PATH")
+    if args.results is not None:
+        _check_results_path(args.results)
     return [CONFIGS[n] for n in names]
+
+
+def _check_results_path(path: str) -> None:
+    """--results is checked before the benchmark runs (minutes), not when writing its table."""
+    if not path:
+        raise ValueError("--results must be a file name, got an empty string")
+    if os.path.isdir(path):
+        raise ValueError(f"--results must be a file name, got the folder {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--results {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"--results {path!r} is not writable")
+
+
+def _check_backend(name: str) -> None:
+    """--backend cupy without CuPy or a GPU is an error (exit 2), found before anything runs."""
+    previous = backend.get_backend()
+    try:
+        backend.set_backend(name)
+    except (ImportError, RuntimeError) as exc:
+        raise ValueError(f"--backend {name} is not available ({exc})") from exc
+    finally:
+        backend.set_backend(previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +317,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed `args` (see add_arguments). Returns the exit code."""
     try:
         configs = _check_args(args)
+        _check_backend(args.backend)
     except ValueError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2

@@ -33,9 +33,9 @@ import numpy as np
 from . import backend
 from .backend import to_numpy
 from .edifice import EdificeConfig
-from .files import atomic_write, write_npy_entry
-from .model import GPTConfig, check_params, config_from_dict, param_shapes
-from .validation import check_positive_int
+from .files import ArchiveError, NpzArchive, atomic_write, write_npy_entry
+from .model import MAX_SIZES, GPTConfig, check_params, config_from_dict, param_shapes
+from .validation import check_positive_int, reject_autograd
 
 __all__ = [
     "FORMAT_VERSION",
@@ -166,6 +166,7 @@ def save(path, params: dict, config: GPTConfig | EdificeConfig, *, extra: dict |
         raise TypeError(f"config must be a GPTConfig or an EdificeConfig, got {type(config).__name__}")
     check_params(params, config)
     for name, value in params.items():
+        reject_autograd(f"params[{name!r}]", value)
         dtype = getattr(value, "dtype", None)
         if dtype is None:
             raise TypeError(f"params[{name!r}] must be an array, got {type(value).__name__}")
@@ -192,13 +193,26 @@ def save(path, params: dict, config: GPTConfig | EdificeConfig, *, extra: dict |
                     _write_entry(archive, EXTRA_PREFIX + name, value)
 
 
-def _json_entry(path: str, arrays: dict, key: str):
-    value = arrays[key]
-    if value.ndim != 0 or value.dtype.kind != "U":
-        raise CheckpointError(f"checkpoint {path!r}: entry {key!r} must be a JSON string, got {value.dtype}")
+MAX_METADATA_BYTES = 1 << 20  # the format and config entries
+MAX_EXTRA_JSON_BYTES = 1 << 26  # the extra state's JSON (64 MiB)
+EXTRA_ARRAY_ALLOWANCE = 1 << 24  # extra arrays may hold 3x the parameters' bytes (AdamW's m and v) + 16 MiB
+
+
+def _metadata(path: str, npz: NpzArchive, key: str, kinds: str, max_bytes: int):
+    """A 0-d metadata entry (the format version, a JSON text), read only after its header says it is
+    a small scalar of the right kind."""
+    header = npz.headers[key]
+    if header.shape != () or header.dtype.kind not in kinds:
+        raise CheckpointError(f"checkpoint {path!r}: entry {key!r} must be a scalar of kind {kinds!r}, got "
+                              f"shape {header.shape} and dtype {header.dtype}")
+    return npz.read(key, max_bytes=max_bytes)
+
+
+def _json_metadata(path: str, npz: NpzArchive, key: str, max_bytes: int):
+    value = _metadata(path, npz, key, "U", max_bytes)
     try:
         return json.loads(str(value[()]))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"checkpoint {path!r}: entry {key!r} is not valid JSON ({exc})") from exc
 
 
@@ -208,6 +222,11 @@ def load(path) -> Checkpoint:
     Raises CheckpointError (a ValueError naming the path) for a missing file, a file that is not a
     kto_np checkpoint, a truncated or corrupt file, a newer format version, or parameters that do
     not match the stored config (every missing, unexpected and mis-shaped key is listed).
+
+    The work is bounded by what the config describes: the zip directory and every entry's .npy header
+    are read first; the config (within model.MAX_SIZES / MAX_PARAMETERS), the entries' names, count,
+    shapes and dtypes are checked against each other before any array is read; each entry then
+    decompresses exactly the bytes its header declares (files.NpzArchive).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -215,29 +234,20 @@ def load(path) -> Checkpoint:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} is not a file")
     try:
-        with open(path, "rb") as file:  # ours to close, also when numpy fails half-way
-            loaded = np.load(file, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise CheckpointError(
-                    f"checkpoint {path!r} is not a kto_np checkpoint: a single .npy array, "
-                    "not an .npz archive"
-                )
-            with loaded:
-                arrays = {key: loaded[key] for key in loaded.files}
-    except CheckpointError:
-        raise
-    except Exception as exc:  # zipfile.BadZipFile, EOFError, ValueError, OSError, zlib.error, ...
-        raise CheckpointError(
-            f"cannot read checkpoint {path!r}: the file is truncated, corrupt or not a kto_np "
-            f"checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+        with open(path, "rb") as file, NpzArchive(file, name=path) as npz:
+            return _load(path, npz)
+    except ArchiveError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: the file is truncated, corrupt or not a kto_np "
+                              f"checkpoint ({exc})") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {exc.strerror or exc}") from exc
 
-    if FORMAT_KEY not in arrays:
+
+def _load(path: str, npz: NpzArchive) -> Checkpoint:
+    headers = npz.headers
+    if FORMAT_KEY not in headers:
         raise CheckpointError(f"{path!r} is not a kto_np checkpoint: it has no {FORMAT_KEY!r} entry")
-    version = arrays[FORMAT_KEY]
-    if version.ndim != 0 or version.dtype.kind not in "iu":
-        raise CheckpointError(f"checkpoint {path!r}: {FORMAT_KEY!r} must be an integer, got {version!r}")
-    version = int(version)
+    version = int(_metadata(path, npz, FORMAT_KEY, "iu", MAX_METADATA_BYTES))
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path!r} has format version {version}, newer than this kto_np reads "
@@ -245,43 +255,54 @@ def load(path) -> Checkpoint:
         )
     if version < 1:
         raise CheckpointError(f"checkpoint {path!r} has an invalid format version {version}")
-    if version < FORMAT_VERSION and EXTRA_JSON_KEY in arrays:
+    if version < FORMAT_VERSION and EXTRA_JSON_KEY in headers:
         raise CheckpointError(
             f"checkpoint {path!r} has format version {version}, whose extra state (nested JSON) this "
             f"kto_np (format {FORMAT_VERSION}, flat keys) does not read: only its parameters would load"
         )
-    if CONFIG_KEY not in arrays:
+    if CONFIG_KEY not in headers:
         raise CheckpointError(f"checkpoint {path!r} has no {CONFIG_KEY!r} entry")
-    config_dict = _json_entry(path, arrays, CONFIG_KEY)
+    config_dict = _json_metadata(path, npz, CONFIG_KEY, MAX_METADATA_BYTES)
     try:
         if not isinstance(config_dict, dict):
             raise ValueError(f"expected a JSON object, got {type(config_dict).__name__}")
-        config = config_from_dict(config_dict)
+        config = config_from_dict(config_dict)  # GPT sizes within model.MAX_SIZES and MAX_PARAMETERS
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path!r} holds an invalid config: {exc}") from exc
+    too_large = [f"{name}={getattr(config, name)} (at most {limit})" for name, limit in MAX_SIZES.items()
+                 if isinstance(getattr(config, name, None), int) and getattr(config, name) > limit]
+    if too_large:  # (GPTConfig checks this itself; the same bounds for every architecture)
+        raise CheckpointError(f"checkpoint {path!r} holds an invalid config: {', '.join(too_large)}")
 
     reserved = {FORMAT_KEY, CONFIG_KEY, EXTRA_JSON_KEY}
-    unknown_meta = [k for k in arrays if k.startswith("__") and k not in reserved]
+    unknown_meta = [k for k in headers if k.startswith("__") and k not in reserved]
     if unknown_meta:
         raise CheckpointError(f"checkpoint {path!r} has unknown metadata entries {unknown_meta}")
-    stored_params = {k: v for k, v in arrays.items() if k not in reserved and not k.startswith(EXTRA_PREFIX)}
-    try:
-        check_params(stored_params, config, name="stored parameters")
+    stored = [k for k in headers if k not in reserved and not k.startswith(EXTRA_PREFIX)]
+    shapes = param_shapes(config)  # cheap: the config's sizes are bounded
+    try:  # names and shapes from the headers: no array has been read
+        check_params({k: headers[k] for k in stored}, config, name="stored parameters")
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path!r}: {exc}") from exc
-    wrong_dtype = [f"{k}: {v.dtype}" for k, v in stored_params.items() if v.dtype != config.np_dtype]
+    wrong_dtype = [f"{k}: {headers[k].dtype}" for k in stored if headers[k].dtype != config.np_dtype]
     if wrong_dtype:
         raise CheckpointError(
-            f"checkpoint {path!r}: parameters must have the config's dtype {config.dtype}, got {wrong_dtype}"
+            f"checkpoint {path!r}: parameters must have the config's dtype {config.dtype}, got {wrong_dtype[:20]}"
         )
+    param_bytes = sum(headers[k].nbytes for k in stored)
+    extra_keys = [k for k in headers if k.startswith(EXTRA_PREFIX)]
+    extra_bytes = sum(headers[k].nbytes for k in extra_keys)
+    if extra_bytes > 3 * param_bytes + EXTRA_ARRAY_ALLOWANCE:
+        raise CheckpointError(f"checkpoint {path!r}: its extra arrays declare {extra_bytes:,} bytes, more than "
+                              f"3 x the parameters' {param_bytes:,} bytes + {EXTRA_ARRAY_ALLOWANCE:,}")
 
     xp = backend.xp()
-    extra_values = _json_entry(path, arrays, EXTRA_JSON_KEY) if EXTRA_JSON_KEY in arrays else {}
+    extra_values = _json_metadata(path, npz, EXTRA_JSON_KEY, MAX_EXTRA_JSON_BYTES) if EXTRA_JSON_KEY in headers else {}
     if not isinstance(extra_values, dict):
         raise CheckpointError(f"checkpoint {path!r}: {EXTRA_JSON_KEY!r} must be a JSON object")
-    extra_arrays = {k[len(EXTRA_PREFIX):]: xp.asarray(v) for k, v in arrays.items() if k.startswith(EXTRA_PREFIX)}
+    extra_arrays = {k[len(EXTRA_PREFIX):]: xp.asarray(npz.read(k)) for k in extra_keys}
     extra = _unflatten_extra(path, [*extra_values.items(), *extra_arrays.items()])
-    params = {name: xp.asarray(stored_params[name]) for name in param_shapes(config)}
+    params = {name: xp.asarray(npz.read(name)) for name in shapes}
     return Checkpoint(params=params, config=config, extra=extra)
 
 

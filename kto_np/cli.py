@@ -9,6 +9,7 @@ import sys
 
 from . import __version__
 
+COMMANDS = ("gradcheck", "figures", "oracle", "bench", "demo", "train")
 # TrainConfig fields that have a command-line option (the rest come from the preset)
 TRAINING_OPTIONS = ("steps", "sft_steps", "variant", "beta", "desirable_weight", "undesirable_weight",
                     "desirable_fraction", "lr", "seed", "dtype", "backend", "architecture", "token_embedding")
@@ -58,6 +59,9 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     from .plots import load_metrics_records, make_all_figures  # noqa: PLC0415
     from .train import run_token_gradients  # noqa: PLC0415
 
+    if not args.out:
+        print("kto-np figures: error: --out must be a folder name, got an empty string", file=sys.stderr)
+        return 2
     records, token_gradients = None, None
     if args.run is not None:
         metrics_path = os.path.join(args.run, "metrics.jsonl")
@@ -65,14 +69,21 @@ def _cmd_figures(args: argparse.Namespace) -> int:
             print(f"kto-np figures: error: --run {args.run!r} has no metrics.jsonl (run kto-np demo first)",
                   file=sys.stderr)
             return 2
-        records = load_metrics_records(metrics_path)
-        token_gradients = run_token_gradients(args.run) if os.path.isfile(
-            os.path.join(args.run, "checkpoints", "reference.npz")) else None
+        try:
+            records = load_metrics_records(metrics_path)
+            token_gradients = run_token_gradients(args.run) if os.path.isfile(
+                os.path.join(args.run, "checkpoints", "reference.npz")) else None
+        except (OSError, TypeError, ValueError) as exc:  # a damaged run folder: CheckpointError included
+            print(f"kto-np figures: error: --run {args.run!r} is damaged: {exc}", file=sys.stderr)
+            return 2
     try:
         paths = make_all_figures(args.out, metrics_records=records, token_gradients=token_gradients,
                                  seed=args.seed)
     except OSError as exc:
         print(f"kto-np figures: error: cannot write to {args.out!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (TypeError, ValueError) as exc:  # records that are not a run's (no phase, no step, ...)
+        print(f"kto-np figures: error: --run {args.run!r} is damaged: {exc}", file=sys.stderr)
         return 2
     if args.run is not None and os.path.isfile(os.path.join(args.run, "checkpoints", "kto.npz")):
         from .landscape import LandscapeError, run_landscape  # noqa: PLC0415
@@ -83,6 +94,9 @@ def _cmd_figures(args: argparse.Namespace) -> int:
                                    seed=args.seed, write_data=False, progress=False, log=lambda *a: None)["paths"]
         except LandscapeError as exc:
             print(f"kto-np figures: error: {exc}", file=sys.stderr)
+            return 2
+        except (OSError, TypeError, ValueError) as exc:  # a damaged checkpoint: CheckpointError included
+            print(f"kto-np figures: error: --run {args.run!r} is damaged: {exc}", file=sys.stderr)
             return 2
     for path in paths:
         print(path)
@@ -204,7 +218,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.force and args.resume:
         print(f"kto-np {args.command}: error: --force and --resume cannot be used together", file=sys.stderr)
         return 2
-    out = args.out or f"runs/{args.command}"
+    if args.out == "":
+        print(f"kto-np {args.command}: error: --out must be a folder name, got an empty string", file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else f"runs/{args.command}"
     try:
         config = TrainConfig(
             steps=args.steps, sft_steps=args.sft_steps, variant=args.variant, beta=args.beta,
@@ -220,6 +237,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = run(config, out, force=args.force, resume=args.resume, progress=not args.quiet, log=log)
     except (RunError, ImportError) as exc:
         print(f"kto-np {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a file-size limit, a folder removed under the run
+        print(f"kto-np {args.command}: error: cannot write the run folder {out!r}: {exc.strerror or exc} "
+              "(every file written before is intact: free the space and continue with --resume)", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:
         print(f"kto-np {args.command}: training diverged: {exc}", file=sys.stderr)
@@ -251,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="KTO from scratch in NumPy: hand-written gradients, checked by finite differences.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # required: checked in _parse
 
     p = sub.add_parser("gradcheck", help="check every hand-written gradient against finite differences",
                        description="Check compute_logprobs, every KTO loss variant, DPO and the whole "
@@ -292,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=KINDS, default="kto_loss", help="what the function computes (default: kto_loss)")
     p.add_argument("--variant", default=None,
                    help="loss variant for --kind kto_loss (kto, edifice, edifice_stop_z_grad, apo_zero_unpaired; "
-                   "default: kto)")
+                   "default: kto); kl_pairs: whole_batch (default) or blocks; data_parallel: rank_means (TRL, "
+                   "default) or global_mean")
     p.add_argument("--cases", default=None, help="a folder written by 'oracle export' (default: generate in memory)")
     p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
                    help="tolerances for a float64 or a float32 implementation (default: float64)")
@@ -372,10 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that an unknown option is named as such even before a COMMAND
+    (argparse would only say that COMMAND is required)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error(f"the following arguments are required: COMMAND (one of {', '.join(COMMANDS)})")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    try:  # the heavy imports (NumPy, the subcommands) happen in here, under the Ctrl-C handler
+        parser = build_parser()
+        args = _parse(parser, argv)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -397,8 +397,9 @@ def collate(examples, tokenizer: Tokenizer, *, dtype="float32", max_len: int | N
 
     T is the longest matched row (or max_len), T' the longest KL row (or max_len). KL row i is
     prompt i + completion (i - 1) mod B (step.make_batch, step.KL_ROTATION), as TRL's KTOTrainer
-    builds its KL dataset (completions [c_{B-1}, c_0, ..., c_{B-2}]). With B = 1 the KL row is the example itself (as in
-    TRL): the KL estimate is then the example's own log-ratio, which is allowed but uninformative.
+    builds its KL dataset (completions [c_{B-1}, c_0, ..., c_{B-2}]). With B = 1 the KL row is the
+    example itself: a batch of one has no mismatched pair, and a KTO step with KL pairs refuses it
+    (TRL refuses a per-device batch of one for the same reason).
     """
     rows = _check_examples(examples)
     if not isinstance(tokenizer, Tokenizer):

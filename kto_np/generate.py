@@ -38,11 +38,12 @@ def _next_tokens(last_logits, temperature: float, top_k: int | None, rng) -> np.
     logits = to_numpy(last_logits).astype(np.float64)
     if temperature == 0.0:
         return logits.argmax(axis=-1)
-    logits = logits / temperature
+    with np.errstate(over="ignore", under="ignore"):  # a tiny temperature sends the others to -inf: greedy
+        logits = (logits - logits.max(axis=-1, keepdims=True)) / temperature  # <= 0, the largest 0
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]  # [B, 1]
         logits = np.where(logits >= kth_largest, logits, -np.inf)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = np.exp(logits)
     probs /= probs.sum(axis=-1, keepdims=True)
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
 
@@ -57,6 +58,8 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
     A row that has produced stop_token keeps producing stop_token; generation ends early (n <
     max_new_tokens) once every row has. T0 + max_new_tokens must not exceed max_seq_len.
     """
+    if not all(callable(getattr(model, method, None)) for method in ("forward", "check_params", "check_tokens")):
+        raise TypeError(f"model must be a model from kto_np (build, Edifice), got {type(model).__name__}")
     config = model.config
     prompt = to_numpy(model.check_tokens(prompt_tokens, "prompt_tokens")).astype(np.int64)
     B, T0 = prompt.shape
@@ -84,11 +87,16 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
                                           stop_token)
 
     # checked once above: each step runs the model's forward unchecked, on the new token only
-    kv_cache = KVCache.empty(model, B, capacity=T0 + max_new_tokens, xp=array_module(params["wte.weight"]))
-    logits, _ = model._forward(params, prompt, keep_cache=False, kv_cache=kv_cache)
+    xp = array_module(params["wte.weight"])
+    kv_cache = KVCache.empty(model, B, capacity=T0 + max_new_tokens, xp=xp)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite logits are reported below, by name
+        logits, _ = model._forward(params, prompt, keep_cache=False, kv_cache=kv_cache)
     generated = []
     stopped = np.zeros(B, dtype=bool)
     for step in range(max_new_tokens):
+        if not bool(xp.isfinite(logits[:, -1]).all()):
+            raise ValueError(f"params give non-finite logits at generation step {step}: params must be finite "
+                             "and small enough that the activations do not overflow")
         next_tokens = _next_tokens(logits[:, -1], temperature, top_k, rng)  # [B]
         if stop_token is not None:
             next_tokens = np.where(stopped, stop_token, next_tokens)
@@ -96,7 +104,8 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
         generated.append(next_tokens)
         if stopped.all() or step == max_new_tokens - 1:
             break
-        logits, _ = model._forward(params, next_tokens[:, None], keep_cache=False, kv_cache=kv_cache)
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits, _ = model._forward(params, next_tokens[:, None], keep_cache=False, kv_cache=kv_cache)
     return np.concatenate([prompt, np.stack(generated, axis=1)], axis=1)
 
 
@@ -108,6 +117,9 @@ def _generate_by_recomputation(model, params: dict, prompt: np.ndarray, max_new_
     stopped = np.zeros(prompt.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
         logits, _ = model.forward(params, tokens, keep_cache=False)  # [B, T, V]
+        if not bool(array_module(logits).isfinite(logits[:, -1]).all()):
+            raise ValueError("params give non-finite logits: params must be finite and small enough that the "
+                             "activations do not overflow")
         next_tokens = _next_tokens(logits[:, -1], temperature, top_k, rng)  # [B]
         if stop_token is not None:
             next_tokens = np.where(stopped, stop_token, next_tokens)

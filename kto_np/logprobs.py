@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_numpy
 from .validation import as_float_array, as_index_array, check_bool, check_same_shape
 
 __all__ = [
@@ -90,7 +90,8 @@ def _logsumexp_last(logits, name: str = "logits"):
             lse[index] = row_max[..., 0] + xp.log(xp.sum(shifted, axis=-1))
     if not (bool(xp.isfinite(lse).all()) and bool(xp.isfinite(lowest).all())):
         bad = int((~xp.isfinite(logits)).sum())
-        raise ValueError(f"{name} must be finite, got {bad} NaN or infinite value(s)")
+        raise ValueError(f"{name} must be finite, got {bad} NaN or infinite value(s)" if bad else
+                         f"{name} are finite but too large: their log-sum-exp overflows {logits.dtype}")
     return lse
 
 
@@ -118,6 +119,9 @@ def _validate(logits, targets, mask, targets_name="targets", mask_name="mask"):
         mask = xp.ones((B, T), dtype=logits.dtype)
     else:
         mask = as_float_array(mask_name, mask, allow_empty=True)
+        if mask.size and not bool(((mask >= 0) & (mask <= 1)).all()):  # 0/1, or weights in between
+            bad = [float(v) for v in to_numpy(mask[(mask < 0) | (mask > 1)][:3]).tolist()]
+            raise ValueError(f"{mask_name} must be in [0, 1] (1: the token counts, 0: it does not), got {bad}")
         check_same_shape(mask_name, mask, targets_name, targets)
         mask = xp.asarray(mask, dtype=logits.dtype)
     return logits, targets, mask
@@ -137,8 +141,13 @@ def _logprobs_forward(logits, targets, mask):
     xp = array_module(logits)
     lse = _logsumexp_last(logits, "logits")  # [B, T]
     target_logits = xp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    token_logps = (target_logits - lse) * mask  # [B, T]
-    return token_logps.sum(axis=1), LogprobsCache(logits, targets, mask, lse)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, by name
+        token_logps = (target_logits - lse) * mask  # [B, T]
+        logps = token_logps.sum(axis=1)  # [B]
+    if not bool(xp.isfinite(logps).all()):
+        raise ValueError(f"logits are finite but too large: their log-probabilities overflow {logits.dtype} "
+                         "(summed over the sequence)")
+    return logps, LogprobsCache(logits, targets, mask, lse)
 
 
 def logprobs_backward(dlogps, cache: LogprobsCache, out=None):

@@ -19,7 +19,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backend import array_module, to_numpy
-from .validation import as_float_array, as_labels, check_bool, check_choice, check_finite_scalar, check_same_shape
+from .validation import (
+    as_float_array,
+    as_labels,
+    check_bool,
+    check_choice,
+    check_finite_scalar,
+    check_same_shape,
+    reject_autograd,
+)
 
 __all__ = [
     "BALANCE_RANGE",
@@ -68,6 +76,24 @@ def log_sigmoid(x):
     return -xp.logaddexp(xp.zeros_like(x), -x)
 
 
+def _check_no_overflow(what: str, dtype, quantities: dict, arguments: str) -> None:
+    """Every quantity (a float or an array) must be finite in `dtype`, else a ValueError that names the
+    arguments: huge-but-finite inputs are rejected by name instead of giving inf or NaN."""
+    largest = float(np.finfo(dtype).max)
+    bad = []
+    for name, value in quantities.items():
+        if isinstance(value, float):
+            ok = math.isfinite(value) and abs(value) <= largest
+        else:
+            ok = bool(array_module(value).isfinite(value).all())
+        if not ok:
+            bad.append(name)
+    if bad:
+        raise ValueError(f"{what} overflows {np.dtype(dtype).name} for these inputs ({arguments}): "
+                         f"{', '.join(bad)} would not be finite; use a smaller beta or weights, or "
+                         "log-probabilities of a sensible size")
+
+
 def _on_module(xp, arr):
     return to_numpy(arr) if xp is np else xp.asarray(arr)
 
@@ -82,7 +108,7 @@ def _balance_ratio(num_desirable: int, num_undesirable: int, desirable_weight: f
         return None
     if undesirable_weight == 0.0:
         return math.inf
-    return desirable_weight * num_desirable / (undesirable_weight * num_undesirable)
+    return (desirable_weight / undesirable_weight) * (num_desirable / num_undesirable)  # inf past the float range
 
 
 def _warn_if_unbalanced(ratio, num_desirable, num_undesirable, desirable_weight, undesirable_weight,
@@ -109,8 +135,9 @@ def check_balance(labels, desirable_weight=1.0, undesirable_weight=1.0) -> float
     """The balance λ_D n_D / (λ_U n_U) of a batch; warns (UserWarning) when it is outside [1, 4/3].
 
     labels: [n] 0/1. Returns None when one class is absent (no balance to speak of), math.inf
-    when undesirable_weight is 0 and both classes are present.
+    when undesirable_weight is 0 and both classes are present (or the ratio exceeds the float range).
     """
+    reject_autograd("labels", labels)
     try:
         shape = array_module(labels).asarray(labels).shape
     except (TypeError, ValueError) as exc:
@@ -237,32 +264,42 @@ def _kto_forward(policy_logps, ref_logps, labels, config: KTOConfig, kl_policy_l
 
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
         log_ratios = policy_logps - ref_logps  # [n] r
-    if not bool(xp.isfinite(log_ratios).all()):
-        raise ValueError("policy_logps - ref_logps must be finite, got an overflow (log-probabilities near "
-                         "the largest float)")
-    dtype = log_ratios.dtype
-    weights = xp.where(desirable, xp.asarray(config.desirable_weight, dtype=dtype),
-                       xp.asarray(config.undesirable_weight, dtype=dtype))  # [n] w
-    signs = xp.where(desirable, xp.asarray(1.0, dtype=dtype), xp.asarray(-1.0, dtype=dtype))  # [n] s
+        if not bool(xp.isfinite(log_ratios).all()):
+            raise ValueError("policy_logps - ref_logps must be finite, got an overflow (log-probabilities near "
+                             "the largest float)")
+        dtype = log_ratios.dtype
+        weights = xp.where(desirable, xp.asarray(config.desirable_weight, dtype=dtype),
+                           xp.asarray(config.undesirable_weight, dtype=dtype))  # [n] w
+        signs = xp.where(desirable, xp.asarray(1.0, dtype=dtype), xp.asarray(-1.0, dtype=dtype))  # [n] s
 
-    if variant == "edifice":
-        kl_terms = beta * log_ratios  # [n] KL_i = β r_i
-        z_array = xp.mean(kl_terms)
-        z = float(z_array)
-        u = kl_terms - z_array  # [n] reward_i
-        losses = -weights * sigmoid(signs * u)
-        kl_raw = None
-    else:
-        kl_raw = None
-        if variant == "kto" and kl_policy_logps is not None:
-            kl_raw = float(xp.mean(kl_policy_logps - kl_ref_logps))
-            z = max(0.0, kl_raw)
+        if variant == "edifice":
+            kl_terms = beta * log_ratios  # [n] KL_i = β r_i
+            z_array = xp.mean(kl_terms)
+            z = float(z_array)
+            u = kl_terms - z_array  # [n] reward_i
+            losses = -weights * sigmoid(signs * u)
+            kl_raw = None
         else:
-            z = 0.0
-        u = beta * (log_ratios - z)  # [n]
-        losses = weights * sigmoid(-signs * u)  # 1 - σ(s u) = σ(-s u)
-    loss = float(xp.mean(losses))
-    dloss_du = -weights * signs * sigmoid(u) * sigmoid(-u)  # [n]
+            kl_raw = None
+            if variant == "kto" and kl_policy_logps is not None:
+                kl_raw = float(xp.mean(kl_policy_logps - kl_ref_logps))
+                z = max(0.0, kl_raw)
+            else:
+                z = 0.0
+            u = beta * (log_ratios - z)  # [n]
+            losses = weights * sigmoid(-signs * u)  # 1 - σ(s u) = σ(-s u)
+        loss = float(xp.mean(losses))
+        dloss_du = -weights * signs * sigmoid(u) * sigmoid(-u)  # [n]
+        # what kto_backward and kto_metrics will compute must not overflow either
+        _check_no_overflow("the KTO loss", dtype, {
+            "the loss": loss, "z": z, "dL/du": dloss_du,
+            "the gradient": 2.0 * beta * float(xp.max(xp.abs(dloss_du))) / n,
+            "the rewards beta * r": float(xp.sum(xp.abs(beta * log_ratios))),
+            "the mean log-probabilities": float(xp.sum(xp.abs(policy_logps))),
+        }, f"beta={beta:g}, desirable_weight={config.desirable_weight:g}, "
+           f"undesirable_weight={config.undesirable_weight:g}, |policy_logps - ref_logps| up to "
+           f"{float(xp.max(xp.abs(log_ratios))):.3g}"
+           + ("" if kl_policy_logps is None else ", z from kl_policy_logps - kl_ref_logps"))
     cache = KTOCache(variant, beta, variant == "edifice" and not config.stop_z_grad, z, dloss_du, policy_logps,
                      log_ratios, desirable, kl_raw)
     return loss, cache
@@ -306,10 +343,11 @@ def kto_backward(dloss, cache: KTOCache):
     dloss = check_finite_scalar("dloss", dloss)
     xp = array_module(cache.dloss_du)
     n = cache.dloss_du.shape[0]
-    per_example = (dloss / n) * cache.dloss_du  # [n] g
-    if cache.z_has_grad:
-        per_example = per_example - xp.mean(per_example)  # z = mean(β r): dz/dr_j = β / n
-    return (cache.beta * per_example).astype(cache.policy_logps.dtype)
+    with np.errstate(over="ignore", under="ignore"):  # bounded by the forward's overflow check
+        per_example = (dloss / n) * cache.dloss_du  # [n] g
+        if cache.z_has_grad:
+            per_example = per_example - xp.mean(per_example)  # z = mean(β r): dz/dr_j = β / n
+        return (cache.beta * per_example).astype(cache.policy_logps.dtype)
 
 
 def _class_mean(values, mask, count: int) -> float | None:
@@ -331,9 +369,10 @@ def kto_metrics(cache: KTOCache) -> dict:
     desirable = cache.desirable
     num_chosen = int(desirable.sum())
     num_rejected = int(desirable.shape[0]) - num_chosen
-    rewards = cache.beta * cache.log_ratios
-    chosen = _class_mean(rewards, desirable, num_chosen)
-    rejected = _class_mean(rewards, ~desirable, num_rejected)
+    with np.errstate(over="ignore"):  # bounded by the forward's overflow check
+        rewards = cache.beta * cache.log_ratios
+        chosen = _class_mean(rewards, desirable, num_chosen)
+        rejected = _class_mean(rewards, ~desirable, num_rejected)
     return {
         "kl": float(cache.z),
         "kl_raw": cache.kl_raw,
@@ -395,10 +434,21 @@ def dpo_forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
     beta = check_finite_scalar("beta", beta, positive=True)
     xp = array_module(*arrays.values())
     arrays = {name: _on_module(xp, value) for name, value in arrays.items()}
-    chosen_log_ratios = arrays["policy_chosen_logps"] - arrays["ref_chosen_logps"]
-    rejected_log_ratios = arrays["policy_rejected_logps"] - arrays["ref_rejected_logps"]
-    margins = beta * (chosen_log_ratios - rejected_log_ratios)  # [n] h
-    loss = float(xp.mean(-log_sigmoid(margins)))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+        chosen_log_ratios = arrays["policy_chosen_logps"] - arrays["ref_chosen_logps"]
+        rejected_log_ratios = arrays["policy_rejected_logps"] - arrays["ref_rejected_logps"]
+        margins = beta * (chosen_log_ratios - rejected_log_ratios)  # [n] h
+        loss = float(xp.mean(-log_sigmoid(margins)))
+        n = margins.shape[0]
+        _check_no_overflow("the DPO loss", margins.dtype, {
+            "the loss": loss, "the log-ratios": chosen_log_ratios - rejected_log_ratios,
+            "the gradient": beta / n,
+            "the rewards": float(xp.sum(xp.abs(beta * chosen_log_ratios)) + xp.sum(xp.abs(beta * rejected_log_ratios))),
+            "the mean log-probabilities": float(xp.sum(xp.abs(arrays["policy_chosen_logps"]))
+                                                + xp.sum(xp.abs(arrays["policy_rejected_logps"]))),
+        }, f"beta={beta:g}, policy_chosen_logps - ref_chosen_logps and policy_rejected_logps - "
+           f"ref_rejected_logps up to {float(xp.max(xp.abs(chosen_log_ratios))):.3g} and "
+           f"{float(xp.max(xp.abs(rejected_log_ratios))):.3g}")
     cache = DPOCache(beta, margins, chosen_log_ratios, rejected_log_ratios, arrays["policy_chosen_logps"],
                      arrays["policy_rejected_logps"])
     return loss, cache
@@ -413,7 +463,8 @@ def dpo_backward(dloss, cache: DPOCache):
         raise TypeError(f"cache must be the DPOCache returned by dpo_forward, got {type(cache).__name__}")
     dloss = check_finite_scalar("dloss", dloss)
     n = cache.margins.shape[0]
-    dchosen = -(cache.beta * dloss / n) * sigmoid(-cache.margins)  # [n]
+    with np.errstate(over="ignore", under="ignore"):
+        dchosen = -(cache.beta * dloss / n) * sigmoid(-cache.margins)  # [n]
     return (dchosen.astype(cache.policy_chosen_logps.dtype),
             (-dchosen).astype(cache.policy_rejected_logps.dtype))
 
@@ -423,16 +474,17 @@ def dpo_metrics(cache: DPOCache) -> dict:
     rewards/margins, rewards/accuracies (fraction with chosen reward > rejected), logps/chosen,
     logps/rejected."""
     xp = array_module(cache.margins)
-    chosen_rewards = cache.beta * cache.chosen_log_ratios
-    rejected_rewards = cache.beta * cache.rejected_log_ratios
-    return {
-        "rewards/chosen": float(xp.mean(chosen_rewards)),
-        "rewards/rejected": float(xp.mean(rejected_rewards)),
-        "rewards/margins": float(xp.mean(chosen_rewards - rejected_rewards)),
-        "rewards/accuracies": float(xp.mean(chosen_rewards > rejected_rewards)),
-        "logps/chosen": float(xp.mean(cache.policy_chosen_logps)),
-        "logps/rejected": float(xp.mean(cache.policy_rejected_logps)),
-    }
+    with np.errstate(over="ignore"):  # bounded by the forward's overflow check
+        chosen_rewards = cache.beta * cache.chosen_log_ratios
+        rejected_rewards = cache.beta * cache.rejected_log_ratios
+        return {
+            "rewards/chosen": float(xp.mean(chosen_rewards)),
+            "rewards/rejected": float(xp.mean(rejected_rewards)),
+            "rewards/margins": float(xp.mean(chosen_rewards - rejected_rewards)),
+            "rewards/accuracies": float(xp.mean(chosen_rewards > rejected_rewards)),
+            "logps/chosen": float(xp.mean(cache.policy_chosen_logps)),
+            "logps/rejected": float(xp.mean(cache.policy_rejected_logps)),
+        }
 
 
 def dpo_loss_and_grad(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,

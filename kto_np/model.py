@@ -54,6 +54,14 @@ POSITIONAL = ("learned", "sinusoidal")
 ARCHITECTURES = ("gpt2", "edifice")  # build(architecture=...): this module's GPT-2, or edifice.Edifice
 
 
+# Sane bounds, checked before any array exists (a crafted checkpoint config cannot ask for 10**6 layers):
+# far beyond any model this NumPy implementation can train, far below what would exhaust memory by
+# bookkeeping alone.
+MAX_SIZES = {"vocab_size": 1 << 24, "max_seq_len": 1 << 20, "hidden_size": 1 << 16, "num_layers": 1 << 12,
+             "num_heads": 1 << 12}
+MAX_PARAMETERS = 1 << 36
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Hyper-parameters of the model. Validated on construction."""
@@ -70,16 +78,29 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "hidden_size", "num_layers", "num_heads"):
-            check_positive_int(name, getattr(self, name))
+            value = check_positive_int(name, getattr(self, name))
+            if value > MAX_SIZES[name]:
+                raise ValueError(f"{name} must be <= {MAX_SIZES[name]}, got {value}")
+            object.__setattr__(self, name, value)  # a plain int (np.int64 would not go into JSON)
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f"hidden_size must be divisible by num_heads, got hidden_size={self.hidden_size} "
                 f"and num_heads={self.num_heads}"
             )
-        check_fraction("dropout", self.dropout)
+        object.__setattr__(self, "dropout", check_fraction("dropout", self.dropout))
         check_choice("dtype", self.dtype, ("float32", "float64"))
         check_choice("positional", self.positional, POSITIONAL)
         object.__setattr__(self, "tie_embeddings", check_bool("tie_embeddings", self.tie_embeddings))
+
+        if self.num_params() > MAX_PARAMETERS:
+            raise ValueError(f"the config gives {self.num_params():,} parameters, more than the {MAX_PARAMETERS:,} "
+                             "this implementation takes")
+
+    def num_params(self) -> int:
+        """The number of parameters, from the sizes alone (sum of the sizes of param_shapes)."""
+        V, T, C, L = self.vocab_size, self.max_seq_len, self.hidden_size, self.num_layers
+        return (V * C * (1 if self.tie_embeddings else 2) + (T * C if self.positional == "learned" else 0)
+                + L * (12 * C * C + 13 * C) + 2 * C)
 
     @property
     def head_size(self) -> int:
@@ -394,7 +415,18 @@ class GPT:
             if train:
                 raise ValueError("kv_cache is for generation: it needs train=False")
             kv_cache.check_room(tokens, self.config)
-        return self._forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache, kv_cache=kv_cache)
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite logits are reported below, by name
+            logits, cache = self._forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache,
+                                          kv_cache=kv_cache)
+        xp = array_module(logits)
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = logits.sum()  # one pass, no temporary; a finite sum means finite logits
+        if not bool(xp.isfinite(total)) and not bool(xp.isfinite(logits).all()):
+            bad = [k for k, v in params.items() if not bool(array_module(v).isfinite(v).all())]
+            raise ValueError(
+                f"params give non-finite logits: params must be finite and small enough that the activations "
+                f"do not overflow {self.config.dtype}" + (f" (non-finite params: {bad[:5]})" if bad else ""))
+        return logits, cache
 
     def _forward(self, params: dict, tokens, *, train: bool = False, rng=None, keep_cache: bool,
                  kv_cache: KVCache | None = None):
@@ -432,6 +464,12 @@ class GPT:
         config = self.config
         if not isinstance(cache, GPTCache):
             raise TypeError(f"cache must be the GPTCache returned by forward, got {type(cache).__name__}")
+        cache_sizes = (len(cache.blocks), tuple(cache.head_weight.shape), np.dtype(cache.dtype))
+        own_sizes = (config.num_layers, (config.vocab_size, config.hidden_size), config.np_dtype)
+        if cache_sizes != own_sizes:
+            raise ValueError(f"cache comes from another model ({cache_sizes[0]} layers, head {cache_sizes[1]}, "
+                             f"{cache_sizes[2]}), not this one ({own_sizes[0]} layers, head {own_sizes[1]}, "
+                             f"{own_sizes[2]})")
         dlogits = as_float_array("dlogits", dlogits, ndim=3, finite=False)  # finiteness: see dx_final
         if tuple(dlogits.shape) != cache.logits_shape:
             raise ValueError(f"dlogits must have the logits' shape {cache.logits_shape}, got {tuple(dlogits.shape)}")
@@ -451,11 +489,15 @@ class GPT:
             bad = int((~xp.isfinite(dlogits)).sum())
             raise ValueError(f"dlogits must be finite, got {bad} NaN or infinite value(s)" if bad else
                              "dlogits are too large: dlogits @ head weight overflowed to infinity")
-        dhead_weight = dlogits_rows.T @ cache.x_final.reshape(B * T, -1)  # [V, C]
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dx_final, cache.ln_f)
-        for layer in reversed(range(config.num_layers)):
-            dx = block_backward(dx, cache.blocks[layer], layer, grads)
-        dx = dropout_backward(dx, cache.embedding_dropout)
+        with np.errstate(invalid="ignore", over="ignore"):  # overflow is reported below, by name
+            dhead_weight = dlogits_rows.T @ cache.x_final.reshape(B * T, -1)  # [V, C]
+            dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dx_final, cache.ln_f)
+            for layer in reversed(range(config.num_layers)):
+                dx = block_backward(dx, cache.blocks[layer], layer, grads)
+            dx = dropout_backward(dx, cache.embedding_dropout)
+        if not bool(xp.isfinite(dx).all()) or not bool(xp.isfinite(dhead_weight).all()):
+            raise ValueError("dlogits are too large: the gradients overflowed to infinity on the way back "
+                             f"({cache.dtype} cannot hold them); scale dlogits down")
         # x = wte[tokens] + positions
         if config.positional == "learned":
             dwpe = xp.zeros(param_shapes(config)["wpe.weight"], dtype=cache.dtype)

@@ -14,12 +14,13 @@ from collections.abc import Callable
 import numpy as np
 
 from .backend import array_module
-from .validation import check_choice, check_finite_scalar, check_positive_int
+from .validation import check_choice, check_finite_scalar, check_positive_int, reject_autograd
 
 __all__ = [
     "SCHEDULES",
     "adamw_init",
     "adamw_step",
+    "check_adamw_state",
     "clip_grad_norm",
     "learning_rate",
 ]
@@ -46,10 +47,25 @@ def _flat_blocks(*arrays):
     return [tuple(f[start:start + _BLOCK_ELEMENTS] for f in flat) for start in range(0, size, _BLOCK_ELEMENTS)]
 
 
+def _max_abs(array) -> float:
+    """max |array| over its blocks, without a temporary (NaN when any entry is NaN; 0 when empty)."""
+    largest = 0.0
+    for (block,) in _flat_blocks(array):
+        if block.size:
+            high, low = float(block.max()), float(block.min())
+            if math.isnan(high) or math.isnan(low):
+                return math.nan
+            largest = max(largest, abs(high), abs(low))
+    return largest
+
+
 def _check_array_dict(name: str, arrays) -> None:
     if not isinstance(arrays, dict):
         raise TypeError(f"{name} must be a dict of arrays, got {type(arrays).__name__}")
     for key, value in arrays.items():
+        reject_autograd(f"{name}[{key!r}]", value)
+        if type(value).__module__.split(".")[0] == "torch":
+            raise TypeError(f"{name}[{key!r}] must be a NumPy or CuPy array, got a torch tensor")
         dtype = getattr(value, "dtype", None)
         if getattr(value, "shape", None) is None or dtype is None:
             raise TypeError(f"{name}[{key!r}] must be an array, got {type(value).__name__}")
@@ -98,6 +114,12 @@ def _check_state(state, params: dict) -> int:
     _check_like_params("state['m']", state["m"], params)
     _check_like_params("state['v']", state["v"], params)
     return int(step)
+
+
+def check_adamw_state(state, params: dict) -> int:
+    """Check an AdamW state (from adamw_init / a checkpoint) against params; returns its step."""
+    _check_array_dict("params", params)
+    return _check_state(state, params)
 
 
 def _check_betas(betas) -> tuple[float, float]:
@@ -155,9 +177,14 @@ def adamw_step(
     decayed = {
         k: bool(decay_mask(k)) if decay_mask is not None else p.ndim >= 2 for k, p in params.items()
     }
-    for key, grad in grads.items():
-        if not all(bool(array_module(grad).isfinite(block).all()) for (block,) in _flat_blocks(grad)):
-            raise ValueError(f"grads[{key!r}] must be finite, got NaN or infinite values")
+    for name, arrays in (("grads", grads), ("params", params)):
+        for key, array in arrays.items():
+            largest = _max_abs(array)  # NaN when any entry is
+            if not math.isfinite(largest):
+                raise ValueError(f"{name}[{key!r}] must be finite, got NaN or infinite values")
+            if name == "grads" and largest > math.sqrt(float(np.finfo(array.dtype).max)):
+                raise ValueError(f"grads[{key!r}] up to {largest:.3g}: its square overflows {array.dtype} in "
+                                 "the second moment v; clip the gradients first (clip_grad_norm)")
 
     # Python floats times arrays keep the arrays' dtype (float32 stays float32).
     bias_correction1 = 1.0 - beta1**step
@@ -183,25 +210,48 @@ def adamw_step(
             update *= step_size
             param_block -= update
     state["step"] = step
+    for key, param in params.items():  # lr is finite but can still be too large for the dtype
+        if not math.isfinite(_max_abs(param)):
+            raise ValueError(f"lr={lr:g} made params[{key!r}] overflow to infinity ({param.dtype}); the step was "
+                             "applied: restore params and state from a checkpoint and use a smaller lr")
 
 
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Global L2 norm of all gradients; rescale them in place when it exceeds max_norm.
 
-    total = sqrt(Σ_name Σ g²), accumulated in float64 whatever the gradients' dtype.
+    total = sqrt(Σ_name Σ g²), accumulated in float64 whatever the gradients' dtype, in an order that
+    does not depend on the number of BLAS threads (the blocks' sums are added with math.fsum).
     coef = max_norm / (total + 1e-6); when coef < 1 every gradient is multiplied by coef
-    (torch.nn.utils.clip_grad_norm_). A NaN or infinite total is returned as is and nothing is
-    scaled: the caller decides (skip the step, lower the learning rate, stop).
+    (torch.nn.utils.clip_grad_norm_). Finite gradients whose squares overflow get their norm from
+    the gradients scaled by their largest entry. A NaN total (NaN or infinite gradients) or an
+    infinite one (a norm beyond the float range) is returned as is and nothing is scaled: the caller
+    decides (skip the step, lower the learning rate, stop).
     """
     _check_array_dict("grads", grads)
     max_norm = check_finite_scalar("max_norm", max_norm, positive=True)
     squares = []
-    for grad in grads.values():
-        xp = array_module(grad)
-        for (block,) in _flat_blocks(grad):
-            flat = block.astype(xp.float64, copy=False).reshape(-1)
-            squares.append(float(xp.dot(flat, flat)) if flat.size else 0.0)
-    total = math.sqrt(math.fsum(squares))
+    with np.errstate(over="ignore"):  # an overflowing sum of squares is handled below
+        for grad in grads.values():
+            xp = array_module(grad)
+            for (block,) in _flat_blocks(grad):
+                flat = block.astype(xp.float64, copy=False).reshape(-1)
+                # einsum's own loop, not BLAS dot: a threaded dot splits the sum differently for each
+                # thread count, and the last bit of the norm (hence of the update) with it
+                squares.append(float(xp.einsum("i,i->", flat, flat)) if flat.size else 0.0)
+    try:
+        total = math.sqrt(math.fsum(squares))
+    except OverflowError:  # finite squares whose sum passes the float range
+        total = math.inf
+    if math.isinf(total):  # finite gradients whose squares overflow: the norm of the gradients scaled down
+        scale = max(_max_abs(grad) for grad in grads.values())
+        if math.isfinite(scale):
+            scaled = []
+            for grad in grads.values():
+                xp = array_module(grad)
+                for (block,) in _flat_blocks(grad):
+                    flat = block.astype(xp.float64, copy=False).reshape(-1) / scale
+                    scaled.append(float(xp.einsum("i,i->", flat, flat)) if flat.size else 0.0)
+            total = scale * math.sqrt(math.fsum(scaled))
     if not math.isfinite(total):
         return total
     coef = max_norm / (total + CLIP_EPS)

@@ -16,6 +16,7 @@ import numpy as np
 from .backend import array_module, asarray, resolve_dtype
 from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
 from .losses import KTOConfig
+from .validation import check_positive_int, reject_autograd
 
 __all__ = [
     "KL_ROTATION",
@@ -53,9 +54,11 @@ class Batch(NamedTuple):
 
 def kl_partner_indices(batch_size: int, rotation: int = KL_ROTATION) -> np.ndarray:
     """For each prompt i, the example whose completion it is paired with for the KL estimate:
-    j = (i + rotation) mod B, so j != i for every i when B > 1 and rotation is not a multiple of B.
-    With B = 1 the only pair is matched (TRL allows it; the estimate is then the example's own
-    log-ratio)."""
+    j = (i + rotation) mod B, so j != i for every i and each completion is used once, when B > 1 and
+    rotation is not a multiple of B. A batch of one has no mismatched pair: ValueError."""
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 for KL pairs (a batch of one has no mismatched pair: "
+                         f"its only KL row would be the example itself), got {batch_size}")
     return (np.arange(batch_size) + rotation) % batch_size
 
 
@@ -72,6 +75,26 @@ def _pad_rows(prompt_ids, completion_ids, length, pad_id: int, dtype, row_name: 
         tokens[b, : len(p) + len(c)] = list(p) + list(c)
         mask[b, len(p): len(p) + len(c)] = 1
     return tokens, mask
+
+
+_MAX_ID = (1 << 62) - 1  # ids are stored as int64
+
+
+def _check_id_lists(name: str, rows) -> list[list[int]]:
+    """Each row a sequence of non-negative integer ids, returned as plain ints."""
+    checked = []
+    for i, row in enumerate(rows):
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
+            raise TypeError(f"{name}[{i}] must be a list of ids, got {type(row).__name__}")
+        ids = []
+        for token in row:
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                raise TypeError(f"{name}[{i}] must hold integer ids, got {type(token).__name__} {token!r}")
+            if not 0 <= int(token) <= _MAX_ID:
+                raise ValueError(f"{name}[{i}] ids must be in [0, {_MAX_ID}], got {int(token)}")
+            ids.append(int(token))
+        checked.append(ids)
+    return checked
 
 
 def _check_rows(prompt_ids, completion_ids, labels, rotation) -> None:
@@ -98,12 +121,21 @@ def make_batch(prompt_ids, completion_ids, labels, *, pad_id: int = 0, dtype="fl
                rotation: int = KL_ROTATION, prompts=(), completions=()) -> Batch:
     """A Batch from token-id lists: prompt_ids[i], completion_ids[i] (lists of ints), labels [B].
 
-    Matched row i = prompt i + completion i; KL row i = prompt i + completion kl_partner_indices[i].
-    Rows are right-padded with pad_id to the longest row (or max_len). The ids themselves are the
-    model's to check (model.check_tokens); the structure is checked here.
+    Matched row i = prompt i + completion i; KL row i = prompt i + completion kl_partner_indices[i]
+    (for B = 1 the KL row is the matched row: usable for SFT and the variants without KL pairs).
+    Rows are right-padded with pad_id to the longest row (or max_len). The ids' upper bound (the
+    vocabulary) is the model's to check (model.check_tokens); the structure, the ids' type and sign
+    and pad_id are checked here.
     """
+    reject_autograd("labels", labels)
     _check_rows(prompt_ids, completion_ids, labels, rotation)
-    partners = kl_partner_indices(len(prompt_ids), rotation)
+    prompt_ids = _check_id_lists("prompt_ids", prompt_ids)
+    completion_ids = _check_id_lists("completion_ids", completion_ids)
+    pad_id = check_positive_int("pad_id", pad_id, minimum=0)
+    if pad_id > _MAX_ID:
+        raise ValueError(f"pad_id must be <= {_MAX_ID}, got {pad_id}")
+    # a batch of one has no KL pair: its KL row is its matched row, which kto_dlogits refuses to use
+    partners = kl_partner_indices(len(prompt_ids), rotation) if len(prompt_ids) > 1 else [0]
     kl_completion_ids = [completion_ids[j] for j in partners]
     np_dtype = resolve_dtype(dtype)
     tokens, mask = _pad_rows(prompt_ids, completion_ids, max_len, pad_id, np_dtype, "prompt + completion")
@@ -154,8 +186,15 @@ def kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, conf
     they need no backward), run before the policy forward so that its activations are not held
     meanwhile. The logits buffer becomes dlogits (no second [B, T, V] array).
     """
+    if not all(callable(getattr(model, method, None)) for method in ("forward", "backward", "check_params")):
+        raise TypeError(f"model must be a model from kto_np (build, Edifice), got {type(model).__name__}")
+    if not isinstance(config, KTOConfig):
+        raise TypeError(f"config must be a KTOConfig (from kto_np.losses), got {type(config).__name__}")
     kl_logps = None
     if config.uses_kl_pairs and kl_ref_logps is not None:
+        if batch.tokens.shape[0] < 2:
+            raise ValueError("a KTO step with KL pairs needs a batch of at least 2 examples (a batch of one "
+                             "has no mismatched pair), got 1")
         kl_logps = forward_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)
     else:
         kl_ref_logps = None

@@ -25,12 +25,13 @@ def assert_kto_matches(candidate, kind: str = "kto_loss", variant: str | None = 
     """Raise AssertionError (message: the oracle's report) unless `candidate` passes every case of `kind`.
 
     candidate: a callable or a spec ("module:function", "path/file.py:function", "module:Class",
-    "module:Class.method"). variant: the loss variant ("kto" by default; ignored for kinds without
-    variants). tolerance: "float64" or "float32". convention: None (detected), "kto_np" or "split".
+    "module:Class.method"). variant: the loss variant ("kto" by default; for a kind without a variant
+    "kto" the kind's default). tolerance: "float64" or "float32". convention: None (detected), "kto_np" or "split".
     Returns the passing Report (its not_verified lists mistakes no check could rule out).
     """
-    if variant is not None and kind in VARIANTS and VARIANTS[kind] == (None,):
-        variant = None  # dpo_loss and the log-prob kinds have no variants: the default "kto" does not apply
+    if variant is not None and kind in VARIANTS and (VARIANTS[kind] == (None,)
+                                                     or (variant == "kto" and "kto" not in VARIANTS[kind])):
+        variant = None  # the default "kto" does not apply: the kind's own default (or no variant) instead
     report = verify(candidate, kind, variant, cases, tolerance=tolerance, timeout=timeout, convention=convention,
                     kl_rotation=kl_rotation)
     if not report.passed:

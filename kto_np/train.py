@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
@@ -56,10 +57,16 @@ from .files import write_json, write_text
 from .generate import generate
 from .losses import VARIANTS, KTOConfig, check_balance, check_weights_not_both_zero
 from .model import GPT, build, model_from_config
-from .optim import adamw_init, adamw_step, clip_grad_norm, learning_rate
+from .optim import adamw_init, adamw_step, check_adamw_state, clip_grad_norm, learning_rate
 from .step import Batch, forward_logps, kto_dlogits, kto_step, reference_logps, sft_step
 from .step import completion_logps as step_completion_logps
 from .validation import check_bool, check_choice, check_finite_scalar, check_positive_int
+
+try:
+    from .validation import NonFiniteError
+except ImportError:  # pragma: no cover - until validation has it
+    class NonFiniteError(ValueError):
+        pass
 
 __all__ = [
     "RunError",
@@ -158,6 +165,9 @@ class TrainConfig:
         check_choice("backend", self.backend, backend.BACKENDS)
         check_choice("task", self.task, ("sort", "reverse"))
         object.__setattr__(self, "stop_z_grad", check_bool("stop_z_grad", self.stop_z_grad))
+        if self.variant == "kto" and self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 for variant 'kto': its KL estimate pairs each prompt with "
+                             f"another example's completion, and a batch of one has none; got {self.batch_size}")
         for name in ("num_examples", "sft_examples"):
             if getattr(self, name) < self.batch_size:
                 raise ValueError(f"{name} must be >= batch_size ({self.batch_size}), got {getattr(self, name)}")
@@ -246,54 +256,148 @@ def _finite_or_none(value):
     return value if math.isfinite(value) else None
 
 
+LOCK_NAME = ".lock"  # in the run folder; never deleted (see _RunLock)
+
+
+class _RunLock:
+    """One writer per run folder: an exclusive fcntl.flock on <run>/.lock, held for the whole run.
+
+    The kernel releases a flock when its process ends, however it ends (SIGKILL included), so a lock
+    is never stale: a resume after a killed run just takes it. The file holds the holder's pid, host
+    and start time, for the message that refuses a second writer. Where fcntl does not exist
+    (Windows) there is no lock.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = None
+
+    def acquire(self, out: str) -> None:
+        try:
+            import fcntl  # noqa: PLC0415
+        except ImportError:  # pragma: no cover - Windows
+            return
+        file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip()
+            file.close()
+            raise RunError(f"--out {out!r} is in use by another run ({holder or 'no details recorded yet'}); "
+                           "wait for it to end or stop it") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime())}\n")
+        file.flush()
+        self.file = file
+
+    def release(self) -> None:
+        if self.file is not None:
+            import fcntl  # noqa: PLC0415
+
+            self.file.seek(0)
+            self.file.truncate()  # an unlocked file holds no holder
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
 class _Run:
-    """The run folder: config, metrics log, checkpoints."""
+    """The run folder: config, metrics log, checkpoints, and the lock that makes it one run's."""
 
     def __init__(self, out_dir: str):
         self.out = os.fspath(out_dir)
+        if not isinstance(self.out, str) or not self.out:
+            raise RunError("--out must be a folder name, got an empty string")
+        self.lock = _RunLock(self.path(LOCK_NAME))
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
 
+    def damaged(self, what: str) -> RunError:
+        return RunError(f"run folder {self.out!r} is damaged: {what}; start it again with --force")
+
     def prepare(self, config: TrainConfig, *, force: bool, resume: bool) -> TrainConfig:
-        """Check the folder before any training: refuse to overwrite, load a config to resume."""
+        """Check the folder before any training: take its lock, refuse to overwrite, load a config to
+        resume, repair a torn last metrics line."""
         if resume:
             if not os.path.isfile(self.path("config.json")):
                 raise RunError(f"cannot resume: {self.out!r} has no config.json (start a new run without --resume)")
-            with open(self.path("config.json"), encoding="utf-8") as f:
-                try:
+        elif os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise RunError(f"--out {self.out!r} exists and is not a folder")
+        try:
+            os.makedirs(self.path("checkpoints"), exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"--out {self.out!r} is not writable: {exc.strerror or exc}") from exc
+        self.lock.acquire(self.out)  # from here on, this process is the folder's only writer
+        if resume:
+            try:
+                with open(self.path("config.json"), encoding="utf-8") as f:
                     config = TrainConfig.from_dict(json.load(f))
-                except (json.JSONDecodeError, TypeError, ValueError) as exc:
-                    raise RunError(f"cannot resume: {self.path('config.json')!r} is not a valid config "
-                                   f"({exc})") from exc
-        elif os.path.exists(self.out):
-            if not os.path.isdir(self.out):
-                raise RunError(f"--out {self.out!r} exists and is not a folder")
+            except (OSError, TypeError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError included
+                raise RunError(f"cannot resume: {self.path('config.json')!r} is not a valid config "
+                               f"({exc})") from exc
+        else:
             existing = [name for name in RUN_FILES if os.path.exists(self.path(name))]
             if existing and not force:
                 raise RunError(
                     f"--out {self.out!r} already holds a run ({', '.join(existing)}); "
                     "pass --force to overwrite it or --resume to continue it")
         try:
-            os.makedirs(self.path("checkpoints"), exist_ok=True)
             probe = self.path(".write-test")
             with open(probe, "w") as f:
                 f.write("ok")
             os.unlink(probe)
         except OSError as exc:
             raise RunError(f"--out {self.out!r} is not writable: {exc.strerror or exc}") from exc
-        if not resume:
+        if resume:
+            self.repair_records()
+        else:
             for name in RUN_FILES:
                 if os.path.exists(self.path(name)):
                     os.unlink(self.path(name))
             write_json(self.path("config.json"), config.to_dict())
         return config
 
+    def repair_records(self) -> None:
+        """A resume after a crash: drop a torn last line of metrics.jsonl (one without its newline).
+
+        log() appends each record with its newline in one write, before the step's checkpoint is
+        saved, so a torn line is always of a step after the last checkpoint: the resume redoes that
+        step and writes its record again. Any other bad line is damage (RunError)."""
+        path = self.path("metrics.jsonl")
+        if not os.path.exists(path):
+            return
+        with open(path, "rb") as f:
+            data = f.read()
+        if data and not data.endswith(b"\n"):
+            write_text(path, data[:data.rfind(b"\n") + 1].decode("utf-8", errors="replace"))
+        self.records()  # every remaining line must be a record
+
     def records(self) -> list[dict]:
         if not os.path.exists(self.path("metrics.jsonl")):
             return []
-        with open(self.path("metrics.jsonl"), encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        records = []
+        with open(self.path("metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise self.damaged(f"metrics.jsonl line {number} is not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict):
+                    raise self.damaged(f"metrics.jsonl line {number} is not a JSON object")
+                if record.get("phase") not in _PHASE_ORDER:
+                    raise self.damaged(f"metrics.jsonl line {number} has no valid 'phase' (one of "
+                                       f"{tuple(_PHASE_ORDER)}), got {record.get('phase')!r}")
+                step = record.get("step")
+                if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                    raise self.damaged(f"metrics.jsonl line {number} has no valid 'step', got {step!r}")
+                records.append(record)
+        return records
 
     def truncate_records(self, keep) -> None:
         """Drop the records written after the checkpoint a resumed run starts from."""
@@ -305,9 +409,49 @@ class _Run:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
+    def load_checkpoint(self, name: str, model: GPT, *, training_state: bool):
+        """checkpoints/<name>.npz, checked against the run: the model of config.json and, for a resume
+        point, its training state (step, AdamW state). A damaged file is a RunError naming it."""
+        path = self.path(f"checkpoints/{name}.npz")
+        try:
+            saved = checkpoint.load(path)
+        except checkpoint.CheckpointError as exc:
+            raise self.damaged(str(exc)) from None
+        if saved.config != model.config:
+            differ = [f"{k} {v} (config.json: {model.config.to_dict()[k]})" for k, v in saved.config.to_dict().items()
+                      if model.config.to_dict()[k] != v]
+            raise self.damaged(f"{path!r} holds a different model than config.json describes: {', '.join(differ)}")
+        if not training_state:
+            return saved, None, 0
+        extra = saved.extra
+        step = extra.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise self.damaged(f"{path!r} has no training state (its 'step' is {step!r})")
+        if extra.get("phase") not in (None, name):
+            raise self.damaged(f"{path!r} is a {extra.get('phase')!r} checkpoint, not {name!r}")
+        try:
+            check_adamw_state(extra.get("adamw"), saved.params)
+        except (TypeError, ValueError) as exc:
+            raise self.damaged(f"{path!r} has no valid AdamW state ({exc})") from None
+        return saved, extra["adamw"], step
+
 
 # ----------------------------------------------------------------------------------------------
 # the optimisation loop, shared by SFT and KTO
+
+
+def _is_non_finite_error(exc: ValueError) -> bool:
+    """The core's check that a quantity (logits, log-probs, the loss, dlogps, dlogits, ...) is finite or
+    does not overflow (its messages say "must be finite", "overflows", "too large", "non-finite")."""
+    text = str(exc)
+    return isinstance(exc, NonFiniteError) or any(
+        words in text for words in ("must be finite", "overflow", "too large", "non-finite"))
+
+
+def _non_finite_names(arrays: dict) -> list[str]:
+    """The names of the arrays holding a NaN or an infinity (the first 5)."""
+    bad = [name for name, a in arrays.items() if not bool(backend.array_module(a).isfinite(a).all())]
+    return bad[:5] + ([f"... {len(bad) - 5} more"] if len(bad) > 5 else [])
 
 
 def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfig, run: _Run, *,
@@ -330,9 +474,10 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
     opt_state = adamw_init(params)
     start = 0
     if os.path.exists(ckpt_path):
-        saved = checkpoint.load(ckpt_path)
-        params, start = saved.params, int(saved.extra["step"])
-        opt_state = saved.extra["adamw"]  # {"step", "m", "v"}: arrays already on the selected backend
+        saved, opt_state, start = run.load_checkpoint(phase, model, training_state=True)
+        params = saved.params  # opt_state {"step", "m", "v"}: arrays already on the selected backend
+        if start > steps:
+            raise run.damaged(f"{ckpt_path!r} is at step {start}, beyond the {steps} steps of config.json")
     order = _PHASE_ORDER[phase]
     run.truncate_records(lambda r: _PHASE_ORDER[r["phase"]] < order
                          or (_PHASE_ORDER[r["phase"]] == order and r["step"] <= start))
@@ -358,15 +503,37 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
             extras = prepare_epoch(batches) if prepare_epoch is not None else [None] * len(batches)
             batches_epoch = epoch
         rng = np.random.default_rng([config.seed, phase_id, step])
-        loss, metrics, grads = batch_loss(params, batches[index], extras[index], rng)
-        grad_norm = clip_grad_norm(grads, config.max_grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                f"{phase} step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}; "
-                f"stopped without applying the step (the last good checkpoint is {ckpt_path!r})")
-        lr = learning_rate(step, base_lr=base_lr, warmup_steps=min(config.warmup_steps, steps),
-                           total_steps=steps, schedule="cosine", min_lr_ratio=0.1)
-        adamw_step(params, grads, opt_state, lr=lr, weight_decay=config.weight_decay)
+
+        def diverged(what: str, step: int = step) -> TrainingDiverged:
+            kept = (f"the last good checkpoint is {ckpt_path!r}" if os.path.exists(ckpt_path)
+                    else f"no {phase} checkpoint was written yet")
+            return TrainingDiverged(f"{phase} step {step + 1}: {what}; stopped there ({kept})")
+
+        # Overflow is checked below, by name, instead of warned about on the way.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            try:
+                loss, metrics, grads = batch_loss(params, batches[index], extras[index], rng)
+            except ValueError as exc:
+                if _is_non_finite_error(exc):  # the logits, log-probs or the loss's gradient overflowed
+                    raise diverged(str(exc)) from exc
+                raise
+            grad_norm = clip_grad_norm(grads, config.max_grad_norm)
+            if not math.isfinite(loss):
+                raise diverged(f"the loss is {loss} (gradient norm {grad_norm})")
+            if not math.isfinite(grad_norm):
+                raise diverged(f"the gradient norm is {grad_norm}: gradients of "
+                               f"{_non_finite_names(grads)} are not finite")
+            lr = learning_rate(step, base_lr=base_lr, warmup_steps=min(config.warmup_steps, steps),
+                               total_steps=steps, schedule="cosine", min_lr_ratio=0.1)
+            try:
+                adamw_step(params, grads, opt_state, lr=lr, weight_decay=config.weight_decay)
+            except ValueError as exc:
+                if _is_non_finite_error(exc):  # the update overflowed the parameters
+                    raise diverged(str(exc)) from exc
+                raise
+            bad = _non_finite_names(params)
+            if bad:
+                raise diverged(f"the update (learning rate {lr:g}) made the parameters {bad} non-finite")
         record = {"phase": phase, "step": step + 1, "loss": loss}
         record.update({k: _finite_or_none(metrics[k]) for k in METRIC_NAMES if k in metrics})
         record.update(grad_norm=grad_norm, learning_rate=lr)
@@ -399,7 +566,14 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     run_dir = _Run(out_dir)
-    config = run_dir.prepare(config, force=force, resume=resume)
+    try:
+        config = run_dir.prepare(config, force=force, resume=resume)
+        return _run(config, run_dir, progress=progress, log=log, stop_after=stop_after)
+    finally:
+        run_dir.lock.release()
+
+
+def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after: int | None) -> dict:
     backend.set_backend(config.backend)
     started = time.perf_counter()
     task = make_task(config.task, config.num_digits)
@@ -409,7 +583,7 @@ def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = Fal
     # 1. the reference: SFT on a mix of good and bad completions
     reference_path = run_dir.path("checkpoints/reference.npz")
     if os.path.exists(reference_path):
-        ref_params = checkpoint.load(reference_path).params
+        ref_params = run_dir.load_checkpoint("reference", model, training_state=False)[0].params
     else:
         sft_examples = make_examples(task, config.sft_examples, seed=config.seed,
                                      desirable_fraction=config.sft_desirable_fraction)

@@ -17,6 +17,7 @@ __all__ = [
     "as_float_array",
     "as_index_array",
     "as_labels",
+    "reject_autograd",
     "check_bool",
     "check_choice",
     "check_finite_scalar",
@@ -34,6 +35,22 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def reject_autograd(name: str, value) -> None:
+    """A torch tensor that requires grad cannot become an array silently: kto_np computes its own
+    gradients, so the caller detaches it (and sees that autograd will not reach through)."""
+    if getattr(value, "requires_grad", False) is True:
+        raise TypeError(f"{name} is a torch tensor that requires grad: pass {name}.detach() "
+                        "(kto_np computes gradients itself; autograd would not reach through it)")
+
+
+def _asarray(xp, name: str, value, expected: str):
+    reject_autograd(name, value)
+    try:
+        return xp.asarray(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise TypeError(f"{name} must be {expected}, got {_describe(value)}") from exc
+
+
 def as_float_array(name: str, value, *, ndim: int | None = None, allow_empty: bool = False,
                    finite: bool = True):
     """`value` as a floating array (NumPy or CuPy, whichever it is; lists become NumPy).
@@ -44,10 +61,7 @@ def as_float_array(name: str, value, *, ndim: int | None = None, allow_empty: bo
     xp = array_module(value)
     if isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"{name} must be an array of numbers, got {_describe(value)}")
-    try:
-        arr = xp.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an array of numbers, got {_describe(value)}") from exc
+    arr = _asarray(xp, name, value, "an array of numbers")
     if arr.dtype.kind in "biu":
         arr = arr.astype(np.float64)
     elif arr.dtype.kind != "f":
@@ -65,10 +79,7 @@ def as_float_array(name: str, value, *, ndim: int | None = None, allow_empty: bo
 def as_index_array(name: str, value, *, upper: int, shape: tuple | None = None):
     """`value` as an integer array with every entry in [0, upper)."""
     xp = array_module(value)
-    try:
-        arr = xp.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an integer array, got {_describe(value)}") from exc
+    arr = _asarray(xp, name, value, "an integer array")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     if shape is not None and tuple(arr.shape) != tuple(shape):
@@ -83,10 +94,7 @@ def as_index_array(name: str, value, *, upper: int, shape: tuple | None = None):
 def as_labels(name: str, value, n: int):
     """Binary labels (1 desirable, 0 undesirable) of length n, returned as a boolean array."""
     xp = array_module(value)
-    try:
-        arr = xp.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an array of 0/1 labels, got {_describe(value)}") from exc
+    arr = _asarray(xp, name, value, "an array of 0/1 labels")
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold 0/1 labels, got dtype {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] != n:
@@ -108,12 +116,17 @@ def check_same_shape(name: str, arr, ref_name: str, ref) -> None:
 
 def check_finite_scalar(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
     """A real, finite number; optionally > 0 or >= 0. Returns it as a Python float."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        if getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None:
-            value = value.item()
-        else:
-            raise TypeError(f"{name} must be a real number, got {_describe(value)}")
-    value = float(value)
+    reject_autograd(name, value)
+    given = value
+    if getattr(value, "shape", None) == () and hasattr(value, "item") and not isinstance(value, numbers.Real):
+        value = value.item()  # a 0-d array (NumPy, CuPy, torch): its Python number
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {_describe(given)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range, e.g. 10**400
+        raise ValueError(f"{name} must be finite, got an integer too large for a float ({len(str(value))} "
+                         "digits)") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and not value > 0:
@@ -149,7 +162,7 @@ def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
 
 
 def check_choice(name: str, value, choices) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:  # (a 0-d array would compare elementwise)
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
 

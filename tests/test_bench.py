@@ -99,6 +99,8 @@ def test_results_append_keeps_earlier_sections(tmp_path):
     (["--tiny", "--threads", "0"], "--threads"),
     (["--tiny", "--append"], "--append"),
     (["--tiny", "--seed", "-1"], "--seed"),
+    (["--tiny", "--results", "/nonexistent-folder/RESULTS.md"], "--results"),
+    (["--tiny", "--results", ""], "--results"),
 ])
 def test_bad_options_exit_2_naming_the_option(capsys, argv, match):
     assert bench.main(argv) == 2
@@ -142,7 +144,7 @@ def test_torch_reference_imports_without_torch_and_says_how_to_install_it():
     assert "needs PyTorch" in completed.stdout and ".[torch]" in completed.stdout, completed.stdout
 
 
-def test_cupy_backend_skips_cleanly_without_a_gpu(capsys):
+def test_cupy_backend_without_a_gpu_is_an_error(capsys):
     try:
         backend.set_backend("cupy")
     except (ImportError, RuntimeError):
@@ -150,8 +152,8 @@ def test_cupy_backend_skips_cleanly_without_a_gpu(capsys):
     else:
         backend.set_backend("numpy")
         pytest.skip("CuPy and a GPU are present: tests/test_cupy.py covers the cupy backend")
-    assert bench.main(["--tiny", "--backend", "cupy", "--no-memory"]) == 0
-    assert capsys.readouterr().out.startswith("skipped: backend cupy is not available")
+    assert bench.main(["--tiny", "--backend", "cupy", "--no-memory"]) == 2
+    assert capsys.readouterr().err.startswith("bench: error: --backend cupy is not available")
     assert backend.get_backend() == "numpy"
 
 

@@ -37,7 +37,8 @@ def test_trl_rotation_is_the_default_and_every_pair_is_mismatched():
         assert (partners != np.arange(size)).all()
         assert sorted(partners.tolist()) == list(range(size))  # each completion used once
         assert partners[0] == size - 1  # TRL: completions [c_{B-1}, c_0, ..., c_{B-2}]
-    assert step.kl_partner_indices(1).tolist() == [0]  # B = 1: the only pair is matched
+    with pytest.raises(ValueError, match="no mismatched pair"):
+        step.kl_partner_indices(1)
 
 
 def test_padding_and_max_len():
@@ -103,3 +104,12 @@ def test_sft_step_gradient_matches_finite_differences():
 
     assert loss == pytest.approx(objective(), rel=1e-14)
     assert all(row.passed for row in check_gradients(objective, params, grads, tolerance=1e-6, seed=0))
+
+
+def test_a_batch_of_one_has_no_kl_pair():
+    model, params, _, _ = _tiny()
+    batch = step.make_batch(PROMPTS[:1], COMPLETIONS[:1], [1], dtype="float64")
+    ref, kl_ref = step.reference_logps(model, params, batch)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        step.kto_step(model, params, batch, ref, kl_ref, KTOConfig("kto"))
+    step.kto_step(model, params, batch, ref, None, KTOConfig("apo_zero_unpaired"))  # no KL rows needed

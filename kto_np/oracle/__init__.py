@@ -21,12 +21,20 @@ The modules, in the order they build on each other:
   isolation   running it in a child process (worker.py) with a time limit; the verdict stays in the parent
   check       verify, and the command-line entry points
   results     results files from any language: compare CASES_DIR RESULTS.json
+The pipeline kinds (PIPELINE_KINDS), with the mistakes found in real code (mistakes.REAL_CODE_MISTAKES):
+  kl_pairs          how prompts are paired with completions for the KL estimate
+  distributed       data_parallel and accumulation: cases, references, mutants, the accumulation runner
+  dp_launch         the data_parallel ranks: R processes in a torch.distributed gloo group on 127.0.0.1
+  dp_worker         one rank (and the launcher that forks them)
+  pipeline_results  their entries in results files
 """
 
+from . import distributed, kl_pairs  # noqa: F401  (importing them registers the pipeline kinds)
 from .candidates import FD_DIRECTIONS, FD_FULL_MAX_ENTRIES, FD_STEP, builtin_candidate
-from .cases import KINDS, KL_ROTATION, KL_ROTATIONS, VARIANTS, Case, generate_cases, make_kto_case
+from .cases import KINDS, KL_ROTATION, KL_ROTATIONS, PIPELINE_KINDS, VARIANTS, Case, generate_cases, make_kto_case
 from .check import main_check, main_export, verify
 from .conventions import CONVENTIONS, Convention
+from .dp_launch import data_parallel_session
 from .isolation import DEFAULT_TIMEOUT
 from .loader import LoadError, load_callable
 from .mistakes import KNOWN_MISTAKES, Mistake
@@ -49,6 +57,7 @@ __all__ = [
     "KNOWN_MISTAKES",
     "MANIFEST_NAME",
     "MISTAKES",
+    "PIPELINE_KINDS",
     "RESULTS_FORMAT",
     "RESULTS_VERSION",
     "TOLERANCES",
@@ -63,6 +72,7 @@ __all__ = [
     "Report",
     "builtin_candidate",
     "compare_results",
+    "data_parallel_session",
     "export",
     "generate_cases",
     "load_callable",

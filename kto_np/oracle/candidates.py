@@ -27,8 +27,11 @@ from ..logprobs import (
     sequence_logprobs_forward,
 )
 from ..losses import dpo_loss_and_grad, kto_loss_and_grad
-from .cases import Case, kto_keywords, model_reference_outputs, resolve_variant, trainable_names
+from .cases import PIPELINE_KINDS, Case, kto_keywords, model_reference_outputs, resolve_variant, trainable_names
 
+# the pipeline kinds' modules (kl_pairs.py, distributed.py, dp_launch.py) add theirs on import:
+PIPELINE_EVALUATORS: dict = {}  # kind -> (candidate, case, tolerance) -> (values, notes)
+PIPELINE_BUILTINS: dict = {}  # kind -> (variant) -> kto_np's own candidate
 FD_STEP = {"float64": 1e-5, "float32": 1e-2}  # by tolerance
 FD_STEP_BY_DTYPE = {"float32": 1e-2, "float16": 1e-1, "bfloat16": 1e-1}  # at least this for a candidate's dtype
 FD_FULL_MAX_ENTRIES = 512  # larger tensors, and model parameters, are checked along random directions
@@ -277,6 +280,9 @@ def _objective(kind: str, case: Case, primary):
 def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
     """Call the candidate on one case and collect every quantity it yields, with where it came from."""
     kind, notes = case.kind, []
+    if kind in PIPELINE_KINDS:
+        values, notes = PIPELINE_EVALUATORS[kind](candidate, case, tolerance)
+        return Evaluation(values, notes)
     numpy_error = None
     try:
         out, arguments = _call(candidate, case, "numpy", notes)
@@ -351,6 +357,8 @@ def fd_matches_reference(case: Case, name: str) -> bool:
     stops a gradient the loss value depends on (detached z)."""
     if case.kind == "kto_loss":
         return case.variant != "edifice_stop_z_grad" and name != "kl_policy_logps"
+    if case.kind in ("data_parallel", "accumulation"):
+        return name != "kl_policy_logps"
     if case.kind == "model_kto":
         raw_kl = np.mean(case.expected["kl_policy_logps"] - case.inputs["kl_ref_logps"])
         return bool(raw_kl < 0)  # clamped: z_ref is locally constant
@@ -427,6 +435,8 @@ def builtin_candidate(kind: str = "kto_loss", variant: str | None = None, *, kl_
     """kto_np's own functions wrapped as a candidate of `kind` (they pass every case; a model candidate
     builds its KL pairs with kl_rotation)."""
     variant = resolve_variant(kind, variant)
+    if kind in PIPELINE_KINDS:
+        return PIPELINE_BUILTINS[kind](variant)
     if kind == "kto_loss":
         def kto_candidate(**kwargs):
             inputs = {k: v for k, v in kwargs.items() if v is not None}

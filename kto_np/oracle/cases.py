@@ -37,6 +37,12 @@ VARIANTS = {
     "sequence_logprobs": (None,),
     "model_kto": ("kto",),
 }
+# kinds that check a piece of the training pipeline (kl_pairs.py, distributed.py)
+PIPELINE_KINDS = ("kl_pairs", "data_parallel", "accumulation")
+KINDS += PIPELINE_KINDS
+PIPELINE_CASE_BUILDERS: list = []  # () -> list[Case]; kl_pairs.py and distributed.py add theirs on import
+VARIANTS.update({"kl_pairs": ("whole_batch", "blocks"), "data_parallel": ("rank_means", "global_mean"),
+                 "accumulation": ("kto",)})
 
 
 @dataclass(frozen=True, eq=False)
@@ -524,8 +530,9 @@ def resolve_variant(kind: str, variant: str | None) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _cached_cases() -> tuple[Case, ...]:
+    pipeline = [case for build in PIPELINE_CASE_BUILDERS for case in build()]
     return tuple(_kto_loss_cases() + _dpo_cases() + _logprobs_cases() + _sequence_logprobs_cases()
-                 + _model_cases())
+                 + _model_cases() + pipeline)
 
 
 def generate_cases() -> tuple[Case, ...]:

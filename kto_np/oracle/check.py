@@ -13,7 +13,7 @@ from .. import __version__
 from ..validation import check_choice
 from . import report as report_module
 from .cases import KL_ROTATION, KL_ROTATIONS, Case, generate_cases, resolve_variant
-from .isolation import DEFAULT_TIMEOUT, candidate_spec, run_in_child, run_in_process, summarise_notes
+from .isolation import DEFAULT_TIMEOUT, Outcome, candidate_spec, run_in_child, run_in_process, summarise_notes
 from .loader import LoadError, adapt_candidate, load_candidate
 from .report import TOLERANCES, Check, Diagnosis, Report, compare, diagnose
 from .store import FORMAT_VERSION, compare_with_installed, export, load_cases
@@ -80,7 +80,9 @@ def verify(candidate, kind: str = "kto_loss", variant: str | None = None, cases=
 
     candidate: a callable, or a spec string "module:function" / "path/file.py:function".
     kind: "kto_loss" (variant "kto" by default, or "edifice", "edifice_stop_z_grad", "apo_zero_unpaired"),
-    "dpo_loss", "logprobs", "sequence_logprobs", "model_kto" (variant "kto"); candidate signatures in
+    "dpo_loss", "logprobs", "sequence_logprobs", "model_kto" (variant "kto"), and the pipeline kinds "kl_pairs"
+    ("whole_batch", "blocks"), "data_parallel" ("rank_means", "global_mean"; R real ranks in a gloo process group,
+    whatever isolate says) and "accumulation" ("kto"); candidate signatures in
     docs/ORACLE.md. cases: None (generated in memory), a path to exported cases, or Cases.
     tolerance: "float64" or "float32" (see TOLERANCES). timeout: seconds per case (None: no limit).
     isolate: None runs the candidate in a child process when it can be named there (a spec, a module-level
@@ -102,10 +104,12 @@ def verify(candidate, kind: str = "kto_loss", variant: str | None = None, cases=
     selected, cases_source, cases_identical = _select_cases(cases, kind, variant,
                                                             kl_rotation if kind == "model_kto" else None)
     spec = candidate_spec(candidate) if isolate is not False else None
-    if isolate and spec is None:
+    if kind == "data_parallel":  # its ranks are child processes already, one process group per world size
+        outcome = _run_ranks(candidate, selected, tolerance, timeout)
+    elif isolate and spec is None:
         raise TypeError("isolate=True needs a candidate a child process can import: a spec string or a "
                         f"module-level function or class, got {candidate!r} (a closure, lambda or instance)")
-    if spec is not None:
+    elif spec is not None:
         outcome = run_in_child(spec, selected, tolerance, timeout, kind=kind, convention=convention)
         if outcome.load_error is not None:
             raise LoadError(outcome.load_error)
@@ -168,6 +172,16 @@ def build_report(kind: str, variant: str | None, tolerance: str, selected: Seque
     report.notes = summarise_notes(report.notes)
     report.diagnosis, report.not_verified = diagnose(kind, variant, selected, candidate_values, report)
     return report
+
+
+def _run_ranks(candidate, selected: list[Case], tolerance: str, timeout: float | None) -> Outcome:
+    """data_parallel: every case of every world size in one go (dp_launch)."""
+    from .dp_launch import run_data_parallel  # noqa: PLC0415
+
+    results = run_data_parallel(candidate, selected, tolerance, timeout=timeout)
+    evaluations = {name: r for name, r in results.items() if not isinstance(r, str)}
+    errors = {name: r for name, r in results.items() if isinstance(r, str)}
+    return Outcome(evaluations, errors, [], None)
 
 
 def main_check(spec: str, kind: str = "kto_loss", variant: str | None = None, cases_dir=None,

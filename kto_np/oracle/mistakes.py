@@ -7,15 +7,16 @@ diagnosis (report.diagnose) names a mistake when its mutant reproduces a failing
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
 
 from ..logprobs import logprobs_backward, logprobs_forward, sequence_logprobs_backward, sequence_logprobs_forward
 from ..losses import dpo_loss_and_grad, sigmoid
-from .cases import KINDS, Case, hf_name, model_case_batch, model_from_case
+from .cases import KINDS, PIPELINE_KINDS, Case, hf_name, model_case_batch, model_from_case
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Mistake:
     id: str
     title: str
     fix: str
+    seen_in: str = ""  # where it was found in real code (../shared/KTO_MISTAKES.md), "" when not known
 
 
 # the catalogue of implementation mistakes (data.MISTAKES is another thing: the toy task's wrong answers)
@@ -70,6 +72,8 @@ class _Mutant(NamedTuple):
     mistake: str
     label: str
     compute: Callable[[Case], dict]
+    metrics: bool = False  # the mutant is about the metrics: report.diagnose compares them too
+    match: Callable | None = None  # (candidate_values, cases by name) -> bool, for mistakes with no fixed numbers
 
 
 _VARIANT_KNOBS = {
@@ -122,12 +126,16 @@ def _kto_family(policy_logps, ref_logps, labels, beta, desirable_weight, undesir
     return loss, dpolicy, dkl
 
 
-def _token_logps(logits, tokens, mask, *, shift: int = 1, reduction: str = "sum", mask_ignored: bool = False):
+def _token_logps(logits, tokens, mask, *, shift: int = 1, reduction: str = "sum", mask_ignored: bool = False,
+                 prompt_in_mask: bool = False):
     """Per-sequence log-probs where logits at t score tokens[t + shift], and a backward dlogps -> dlogits.
 
     shift=1, reduction="sum", mask_ignored=False is sequence_logprobs itself; the other settings are the
-    known mistakes (shift 0 or 2, "masked_mean" or "mean_over_time", the mask ignored).
+    known mistakes (shift 0 or 2, "masked_mean" or "mean_over_time", the mask ignored, the prompt tokens
+    (those before the first completion token) inside the mask).
     """
+    if prompt_in_mask:
+        mask = np.where(np.cumsum(mask, axis=1) == 0, 1.0, np.asarray(mask, dtype=np.float64))
     if shift == 1 and reduction == "sum" and not mask_ignored:
         logps, cache = sequence_logprobs_forward(logits, tokens, mask)
         return logps, lambda dlogps: sequence_logprobs_backward(dlogps, cache)
@@ -255,6 +263,12 @@ def _model_mutant(mistake: str, label: str, **settings) -> _Mutant:
 
 def mutants(kind: str, variant: str | None) -> list[_Mutant]:
     """The built-in mutated formulas for a kind and variant, one per known mistake (or form of it)."""
+    return _builtin_mutants(kind, variant) + real_code_mutants(kind, variant)
+
+
+def _builtin_mutants(kind: str, variant: str | None) -> list[_Mutant]:
+    if kind in PIPELINE_KINDS:
+        return []
     if kind == "kto_loss":
         return [_kto_loss_mutant(m, _LOSS_MISTAKE_KNOBS[m]) for m in _KTO_VARIANT_MISTAKES[variant]]
     if kind == "dpo_loss":
@@ -282,3 +296,242 @@ def mutants(kind: str, variant: str | None) -> list[_Mutant]:
         return mutants
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# The mistakes found in real KTO code (../shared/KTO_MISTAKES.md, issue 13): the formula-level ones here,
+# the KL-pair, data-parallel and accumulation ones in kl_pairs.py and distributed.py. Each says where it
+# was seen; the numbers in parentheses are the rows of KTO_MISTAKES.md.
+
+REAL_CODE_MISTAKES = (
+    Mistake("class_means_added", "per-class means added (mean_D + lambda mean_U) instead of one mean over the batch",
+            "L = (1/n) sum_i w_i loss_i over the whole batch (TRL concatenates both classes, then takes the mean)",
+            "S3nna13/Aurelius src/alignment/kto_trainer.py (28)"),
+    Mistake("loss_summed", "batch loss summed instead of averaged (loss and gradient x the batch size)",
+            "L = mean_i w_i loss_i, not sum_i",
+            "HALOs losses.sum(), Sep 2024 - May 2025, fixed by 'fix issue with sum vs. mean for grad acc' (15)"),
+    Mistake("z_from_matched_pairs", "z from the matched pairs (the batch's own rewards) instead of mismatched ones",
+            "z_ref = max(0, mean_j(kl_policy_logps_j - kl_ref_logps_j)) over mismatched pairs (prompt_i, "
+            "completion_j, j != i), detached",
+            "Edifice lib/edifice/meta/kto.ex (27); S3nna13/Aurelius (28); HALOs UnpairedPreferenceDataLoader "
+            "with one example per process (6)"),
+    Mistake("z_from_other_class", "z of one class used for the other (the old SimpleKTO / kto_pair form): "
+            "desirable losses use max(0, mean r_U), undesirable ones max(0, mean r_D), not detached",
+            "one z_ref for every example, from the KL pairs, detached",
+            "HALOs early SimpleKTOTrainer; TRL DPOTrainer loss_type='kto_pair' (#1075, removed #1734); "
+            "OpenRLHF VanillaKTOLoss (7)"),
+    Mistake("single_class_nan", "NaN loss (or a crash) for a batch with only one class",
+            "the mean over the examples present; an absent class contributes nothing (TRL: nanmean of the "
+            "concatenated losses)",
+            "TRL #1386 (issue #1447, fixed #1472/#1499) (9); TRL #1181, a micro-batch without KL rows "
+            "(fixed #1380) (1)"),
+    Mistake("logps_metrics_swapped", "the metrics logps/chosen and logps/rejected swapped",
+            "logps/chosen is the mean policy log-prob of the desirable examples", "TRL #1386 (fixed #1402) (10)"),
+    Mistake("reward_metrics_zero_for_absent", "reward metrics of an absent class reported as 0 (then averaged "
+            "with the others) instead of absent",
+            "leave the metric of an absent class out (None / NaN) and average only over batches that have it",
+            "OpenRLHF KTOTrainer fit() metrics (26)"),
+    Mistake("prompt_in_mask", "prompt tokens inside the completion mask: r and z include the prompt's log-ratio",
+            "score only the completion tokens: the sequence mask is 0 on the prompt (and the padding)",
+            "OpenRLHF _get_batch_logps, mask attention_mask[:, 1:] (fixed 2024-07 'fix kto loss mask') (20)"),
+    # kind kl_pairs (kl_pairs.py)
+    Mistake("kl_pairs_reversed", "KL completions reversed (completion[::-1]): for an odd block the middle example "
+            "is paired with itself", "rotate by one within the block: prompt i with completion (i - 1) mod b",
+            "TRL [::-1] (#1402; issue #1911; fixed #1970 with a cyclic shift) (3); ColossalAI ColossalChat "
+            "DataCollatorForKTODataset; LLaMA-Factory until #7509 (4)"),
+    Mistake("kl_pairs_random_permutation", "KL completions a random permutation: its fixed points pair some "
+            "examples with themselves", "a permutation without fixed points (a cyclic shift by one)",
+            "TRL get_KL_dataset with random.sample (#1380; fixed #1402) (2)"),
+    Mistake("kl_pairs_single_block_matched", "a block of one example left unchanged: its KL pair is matched",
+            "refuse a block of one example (TRL requires a per-device batch > 1)",
+            "TRL, a last block of size 1 left by the rotation (guard #1402, tightened #2153) (5); HALOs "
+            "UnpairedPreferenceDataLoader with one example per process (6); LLaMA-Factory, no per-device batch "
+            "> 1 check (29)"),
+    Mistake("kl_pairs_across_blocks", "KL pairs span the blocks: a micro-batch's KL completions are not its own",
+            "pair within each per-device block (micro-batch)",
+            "TRL #1402-#2153 (blocks of world x per-device x accumulation) and ms-swift kto.py (12); LLaMA-Factory "
+            "with a random sampler (13)"),
+    # kind data_parallel (distributed.py)
+    Mistake("dp_z_not_all_reduced", "z not all-reduced: each rank uses the KL estimate of its own shard",
+            "all-reduce (or gather) the per-rank KL means, then clamp: z = max(0, mean_r m_r)",
+            "per-device z in OpenRLHF VanillaKTOLoss and HALOs' early SimpleKTOTrainer (7)"),
+    Mistake("dp_z_clamped_per_rank", "z clamped per rank, then averaged: mean_r max(0, m_r) >= max(0, mean_r m_r)",
+            "average the per-rank KL means first, clamp once", "NeMo-Aligner megatron_gpt_kto_model.py (8)"),
+    Mistake("dp_losses_summed", "losses summed over ranks instead of averaged (loss and gradient x world size)",
+            "return the rank's mean loss; data-parallel training averages the gradients over ranks",
+            "the metric form: LLaMA-Factory's KTO log() sums over ranks (24)"),
+    Mistake("global_mean_convention", "the global-mean convention (z and the loss over all examples of all "
+            "ranks): a convention, not a mistake; the default reference is TRL's mean of rank means",
+            "check with variant 'global_mean' (kto-np oracle check --kind data_parallel --variant global_mean)", ""),
+    Mistake("rank_means_convention", "TRL's mean-of-rank-means convention: a convention, not a mistake; this "
+            "reference is the global mean", "check with variant 'rank_means' (the default)", ""),
+    # kind accumulation (distributed.py)
+    Mistake("accumulation_not_divided", "micro-batch loss not divided by the accumulation steps (gradient and "
+            "logged loss x A)", "return loss / accumulation_steps for each micro-batch",
+            "TRL #2617, #2626 (fixed #2648) (14); HALOs before its sum/mean fix (15); ColossalAI "
+            "coati/trainer/kto.py (16)"),
+)
+KNOWN_MISTAKES.update({m.id: m for m in REAL_CODE_MISTAKES})
+REAL_CODE_MISTAKE_IDS = frozenset(m.id for m in REAL_CODE_MISTAKES)
+
+# where the catalogue's older mistakes were seen in real code
+_SEEN_IN = {
+    "z_not_detached": "HALOs early SimpleKTOTrainer; TRL loss_type='kto_pair' (#1075); OpenRLHF VanillaKTOLoss (7); "
+                      "Edifice (27); S3nna13/Aurelius (28)",
+    "z_not_clamped": "Edifice lib/edifice/meta/kto.ex (27)",
+    "undesirable_sign": "Edifice: its docs say sigma(-KL - z), its code sigma(z - KL) (27)",
+    "logps_mean_not_sum": "Liger-Kernel 0.5.3-0.5.4, log-probs always averaged per token (22); "
+                          "S3nna13/Aurelius, per-token mean log-ratio (28)",
+    "logits_not_shifted": "Edifice compute_logprobs, no shift (27)",
+    "mask_ignored": "OpenRLHF _get_batch_logps before 2024-07 (20, the prompt form is prompt_in_mask)",
+    "kl_pairs_not_mismatched": "Edifice (27); HALOs UnpairedPreferenceDataLoader with one example per process (6); "
+                               "ms-swift, identical adjacent completions (issue #4535) (30)",
+}
+for _id, _where in _SEEN_IN.items():
+    if _id in KNOWN_MISTAKES and _where and not KNOWN_MISTAKES[_id].seen_in:
+        KNOWN_MISTAKES[_id] = replace(KNOWN_MISTAKES[_id], seen_in=_where)
+
+# kinds that check a piece of the training pipeline rather than a formula: their mutants live in their modules
+PIPELINE_MUTANTS: dict = {}  # kind -> (kind, variant) -> mutants; kl_pairs.py and distributed.py add theirs
+
+
+def _class_mean_weights(labels, desirable_weight, undesirable_weight) -> tuple[float, float]:
+    """Weights that turn mean_i(w_i loss_i) into sum_D w_D loss / n_D + sum_U w_U loss / n_U."""
+    labels = np.asarray(labels, dtype=bool)
+    n, n_desirable = labels.shape[0], int(labels.sum())
+    n_undesirable = n - n_desirable
+    return (desirable_weight * n / max(n_desirable, 1), undesirable_weight * n / max(n_undesirable, 1))
+
+
+def _reduction_mutant(mistake: str) -> _Mutant:
+    """loss_summed (the mean times n) and class_means_added (class weights rescaled by n / n_class)."""
+    def compute(case: Case) -> dict:
+        inputs = case.inputs
+        labels = inputs["labels"]
+        weights = (float(inputs["desirable_weight"]), float(inputs["undesirable_weight"]))
+        scale = 1.0
+        if mistake == "class_means_added":
+            weights = _class_mean_weights(labels, *weights)
+        else:
+            scale = float(np.asarray(labels).shape[0])
+        loss, dpolicy, dkl = _kto_family(
+            inputs["policy_logps"], inputs["ref_logps"], labels, float(inputs["beta"]), *weights,
+            kl_policy_logps=inputs.get("kl_policy_logps"), kl_ref_logps=inputs.get("kl_ref_logps"),
+            **_VARIANT_KNOBS[case.variant])
+        out = {"loss": np.float64(scale * loss), "grad/policy_logps": scale * dpolicy}
+        if "kl_policy_logps" in inputs:
+            out["grad/kl_policy_logps"] = scale * dkl
+        return out
+
+    return _Mutant(mistake, mistake, compute)
+
+
+def _other_class_z(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight):
+    """kto_pair / SimpleKTO: (loss, dL/dpolicy_logps). Desirable i: w_D (1 - sigma(beta (r_i - z_U))),
+    undesirable k: w_U (1 - sigma(beta (z_D - r_k))), z_c = max(0, mean_{c} r), not detached; mean over n.
+    NaN (loss and gradient) when a class is absent, as mean() of an empty tensor is."""
+    labels = np.asarray(labels, dtype=bool)
+    r = np.asarray(policy_logps, dtype=np.float64) - np.asarray(ref_logps, dtype=np.float64)  # [n]
+    n = r.shape[0]
+    if labels.all() or not labels.any():
+        return math.nan, np.full(n, math.nan)
+    mean_d, mean_u = float(r[labels].mean()), float(r[~labels].mean())
+    z_d, z_u = max(0.0, mean_d), max(0.0, mean_u)
+    a = beta * (r - z_u)  # [n] desirable arguments
+    b = beta * (z_d - r)  # [n] undesirable arguments
+    losses = np.where(labels, desirable_weight * (1 - sigmoid(a)), undesirable_weight * (1 - sigmoid(b)))
+    slope_d = desirable_weight * beta * sigmoid(a) * sigmoid(-a) / n  # [n] |dloss_i/da_i| beta / n
+    slope_u = undesirable_weight * beta * sigmoid(b) * sigmoid(-b) / n
+    grad = np.where(labels, -slope_d, slope_u)  # direct terms
+    through_z_d = -float(slope_u[~labels].sum()) * (mean_d > 0) / int(labels.sum())  # dL/dz_D dz_D/dr_i
+    through_z_u = float(slope_d[labels].sum()) * (mean_u > 0) / int((~labels).sum())
+    grad = grad + np.where(labels, through_z_d, through_z_u)
+    return float(losses.mean()), grad
+
+
+def _other_class_mutant() -> _Mutant:
+    def compute(case: Case) -> dict:
+        inputs = case.inputs
+        loss, grad = _other_class_z(inputs["policy_logps"], inputs["ref_logps"], inputs["labels"],
+                                    float(inputs["beta"]), float(inputs["desirable_weight"]),
+                                    float(inputs["undesirable_weight"]))
+        out = {"loss": np.float64(loss), "grad/policy_logps": grad}
+        if "kl_policy_logps" in inputs:
+            out["grad/kl_policy_logps"] = np.zeros_like(inputs["kl_policy_logps"])
+        return out
+
+    return _Mutant("z_from_other_class", "z_from_other_class", compute)
+
+
+def _single_class_nan_mutant(placeholder: bool) -> _Mutant:
+    """The loss NaN for a batch with one class. The gradient: NaN (finite differences of a NaN loss), or, when
+    autograd differentiates the mean over the n examples and one constant NaN placeholder, n / (n + 1) times
+    the reference (the placeholder has no gradient)."""
+    def compute(case: Case) -> dict:
+        labels = np.asarray(case.inputs["labels"], dtype=bool)
+        out = {k: v for k, v in case.expected.items() if k == "loss" or k.startswith("grad/")}
+        if labels.all() or not labels.any():
+            n = labels.shape[0]
+            out["loss"] = np.float64(math.nan)
+            out["grad/policy_logps"] = (np.asarray(out["grad/policy_logps"]) * n / (n + 1) if placeholder
+                                        else np.full(labels.shape, math.nan))
+        return out
+
+    label = "single_class_nan (a NaN placeholder, autograd)" if placeholder else "single_class_nan"
+    return _Mutant("single_class_nan", label, compute)
+
+
+def _metric_mutant(mistake: str) -> _Mutant:
+    def compute(case: Case) -> dict:
+        metrics = {k: v for k, v in case.expected.items() if k.startswith("metrics/")}
+        if mistake == "logps_metrics_swapped":
+            metrics["metrics/logps/chosen"], metrics["metrics/logps/rejected"] = (
+                metrics.get("metrics/logps/rejected"), metrics.get("metrics/logps/chosen"))
+        else:
+            chosen = metrics.get("metrics/rewards/chosen")
+            rejected = metrics.get("metrics/rewards/rejected")
+            chosen = np.float64(0.0) if chosen is None else chosen
+            rejected = np.float64(0.0) if rejected is None else rejected
+            metrics.update({"metrics/rewards/chosen": chosen, "metrics/rewards/rejected": rejected,
+                            "metrics/rewards/margins": np.float64(chosen - rejected)})
+        return metrics
+
+    return _Mutant(mistake, mistake, compute, metrics=True)
+
+
+_MATCHED_PAIR_FORMS = (("z_from_matched_pairs", dict(z_source="batch")),
+                       ("z_from_matched_pairs (not detached, not clamped)",
+                        dict(z_source="batch", clamp=False, z_grad=True)),
+                       ("z_from_matched_pairs (not detached)", dict(z_source="batch", z_grad=True)))
+
+
+def real_code_mutants(kind: str, variant: str | None) -> list[_Mutant]:
+    """The mutants of the mistakes found in real code, for a kind and variant."""
+    if kind in PIPELINE_MUTANTS:
+        return PIPELINE_MUTANTS[kind](kind, variant)
+    out: list[_Mutant] = []
+    if kind == "kto_loss":
+        out += [_reduction_mutant("class_means_added"), _reduction_mutant("loss_summed")]
+        if variant == "kto":
+            out += [_Mutant("z_from_matched_pairs", label, _kto_loss_mutant(label, knobs).compute)
+                    for label, knobs in _MATCHED_PAIR_FORMS]
+            out.append(_other_class_mutant())
+        if variant in ("kto", "apo_zero_unpaired"):
+            out += [_single_class_nan_mutant(False), _single_class_nan_mutant(True)]
+        out += [_metric_mutant("logps_metrics_swapped"), _metric_mutant("reward_metrics_zero_for_absent")]
+    elif kind == "model_kto":
+        out.append(_model_mutant("prompt_in_mask", "prompt_in_mask", logps_options=dict(prompt_in_mask=True)))
+    return out
+
+
+def _is_single_class(case: Case) -> bool:
+    labels = case.inputs.get("labels")
+    return labels is not None and (bool(np.all(labels)) or not bool(np.any(labels)))
+
+
+def raised_only_on_single_class(kind: str, cases_by_name: Mapping[str, Case], errors: Mapping[str, str]) -> bool:
+    """The crash form of single_class_nan: the candidate raised on every case with one class, and only there."""
+    if kind != "kto_loss" or not errors:
+        return False
+    single = {name for name, case in cases_by_name.items() if _is_single_class(case)}
+    return set(errors) == single

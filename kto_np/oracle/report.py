@@ -15,7 +15,7 @@ import numpy as np
 from .. import __version__
 from ..gradcheck import reference_error
 from .cases import Case
-from .mistakes import KNOWN_MISTAKES, mutants
+from .mistakes import KNOWN_MISTAKES, mutants, raised_only_on_single_class
 
 # (rtol, atol) per quantity class; a quantity passes when max|c - r| <= atol + rtol * max|r|.
 TOLERANCES = {
@@ -205,11 +205,16 @@ def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[t
     the numbers compared, the (case, quantity) pairs it reproduces, how many numbers were compared)."""
     table = []
     for mutant in mutants(kind, variant):
+        if mutant.match is not None:  # a mistake without fixed numbers (a random pairing): a rule decides
+            matched = bool(candidate_values) and mutant.match(candidate_values, by_name)
+            table.append((mutant, matched, True, None, int(matched)))
+            continue
         agree, distinguishable, explained, compared = True, False, set(), 0
         for case_name, quantities in candidate_values.items():
             outputs = mutant.compute(by_name[case_name])
             for quantity, (value, source, projection) in quantities.items():
-                if quantity not in outputs or value is None or quantity.startswith("metrics/"):
+                is_metric = quantity.startswith("metrics/")  # compared only for the mutants about metrics
+                if quantity not in outputs or is_metric != mutant.metrics or (value is None and not is_metric):
                     continue
                 mutated = outputs[quantity]
                 if mutated is None:  # any value is this mutant's (a subgradient at a corner)
@@ -220,15 +225,26 @@ def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[t
                     mutated, reference = projection(mutated), projection(reference)
                 rtol, atol = TOLERANCES[tolerance][quantity_class(quantity, source)]
                 compared += 1
-                if agrees(value, np.asarray(mutated, dtype=np.float64), rtol, atol):
+                if _agrees_or_absent(value, mutated, rtol, atol):
                     explained.add((case_name, quantity))
                 else:
                     agree = False
-                if not agrees(np.asarray(mutated, dtype=np.float64), np.asarray(reference, dtype=np.float64),
-                              rtol, atol):
+                if not _agrees_or_absent(mutated, reference, rtol, atol):
                     distinguishable = True
+        if mutant.metrics and not compared:  # the candidate returns no metrics: nothing there to be wrong
+            distinguishable = True
         table.append((mutant, agree, distinguishable, explained, compared))
     return table
+
+
+def _agrees_or_absent(value, other, rtol: float, atol: float) -> bool:
+    """agrees, with None (an absent metric) equal to None or a NaN number."""
+    def normal(x):
+        if x is None:
+            return None
+        x = np.asarray(x, dtype=np.float64)
+        return None if x.ndim == 0 and np.isnan(x) else x
+    return agrees(normal(value), normal(other), rtol, atol)
 
 
 def _within_float32(report: Report, by_name, candidate_values) -> bool:
@@ -266,27 +282,39 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
                                  f"{', '.join(not_verified)} could not run: those mistakes are not verified"
                              ), not_verified
         return Diagnosis((), "all checks passed"), ()
+    all_failing = {(c.case, c.quantity) for c in report.failures}
     failing = {(c.case, c.quantity) for c in report.failures if not c.quantity.startswith("metrics/")}
+    if not all_failing and raised_only_on_single_class(kind, by_name, report.errors):
+        mistake = KNOWN_MISTAKES["single_class_nan"]
+        return Diagnosis((mistake.id,), f"matches known mistake {mistake.id}: {mistake.title}: it raised on every "
+                                        f"case with one class and only there (fix: {mistake.fix})"), not_verified
     if not candidate_values:
         return Diagnosis((), "no case ran to the end (the ERROR lines above): nothing to compare with the known "
                              "mistakes"), ()
-    if not failing and not report.errors and report.cases_identical is False:
+    if not all_failing and not report.errors and report.cases_identical is False:
         return Diagnosis((), "every number compared matches the reference, but on cases that differ from kto_np's "
                              "export (see 'cases:'): no verdict"), not_verified
-    if not failing and report.errors:
+    if not all_failing and report.errors:
         return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
                              "not run to the end (the ERROR lines above)"), not_verified
+
+    def accounts(mutant, explained) -> bool:  # a rule-decided mutant accounts for everything it matched
+        return explained is None or (all_failing if mutant.metrics else failing) <= explained
+
     matches = [m for m, agree, distinguishable, explained, compared in table
-               if agree and distinguishable and failing <= explained and compared]
+               if agree and distinguishable and accounts(m, explained) and compared]
     if matches:
         ids = tuple(dict.fromkeys(m.mistake for m in matches))
         text = "; ".join(f"{i}: {KNOWN_MISTAKES[i].title} (fix: {KNOWN_MISTAKES[i].fix})" for i in ids)
+        if all(i.endswith("_convention") for i in ids):  # data_parallel's other unequal-shard convention
+            return Diagnosis(ids, f"follows another convention, not a mistake: {text}"), not_verified
         return Diagnosis(ids, f"matches known mistake{'s' if len(ids) > 1 else ''} {text}"), not_verified
     if _within_float32(report, by_name, candidate_values):
         return Diagnosis((), "every failing number is within float32 tolerance: an intermediate is computed in "
                              "float32 (a float32 cast, head or parameter); if that is meant, rerun with "
                              "--tolerance float32 (verify(..., tolerance='float32'))"), not_verified
-    scores = [(len(failing & explained), m) for m, _, _, explained, _ in table]
+    scores = [(len((all_failing if m.metrics else failing) & explained), m) for m, _, _, explained, _ in table
+              if explained is not None]
     best_count, best = max(scores, key=lambda s: s[0]) if scores else (0, None)
     if best is None or best_count == 0:
         return Diagnosis((), "no known mistake matches these numbers"), not_verified

@@ -29,13 +29,16 @@ from .candidates import Evaluation, evaluate
 from .cases import KINDS, KL_ROTATION, KL_ROTATIONS, VARIANTS, resolve_variant
 from .check import _select_cases, build_report
 from .isolation import Outcome
+from .pipeline_results import ResultsError as PipelineResultsError
+from .pipeline_results import entry_from_candidate, values_from_entry
 from .report import TOLERANCES, Report
 
 RESULTS_FORMAT = "kto_np-oracle-results"
 RESULTS_VERSION = 1
 TOP_LEVEL_KEYS = {"format", "version", "kind", "variant", "kl_rotation", "results"}
 REQUIRED_KEYS = {"format", "version", "kind", "variant", "results"}
-RESULT_KEYS = {"loss", "logps", "grad", "grads", "metrics"}
+RESULT_KEYS = {"loss", "logps", "grad", "grads", "metrics", "indices", "ranks", "micro_steps"}
+PIPELINE_RESULT_KEYS = {"kl_pairs": "indices", "data_parallel": "ranks", "accumulation": "micro_steps"}
 LOGPROB_KINDS = ("logprobs", "sequence_logprobs")
 
 
@@ -65,6 +68,11 @@ def _case_values(kind: str, entry, where: str) -> dict:
     """One case's entry as the quantities verify compares: quantity -> (array | None, "returned", None)."""
     if not isinstance(entry, dict):
         raise ResultsError(f"{where} must be an object, got {type(entry).__name__}")
+    if kind in PIPELINE_RESULT_KEYS:  # read with the case (shard sizes, batch sizes) in compare_results
+        key = PIPELINE_RESULT_KEYS[kind]
+        if set(entry) != {key}:
+            raise ResultsError(f"{where} must have exactly the key {key!r} for kind {kind!r}, got {sorted(entry)}")
+        return {"(entry)": entry}
     unknown = sorted(set(entry) - RESULT_KEYS)
     if unknown:
         raise ResultsError(f"{where} has unknown keys {unknown}; allowed: {sorted(RESULT_KEYS)}")
@@ -134,6 +142,11 @@ def compare_results(cases, results, *, tolerance: str = "float64") -> Report:
         if case is None:
             notes.append(f"results for {name!r} not compared: no such case of kind {kind!r}, variant {variant!r}")
             continue
+        if "(entry)" in values:  # a pipeline kind: the entry becomes values with its case
+            try:
+                values = values_from_entry(case, values["(entry)"])
+            except PipelineResultsError as exc:
+                raise ResultsError(f"{parsed['where']}: {exc}") from None
         known = {q: v for q, v in values.items() if q in case.expected}
         notes += [f"{name}: {q!r} not compared (no reference value)" for q in values if q not in case.expected]
         evaluations[name] = Evaluation(known, [])
@@ -159,6 +172,9 @@ def results_document(candidate, kind: str = "kto_loss", variant: str | None = No
     selected, _, _ = _select_cases(cases, kind, variant, kl_rotation if kind == "model_kto" else None)
     out = {}
     for case in selected:
+        if kind in PIPELINE_RESULT_KEYS:
+            out[case.name] = entry_from_candidate(candidate, case)
+            continue
         evaluation = evaluate(candidate, case, tolerance)
         entry: dict = {}
         for quantity, (value, _source, projection) in evaluation.values.items():
