@@ -142,6 +142,12 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_oracle_trl(args: argparse.Namespace) -> int:
+    from .oracle.trl import main_trl  # noqa: PLC0415
+
+    return main_trl(args.level)
+
+
 def _int_at_least(minimum: int):
     kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
 
@@ -339,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
                    help="tolerances for numbers computed in float64 or float32 (default: float64)")
     p.set_defaults(func=_cmd_oracle_compare)
+    p = oracle_sub.add_parser("trl", help="check the installed TRL's own KTOTrainer against the cases",
+                              description="Drive the installed TRL's KTOTrainer (offline, nothing downloaded): the "
+                              "loss level (loss_type kto and apo_zero_unpaired, through compute_loss on TRL >= 1.6 "
+                              "or kto_loss on TRL <= 1.5) and the model level (the GPT-2 case through TRL's dataset "
+                              "preparation, collator, log-prob head, KL pairs and loss; float32 tolerance where TRL "
+                              "computes in float32). Exit status 0 when it passes, 1 when it does not, 2 when TRL is "
+                              "absent or a version this check cannot drive (pip install \"kto_np[oracle-trl]\").")
+    p.add_argument("--level", choices=("all", "loss", "model"), default="all",
+                   help="what to check (default: all)")
+    p.set_defaults(func=_cmd_oracle_trl)
 
     from . import bench  # noqa: PLC0415
 

@@ -124,3 +124,33 @@ def test_case_objects_and_in_memory_cases_say_where_they_came_from():
     cases = [c for c in oracle.generate_cases() if c.kind == "dpo_loss"]
     report = oracle.verify(good, "dpo_loss", cases=cases)
     assert report.passed and report.cases_identical is None and "Case objects" in report.cases_source
+
+
+def _npy_entry(shape, data: bytes) -> bytes:
+    """An .npy entry whose header declares `shape` (float64), followed by `data`."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + data
+
+
+def test_a_crafted_case_file_is_refused_before_its_arrays_are_read(exported, tmp_path):
+    import zipfile
+
+    folder = tmp_path / "crafted"
+    shutil.copytree(exported, folder)
+    entry = json.loads((folder / "manifest.json").read_text())["cases"][0]
+    key = next(iter(entry["arrays"]))
+    # a header that declares 8 GB of float64 with 8 bytes behind it: refused from the zip directory
+    with zipfile.ZipFile(folder / entry["file"], "w") as archive:
+        archive.writestr(key + ".npy", _npy_entry((10**9,), b"\0" * 8))
+    with pytest.raises(ValueError, match="cannot read the arrays|do not match"):
+        oracle.load_cases(folder)
+    # an entry the manifest does not declare: named before anything is decompressed
+    with zipfile.ZipFile(folder / entry["file"], "w") as archive:
+        archive.writestr("inputs/unexpected.npy", _npy_entry((1,), b"\0" * 8))
+    with pytest.raises(ValueError, match="unexpected \\['inputs/unexpected'\\]"):
+        oracle.load_cases(folder)

@@ -21,6 +21,9 @@ The modules, in the order they build on each other:
   isolation   running it in a child process (worker.py) with a time limit; the verdict stays in the parent
   check       verify, and the command-line entry points
   results     results files from any language: compare CASES_DIR RESULTS.json
+  jax_support gradients of JAX candidates by jax.grad (as autograd for torch)
+  trl         the installed TRL's own KTOTrainer checked: `kto-np oracle trl` (optional extra oracle-trl)
+
 The pipeline kinds (PIPELINE_KINDS), with the mistakes found in real code (mistakes.REAL_CODE_MISTAKES):
   kl_pairs          how prompts are paired with completions for the KL estimate
   distributed       data_parallel and accumulation: cases, references, mutants, the accumulation runner

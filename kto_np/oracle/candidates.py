@@ -28,6 +28,7 @@ from ..logprobs import (
 )
 from ..losses import dpo_loss_and_grad, kto_loss_and_grad
 from .cases import PIPELINE_KINDS, Case, kto_keywords, model_reference_outputs, resolve_variant, trainable_names
+from .jax_support import holds_jax, jax_gradients
 
 # the pipeline kinds' modules (kl_pairs.py, distributed.py, dp_launch.py) add theirs on import:
 PIPELINE_EVALUATORS: dict = {}  # kind -> (candidate, case, tolerance) -> (values, notes)
@@ -286,7 +287,7 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
     numpy_error = None
     try:
         out, arguments = _call(candidate, case, "numpy", notes)
-        mode = "torch" if _holds_torch(out) else "numpy"
+        mode = "torch" if _holds_torch(out) else "jax" if holds_jax(out) else "numpy"
     except Exception as exc:  # noqa: BLE001 - any failure on NumPy input means: try torch
         numpy_error, mode = exc, "torch"
     if mode == "torch":
@@ -346,6 +347,10 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
         for name, tensor, grad in zip(missing, tensors, grads):
             values[f"grad/{name}"] = (np.zeros(tuple(tensor.shape)) if grad is None
                                       else _as_float64(grad, f"grad/{name}"), "autograd", None)
+        return Evaluation(values, notes)
+    if mode == "jax":  # jax.grad, as autograd for torch (jax_support.py)
+        values.update(jax_gradients(candidate, case, arguments, missing, notes, parse_output=_parse_output,
+                                    as_float64=_as_float64))
         return Evaluation(values, notes)
     step = max(FD_STEP[tolerance], FD_STEP_BY_DTYPE.get(_dtype_of(parsed.primary), 0.0))
     values.update(_finite_difference_grads(candidate, case, mode, missing, step, notes))

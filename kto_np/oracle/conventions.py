@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 HYPER_PARAMETERS = ("beta", "desirable_weight", "undesirable_weight")
-CONSTRUCTOR_DEFAULTS = {"world_size": 1}
+CONSTRUCTOR_DEFAULTS = {"world_size": 1, "device": "cpu"}  # OpenRLHF asks for both
 SPLIT_PARAMETERS = ("policy_chosen_logps", "policy_rejected_logps", "policy_KL_logps", "reference_chosen_logps",
                     "reference_rejected_logps", "reference_KL_logps")
 

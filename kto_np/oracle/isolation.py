@@ -117,7 +117,7 @@ def encode_values(values: dict) -> dict:
     return out
 
 
-SOURCES = ("returned", "autograd", "vjp", "finite differences", "not checked")
+SOURCES = ("returned", "autograd", "jax.grad", "vjp", "finite differences", "not checked")
 
 
 def decode_values(case: Case, encoded) -> dict:

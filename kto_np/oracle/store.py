@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..files import atomic_write, write_npy_entry
+from ..files import ArchiveError, NpzArchive, atomic_write, write_npy_entry
 from ..validation import check_bool
 from .cases import KINDS, MODEL_CONFIG, VARIANTS, Case, _case, generate_cases
 from .report import TOLERANCES
@@ -25,6 +25,10 @@ from .report import TOLERANCES
 FORMAT_NAME = "kto_np-oracle-cases"
 FORMAT_VERSION = 2  # 2: unit_weights, kl_zero and kl_rotation +1 model cases (1: 37 cases)
 MANIFEST_NAME = "manifest.json"
+# bounds on what a case folder may make the reader do (the built-in cases are a few KiB each)
+MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_CASE_FILE_BYTES = 256 * 2**20
+MAX_CASE_ENTRIES = 1000
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -42,8 +46,9 @@ def _case_arrays(case: Case) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _array_signature(arr: np.ndarray) -> str:
-    """dtype and shape in one string: "float64[4,8,11]", "bool[5]", "float64[]" for a 0-d array."""
+def _array_signature(arr) -> str:
+    """dtype and shape in one string: "float64[4,8,11]", "bool[5]", "float64[]" for a 0-d array
+    (of an array, or of an .npy header read without its data)."""
     return f"{arr.dtype}[{','.join(str(d) for d in arr.shape)}]"
 
 
@@ -128,6 +133,8 @@ def write_cases(out_dir, cases) -> list[dict]:
 def _old_case_files(manifest_path: Path) -> set[str]:
     """Case files an existing kto_np manifest lists (plain names only), to clean up on overwrite."""
     try:
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            return set()
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = {e["file"] for e in manifest["cases"]} if manifest.get("format") == FORMAT_NAME else set()
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -140,6 +147,9 @@ def _read_manifest(path) -> tuple[Path, dict]:
     manifest_path = path / MANIFEST_NAME if path.is_dir() else path
     if not manifest_path.is_file():
         raise ValueError(f"{manifest_path}: missing file (no oracle manifest; run export first)")
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{manifest_path}: {manifest_path.stat().st_size} bytes, more than a manifest may hold "
+                         f"({MAX_MANIFEST_BYTES})")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -171,21 +181,25 @@ def _load_case(folder: Path, entry: Mapping) -> Case:
     path = folder / file_name
     if not path.is_file():
         raise ValueError(f"{path}: missing file (listed in the manifest for case {name!r})")
+    if path.stat().st_size > MAX_CASE_FILE_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than a case file may hold ({MAX_CASE_FILE_BYTES})")
+    if not isinstance(declared, dict):
+        raise ValueError(f"{folder / MANIFEST_NAME}: case {name!r}: 'arrays' must map names to signatures")
     data = path.read_bytes()
     arrays = {}
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            for key in npz.files:
-                arrays[key] = npz[key]
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+    try:  # names, shapes and dtypes are checked against the manifest before any array is read
+        with NpzArchive(io.BytesIO(data), name=str(path), max_entries=MAX_CASE_ENTRIES) as npz:
+            if set(npz.headers) != set(declared):
+                missing, extra = sorted(set(declared) - set(npz.headers)), sorted(set(npz.headers) - set(declared))
+                raise ValueError(f"{path}: arrays do not match the manifest (missing {missing}, unexpected {extra})")
+            for key, signature in declared.items():
+                found = _array_signature(npz.headers[key])
+                if found != signature:
+                    raise ValueError(f"{path}: array {key!r} has shape and dtype {found}, the manifest says "
+                                     f"{signature} (truncated or modified file?)")
+            arrays = {key: npz.read(key) for key in npz.headers}
+    except ArchiveError as exc:
         raise ValueError(f"{path}: cannot read the arrays (truncated or corrupt file?): {exc}") from exc
-    if set(arrays) != set(declared):
-        missing, extra = sorted(set(declared) - set(arrays)), sorted(set(arrays) - set(declared))
-        raise ValueError(f"{path}: arrays do not match the manifest (missing {missing}, unexpected {extra})")
-    for key, signature in declared.items():
-        if _array_signature(arrays[key]) != signature:
-            raise ValueError(f"{path}: array {key!r} has shape and dtype {_array_signature(arrays[key])}, the "
-                             f"manifest says {signature} (truncated or modified file?)")
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"{path}: content does not match the manifest's sha256 (modified file?)")
     inputs = {k[len("inputs/"):]: v for k, v in arrays.items() if k.startswith("inputs/")}
