@@ -218,6 +218,7 @@ class KTOCache(NamedTuple):
     policy_logps: Any  # [n], as given (its dtype is the gradient's dtype)
     log_ratios: Any  # [n] r_i
     desirable: Any  # [n] bool
+    kl_raw: float | None = None  # kto with KL pairs: mean KL-pair log-ratio before the clamp, else None
 
 
 def _check_kto_arrays(policy_logps, ref_logps, labels, variant, kl_policy_logps, kl_ref_logps):
@@ -277,9 +278,12 @@ def _kto_forward(policy_logps, ref_logps, labels, config: KTOConfig, kl_policy_l
             z = float(z_array)
             u = kl_terms - z_array  # [n] reward_i
             losses = -weights * sigmoid(signs * u)
+            kl_raw = None
         else:
+            kl_raw = None
             if variant == "kto" and kl_policy_logps is not None:
-                z = max(0.0, float(xp.mean(kl_policy_logps - kl_ref_logps)))
+                kl_raw = float(xp.mean(kl_policy_logps - kl_ref_logps))
+                z = max(0.0, kl_raw)
             else:
                 z = 0.0
             u = beta * (log_ratios - z)  # [n]
@@ -297,7 +301,7 @@ def _kto_forward(policy_logps, ref_logps, labels, config: KTOConfig, kl_policy_l
            f"{float(xp.max(xp.abs(log_ratios))):.3g}"
            + ("" if kl_policy_logps is None else ", z from kl_policy_logps - kl_ref_logps"))
     cache = KTOCache(variant, beta, variant == "edifice" and not config.stop_z_grad, z, dloss_du, policy_logps,
-                     log_ratios, desirable)
+                     log_ratios, desirable, kl_raw)
     return loss, cache
 
 
@@ -355,6 +359,8 @@ def kto_metrics(cache: KTOCache) -> dict:
 
     kl: the z used: mean(β r) for edifice (reward units, can be negative), z_ref = max(0, mean KL-pair
     log-ratio) for kto (log-ratio units, as TRL reports it), 0.0 for apo_zero_unpaired;
+    kl_raw: for kto with KL pairs, the estimate mean(kl_policy_logps - kl_ref_logps) before the clamp
+    (it can be negative: the KL pairs are the dataset's completions, not samples from π), else None;
     rewards/chosen, rewards/rejected:
     mean β r_i over desirable / undesirable examples; rewards/margins: chosen - rejected;
     logps/chosen, logps/rejected: mean policy log-prob per class; count/chosen, count/rejected.
@@ -369,6 +375,7 @@ def kto_metrics(cache: KTOCache) -> dict:
         rejected = _class_mean(rewards, ~desirable, num_rejected)
     return {
         "kl": float(cache.z),
+        "kl_raw": cache.kl_raw,
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margins": None if chosen is None or rejected is None else chosen - rejected,

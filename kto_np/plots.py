@@ -2,8 +2,9 @@
 effect of the gradient through z, class balance, training curves and where in a sequence the gradient
 goes. Every number drawn is computed with kto_np.losses (and kto_np.logprobs for token gradients).
 
-Each `plot_*` function draws on the axes it is given (or on a new `matplotlib.figure.Figure`, which
-needs no backend and no pyplot) and returns the Figure; the `*_curves`/`*_surface`/`*_batch`/
+Each `plot_*` function draws on the axes it is given (or on a new `KTOFigure`, a
+`matplotlib.figure.Figure` that needs no backend and no pyplot and that a notebook displays as a
+PNG when a cell ends with it) and returns the Figure; the `*_curves`/`*_surface`/`*_batch`/
 `*_shares` functions return the data behind a figure. `make_all_figures` writes them all as PNGs.
 
 Conventions: r = log π(y|x) − log π_ref(y|x) (the log-ratio); z is the reference point in log-ratio
@@ -14,6 +15,7 @@ B examples, T positions, V vocabulary.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -35,7 +37,9 @@ __all__ = [
     "DESIRABLE_COLOR",
     "FIGURE_DPI",
     "FIGURE_NAMES",
+    "NOTEBOOK_DPI",
     "UNDESIRABLE_COLOR",
+    "KTOFigure",
     "LossSurface",
     "MethodCurves",
     "TokenGradients",
@@ -72,6 +76,7 @@ METHOD_STYLES = {  # method -> (legend name, colour, line style)
 SETTING_COLORS = ("#000000", "#56B4E9", "#009E73", "#CC79A7", "#E69F00", "#F0E442")
 
 FIGURE_DPI = 110
+NOTEBOOK_DPI = 60  # the inline PNG of a figure in a notebook: small files, still readable
 FIGURE_NAMES = (
     "value_functions.png", "loss_surface_z.png", "loss_surface_beta.png", "kto_vs_dpo.png",
     "z_gradient.png", "class_balance.png", "token_gradients.png", "training_curves.png",
@@ -83,11 +88,21 @@ TRAINING_PHASES = ("sft", "kto", "eval")
 # shared pieces
 
 
+class KTOFigure(Figure):
+    """A Figure that Jupyter displays inline (IPython calls `_repr_png_`), with no pyplot involved:
+    a cell ending in a figure shows it in a fresh kernel, whatever the matplotlib backend."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=NOTEBOOK_DPI, metadata={"Software": None})
+        return buffer.getvalue()
+
+
 def _prepare_axes(axes, shape: tuple[int, int], figsize: tuple[float, float]) -> tuple[Figure, list[Axes]]:
     """The figure and a flat list of rows*cols axes: new ones on a new Figure when axes is None."""
     count = shape[0] * shape[1]
     if axes is None:
-        fig = Figure(figsize=figsize, layout="constrained")
+        fig = KTOFigure(figsize=figsize, layout="constrained")
         return fig, list(fig.subplots(*shape, squeeze=False).ravel())
     flat = [axes] if isinstance(axes, Axes) else list(np.asarray(axes, dtype=object).ravel())
     if len(flat) != count or not all(isinstance(ax, Axes) for ax in flat):
@@ -275,30 +290,49 @@ def loss_surface(variant: str = "kto", x: str = "log_ratio", y: str = "z", *, la
     return LossSurface(xs, ys, loss, grad_norm)
 
 
-def _draw_heatmap(ax: Axes, xs, ys, values, *, cmap: str, colorbar_label: str) -> None:
-    mesh = ax.pcolormesh(xs, ys, values, cmap=cmap, shading="nearest")
+def _draw_heatmap(ax: Axes, xs, ys, values, *, cmap: str, colorbar_label: str, levels=None,
+                  vmin=None, vmax=None) -> None:
+    """pcolormesh + colorbar + a few labelled white contours (at `levels`, default 3 evenly spaced)."""
+    mesh = ax.pcolormesh(xs, ys, values, cmap=cmap, shading="nearest", vmin=vmin, vmax=vmax)
     colorbar = ax.get_figure(root=True).colorbar(mesh, ax=ax)
     colorbar.set_label(colorbar_label)
     low, high = float(values.min()), float(values.max())
-    if high - low > 1e-12 * max(1.0, abs(high)):
-        contours = ax.contour(xs, ys, values, levels=np.linspace(low, high, 8)[1:-1], colors="white",
-                              linewidths=0.7, alpha=0.8)
-        ax.clabel(contours, fontsize=7, fmt="%.3g")
+    if levels is None:
+        levels = np.linspace(low, high, 5)[1:-1]
+    levels = [level for level in levels if low < level < high]
+    if levels and high - low > 1e-12 * max(1.0, abs(high)):
+        contours = ax.contour(xs, ys, values, levels=levels, colors="white", linewidths=0.8, alpha=0.9)
+        ax.clabel(contours, fontsize=7, fmt="%.3g", inline_spacing=2)
 
 
 def plot_loss_surface(variant: str = "kto", y: str = "z", axes=None, *, xs=None, ys=None, beta: float = 0.1,
                       z: float = 0.0, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Figure:
     """2x2 heatmaps with contours: rows desirable / undesirable, columns loss / |∂loss/∂r| (z fixed),
-    over (log-ratio, z) for y="z" or (log-ratio, β) for y="beta"; data from loss_surface."""
+    over (log-ratio, z) for y="z" or (log-ratio, β) for y="beta"; data from loss_surface.
+
+    y="beta": the gradient is drawn divided by its row's peak βλ/4 (one colour scale for β = 1 would
+    leave every β <= 0.1 row dark), so each row shows the *width* of its peak, ∝ 1/β; the contour at
+    ½ is the half height, at |r − z| = 1.763/β."""
     fig, flat_axes = _prepare_axes(axes, (2, 2), (11.5, 8.5))
     y_label = r"reference point $z$ (log-ratio units)" if y == "z" else r"$\beta$ (log scale)"
     for row, desirable in enumerate((True, False)):
         surface = loss_surface(variant, "log_ratio", y, label=int(desirable), xs=xs, ys=ys, beta=beta, z=z,
                                desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
-        for col, (values, cmap, what) in enumerate(((surface.loss, "viridis", "loss"),
-                                                     (surface.grad_norm, "magma", "|∂loss/∂r|"))):
+        weight = desirable_weight if desirable else undesirable_weight
+        loss_levels = [weight * f for f in (0.1, 0.5, 0.9)] if variant != "edifice" else \
+            [-weight * f for f in (0.9, 0.5, 0.1)]
+        if y == "beta":
+            peak = surface.grad_norm.max(axis=1, keepdims=True)  # [NY, 1] βλ/4 when r = z is on the grid
+            grad_values, grad_what = surface.grad_norm / peak, "|∂loss/∂r| ÷ its row's peak"
+            grad_levels, grad_range = [0.5], (0.0, 1.0)
+        else:
+            grad_values, grad_what, grad_levels, grad_range = surface.grad_norm, "|∂loss/∂r|", None, (None, None)
+        for col, (values, cmap, what, levels, (vmin, vmax)) in enumerate((
+                (surface.loss, "viridis", "loss", loss_levels, (None, None)),
+                (grad_values, "magma", grad_what, grad_levels, grad_range))):
             ax = flat_axes[2 * row + col]
-            _draw_heatmap(ax, surface.xs, surface.ys, values, cmap=cmap, colorbar_label=what)
+            _draw_heatmap(ax, surface.xs, surface.ys, values, cmap=cmap, colorbar_label=what, levels=levels,
+                          vmin=vmin, vmax=vmax)
             if y == "z":
                 reference = np.maximum(surface.ys, 0.0) if variant == "kto" else surface.ys
                 ax.plot(reference, surface.ys, color="cyan", linestyle="--", linewidth=1.0,
@@ -310,7 +344,8 @@ def plot_loss_surface(variant: str = "kto", y: str = "z", axes=None, *, xs=None,
             ax.set_title(f"{CLASS_NAMES[desirable]} example: {what}", color=CLASS_COLORS[desirable])
             ax.set(xlabel=r"log-ratio $r = \log \pi - \log \pi_{ref}$", ylabel=y_label)
     fixed = rf"$\beta$ = {beta:g}" if y == "z" else f"z = {z:g}"
-    fig.suptitle(f"KTO loss surface, variant={variant!r}, {fixed}; gradient with z held fixed")
+    note = "" if y == "z" else "; gradient normalised per row: the peak widens as 1/β"
+    fig.suptitle(f"KTO loss surface, variant={variant!r}, {fixed}; gradient with z held fixed{note}")
     return fig
 
 
@@ -512,7 +547,8 @@ def plot_class_balance(ax=None, *, weight_settings=((1.0, 1.0), (2.0, 1.0), (4.0
                        desirable_fractions=None, variant: str = "kto", beta: float = 0.1, batch_size: int = 100,
                        log_ratios=None) -> Figure:
     """Desirable share of the gradient against the desirable fraction, one line per (λ_D, λ_U);
-    the fractions where λ_D n_D / (λ_U n_U) is in the paper's [1, 4/3] are shaded and drawn thick."""
+    the fractions where λ_D n_D / (λ_U n_U) is in the paper's [1, 4/3] are shaded and drawn thick.
+    With log_ratios None the batch is at the first step of KTO (policy = reference, every r = 0)."""
     fractions = np.linspace(0.05, 0.95, 91) if desirable_fractions is None else desirable_fractions
     settings = _weight_settings(weight_settings)
     shares = class_balance_shares(fractions, settings, variant=variant, beta=beta, batch_size=batch_size,
@@ -530,7 +566,8 @@ def plot_class_balance(ax=None, *, weight_settings=((1.0, 1.0), (2.0, 1.0), (4.0
     ax.axhline(0.5, color="0.6", linestyle="--", linewidth=0.8)
     ax.plot([], [], color="0.3", linewidth=4.0,
             label=r"paper's band: $\lambda_D n_D / (\lambda_U n_U) \in [1, 4/3]$ (shaded)")
-    ax.set(title=f"Gradient share of the desirable class (variant={variant!r})",
+    when = "at the first step (policy = reference, r = 0)" if log_ratios is None else "at the given log-ratios"
+    ax.set(title=f"Gradient share of the desirable class {when}, variant={variant!r}",
            xlabel=r"desirable fraction of the batch $n_D / n$",
            ylabel="desirable share of the summed |gradient|", xlim=(0.0, 1.0), ylim=(0.0, 1.0))
     ax.legend(fontsize="small", loc="upper left")
@@ -597,25 +634,32 @@ def _series(indexed_records, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_training_curves(records, axes=None) -> Figure:
-    """Six panels from metrics records: SFT loss, KTO loss, rewards per class and margin, KL (z),
-    eval desirable rate, gradient norm. Values that are None (a class absent from a batch) are skipped."""
+    """Eight panels from metrics records. Top row: SFT loss, SFT gradient norm (SFT steps), KTO loss,
+    KTO gradient norm (KTO steps). Bottom row: rewards per class, reward margin, the KL estimate (kl_raw,
+    before the clamp) next to the z used (kl), the evaluation's desirable rate (KTO steps).
+    Values that are None (a class absent from a batch, kl_raw of a variant without KL pairs) are skipped."""
     by_phase = _check_records(records)
-    fig, flat_axes = _prepare_axes(axes, (2, 3), (15.0, 8.0))
-    ax_sft, ax_kto, ax_rewards, ax_kl, ax_rate, ax_grad = flat_axes
+    fig, flat_axes = _prepare_axes(axes, (2, 4), (19.0, 8.0))
     panels = (
-        (ax_sft, "SFT loss (reference model)", "cross-entropy", [("sft", "loss", "SFT loss", "0.2", "-")]),
-        (ax_kto, "KTO loss", "loss", [("kto", "loss", "KTO loss", "#009E73", "-")]),
-        (ax_rewards, r"Rewards $\beta r$ per class", "reward",
+        ("SFT loss (the reference model)", "SFT step", "cross-entropy per token",
+         [("sft", "loss", "SFT loss", "0.2", "-")]),
+        ("SFT gradient norm (before clipping)", "SFT step", "global grad norm",
+         [("sft", "grad_norm", "SFT", "0.2", "-")]),
+        ("KTO loss", "KTO step", "loss", [("kto", "loss", "KTO loss", "#009E73", "-")]),
+        ("KTO gradient norm (before clipping)", "KTO step", "global grad norm",
+         [("kto", "grad_norm", "KTO", "#009E73", "-")]),
+        (r"Rewards $\beta r$ per class", "KTO step", "mean reward",
          [("kto", "rewards/chosen", "desirable (chosen)", DESIRABLE_COLOR, "-"),
-          ("kto", "rewards/rejected", "undesirable (rejected)", UNDESIRABLE_COLOR, "-"),
-          ("kto", "rewards/margins", "margin (chosen − rejected)", "0.2", "--")]),
-        (ax_kl, "KL estimate z", "kl (z)", [("kto", "kl", "KL (z)", "#CC79A7", "-")]),
-        (ax_rate, "Desirable rate (evaluation)", "fraction desirable",
+          ("kto", "rewards/rejected", "undesirable (rejected)", UNDESIRABLE_COLOR, "-")]),
+        ("Reward margin", "KTO step", "chosen − rejected",
+         [("kto", "rewards/margins", "margin (chosen − rejected)", "0.2", "-")]),
+        ("KL estimate on mismatched pairs", "KTO step", "log-ratio units",
+         [("kto", "kl_raw", "estimate before the clamp (kl_raw)", "#CC79A7", "-"),
+          ("kto", "kl", "z used (kl)", "0.2", "--")]),
+        ("Desirable rate (evaluation)", "KTO step", "fraction desirable",
          [("eval", "desirable_rate", "desirable rate", DESIRABLE_COLOR, "-")]),
-        (ax_grad, "Gradient norm", "global grad norm",
-         [("sft", "grad_norm", "SFT", "0.2", "-"), ("kto", "grad_norm", "KTO", "#009E73", "-")]),
     )
-    for ax, title, ylabel, lines in panels:
+    for ax, (title, xlabel, ylabel, lines) in zip(flat_axes, panels):
         drawn = 0
         for phase, key, name, color, style in lines:
             steps, values = _series(by_phase[phase], key)
@@ -626,9 +670,11 @@ def plot_training_curves(records, axes=None) -> Figure:
                 drawn += 1
         if drawn == 0:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
-        ax.set(title=title, xlabel="step", ylabel=ylabel)
-        _add_legend_if_several(ax, fontsize="small")
-    ax_rewards.axhline(0.0, color="0.7", linewidth=0.8)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        _add_legend_if_several(ax, fontsize="small", loc="lower left")
+    ax_rewards, ax_margin, ax_kl, ax_rate = flat_axes[4:]
+    for ax in (ax_rewards, ax_margin, ax_kl):
+        ax.axhline(0.0, color="0.7", linewidth=0.8)
     if ax_rate.lines:
         ax_rate.set_ylim(0.0, 1.0)
     fig.suptitle("Training curves")
@@ -702,11 +748,19 @@ def _tokens_text(tokens_text, shape: tuple[int, int]) -> list[list[str]]:
     return rows
 
 
+TOKEN_GRADIENTS_TITLE = "Where the gradient goes: |dL/dlogits| per token"
+FIRST_STEP_TOKEN_GRADIENTS_TITLE = (
+    "Where the gradient goes at the first KTO step (policy = reference)\n"
+    "there every dL/dlog π is ±βλ/(4n), so |dL/dlogits| shows\n"
+    "the reference's uncertainty |onehot − softmax| at each token")
+
+
 def plot_token_gradients(dlogits_norms, tokens_text, ax=None, *, labels=None,
-                         title: str = "Where the gradient goes: |dL/dlogits| per token") -> Figure:
+                         title: str = TOKEN_GRADIENTS_TITLE) -> Figure:
     """Heatmap of per-token gradient norms, rows = examples [B], columns = positions [T], each cell
-    annotated with its token's text. dlogits_norms [B, T] >= 0; tokens_text: B strings of T characters
-    or B lists of T strings; labels [B] 0/1 (optional) name and colour the rows."""
+    annotated with its token's text (a space drawn as ␣). Column t is token t, scored by the logits
+    at t − 1 (so the first token, never scored, is 0). dlogits_norms [B, T] >= 0; tokens_text: B
+    strings of T characters or B lists of T strings; labels [B] 0/1 (optional) name and colour the rows."""
     norms = np.asarray(as_float_array("dlogits_norms", dlogits_norms, ndim=2), dtype=np.float64)
     if float(norms.min()) < 0:
         raise ValueError(f"dlogits_norms must be >= 0 (they are norms), got minimum {norms.min()}")
@@ -723,7 +777,7 @@ def plot_token_gradients(dlogits_norms, tokens_text, ax=None, *, labels=None,
     bright = 0.6 * float(norms.max())
     for b, row in enumerate(rows):
         for t, token in enumerate(row):
-            shown = "·" if token == " " else token
+            shown = "␣" if token == " " else token
             ax.text(t, b, shown, ha="center", va="center", fontsize=9, parse_math=False,
                     color="white" if norms[b, t] > bright else "black")
     ax.set_xticks(np.arange(T))
@@ -733,7 +787,7 @@ def plot_token_gradients(dlogits_norms, tokens_text, ax=None, *, labels=None,
         ax.set_yticks(np.arange(B), [f"{b}: {CLASS_NAMES[d]}" for b, d in enumerate(labels)])
         for tick, desirable in zip(ax.get_yticklabels(), labels, strict=True):
             tick.set_color(CLASS_COLORS[desirable])
-    ax.set(title=title, xlabel="position t (token shown; · is a space)", ylabel="example")
+    ax.set(title=title, xlabel="token t, scored by the logits at t − 1", ylabel="example")
     return fig
 
 
@@ -747,7 +801,7 @@ def make_all_figures(out_dir, *, metrics_records=None, token_gradients: TokenGra
 
     Names: value_functions, loss_surface_z, loss_surface_beta, kto_vs_dpo, z_gradient, class_balance,
     token_gradients (+ training_curves when metrics_records is given). token_gradients: the per-token
-    gradient norms to draw (e.g. train.run_token_gradients of a run); synthetic ones when None.
+    gradient norms of a run's first KTO step (train.run_token_gradients); synthetic ones when None.
     Fixed dpi, no date or version in the bytes (same inputs, same bytes); each file is written to a
     temporary name and renamed.
     """
@@ -758,17 +812,18 @@ def make_all_figures(out_dir, *, metrics_records=None, token_gradients: TokenGra
         _check_records(metrics_records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    token_title = FIRST_STEP_TOKEN_GRADIENTS_TITLE
     if token_gradients is None:
-        token_gradients = synthetic_token_gradients(seed=seed)
+        token_gradients, token_title = synthetic_token_gradients(seed=seed), TOKEN_GRADIENTS_TITLE
     figures = [
         ("value_functions.png", lambda: plot_value_functions()),
         ("loss_surface_z.png", lambda: plot_loss_surface("kto", "z")),
-        ("loss_surface_beta.png", lambda: plot_loss_surface("kto", "beta")),
+        ("loss_surface_beta.png", lambda: plot_loss_surface("kto", "beta", xs=np.linspace(-60.0, 60.0, 121))),
         ("kto_vs_dpo.png", lambda: plot_kto_vs_dpo()),
         ("z_gradient.png", lambda: plot_z_gradient_effect(seed=seed)),
         ("class_balance.png", lambda: plot_class_balance()),
         ("token_gradients.png", lambda: plot_token_gradients(token_gradients.norms, token_gradients.tokens_text,
-                                                             labels=token_gradients.labels)),
+                                                             labels=token_gradients.labels, title=token_title)),
     ]
     if metrics_records is not None:
         figures.append(("training_curves.png", lambda: plot_training_curves(metrics_records)))

@@ -14,6 +14,7 @@ A run folder holds:
   metrics.jsonl          one JSON object per step ("phase": "sft" | "kto") and per evaluation ("eval"),
                          with TRL's metric names (loss, kl, rewards/chosen, rewards/rejected,
                          rewards/margins, logps/chosen, logps/rejected, grad_norm, learning_rate)
+                         and kl_raw, the KL estimate before its clamp at 0 (None when not estimated)
   checkpoints/sft.npz    latest SFT state (params, AdamW state, step): resume point
   checkpoints/reference.npz   the finished reference
   checkpoints/kto.npz    latest KTO state: resume point; at the end, the trained policy
@@ -77,7 +78,7 @@ __all__ = [
     "run",
 ]
 
-METRIC_NAMES = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
+METRIC_NAMES = ("loss", "kl", "kl_raw", "rewards/chosen", "rewards/rejected", "rewards/margins",
                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate")
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "training_curves.png",
              "checkpoints/sft.npz", "checkpoints/reference.npz", "checkpoints/kto.npz")

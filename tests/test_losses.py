@@ -768,3 +768,19 @@ def test_backward_with_a_foreign_cache_is_a_type_error():
         kto_backward(1.0, None)
     with pytest.raises(TypeError, match="DPOCache"):
         dpo_backward(1.0, (1, 2))
+
+
+@pytest.mark.parametrize("shift", [-1.5, 0.0, 0.7])
+def test_kl_raw_is_the_estimate_before_the_clamp(shift):
+    rng = np.random.default_rng(11)
+    policy, ref = rng.normal(-10.0, 2.0, 6), rng.normal(-10.0, 2.0, 6)
+    kl_ref = rng.normal(-20.0, 2.0, 6)
+    kl_policy = kl_ref + shift + rng.normal(0.0, 0.1, 6)
+    labels = [1, 0, 1, 0, 1, 0]
+    _, _, metrics = kto_loss_and_grad(policy, ref, labels, 0.1, variant="kto", kl_policy_logps=kl_policy,
+                                      kl_ref_logps=kl_ref)
+    estimate = float(np.mean(kl_policy - kl_ref))
+    assert metrics["kl_raw"] == pytest.approx(estimate, rel=1e-12)
+    assert metrics["kl"] == pytest.approx(max(0.0, estimate), rel=1e-12, abs=0.0)
+    for variant in ("kto", "edifice", "apo_zero_unpaired"):  # no KL pairs: nothing estimated
+        assert kto_loss_and_grad(policy, ref, labels, 0.1, variant=variant)[2]["kl_raw"] is None

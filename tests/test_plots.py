@@ -1,6 +1,7 @@
 """Figures: the numbers behind each plot against closed forms recomputed here, the figures' labels,
 and make_all_figures' files (valid, non-blank, byte-identical across runs)."""
 
+import io
 import json
 import math
 
@@ -39,7 +40,8 @@ def metrics_records():
         chosen = None if s in (2, 5) else 0.1 * s
         rejected = None if s == 6 else -0.05 * s
         records.append({
-            "phase": "kto", "step": s, "loss": 0.5 - 0.02 * s, "kl": 0.01 * s, "rewards/chosen": chosen,
+            "phase": "kto", "step": s, "loss": 0.5 - 0.02 * s, "kl": max(0.0, 0.02 * s - 0.05),
+            "kl_raw": None if s == 3 else 0.02 * s - 0.05, "rewards/chosen": chosen,
             "rewards/rejected": rejected,
             "rewards/margins": None if chosen is None or rejected is None else chosen - rejected,
             "logps/chosen": -10.0, "logps/rejected": -12.0, "grad_norm": 0.3, "learning_rate": 1e-4,
@@ -241,15 +243,16 @@ def test_every_plot_is_a_labelled_figure(name):
         assert ax.get_title(), f"{where} has no title"
         assert ax.get_xlabel() and ax.get_ylabel(), f"{where} lacks an axis label"
         _, labels = ax.get_legend_handles_labels()
-        if len(ax.lines) > 1 or len(labels) > 1:
-            assert ax.get_legend() is not None, f"{where} has {len(ax.lines)} lines and no legend"
+        data_lines = [line for line in ax.lines if not line.get_label().startswith("_")]  # not guides
+        if len(data_lines) > 1 or len(labels) > 1:
+            assert ax.get_legend() is not None, f"{where} has {len(data_lines)} lines and no legend"
 
 
 @pytest.mark.parametrize("shape, draw", [
     ((1, 2), lambda axes: plots.plot_value_functions(axes, rewards=np.linspace(-2, 2, 5))),
     ((2, 2), lambda axes: plots.plot_kto_vs_dpo(axes, rewards=np.linspace(-2, 2, 5))),
     ((1, 1), lambda axes: plots.plot_class_balance(axes[0, 0], desirable_fractions=[0.3, 0.5], batch_size=10)),
-    ((2, 3), lambda axes: plots.plot_training_curves(metrics_records(), axes)),
+    ((2, 4), lambda axes: plots.plot_training_curves(metrics_records(), axes)),
 ])
 def test_plots_draw_on_the_axes_they_are_given(shape, draw):
     fig = Figure()
@@ -277,6 +280,29 @@ def test_training_curves_skip_none_values():
         np.testing.assert_array_equal(lines[label].get_xdata(), [r["step"] for r in kept], err_msg=label)
         np.testing.assert_allclose(lines[label].get_ydata(), [r[key] for r in kept], err_msg=label)
     np.testing.assert_array_equal(lines["desirable rate"].get_xdata(), [0, 4, 8])
+    # the KL panel: the raw estimate (one record without it) next to the clamped z
+    raw = [r for r in kto if r["kl_raw"] is not None]
+    np.testing.assert_allclose(lines["estimate before the clamp (kl_raw)"].get_ydata(), [r["kl_raw"] for r in raw])
+    np.testing.assert_allclose(lines["z used (kl)"].get_ydata(), [r["kl"] for r in kto])
+    assert min(lines["estimate before the clamp (kl_raw)"].get_ydata()) < 0 == min(lines["z used (kl)"].get_ydata())
+
+
+def test_figures_display_inline_in_a_notebook():
+    """IPython shows an object with _repr_png_ as a PNG: no pyplot, no backend needed."""
+    fig = plots.plot_class_balance(desirable_fractions=[0.3, 0.5], batch_size=10)
+    png = fig._repr_png_()
+    assert png[:8] == PNG_SIGNATURE
+    assert imread(io.BytesIO(png)).shape[1] == round(fig.get_figwidth() * plots.NOTEBOOK_DPI)
+
+
+def test_training_curves_put_sft_and_kto_on_their_own_step_axes():
+    fig = plots.plot_training_curves(metrics_records())
+    panels = {ax.get_title(): ax for ax in axes_with_content(fig)}
+    assert panels["SFT gradient norm (before clipping)"].get_xlabel() == "SFT step"
+    assert panels["KTO gradient norm (before clipping)"].get_xlabel() == "KTO step"
+    sft = [r for r in metrics_records() if r["phase"] == "sft"]
+    np.testing.assert_array_equal(panels["SFT gradient norm (before clipping)"].lines[0].get_xdata(),
+                                  [r["step"] for r in sft])
 
 
 def test_training_curves_without_sft_or_eval_records():

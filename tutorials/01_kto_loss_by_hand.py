@@ -17,21 +17,23 @@
 #
 # KTO (Kahneman-Tversky Optimization, Ethayarajh et al. 2024) learns from *unpaired* binary feedback:
 # each example is a prompt x, a completion y and a thumbs-up (desirable) or thumbs-down (undesirable)
-# label. This tutorial computes the loss of a small batch in plain NumPy, one formula at a time, and
-# checks every number against `kto_np.kto_loss` and `kto_np.kto_loss_and_grad`:
+# label. It starts from where its name comes from, Kahneman and Tversky's prospect theory; then it
+# computes the loss of a small batch in plain NumPy, one formula at a time, and checks every number
+# against `kto_np.kto_loss` and `kto_np.kto_loss_and_grad`:
 #
-# 1. log-ratios and the reference point z (from mismatched pairs, clamped, detached);
-# 2. the value function per class and the class weights λ_D, λ_U;
-# 3. the gradient, derived by hand and by finite differences;
-# 4. the seed's ("Edifice") formula, where z passes gradient, and what that gradient does;
-# 5. APO-zero, and DPO for contrast.
+# - Step 1: the log-ratios, the implied rewards;
+# - Step 2: the reference point z_ref, from mismatched pairs, clamped and detached;
+# - Step 3: the value function per class (and `kto_loss`'s default, which is *not* this loss);
+# - Step 4: the gradient, by hand and by finite differences; then the class weights λ_D, λ_U;
+# - Step 5: the seed's ("Edifice") formula, where z passes gradient, and what that gradient does;
+# - after the steps: APO-zero, and DPO for contrast.
 
 # %%
 import warnings
 
 import numpy as np
 
-from kto_np import default_beta, dpo_loss_and_grad, kto_loss, kto_loss_and_grad
+from kto_np import default_beta, dpo_loss_and_grad, kto_loss, kto_loss_and_grad, plots
 from kto_np.gradcheck import numerical_gradient, rel_error
 from kto_np.losses import check_balance
 
@@ -42,10 +44,83 @@ def sigmoid(x):
 
 
 # %% [markdown]
+# ## Prospect theory, and why KTO has this shape
+#
+# Kahneman and Tversky's prospect theory (1979; cumulative form 1992) describes how people value an
+# uncertain outcome x:
+#
+# - **reference dependence**: x is judged as a gain or a loss relative to a reference point, not in
+#   absolute terms;
+# - **diminishing sensitivity**: the value v(x) is concave for gains and convex for losses (the step
+#   from 0 to 100 feels bigger than the one from 1000 to 1100), which makes people risk-averse for
+#   gains and risk-seeking for losses;
+# - **loss aversion**: losses weigh more than equal gains, v(−x) ≈ −λ v(x) with λ > 1.
+#
+# Tversky and Kahneman's fitted form is v(x) = x^α for gains and −λ(−x)^α for losses, α ≈ 0.88,
+# λ ≈ 2.25. KTO ("Kahneman-Tversky Optimization") keeps the three properties and swaps the
+# ingredients: the outcome is the implied reward r = log π(y|x) − log π_ref(y|x) of a completion;
+# the reference point is z_ref ≈ KL(π ‖ π_ref) (Step 2); the value is a logistic, σ(β(r − z_ref))
+# for a desirable completion. The logistic has the same S shape (concave above the reference point,
+# convex below), but it is bounded and smooth at the reference point, where x^α has an infinite
+# slope, so it makes a usable loss; β sets how quickly it saturates, the role the curvature α plays
+# for risk aversion. λ_D and λ_U weight the two classes.
+#
+# The paper calls a loss of this kind a **HALO** (human-aware loss): a value function of the
+# reward's distance to a reference point, non-decreasing and concave in gains, averaged over the
+# data with a sign per example. DPO and PPO-clip are HALOs too; KTO is the one built to follow the
+# Kahneman-Tversky value function.
+
+# %%
+x = np.linspace(-3.0, 3.0, 601)
+tk_value = np.where(x >= 0, np.abs(x) ** 0.88, -2.25 * np.abs(x) ** 0.88)  # Tversky-Kahneman 1992
+kto = plots.value_curves(x, desirable_weight=1.0, undesirable_weight=1.5)  # KTO's implied value, λ_U = 1.5
+for name, value in (("Tversky-Kahneman", tk_value), ("KTO (logistic)", kto.implied)):
+    curvature = np.diff(value, 2)  # second differences: < 0 concave, > 0 convex
+    gains, losses = curvature[x[1:-1] > 0.05], curvature[x[1:-1] < -0.05]
+    ratio = -value[x == -1.0][0] / value[x == 1.0][0]
+    print(f"{name:17s} concave for gains {np.all(gains < 0)}, convex for losses {np.all(losses > 0)}, "
+          f"|v(-1)| / v(1) = {ratio:.3f}")
+    assert np.all(gains < 0) and np.all(losses > 0) and ratio > 1.0
+slope_at_reference = (kto.implied[301] - kto.implied[300]) / (x[301] - x[300])
+print(f"KTO's slope at the reference point: {slope_at_reference:.4f} (λ_D/4 = 0.25: finite, unlike x^0.88)")
+assert abs(slope_at_reference - 0.25) < 1e-3
+
+# %% [markdown]
+# `plots.plot_value_functions` draws KTO's two per-class values and the implied value function
+# (left: σ(x) and σ(−x) per class; right: the gains and losses around the reference point, with
+# λ_U = 1.5 > λ_D = 1, i.e. loss aversion, against the symmetric λ_U = λ_D). It is
+# `figures/value_functions.png`.
+
+# %%
+fig = plots.plot_value_functions()
+fig  # noqa: B018  (shows the figure in a notebook)
+
+# %% [markdown]
+# **Loss aversion and the paper's band.** The figure draws λ_U > λ_D because that is what loss
+# aversion would mean for KTO. But the paper's practical recommendation (its Eq. 8, used below) is
+# λ_D n_D / (λ_U n_U) ∈ [1, 4/3], which on balanced data (n_D = n_U) asks for λ_D ≥ λ_U: the
+# opposite. The two are about different things. Loss aversion is the shape of *one* outcome's value;
+# the band is a rule for the *classes' total weight* at the start of training (tutorial 2 derives it
+# as the desirable class getting between 1/2 and 4/7 of the gradient, tutorial 6 shows what happens
+# outside it). Followed on balanced data, the band makes KTO weakly gain-seeking, not loss-averse;
+# the loss-averse λ_U = 1.5 λ_D of the figure fits the band only when desirable examples are 1.5
+# to 2 times as many as undesirable ones:
+
+# %%
+for n_desirable, n_undesirable in ((50, 50), (60, 40), (66, 34)):
+    labels_count = np.array([1] * n_desirable + [0] * n_undesirable)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rho = check_balance(labels_count, desirable_weight=1.0, undesirable_weight=1.5)
+    print(f"n_D = {n_desirable}, n_U = {n_undesirable}, λ_U = 1.5 λ_D: ρ = {rho:.3f}, "
+          f"{'outside the band (warns)' if caught else 'inside the band'}")
+    assert bool(caught) == (not 1.0 <= rho <= 4 / 3)
+
+# %% [markdown]
 # ## The batch
 #
 # Six examples. For each we have the summed log-probability of its completion under the policy being
-# trained, log π(y|x), and under the frozen reference model, log π_ref(y|x) (tutorial 2 shows how
+# trained, log π(y|x), and under the frozen reference model, log π_ref(y|x) (tutorial 3 shows how
 # these sums are computed from logits). Labels: 1 = desirable, 0 = undesirable.
 
 # %%
@@ -81,8 +156,11 @@ print("β r_i    =", beta * log_ratios)
 #
 # $$ z_{ref} = \max\Big(0,\ \tfrac{1}{n} \sum_j \big[\log \pi(y_{j-1}|x_j) - \log \pi_{ref}(y_{j-1}|x_j)\big]\Big). $$
 #
-# Two details: the estimate is **clamped** at 0 (a KL divergence cannot be negative, a noisy batch
-# estimate can), and it is **detached**: z_ref is treated as a constant in the gradient.
+# Two details: the estimate is **clamped** at 0 (a KL divergence cannot be negative, this estimate
+# can), and it is **detached**: z_ref is treated as a constant in the gradient. The estimate is not
+# merely noisy but **biased**: it averages over the data set's completions, not over samples from
+# π, so it measures how the policy moved on *that* text (tutorial 9 shows it going negative and
+# positive in training, and compares it with the real KL).
 
 # %%
 kl_policy_logps = np.array([-30.0, -26.0, -33.0, -28.5, -31.0, -27.0])  # log π(y_{j-1} | x_j)
@@ -101,6 +179,9 @@ print(f"z_ref = {z_ref:.4f} (log-ratio units)")
 # and the loss is what is missing from the maximum value: loss_i = λ_i − v_i = λ_i (1 − σ(s_i u_i)),
 # with s_i = +1 for desirable and −1 for undesirable examples. L is the mean over all n examples.
 # A desirable example wants its reward *above* the reference point, an undesirable one *below*.
+#
+# **Careful: `kto_loss` defaults to `variant="edifice"`**, the seed's formula (Step 5), to keep the
+# seed's API. The paper's / TRL's loss, this one, needs `variant="kto"`, as below.
 
 # %%
 desirable_weight, undesirable_weight = 1.0, 1.0  # λ_D, λ_U
@@ -117,9 +198,6 @@ print(f"by hand: {loss_by_hand:.15f}\nkto_np:  {loss_kto_np:.15f}")
 assert abs(loss_by_hand - loss_kto_np) < 1e-12
 
 # %% [markdown]
-# Note the keyword `variant="kto"`: **`kto_loss` defaults to `variant="edifice"`**, the seed's
-# formula (step 5 below), to keep the seed API. Pass `variant="kto"` for the paper / TRL loss.
-#
 # The clamp in action: if the mismatched pairs happen to be *more* likely under the reference, the
 # mean is negative and z_ref is 0, the same loss as without KL pairs at all.
 
@@ -293,6 +371,22 @@ print("through z:", grad_only_thumbs_up, "\nstop z:   ", grad_only_thumbs_up_sto
 assert np.max(np.abs(grad_only_thumbs_up)) < 1e-15 and np.all(grad_only_thumbs_up_stop < 0.0)
 
 # %% [markdown]
+# That example hides the worse half of the story. Give the thumbs-up examples *different*
+# log-ratios: through z the gradients still sum to zero, so if some are pushed up, others must be
+# pushed down, and gradient descent **lowers the log-prob of a desirable completion**. Which ones?
+# Those whose σ(reward)σ(−reward) is below the batch mean: the examples far from the batch's mean
+# reward, here the one the policy already likes most.
+
+# %%
+spread_ratios = np.array([0.0, 1.0, 2.0, 30.0])  # thumbs-up only; the last one well above the mean
+_, grad_spread, _ = kto_loss_and_grad(ref_logps[:4] + spread_ratios, ref_logps[:4], all_desirable, beta)
+_, grad_spread_stop, _ = kto_loss_and_grad(ref_logps[:4] + spread_ratios, ref_logps[:4], all_desirable, beta,
+                                           stop_z_grad=True)
+print("through z:", grad_spread.round(5), "\nstop z:   ", grad_spread_stop.round(5))
+assert grad_spread[-1] > 0.0  # a thumbs-up example pushed down
+assert np.all(grad_spread_stop < 0.0)  # with z detached, every thumbs-up example is pushed up
+
+# %% [markdown]
 # ## APO-zero (unpaired)
 #
 # TRL's APO-zero drops the reference point: desirable loss 1 − σ(β r_i), undesirable σ(β r_i). These
@@ -316,7 +410,7 @@ print(f"APO-zero: {apo:.12f} = KTO without KL pairs: {loss_no_kl_pairs:.12f}")
 # and its gradient with respect to the chosen log-prob is −β σ(−h_i)/n. Two differences from KTO
 # show in the formulas: DPO only sees the *difference* of two rewards (no reference point), and
 # −log σ does not saturate on the wrong side: as h → −∞ the gradient tends to −β/n, where KTO's
-# σ(u)σ(−u) vanishes (tutorial 6 plots both).
+# σ(u)σ(−u) vanishes (tutorial 2 plots both).
 
 # %%
 # pair the examples up by position, as if each pair shared a prompt
@@ -340,3 +434,8 @@ assert abs(dpo_grad_wrong[0]) > 10 * abs(kto_grad_wrong[0])
 # %% [markdown]
 # That last line is KTO's robustness argument in one number: an example the policy is very far
 # from (possibly a mislabelled one) barely moves a KTO update, while DPO keeps pushing on it.
+#
+# It cuts both ways. A *correctly* labelled example that the policy gets badly wrong (a hard
+# example: a good completion the model finds very unlikely) is saturated just the same, and KTO
+# ignores it too. Saturation buys robustness to label noise at the price of not learning from the
+# hardest correct examples; β sets where that happens (|β(r − z)| of a few units, tutorial 2).

@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # 6. Loss surfaces: what they teach about β, z and λ
+# # 2. Loss surfaces: what they teach about β, z and λ
 #
 # One example's KTO loss depends on its log-ratio r = log π(y|x) − log π_ref(y|x) only through
 #
@@ -87,10 +87,15 @@ assert np.allclose(edifice.grad_norm, desirable.grad_norm, rtol=0, atol=1e-15)
 # %% [markdown]
 # ## β sets the height and the width
 #
-# The peak is βλ/4, so a larger β means larger steps near the reference point. The peak's width
-# shrinks as 1/β: σ(u)σ(−u) falls to half its maximum at |u| = 2 artanh(1/√2) ≈ 1.763, that is at
-# |r − z| = 1.763/β. A small β spreads a gentle gradient over a wide range of log-ratios; a large β
-# concentrates a strong one on the examples near the reference point.
+# The peak is βλ/4. With plain gradient descent that is the step size: a larger β, larger steps
+# near the reference point. With Adam(W), which training uses, it is not: Adam divides each
+# gradient entry by a running estimate of its own magnitude, so a constant factor cancels
+# (tutorial 11 checks it on one step and shows what β does in training instead). What survives is
+# the width. The peak's width shrinks as 1/β: σ(u)σ(−u) falls to half its maximum at
+# |u| = 2 artanh(1/√2) ≈ 1.763, that is at |r − z| = 1.763/β. A small β spreads the gradient over a
+# wide range of log-ratios, so examples keep being pushed until they are far from the reference; a
+# large β concentrates it on the examples near the reference point and stops pushing the others
+# early: β bounds how far the policy moves.
 
 # %%
 betas = np.array([0.05, 0.1, 0.2, 0.5, 1.0])
@@ -184,23 +189,48 @@ for (desirable_weight, undesirable_weight), row in zip(weight_settings, shares):
 #
 # ## The figures
 #
-# The plot functions draw the same data; each returns a matplotlib Figure, saved here into
-# `KTO_NP_TUTORIAL_OUT` (a temporary folder by default).
+# The plot functions draw the same data; each returns a matplotlib Figure (displayed inline in a
+# notebook), saved here into `KTO_NP_TUTORIAL_OUT` (a temporary folder by default). `kto-np figures`
+# writes the same figures into `figures/`:
+#
+# - `value_functions.png`: KTO's value per class and its Kahneman-Tversky shape (tutorial 1);
+# - `loss_surface_z.png`: loss and |gradient| over (r, z), β = 0.1: the peak follows r = z;
+# - `loss_surface_beta.png`: the same over (r, β), the gradient divided by each row's peak βλ/4 so
+#   that every β is visible: the bright band, and the contour at half height, widen as 1/β;
+# - `kto_vs_dpo.png`: saturation against DPO's unbounded loss (above);
+# - `z_gradient.png`: the seed formula's gradient through z sums to zero (tutorials 1 and 8);
+# - `class_balance.png`: the desirable share of the gradient at the first step (r = 0), and the
+#   band (above; tutorial 6 trains outside it).
 
 # %%
 grid = {} if not FAST else {"xs": np.linspace(-30.0, 30.0, 41), "ys": np.linspace(0.0, 20.0, 21)}
+beta_grid = ({"xs": np.linspace(-60.0, 60.0, 121)} if not FAST
+             else {"xs": np.linspace(-60.0, 60.0, 41), "ys": np.geomspace(0.01, 1.0, 21)})
 figures = {
-    "06_value_functions.png": plots.plot_value_functions(),
-    "06_loss_surface_kto.png": plots.plot_loss_surface("kto", **grid),
-    "06_kto_vs_dpo.png": plots.plot_kto_vs_dpo(),
-    "06_z_gradient.png": plots.plot_z_gradient_effect(),
-    "06_class_balance.png": plots.plot_class_balance(desirable_fractions=np.linspace(0.05, 0.95, 19 if FAST else 91)),
+    "02_value_functions.png": plots.plot_value_functions(),
+    "02_loss_surface_kto.png": plots.plot_loss_surface("kto", **grid),
+    "02_loss_surface_beta.png": plots.plot_loss_surface("kto", "beta", **beta_grid),
+    "02_kto_vs_dpo.png": plots.plot_kto_vs_dpo(),
+    "02_z_gradient.png": plots.plot_z_gradient_effect(),
+    "02_class_balance.png": plots.plot_class_balance(desirable_fractions=np.linspace(0.05, 0.95, 19 if FAST else 91)),
 }
 for name, fig in figures.items():
     path = plots.save_figure(fig, OUT / name)
     assert path.stat().st_size > 0
-print("saved", sorted(p.name for p in OUT.glob("06_*.png")), "in", OUT)
-figures["06_kto_vs_dpo.png"]  # noqa: B018  (displays the figure in a notebook)
+print("saved", sorted(p.name for p in OUT.glob("02_*.png")))
+
+# %% [markdown]
+# The loss over (r, β): the contours at loss 0.1, 0.5 and 0.9 sit at β r = 2.2, 0 and −2.2, so they
+# bend as 1/β on the log-β axis; the normalised gradient shows the same widening directly.
+
+# %%
+figures["02_loss_surface_beta.png"]
+
+# %% [markdown]
+# KTO against DPO and APO-zero, against a completion's reward β r:
+
+# %%
+figures["02_kto_vs_dpo.png"]
 
 # %% [markdown]
 # ## The landscape of a trained model: the seed formula's flat valley

@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # 2. Sequence log-probabilities
+# # 3. Sequence log-probabilities
 #
 # KTO's inputs are the summed log-probabilities log π(y|x) of whole completions. A language model
 # gives logits [B, T, V] (batch, time, vocabulary); this tutorial turns them into one number per
@@ -28,7 +28,7 @@
 # %%
 import numpy as np
 
-from kto_np import compute_logprobs, sequence_logprobs
+from kto_np import compute_logprobs, plots, sequence_logprobs
 from kto_np.data import Tokenizer, collate
 from kto_np.gradcheck import check_gradients, format_report, rel_error
 from kto_np.logprobs import (
@@ -170,13 +170,14 @@ assert rel_error(sequence_logprobs(logits + rng.standard_normal((B, T, 1)), toke
 
 # %%
 dlogps = rng.standard_normal(B)
-seed_targets, seed_mask = tokens[:, 1:], completion_mask[:, 1:]  # seed-contract inputs [B, T-1]
-seed_logits = logits[:, :-1].copy()
-probs = np.exp(log_softmax(seed_logits))
-onehot = np.eye(V)[seed_targets]  # [B, T-1, V]
-dlogits_by_hand = seed_mask[..., None] * dlogps[:, None, None] * (onehot - probs)
+# the seed contract's inputs, shifted by hand: token t + 1 scored by the logits at t   [B, T-1]
+shifted_targets, shifted_mask = tokens[:, 1:], completion_mask[:, 1:]
+shifted_logits = logits[:, :-1].copy()
+probs = np.exp(log_softmax(shifted_logits))
+onehot = np.eye(V)[shifted_targets]  # [B, T-1, V]
+dlogits_by_hand = shifted_mask[..., None] * dlogps[:, None, None] * (onehot - probs)
 
-_, cache = logprobs_forward(seed_logits, seed_targets, seed_mask)
+_, cache = logprobs_forward(shifted_logits, shifted_targets, shifted_mask)
 dlogits = logprobs_backward(dlogps, cache)
 assert rel_error(dlogits, dlogits_by_hand) < 1e-14
 
@@ -220,3 +221,23 @@ rows = check_gradients(
 )
 print(format_report(rows))
 assert all(row.passed for row in rows)
+
+# %% [markdown]
+# ## Where the gradient goes, as a picture
+#
+# `plots.synthetic_token_gradients` runs the same chain on four character-level examples (random
+# logits, a KTO loss on top) and `plots.plot_token_gradients` draws |dL/dlogits| per token. Column t
+# is **token t, scored by the logits at t − 1**: the shift above, so the prompt's tokens, the
+# padding and the first token are 0, and the first completion token gets the gradient of the logits
+# at the prompt's last position. `figures/token_gradients.png` is the same map for the first KTO step
+# of the demo run (`kto-np figures --run runs/demo`). There the policy *is* the reference, so every
+# example's dL/dlog π is ±βλ/(4n) and each cell is |onehot − softmax| of the reference at that token,
+# scaled: the map shows where the reference was unsure, and that is where KTO's first step pushes.
+
+# %%
+synthetic = plots.synthetic_token_gradients(seed=0)
+for row, text in zip(synthetic.norms, synthetic.tokens_text):
+    scored = row > 0
+    assert not scored[0] and np.all(np.array(text)[scored] != "")  # never the first token, never padding
+fig = plots.plot_token_gradients(synthetic.norms, synthetic.tokens_text, labels=synthetic.labels)
+fig  # noqa: B018  (shows the figure in a notebook)

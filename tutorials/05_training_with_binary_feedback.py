@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # 4. Training with binary feedback
+# # 5. Training with binary feedback
 #
 # The whole pipeline on a task small enough to run in seconds:
 #
@@ -23,6 +23,14 @@
 #    labels only: no pairs, no preferred alternative, just "this completion was good/bad".
 # 3. **Evaluation.** Completions are sampled for held-out prompts and judged by the task's rule;
 #    the desirable rate of the reference ("before") is compared with the policy's ("after").
+#
+# **The data** is offline and rule-generated: a program makes the prompts, the correct answers and
+# four named kinds of mistake ("descending", "copy", a "drop"ped or "duplicate"d digit), and the
+# task's rule labels each completion. Nothing is sampled from the policy during training (KTO, like
+# DPO, learns from a fixed set of judged completions); sampling happens only to evaluate. When the
+# evaluation reports **"other"**, the policy produced a wrong completion of a kind that never
+# appears in the feedback: a malformed string (too many or too few digits, a digit the prompt does
+# not have, no end token). The feedback can push such strings neither up nor down directly.
 #
 # `kto_np.train.run(config, out_dir)` does all three and writes a run folder (config, metrics,
 # checkpoints, summary, curves). Set `KTO_NP_TUTORIAL_FAST=1` for an even smaller run (the tests do).
@@ -119,12 +127,17 @@ assert margins[-tenth:].mean() > margins[:tenth].mean() + 0.05
 
 # %% [markdown]
 # Most of the margin comes from pushing the thumbs-down completions *down* (rewards/rejected becomes
-# clearly negative) rather than pulling the thumbs-up ones up: for a small model that already
-# produces the right answer half of the time, suppressing its mistakes is the cheap way to improve.
+# clearly negative) rather than pulling the thumbs-up ones up. There is a ceiling on the second:
+# log π(y|x) ≤ 0, so a thumbs-up completion's reward β(log π − log π_ref) can never exceed
+# −β log π_ref(y|x), small when the reference already likes the answer; a thumbs-down completion's
+# log-prob can fall without limit. For a small model that already produces the right answer often,
+# suppressing its mistakes is the cheap way to improve.
 
 # %%
 chosen = np.array([r["rewards/chosen"] for r in kto_steps])
 rejected = np.array([r["rewards/rejected"] for r in kto_steps])
+ceiling = -config.beta * (np.array([r["logps/chosen"] for r in kto_steps]) - chosen / config.beta)  # -β mean log π_ref
+assert np.all(chosen <= ceiling + 1e-6)  # (the mean of per-example bounds bounds the mean)
 print(f"last tenth: rewards/chosen {chosen[-tenth:].mean():+.4f}, rewards/rejected {rejected[-tenth:].mean():+.4f}")
 assert rejected[-tenth:].mean() < 0 and -rejected[-tenth:].mean() > abs(chosen[-tenth:].mean())
 
@@ -132,15 +145,19 @@ assert rejected[-tenth:].mean() < 0 and -rejected[-tenth:].mean() > abs(chosen[-
 # **The KL estimate z_ref.** It is computed on mismatched pairs: each prompt with another example's
 # completion. For this task a completion for a different prompt is simply wrong, and KTO learns to
 # make wrong answers less likely than the reference did, so the raw estimate mean(log π − log π_ref)
-# on those pairs is often *negative*, and the clamp max(0, ·) holds z_ref at 0 (on every step of the
-# normal setting, on most steps of the fast one). With z_ref = 0 the loss is APO-zero's (tutorial 1).
-# That is a property of this task, not a bug: z_ref measures how far the policy has drifted on
-# *unrelated* text, and here unrelated text is what KTO learns to avoid.
+# on those pairs, logged as `kl_raw`, is *negative* on most steps, and the clamp max(0, ·) holds
+# z_ref (`kl`) at 0 (on every step of the normal setting, on most steps of the fast one). With
+# z_ref = 0 the loss is APO-zero's (tutorial 1).
+# That is a property of this task, not a bug: z_ref measures how the policy has moved on
+# *unrelated* text from the data set (a biased estimate of the KL, not the KL itself), and here
+# unrelated text is what KTO learns to avoid. Tutorial 9 shows it positive.
 
 # %%
 kl = np.array([r["kl"] for r in kto_steps])
+kl_raw = np.array([r["kl_raw"] for r in kto_steps])
 print(f"z_ref: min {kl.min():.4f}, max {kl.max():.4f}; zero on {np.mean(kl == 0):.0%} of the steps")
-assert np.all(kl >= 0.0)
+print(f"kl_raw: min {kl_raw.min():+.3f}, max {kl_raw.max():+.3f}, last {kl_raw[-1]:+.3f}")
+assert np.all(kl >= 0.0) and np.array_equal(kl, np.maximum(kl_raw, 0.0))
 
 # %% [markdown]
 # **The desirable rate.** This is the number that matters, and the one a tiny budget is least sure
@@ -161,13 +178,16 @@ if not FAST:
 #
 # ## The curves
 #
-# `plots.plot_training_curves` draws six panels from the metrics records: SFT loss, KTO loss, rewards
-# per class and margin, z_ref, the desirable rate and the gradient norm. (`run` also writes the same
-# figure as `training_curves.png` in the run folder.)
+# `plots.plot_training_curves` draws eight panels from the metrics records. Top: the SFT loss and
+# gradient norm against the SFT step, the KTO loss and gradient norm against the KTO step (each
+# phase on its own step axis). Bottom: the rewards per class, the margin, the KL estimate before
+# the clamp (`kl_raw`) next to the z_ref used (`kl`), and the desirable rate of the evaluations.
+# (`run` writes the same figure as `training_curves.png` in the run folder; `figures/training_curves.png`
+# is the demo's.)
 
 # %%
 fig = plot_training_curves(records)
-figure_path = save_figure(fig, OUT / "04_training_curves.png")
+figure_path = save_figure(fig, OUT / "05_training_curves.png")
 print("saved", figure_path)
 assert figure_path.stat().st_size > 0
-fig  # noqa: B018  (displays the figure in a notebook)
+fig  # noqa: B018  (shows the figure in a notebook)

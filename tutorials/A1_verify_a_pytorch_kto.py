@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # 5. Verifying a KTO implementation with the oracle
+# # Appendix A1. Verifying a KTO implementation with the oracle
 #
 # You wrote KTO in PyTorch (or JAX, or NumPy) and want to know whether it is right. A KTO loss that
 # is slightly wrong still trains: nothing crashes, the curves look plausible, and the bug shows up,
@@ -130,7 +130,7 @@ for mistake_id in ("z_not_detached", "undesirable_sign", "weights_normalise_mean
 #
 # The same works one level down. `kind="sequence_logprobs"` checks
 # `candidate(logits, tokens, completion_mask) -> logps [B]` in the language-model convention (the
-# logits at t score token t + 1, tutorial 2). This candidate forgets the shift.
+# logits at t score token t + 1, tutorial 3). This candidate forgets the shift.
 
 # %%
 def sequence_logps_without_shift(logits, tokens, completion_mask):

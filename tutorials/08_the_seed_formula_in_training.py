@@ -1,0 +1,146 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 8. Why the seed formula fails, in training
+#
+# Tutorial 1 derived two facts about the seed's ("Edifice") formula, where the reference point is
+# the batch's own mean reward, z = mean_i β r_i, not clamped and not detached:
+#
+# - through z, the per-example gradients **sum to zero**: an update cannot raise all log-probs;
+# - equivalently, the loss is **invariant** to adding one constant to every log-ratio of the batch:
+#   nothing anchors the *level* of the log-probs, only their differences within a batch.
+#
+# A desirable example is rewarded for sitting above the batch mean, not for being likely. Push the
+# thumbs-down completions down and the mean falls; the thumbs-up ones are then "above the reference
+# point" without having moved. This tutorial trains the three formulas from one reference: the
+# seed's, the seed's with a stop-gradient on z (`stop_z_grad=True`), and the paper's (`"kto"`),
+# whose z_ref comes from mismatched pairs, is clamped at 0 and is detached.
+
+# %%
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from kto_np.files import write_json
+from kto_np.plots import load_metrics_records
+from kto_np.train import TrainConfig, run
+
+FAST = os.environ.get("KTO_NP_TUTORIAL_FAST") == "1"
+OUT = Path(os.environ.get("KTO_NP_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="kto_np_tutorial_"))
+OUT.mkdir(parents=True, exist_ok=True)
+
+# Tutorial 5's setting, with a learning rate of 3e-3 and 200 steps: enough to see where each formula goes.
+base = TrainConfig(
+    num_digits=3, hidden_size=32, num_layers=2, num_heads=2,
+    sft_examples=512 if FAST else 2048, sft_steps=40 if FAST else 300, num_examples=512 if FAST else 2048,
+    steps=10 if FAST else 200,
+    lr=3e-3, eval_prompts=32 if FAST else 200, eval_every=5 if FAST else 50, checkpoint_every=1000, seed=0,
+)
+reference_run = OUT / "reference"
+run(replace(base, steps=0), reference_run, progress=False, force=True, log=lambda *_: None)
+
+
+def kto_run(name, **changes):
+    """KTO from the reference above (tutorial 6 explains the resume): (summary, KTO records, evaluations)."""
+    config = replace(base, **changes)
+    folder = OUT / name
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference_run / "checkpoints" / "reference.npz", folder / "checkpoints" / "reference.npz")
+    write_json(folder / "config.json", config.to_dict())
+    summary = run(config, folder, resume=True, progress=False, log=lambda *_: None)
+    records = load_metrics_records(folder / "metrics.jsonl")
+    return (summary, [r for r in records if r["phase"] == "kto"], [r for r in records if r["phase"] == "eval"])
+
+
+# %% [markdown]
+# ## Three runs, one reference
+
+# %%
+runs = {
+    "edifice": kto_run("edifice", variant="edifice"),
+    "edifice, stop_z_grad": kto_run("edifice_stop_z", variant="edifice", stop_z_grad=True),
+    "kto (paper)": kto_run("kto", variant="kto"),
+}
+print(f"{'desirable rate at':22s}" + "".join(f"{'step ' + str(r['step']):>10}" for r in runs["kto (paper)"][2])
+      + "   malformed ('other') at the end")
+for name, (summary, _, evaluations) in runs.items():
+    print(f"{name:22s}" + "".join(f"{r['desirable_rate']:>10.1%}" for r in evaluations)
+          + f"   {summary['modes_after'].get('other', 0.0):.1%}")
+
+# %% [markdown]
+# The paper's formula keeps improving. The seed's stalls near where it was after the first
+# evaluation, with close to half of its samples malformed; with the stop-gradient it does a little
+# better early on and then falls back.
+
+# %%
+edifice, stopped, paper = (runs[name][0] for name in runs)
+stopped_rates = [r["desirable_rate"] for r in runs["edifice, stop_z_grad"][2]]
+if not FAST:
+    assert paper["desirable_rate_after"] > 0.75
+    assert paper["desirable_rate_after"] > max(edifice["desirable_rate_after"], stopped["desirable_rate_after"]) + 0.2
+    assert edifice["modes_after"].get("other", 0.0) > 0.3
+    assert max(stopped_rates) > stopped_rates[-1] + 0.05  # a peak, then worse
+
+# %% [markdown]
+# ## Where it goes wrong: the reference point follows the batch down
+#
+# `kl` in the metrics is the z each formula used: the batch mean β r for the seed's (reward units),
+# z_ref for the paper's (log-ratio units). Next to it, the mean log-prob of the thumbs-up
+# completions and their reward β r:
+
+# %%
+print(f"{'':22s}{'step':>5} {'z used':>8} {'log π(thumbs-up)':>17} {'reward thumbs-up':>17} {'reward thumbs-down':>19}")
+for name, (_, records, _) in runs.items():
+    for r in (records[0], records[len(records) // 2], records[-1]):
+        print(f"{name:22s}{r['step']:>5} {r['kl']:>8.3f} {r['logps/chosen']:>17.3f} {r['rewards/chosen']:>17.3f} "
+              f"{r['rewards/rejected']:>19.3f}")
+
+# %% [markdown]
+# In every run the thumbs-down completions are pushed far down (their reward becomes clearly
+# negative). In the seed's formula that drags the batch mean z down with them, and a thumbs-up
+# example's argument β r − z is then positive although its own reward β r has hardly moved: its
+# σ saturates, its gradient fades, and the correct answers are never made more likely. Their
+# log-prob ends about where the reference had it, and the probability mass taken from the mistakes
+# has nowhere defined to go: much of it lands on malformed strings.
+#
+# The paper's z_ref is measured on other text (mismatched pairs), clamped at 0 and detached. Here
+# it is 0 on almost every step (the raw estimate is negative, tutorial 9), so a thumbs-up example is rewarded only
+# for rising *above the reference model*, and it does: its log-prob climbs towards 0 (probability 1).
+
+# %%
+kto_first, kto_last = runs["kto (paper)"][1][0], runs["kto (paper)"][1][-1]
+edifice_first, edifice_last = runs["edifice"][1][0], runs["edifice"][1][-1]
+print(f"paper's z_ref is 0 on {np.mean([r['kl'] == 0.0 for r in runs['kto (paper)'][1]]):.0%} of the steps")
+if not FAST:
+    assert edifice_last["kl"] < -1.0  # the seed's z followed the thumbs-down rewards down
+    assert np.mean([r["kl"] == 0.0 for r in runs["kto (paper)"][1]]) > 0.9  # the clamp held z_ref at 0
+    assert kto_last["logps/chosen"] > kto_first["logps/chosen"] + 0.5
+    assert abs(edifice_last["logps/chosen"] - edifice_first["logps/chosen"]) < 0.5
+    assert edifice_last["rewards/chosen"] - edifice_last["kl"] > 1.0  # "above the reference point" at rest
+
+# %% [markdown]
+# ## Why the stop-gradient is not enough
+#
+# `stop_z_grad=True` removes the zero-sum constraint (tutorial 1's gradient β(g_j − ḡ) becomes β g_j),
+# so for a while the policy can raise the correct answers. But z is still the batch's own mean reward:
+# the reference point still follows the thumbs-down completions down, the thumbs-up examples still
+# saturate without rising, and nothing stops the drift. The anchor that works is the one the paper
+# uses: a reference point that does not depend on the examples being scored (mismatched pairs),
+# carries no gradient, and is never negative.
