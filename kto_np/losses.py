@@ -296,6 +296,7 @@ def _kto_forward(policy_logps, ref_logps, labels, config: KTOConfig, kl_policy_l
             "the gradient": 2.0 * beta * float(xp.max(xp.abs(dloss_du))) / n,
             "the rewards beta * r": float(xp.sum(xp.abs(beta * log_ratios))),
             "the mean log-probabilities": float(xp.sum(xp.abs(policy_logps))),
+            **({} if kl_raw is None else {"the KL estimate mean(kl_policy_logps - kl_ref_logps)": kl_raw}),
         }, f"beta={beta:g}, desirable_weight={config.desirable_weight:g}, "
            f"undesirable_weight={config.undesirable_weight:g}, |policy_logps - ref_logps| up to "
            f"{float(xp.max(xp.abs(log_ratios))):.3g}"
