@@ -170,18 +170,38 @@ class GeluCache(NamedTuple):
 
 def gelu_forward(x):
     """out = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715 x^3)) = tanh(x (a + b x^2)),
-    a = sqrt(2/pi), b = sqrt(2/pi) 0.044715."""
+    a = sqrt(2/pi), b = sqrt(2/pi) 0.044715.
+
+    Computed in place in two buffers (t and out): the formula as one expression makes four [B, T, 4C]
+    temporaries, which `kto-np bench` measured at about 5 % of a medium step."""
     xp = array_module(x)
-    tanh_out = xp.tanh(((SQRT_2_OVER_PI * GELU_COEFF) * (x * x) + SQRT_2_OVER_PI) * x)
-    out = (tanh_out + 1.0) * x * 0.5
+    tanh_out = x * x
+    tanh_out *= SQRT_2_OVER_PI * GELU_COEFF
+    tanh_out += SQRT_2_OVER_PI
+    tanh_out *= x
+    xp.tanh(tanh_out, out=tanh_out)  # t
+    out = tanh_out + 1.0
+    out *= x
+    out *= 0.5
     return out, GeluCache(x, tanh_out)
 
 
 def gelu_backward(dout, cache: GeluCache):
-    """dx = dout * 0.5 ((1 - t^2) x (a + 3 b x^2) + t + 1): the derivative of 0.5 x (1 + tanh(x (a + b x^2)))."""
+    """dx = dout * 0.5 ((1 - t^2) x (a + 3 b x^2) + t + 1): the derivative of 0.5 x (1 + tanh(x (a + b x^2))).
+    In place in two buffers, as the forward."""
     x, t = cache.x, cache.tanh_out
-    dtanh_arg = (SQRT_2_OVER_PI * 3.0 * GELU_COEFF) * (x * x) + SQRT_2_OVER_PI  # d(x (a + b x^2))/dx
-    return ((1.0 - t * t) * x * dtanh_arg + t + 1.0) * 0.5 * dout
+    dtanh_arg = x * x  # d(x (a + b x^2))/dx = a + 3 b x^2
+    dtanh_arg *= SQRT_2_OVER_PI * 3.0 * GELU_COEFF
+    dtanh_arg += SQRT_2_OVER_PI
+    dx = t * t
+    array_module(dx).subtract(1.0, dx, out=dx)  # 1 - t^2
+    dx *= x
+    dx *= dtanh_arg
+    dx += t
+    dx += 1.0
+    dx *= 0.5
+    dx *= dout
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,11 +224,14 @@ def softmax_forward(x, mask=None):
     row_max = x.max(axis=-1, keepdims=True)
     if mask is not None:
         row_max = xp.where(xp.isfinite(row_max), row_max, x.dtype.type(0))  # a fully masked row
-    exps = xp.exp(x - row_max)
-    total = exps.sum(axis=-1, keepdims=True)
+    # in place in one buffer: probs is the cached [B, NH, T, T] attention array, and the expression form
+    # (x - max, exp, * 1/sum) made two more of its size per call (about 5 % of a medium step, measured)
+    probs = x - row_max
+    xp.exp(probs, out=probs)
+    total = probs.sum(axis=-1, keepdims=True)
     if mask is not None:
         total = xp.where(total > 0, total, x.dtype.type(1))
-    probs = exps * (1.0 / total)
+    probs *= 1.0 / total
     return probs, SoftmaxCache(probs)
 
 
@@ -216,7 +239,9 @@ def softmax_backward(dprobs, cache: SoftmaxCache):
     """dx = probs * (dprobs - sum(dprobs * probs, last axis))."""
     probs = cache.probs
     row_dot = array_module(dprobs).einsum("...j,...j->...", dprobs, probs)[..., None]  # sum_j dprobs_j probs_j
-    return (dprobs - row_dot) * probs
+    dx = dprobs - row_dot  # one [B, NH, T, T] buffer, as the forward
+    dx *= probs
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------
