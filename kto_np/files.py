@@ -258,7 +258,7 @@ class NpzArchive:
                 else:
                     raise ValueError(f"unsupported .npy format version {version}")
                 data_offset = entry.tell()
-        except Exception as exc:  # BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, ...
+        except Exception as exc:  # a bad zip or deflate stream, a short entry, a header numpy cannot read
             raise self._fail(f"entry {key!r} has no valid .npy header ({type(exc).__name__}: {exc})") from exc
         dtype = np.dtype(dtype)
         if dtype.hasobject or dtype.kind not in _SIMPLE_KINDS or dtype.fields is not None or dtype.subdtype:
