@@ -56,7 +56,15 @@ from .layers import (
     softmax_eps_forward,
     split_heads,
 )
-from .validation import as_float_array, as_index_array, check_bool, check_choice, check_positive_int
+from .validation import (
+    as_float_array,
+    as_index_array,
+    check_bool,
+    check_choice,
+    check_param_dtypes,
+    check_param_shapes,
+    check_positive_int,
+)
 
 __all__ = [
     "ARCHITECTURE",
@@ -415,26 +423,8 @@ class Edifice:
 
     def check_params(self, params, name: str = "params") -> None:
         """Keys and shapes as param_shapes(config), dtype config.dtype; ValueError/TypeError otherwise."""
-        if not isinstance(params, dict):
-            raise TypeError(f"{name} must be a dict of arrays, got {type(params).__name__}")
-        expected = param_shapes(self.config)
-        missing = [k for k in expected if k not in params]
-        extra = [k for k in params if k not in expected]
-        wrong = [f"{k}: expected {expected[k]}, got {tuple(getattr(params[k], 'shape', ()))}"
-                 for k in expected if k in params and tuple(getattr(params[k], "shape", ())) != expected[k]]
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if extra:
-            problems.append(f"unexpected keys {extra}")
-        if wrong:
-            problems.append("wrong shapes: " + "; ".join(wrong))
-        if problems:
-            raise ValueError(f"{name} do not match the config: " + ". ".join(problems))
-        dtype = self.config.np_dtype
-        wrong_dtype = [f"{k}: {p.dtype}" for k, p in params.items() if p.dtype != dtype]
-        if wrong_dtype:
-            raise TypeError(f"{name} must all have dtype {dtype} (config.dtype), got " + ", ".join(wrong_dtype))
+        check_param_shapes(params, param_shapes(self.config), name)
+        check_param_dtypes(params, self.config.np_dtype, name)
 
     def check_tokens(self, tokens, name: str = "tokens", *, max_len: int | None = None):
         """tokens as a 2-D integer array [B, T], 1 <= T <= max_len (default max_seq_len), ids in [0, V)."""

@@ -46,6 +46,8 @@ from .validation import (
     check_bool,
     check_choice,
     check_fraction,
+    check_param_dtypes,
+    check_param_shapes,
     check_positive_int,
     check_rng,
 )
@@ -152,25 +154,7 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 def check_params(params, config: GPTConfig, name: str = "params") -> None:
     """Raise ValueError naming every missing, extra or mis-shaped key of a params dict."""
-    if not isinstance(params, dict):
-        raise TypeError(f"{name} must be a dict of arrays, got {type(params).__name__}")
-    expected = param_shapes(config)
-    missing = [k for k in expected if k not in params]
-    extra = [k for k in params if k not in expected]
-    wrong = [
-        f"{k}: expected {expected[k]}, got {tuple(getattr(params[k], 'shape', ()))}"
-        for k in expected
-        if k in params and tuple(getattr(params[k], "shape", ())) != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if extra:
-        problems.append(f"unexpected keys {extra}")
-    if wrong:
-        problems.append("wrong shapes: " + "; ".join(wrong))
-    if problems:
-        raise ValueError(f"{name} do not match the config: " + ". ".join(problems))
+    check_param_shapes(params, param_shapes(config), name)
 
 
 INIT_STD = 0.02
@@ -361,10 +345,7 @@ class GPT:
     def check_params(self, params, name: str = "params") -> None:
         """Keys and shapes as param_shapes(config), dtype config.dtype; ValueError/TypeError otherwise."""
         check_params(params, self.config, name)
-        dtype = self.config.np_dtype
-        wrong = [f"{k}: {p.dtype}" for k, p in params.items() if p.dtype != dtype]
-        if wrong:
-            raise TypeError(f"{name} must all have dtype {dtype} (config.dtype), got " + ", ".join(wrong))
+        check_param_dtypes(params, self.config.np_dtype, name)
 
     def position_embeddings(self, params: dict, num_positions: int, start: int = 0):
         """[T, C] position vectors for positions start..start+T-1, in the model dtype."""

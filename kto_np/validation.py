@@ -22,6 +22,8 @@ __all__ = [
     "check_choice",
     "check_finite_scalar",
     "check_fraction",
+    "check_param_dtypes",
+    "check_param_shapes",
     "check_positive_int",
     "check_rng",
     "check_same_shape",
@@ -172,3 +174,30 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def check_param_shapes(params, expected: dict, name: str = "params") -> None:
+    """A params dict with exactly the keys and shapes of `expected` (name -> shape); ValueError naming
+    every missing, extra or mis-shaped key, TypeError for a non-dict."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{name} must be a dict of arrays, got {type(params).__name__}")
+    missing = [k for k in expected if k not in params]
+    extra = [k for k in params if k not in expected]
+    wrong = [f"{k}: expected {expected[k]}, got {tuple(getattr(params[k], 'shape', ()))}"
+             for k in expected if k in params and tuple(getattr(params[k], "shape", ())) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if extra:
+        problems.append(f"unexpected keys {extra}")
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong))
+    if problems:
+        raise ValueError(f"{name} do not match the config: " + ". ".join(problems))
+
+
+def check_param_dtypes(params: dict, dtype, name: str = "params") -> None:
+    """Every array of params has `dtype` (the config's); TypeError listing the others."""
+    wrong = [f"{k}: {p.dtype}" for k, p in params.items() if p.dtype != dtype]
+    if wrong:
+        raise TypeError(f"{name} must all have dtype {dtype} (config.dtype), got " + ", ".join(wrong))
