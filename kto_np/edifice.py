@@ -37,23 +37,17 @@ from .layers import (
     LAYERNORM_EPS,
     DropoutCache,
     EmbeddingCache,
-    ExactGeluCache,
     LayerNormCache,
     LinearCache,
-    SoftmaxEpsCache,
     dropout_backward,
     dropout_forward,
     embedding_backward,
     embedding_forward,
-    gelu_exact_backward,
-    gelu_exact_forward,
     layernorm_backward,
     layernorm_forward,
     linear_backward,
     linear_forward,
     merge_heads,
-    softmax_eps_backward,
-    softmax_eps_forward,
     split_heads,
 )
 from .validation import (
@@ -68,13 +62,20 @@ from .validation import (
 
 __all__ = [
     "ARCHITECTURE",
+    "ExactGeluCache",
+    "SoftmaxEpsCache",
     "TOKEN_EMBEDDINGS",
     "Edifice",
     "EdificeConfig",
     "build_edifice",
     "edifice_positions",
+    "erf",
     "fixed_token_embedding",
+    "gelu_exact_backward",
+    "gelu_exact_forward",
     "param_shapes",
+    "softmax_eps_backward",
+    "softmax_eps_forward",
 ]
 
 ARCHITECTURE = "edifice"
@@ -213,6 +214,147 @@ def fixed_token_embedding(tokens, vocab_size: int, hidden_size: int, dtype):
     out = tokens[..., None].astype(dtype) * hidden_size + ramp  # [B, T, H]  t H + j
     out /= math.sqrt(vocab_size)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# erf (NumPy has none) and the exact GELU built on it
+
+
+ERF_SATURATION = 6.0  # |x| >= 6: erf(x) = ±1 in float64 (1 - erf(6) = 2.2e-17 < half a unit below 1)
+ERF_TABLE_STEP = 1.0 / 32.0  # expansion centres c_k = k / 32, k = 0..192, so |x - c_k| <= 1/64
+ERF_TAYLOR_TERMS = 10  # terms around each centre: what is left out is < 2e-20 of erf(x) (|h| <= 1/64)
+ERF_TAYLOR_TERMS_FLOAT32 = 6  # for float32/float16 input: what is left out is < 6e-12 of erf(x)
+TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+
+
+def _erf_taylor_table():
+    """Taylor coefficients of erf around c_k = k / 32, from Python's math module only (nothing fitted).
+
+    erf(c + h) = sum_n a[n] h^n with a[0] = math.erf(c) and a[n + 1] = b[n] / (n + 1), where b are the
+    Taylor coefficients of erf' = g = (2/sqrt(pi)) exp(-x^2): from g' = -2 x g,
+    (n + 1) b[n + 1] = -2 (c b[n] + b[n - 1]), b[0] = g(c). Around c_0 = 0 this is the Maclaurin
+    series (a[0] = 0 and every even a[n] exactly 0), so small |x| keeps full relative precision.
+    Returns [N, K]: one contiguous row per power of h.
+    """
+    num_centres = round(ERF_SATURATION / ERF_TABLE_STEP) + 1
+    table = np.zeros((num_centres, ERF_TAYLOR_TERMS))
+    for k in range(num_centres):
+        c = k * ERF_TABLE_STEP
+        b = [TWO_OVER_SQRT_PI * math.exp(-c * c)]
+        for n in range(ERF_TAYLOR_TERMS - 2):
+            b.append(-2.0 * (c * b[n] + (b[n - 1] if n > 0 else 0.0)) / (n + 1))
+        table[k, 0] = math.erf(c)
+        table[k, 1:] = [b_n / (n + 1) for n, b_n in enumerate(b)]
+    return np.ascontiguousarray(table.T)
+
+
+_ERF_TAYLOR_BY_POWER = _erf_taylor_table()
+
+
+def erf(x):
+    """The error function erf(x) = (2/sqrt(pi)) integral_0^x exp(-t^2) dt, elementwise (NumPy or CuPy).
+
+    float64: within 1e-15 relative of the exact value over the whole real line (tests/test_edifice.py
+    checks it against math.erf, and mpmath where installed). float32 (and float16) input is computed
+    in float64 with the first ERF_TAYLOR_TERMS_FLOAT32 terms (error < 6e-12) and rounded once.
+    erf(±inf) = ±1, erf(nan) = nan, erf(-0.0) = -0.0; a subnormal x gives (2/sqrt(pi)) x rounded.
+    |x| < 6: erf(|x|) = sum_n a_k[n] h^n with c_k = k/32 the nearest centre and
+    h = |x| - c_k (Horner, the coefficients gathered per element), the sign copied from x; |x| >= 6: ±1.
+    """
+    xp = array_module(x)
+    x = xp.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"erf: x must be a floating array, got dtype {x.dtype}")
+    out_dtype = x.dtype
+    x = x.astype(np.float64, copy=False)
+    magnitude = xp.abs(x)
+    num_terms = ERF_TAYLOR_TERMS if out_dtype == np.float64 else ERF_TAYLOR_TERMS_FLOAT32
+    table = xp.asarray(_ERF_TAYLOR_BY_POWER[:num_terms])  # [N, K]
+    # the nearest centre; fmin maps nan to 6 (its result is replaced below), so every index is valid
+    scaled = xp.fmin(magnitude, ERF_SATURATION)
+    scaled *= 1.0 / ERF_TABLE_STEP
+    scaled += 0.5
+    centre = scaled.astype(np.intp)  # [...] in 0..K-1: floor(|x| / step + 1/2)
+    h = centre * -ERF_TABLE_STEP
+    h += magnitude  # |x| - c_k, |h| <= 1/64 (larger only where |x| >= 6 or nan, replaced below)
+    result = xp.take(table[-1], centre)
+    coefficient = xp.empty_like(result)
+    with np.errstate(invalid="ignore", over="ignore"):  # where |x| = inf (h = inf): replaced below
+        for row in table[-2::-1]:
+            result *= h
+            result += xp.take(row, centre, out=coefficient)
+    result = xp.where(magnitude < ERF_SATURATION, result, 1.0)
+    result = xp.copysign(result, x, out=result)
+    result = xp.where(xp.isnan(x), x, result)
+    return result.astype(out_dtype, copy=False)
+
+
+class ExactGeluCache(NamedTuple):
+    x: Any  # [...]
+    cdf: Any  # [...]  Phi(x) = (1 + erf(x / sqrt(2))) / 2
+
+
+def gelu_exact_forward(x):
+    """out = x (1 + erf(x / sqrt(2))) / 2 = x Phi(x), the exact GELU (Axon's :gelu, PyTorch's default)."""
+    cdf = erf(x / math.sqrt(2.0))
+    cdf += 1.0
+    cdf *= 0.5
+    return x * cdf, ExactGeluCache(x, cdf)
+
+
+def gelu_exact_backward(dout, cache: ExactGeluCache):
+    """dx = dout * (Phi(x) + x phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    xp = array_module(dout)
+    x = cache.x
+    local = x * x
+    local *= -0.5
+    xp.exp(local, out=local)
+    local *= x
+    local *= 1.0 / math.sqrt(2.0 * math.pi)
+    local += cache.cdf
+    local *= dout
+    return local
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax with an additive epsilon in the denominator (Edifice's attention weights)
+
+
+class SoftmaxEpsCache(NamedTuple):
+    weights: Any  # [..., N]
+    max_share: Any  # [..., N]  1/m where x attains its row max (m entries), 0 elsewhere
+    eps_over_denominator: Any  # [..., 1]  eps / (sum(exp(x - max)) + eps)
+
+
+def softmax_eps_forward(x, eps: float = 1e-8):
+    """w = exp(x - max(x)) / (sum(exp(x - max(x))) + eps) over the last axis.
+
+    Unlike the plain softmax, this depends on the max itself: w = exp(x) / (sum(exp(x)) + eps exp(max)).
+    """
+    xp = array_module(x)
+    row_max = x.max(axis=-1, keepdims=True)
+    is_max = x == row_max
+    max_share = is_max / is_max.sum(axis=-1, keepdims=True)  # ties share the max's gradient evenly
+    weights = xp.exp(x - row_max)
+    denominator = weights.sum(axis=-1, keepdims=True)
+    denominator += eps
+    weights /= denominator
+    return weights, SoftmaxEpsCache(weights, max_share.astype(x.dtype), eps / denominator)
+
+
+def softmax_eps_backward(dweights, cache: SoftmaxEpsCache):
+    """With s = sum_j dweights_j w_j:  dx = w (dweights - s) - max_share * s * eps / (sum exp + eps).
+
+    The first term is the plain softmax backward; the second is the path through max(x): dw_i/dmax =
+    -w_i eps / denominator, and max(x) moves with the entry (or entries, shared) where it is attained.
+    """
+    xp = array_module(dweights)
+    w = cache.weights
+    row_dot = xp.einsum("...j,...j->...", dweights, w)[..., None]  # s
+    dx = dweights - row_dot
+    dx *= w
+    dx -= cache.max_share * (row_dot * cache.eps_over_denominator)
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------

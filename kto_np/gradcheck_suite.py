@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import logprobs, losses, step
+from . import dpo, logprobs, losses, step
 from .backend import to_numpy
 from .gradcheck import DEFAULT_TOLERANCE, GradCheckRow, check_gradients
 from .losses import KTOConfig
@@ -68,9 +68,9 @@ def loss_and_logprob_checks(seed: int = 0, tolerance: float = DEFAULT_TOLERANCE)
 
     chosen, rejected = policy[:3].copy(), policy[3:].copy()
     ref_chosen, ref_rejected = ref[:3], ref[3:]
-    _, (grad_chosen, grad_rejected), _ = losses.dpo_loss_and_grad(chosen, rejected, ref_chosen, ref_rejected, 0.5)
+    _, (grad_chosen, grad_rejected), _ = dpo.dpo_loss_and_grad(chosen, rejected, ref_chosen, ref_rejected, 0.5)
     rows += check_gradients(
-        lambda: losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5),
+        lambda: dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5),
         {"dpo_loss d/dpolicy_chosen": chosen, "dpo_loss d/dpolicy_rejected": rejected},
         {"dpo_loss d/dpolicy_chosen": grad_chosen, "dpo_loss d/dpolicy_rejected": grad_rejected},
         tolerance=tolerance,

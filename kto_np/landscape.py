@@ -62,10 +62,11 @@ import numpy as np
 from .backend import to_numpy
 from .checkpoint import CheckpointError, load
 from .data import Batch, Tokenizer, collate, make_task
+from .dpo import dpo_loss, dpo_loss_and_grad
 from .files import write_npz
 from .logprobs import sequence_logprobs_backward
 from .losses import VARIANTS as KTO_VARIANTS
-from .losses import KTOConfig, dpo_loss, dpo_loss_and_grad
+from .losses import KTOConfig
 from .model import GPT
 from .step import completion_logps, forward_logps, kto_step, reference_logps, sft_step
 from .train import TRAJECTORY_DIR, TrainConfig, evaluate, heldout_prompts, kto_examples
@@ -320,7 +321,7 @@ def loss_and_grad(problem: LossProblem, params: dict) -> tuple[float, dict]:
 
     KTO variants: step.kto_step with the problem's config ("edifice_stop_z_grad": of the surrogate with
     z frozen at the centre), and for "kto" plus the path through z_ref, which the training step
-    detaches (_z_ref_path_grads). "sft": step.sft_step. "dpo": losses.dpo_loss_and_grad, backward
+    detaches (_z_ref_path_grads). "sft": step.sft_step. "dpo": dpo.dpo_loss_and_grad, backward
     through the log-probs.
     """
     params = _to_float64(params)

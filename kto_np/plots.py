@@ -28,9 +28,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .dpo import dpo_loss_and_grad
 from .files import atomic_write
 from .logprobs import sequence_logprobs, sequence_logprobs_backward, sequence_logprobs_forward
-from .losses import BALANCE_RANGE, VARIANTS, dpo_loss_and_grad, kto_loss_and_grad
+from .losses import BALANCE_RANGE, VARIANTS, kto_loss_and_grad
 from .validation import as_float_array, check_choice, check_finite_scalar, check_positive_int
 
 __all__ = [

@@ -17,21 +17,19 @@ from kto_np.edifice import (
     Edifice,
     EdificeConfig,
     edifice_positions,
+    erf,
     fixed_token_embedding,
+    gelu_exact_backward,
+    gelu_exact_forward,
     glorot_uniform_limit,
     param_shapes,
+    softmax_eps_backward,
+    softmax_eps_forward,
 )
 from kto_np.edifice_case import edifice_model_case_arrays
 from kto_np.generate import generate
 from kto_np.gradcheck import check_gradients, rel_error
 from kto_np.gradcheck_suite import model_checks
-from kto_np.layers import (
-    erf,
-    gelu_exact_backward,
-    gelu_exact_forward,
-    softmax_eps_backward,
-    softmax_eps_forward,
-)
 
 SMALL = dict(vocab_size=11, hidden_size=12, num_heads=3, num_layers=2, max_seq_len=8, dropout=0.0,
              dtype="float64")

@@ -10,8 +10,9 @@ import pytest
 
 from kto_np import checkpoint, cli, landscape, step, train
 from kto_np.data import Tokenizer, collate
+from kto_np.dpo import dpo_loss
 from kto_np.logprobs import sequence_logprobs
-from kto_np.losses import KTOConfig, dpo_loss, kto_loss, kto_loss_and_grad
+from kto_np.losses import KTOConfig, kto_loss, kto_loss_and_grad
 from kto_np.model import build
 
 ALL_VARIANTS = landscape.LOSS_VARIANTS

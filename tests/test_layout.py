@@ -10,7 +10,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "kto_np"
 
 # the core, in reading order (README "Layout": read these)
-CORE = ("backend", "validation", "layers", "model", "edifice", "logprobs", "losses", "step", "optim", "gradcheck")
+CORE = ("backend", "validation", "layers", "model", "edifice", "logprobs", "losses", "dpo", "step", "optim",
+        "gradcheck")
 STDLIB_OK = {"__future__", "math", "numbers", "os", "typing", "dataclasses", "collections", "functools",
              "warnings", "itertools"}
 

@@ -12,15 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kto_np.dpo import dpo_backward, dpo_forward, dpo_loss, dpo_loss_and_grad
 from kto_np.gradcheck import check_gradients, format_report, rel_error
 from kto_np.losses import (
     VARIANTS,
     check_balance,
     default_beta,
-    dpo_backward,
-    dpo_forward,
-    dpo_loss,
-    dpo_loss_and_grad,
     kto_backward,
     kto_forward,
     kto_loss,

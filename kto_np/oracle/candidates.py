@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..checkpoint import HF_PREFIX
+from ..dpo import dpo_loss_and_grad
 from ..gradcheck import directional_derivatives, numerical_gradient
 from ..logprobs import (
     logprobs_backward,
@@ -26,7 +27,7 @@ from ..logprobs import (
     sequence_logprobs_backward,
     sequence_logprobs_forward,
 )
-from ..losses import dpo_loss_and_grad, kto_loss_and_grad
+from ..losses import kto_loss_and_grad
 from .cases import PIPELINE_KINDS, Case, kto_keywords, model_reference_outputs, resolve_variant, trainable_names
 from .jax_support import holds_jax, jax_gradients
 

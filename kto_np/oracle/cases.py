@@ -18,13 +18,14 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..checkpoint import HF_PREFIX, params_from_hf_gpt2, params_to_hf_gpt2
+from ..dpo import dpo_loss_and_grad
 from ..logprobs import (
     logprobs_backward,
     logprobs_forward,
     sequence_logprobs_backward,
     sequence_logprobs_forward,
 )
-from ..losses import KTOConfig, dpo_loss_and_grad, kto_loss_and_grad
+from ..losses import KTOConfig, kto_loss_and_grad
 from ..model import GPT, GPTConfig, param_shapes
 from ..step import KL_ROTATION, Batch, kl_partner_indices, kto_step
 from ..validation import check_choice

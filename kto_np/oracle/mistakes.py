@@ -14,8 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..dpo import dpo_loss_and_grad
 from ..logprobs import logprobs_backward, logprobs_forward, sequence_logprobs_backward, sequence_logprobs_forward
-from ..losses import dpo_loss_and_grad, sigmoid
+from ..losses import sigmoid
 from .cases import KINDS, PIPELINE_KINDS, Case, hf_name, model_case_batch, model_from_case
 
 
