@@ -197,8 +197,10 @@ def detect(form: CandidateForm, kind: str) -> Convention:
     known = "; ".join(f"{c.name} ({', '.join(KTO_NP_PARAMETERS[kind] if c.name == 'kto_np' else c.parameters)})"
                       for c in CONVENTIONS.values() if kind in c.kinds)
     found = ", ".join(form.parameters) or "none"
+    other = next((k for k, wanted in KTO_NP_PARAMETERS.items() if k != kind and set(wanted) <= names), None)
+    hint = f" (those are {other}'s parameters: check it with --kind {other})" if other else ""
     raise ConventionError(f"{form.label} has the parameters ({found}), which fit no convention known for kind "
-                          f"{kind!r}: {known}; force one with --convention")
+                          f"{kind!r}: {known}{hint}; force one with --convention")
 
 
 def adapt(form: CandidateForm, kind: str, convention: str | None = None) -> tuple[Callable, str]:
