@@ -29,13 +29,15 @@ def sigmoid(x):
 
 
 def edifice_kto_loss(logps, ref_logps, labels, beta, desirable_weight, undesirable_weight, *, beta_power=1,
-                     undesirable_sign=1.0):
-    """Edifice's loss written out: KL_i = beta r_i, z = mean KL (in the graph), -w sigma(+-(KL - z))."""
+                     undesirable_sign=1.0, clamp=False, normalise=False, ignore_weights=False):
+    """Edifice's loss written out: KL_i = beta r_i, z = mean KL (in the graph), -w sigma(+-(KL - z)); the
+    keywords are the known mistakes (beta^power, sigma(-KL - z), z clamped, sum w loss / sum w, w = 1)."""
     kl = beta ** beta_power * (np.asarray(logps) - np.asarray(ref_logps))
-    z = kl.mean()
+    z = max(kl.mean(), 0.0) if clamp else kl.mean()
     undesirable = sigmoid(-kl - z) if undesirable_sign < 0 else sigmoid(-(kl - z))
-    losses = np.where(labels, -desirable_weight * sigmoid(kl - z), -undesirable_weight * undesirable)
-    return float(losses.mean())
+    weights = np.where(labels, 1.0, 1.0) if ignore_weights else np.where(labels, desirable_weight, undesirable_weight)
+    losses = np.where(labels, -weights * sigmoid(kl - z), -weights * undesirable)
+    return float(losses.sum() / (weights.sum() if normalise else len(losses)))
 
 
 def public_api_model(params, config):
@@ -57,8 +59,10 @@ def public_api_loss(params, config, tokens, targets, mask, labels, ref_logps, be
     return {"loss": loss, "logits": logits, "logps": logps}
 
 
-def loss_with(*, shift=0, **loss_options):
-    """A loss-only candidate with a hand-written log-prob (shift 1: scored one position later) and loss."""
+def loss_with(*, shift=0, reduction="sum", mask_ignored=False, prompt_in_mask=False, **loss_options):
+    """A loss-only candidate with a hand-written log-prob and loss; the keywords are the known mistakes:
+    shift 1 (logits[:, t] score targets[:, t + 1]), token log-probs averaged, the mask ignored, the prompt
+    position inside the mask, and edifice_kto_loss's."""
     def candidate(params, config, tokens, targets, mask, labels, ref_logps, beta, desirable_weight,
                   undesirable_weight):
         model, params = public_api_model(params, config)
@@ -67,9 +71,44 @@ def loss_with(*, shift=0, **loss_options):
         log_softmax = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))  # [B, T, V]
         T = logits.shape[1]
         picked = np.take_along_axis(log_softmax[:, :T - shift], targets[:, shift:, None], axis=-1)[..., 0]
-        logps = (picked * mask[:, shift:]).sum(axis=1)
+        if prompt_in_mask:  # the positions before the completion counted too
+            mask = np.where(np.cumsum(mask, axis=1) == 0, 1.0, mask)
+        weights = np.ones_like(picked) if mask_ignored else mask[:, shift:]
+        if reduction == "masked_mean":
+            weights = weights / weights.sum(axis=1, keepdims=True)
+        elif reduction == "mean_over_time":
+            weights = weights / picked.shape[1]
+        logps = (picked * weights).sum(axis=1)
         return edifice_kto_loss(logps, ref_logps, labels, beta, desirable_weight, undesirable_weight, **loss_options)
     return candidate
+
+
+def z_detached(params, config, tokens, targets, mask, labels, ref_logps, beta, desirable_weight,
+               undesirable_weight):
+    """Gradients returned with z detached (kto_np's stop_z_grad), through the public API's pieces."""
+    model, params = public_api_model(params, config)
+    logits, cache = model.forward(params, tokens)
+    logps, logps_cache = kto_np.logprobs.logprobs_forward(logits, targets, mask)
+    loss, dlogps, _ = kto_np.losses.kto_loss_and_grad(logps, ref_logps, labels, beta, desirable_weight,
+                                                      undesirable_weight, variant="edifice", stop_z_grad=True,
+                                                      warn_balance=False)
+    return loss, model.backward(kto_np.logprobs.logprobs_backward(dlogps, logps_cache), cache)
+
+
+MUTANT_CANDIDATES = {  # the mutant's label -> (a candidate with that mistake, the mistake the diagnosis names)
+    "logits_shifted": (loss_with(shift=1), "logits_shifted"),
+    "masked mean": (loss_with(reduction="masked_mean"), "logps_mean_not_sum"),
+    "mean over T": (loss_with(reduction="mean_over_time"), "logps_mean_not_sum"),
+    "mask_ignored": (loss_with(mask_ignored=True), "mask_ignored"),
+    "prompt_in_mask": (loss_with(prompt_in_mask=True), "prompt_in_mask"),
+    "z_detached": (z_detached, "z_detached"),
+    "z_clamped": (loss_with(clamp=True), "z_clamped"),
+    "undesirable_sign": (loss_with(undesirable_sign=-1.0), "undesirable_sign"),
+    "beta_twice": (loss_with(beta_power=2), "beta_twice"),
+    "beta_missing": (loss_with(beta_power=0), "beta_missing"),
+    "weights_normalise_mean": (loss_with(normalise=True), "weights_normalise_mean"),
+    "weights_ignored": (loss_with(ignore_weights=True), "weights_ignored"),
+}
 
 
 def test_builtin_candidate_passes_every_case_in_process_and_isolated(capsys):
@@ -117,15 +156,18 @@ def test_the_cases_follow_the_unshifted_contract():
                    for k in inputs if "/" in k)
 
 
-@pytest.mark.parametrize("candidate, mistake", [
-    (loss_with(shift=1), "logits_shifted"),
-    (loss_with(undesirable_sign=-1.0), "undesirable_sign"),
-    (loss_with(beta_power=2), "beta_twice"),
-])
-def test_mistakes_fail_and_are_named(candidate, mistake):
+@pytest.mark.parametrize("label", sorted(MUTANT_CANDIDATES))
+def test_every_mistake_fails_and_is_named(label):
+    candidate, mistake = MUTANT_CANDIDATES[label]
     report = oracle.verify(candidate, kind=KIND, isolate=False)
     assert not report.passed
-    assert report.diagnosis.mistakes == (mistake,), report.diagnosis
+    assert report.diagnosis.mistakes == (mistake,), report
+
+
+def test_every_builtin_mutant_has_a_candidate_above():
+    from kto_np.oracle.mistakes import mutants
+
+    assert {m.label for m in mutants(KIND, VARIANT)} == set(MUTANT_CANDIDATES)
 
 
 def test_the_handwritten_loss_passes_without_the_mistake():
