@@ -277,3 +277,31 @@ def test_every_mutant_differs_from_the_reference():
         assert any(differs), mutant.label
     assert {"logits_shifted", "undesirable_sign", "beta_twice", "z_detached", "z_clamped", "mask_ignored",
             "logps_mean_not_sum", "prompt_in_mask"} <= found
+
+
+def torch_edifice(detach_z=False):
+    """A torch candidate: test_edifice's PyTorch twin of the network, the unshifted log-probs and Edifice's
+    loss written with torch ops; the oracle takes every gradient by autograd."""
+    torch = pytest.importorskip("torch", reason="torch not installed: the torch candidate is skipped")
+    from test_edifice import _torch_twin_logits
+
+    from kto_np.edifice import EdificeConfig
+
+    def candidate(params, config, tokens, targets, mask, labels, ref_logps, beta, desirable_weight,
+                  undesirable_weight):
+        logits = _torch_twin_logits(torch, params, tokens, EdificeConfig.from_dict(config))
+        logps = (logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1) * mask).sum(-1)
+        kl = beta * (logps - ref_logps)
+        z = kl.mean().detach() if detach_z else kl.mean()
+        losses = torch.where(labels, -desirable_weight * torch.sigmoid(kl - z),
+                             -undesirable_weight * torch.sigmoid(-(kl - z)))
+        return losses.mean()
+    return candidate
+
+
+def test_torch_candidate_passes_with_autograd_and_a_detached_z_is_named():
+    report = oracle.verify(torch_edifice(), kind=KIND, isolate=False)
+    assert report.passed, report
+    assert {c.source for c in report.checks if c.quantity.startswith("grad/")} == {"autograd"}
+    report = oracle.verify(torch_edifice(detach_z=True), kind=KIND, isolate=False)
+    assert not report.passed and report.diagnosis.mistakes == ("z_detached",), report
