@@ -490,8 +490,8 @@ class DirectionalProjection(NamedTuple):
 
 
 def builtin_candidate(kind: str = "kto_loss", variant: str | None = None, *, kl_rotation: int = -1) -> Callable:
-    """kto_np's own functions wrapped as a candidate of `kind` (they pass every case; a model candidate
-    builds its KL pairs with kl_rotation)."""
+    """kto_np's own functions wrapped as a candidate of `kind` (they pass every case; a model_kto candidate
+    builds its KL pairs with kl_rotation; model_edifice's is edifice_candidate, kto_np's Edifice)."""
     variant = resolve_variant(kind, variant)
     if kind in PIPELINE_KINDS:
         return PIPELINE_BUILTINS[kind](variant)
