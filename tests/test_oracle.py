@@ -14,6 +14,7 @@ from kto_np import files, oracle, torch_reference
 # the formula kinds; the pipeline kinds (kl_pairs, data_parallel, accumulation) and the mistakes found in real
 # code are tested in test_oracle_mistakes.py and test_oracle_distributed.py
 KIND_VARIANTS = [(kind, variant) for kind in oracle.KINDS if kind not in oracle.PIPELINE_KINDS
+                 and kind != "model_edifice"  # its candidates and mutants: tests/test_oracle_edifice.py
                  for variant in oracle.VARIANTS[kind]]
 REAL_CODE_MISTAKES = oracle.mistakes.REAL_CODE_MISTAKE_IDS
 

@@ -11,7 +11,8 @@ manifest.json; `load_cases(out_dir)` reads them back and refuses anything that d
 docs/ORACLE.md describes the format, the candidate signatures per kind and the diagnosable mistakes.
 
 The modules, in the order they build on each other:
-  cases       the reference cases (inputs, and what kto_np's own core computes on them)
+  cases       the reference cases (inputs, and what kto_np's own core computes on them); model_edifice's
+              arrays come from ../edifice_case.py (Edifice's network, Axon names, the unshifted contract)
   mistakes    the catalogue of known mistakes and their mutated formulas
   report      comparing numbers, the Report and the diagnosis
   store       export and load of the file store (manifest.json + one .npz per case)

@@ -18,8 +18,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..checkpoint import HF_PREFIX
+from ..checkpoint import HF_PREFIX, params_from_axon
 from ..dpo import dpo_loss_and_grad
+from ..edifice import Edifice
 from ..gradcheck import directional_derivatives, numerical_gradient
 from ..logprobs import (
     logprobs_backward,
@@ -28,7 +29,16 @@ from ..logprobs import (
     sequence_logprobs_forward,
 )
 from ..losses import kto_loss_and_grad
-from .cases import PIPELINE_KINDS, Case, kto_keywords, model_reference_outputs, resolve_variant, trainable_names
+from .cases import (
+    MODEL_KINDS,
+    PIPELINE_KINDS,
+    Case,
+    edifice_params_from_inputs,
+    kto_keywords,
+    model_reference_outputs,
+    resolve_variant,
+    trainable_names,
+)
 from .jax_support import holds_jax, jax_gradients
 
 # the pipeline kinds' modules (kl_pairs.py, distributed.py, dp_launch.py) add theirs on import:
@@ -164,12 +174,32 @@ def _model_kto_arguments(case: Case, inputs, convert) -> tuple[list, dict]:
     return [], kwargs
 
 
+EDIFICE_INPUTS = ("tokens", "targets", "mask", "labels", "ref_logps")
+
+
+def _model_edifice_arguments(case: Case, inputs, convert) -> tuple[list, dict]:
+    """params: {"<Axon layer>.<param>": array} (flat, sorted), config: EdificeConfig.to_dict(), the batch
+    (tokens, targets, mask: the seed's unshifted contract), labels, ref_logps and the loss's floats."""
+    params = {name: convert(f"params/{name}", name) for name in sorted(edifice_params_from_inputs(inputs))}
+    kwargs = {"params": params, "config": dict(case.config)}
+    kwargs.update({name: convert(name) for name in EDIFICE_INPUTS})
+    kwargs.update(_hyper_parameters(inputs))
+    return [], kwargs
+
+
+def parameter_input_key(case: Case, name: str) -> str:
+    """The input a gradient name differentiates: "state_dict/<name>" or "params/<name>" for the model kinds."""
+    prefix = {"model_kto": "state_dict/", "model_edifice": "params/"}.get(case.kind, "")
+    return prefix + name
+
+
 KIND_ARGUMENTS = {  # kind -> (case, inputs, convert) -> (args, kwargs) in the kto_np convention
     "kto_loss": _kto_loss_arguments,
     "dpo_loss": _dpo_loss_arguments,
     "logprobs": _logprobs_arguments,
     "sequence_logprobs": _sequence_logprobs_arguments,
     "model_kto": _model_kto_arguments,
+    "model_edifice": _model_edifice_arguments,
 }
 
 
@@ -222,7 +252,15 @@ def _grad_dict(kind: str, grads) -> dict:
             return {"policy_chosen_logps": grads[0], "policy_rejected_logps": grads[1]}
         raise TypeError("a dpo_loss candidate's gradient is (grad_chosen, grad_rejected) or a dict")
     if not isinstance(grads, Mapping):
-        raise TypeError(f"a model_kto candidate's gradients are a dict name -> array, got {type(grads).__name__}")
+        raise TypeError(f"a {kind} candidate's gradients are a dict name -> array, got {type(grads).__name__}")
+    if kind == "model_edifice":  # Axon's names as they are: flat "layer.param", or nested {layer: {param: array}}
+        out = {}
+        for name, value in grads.items():
+            if isinstance(value, Mapping):
+                out.update({f"{name}.{param}": v for param, v in value.items()})
+            else:
+                out[name] = value
+        return out
     out = {}
     for name, value in grads.items():
         out[name if name.startswith(HF_PREFIX) or name == "lm_head.weight" else HF_PREFIX + name] = value
@@ -318,6 +356,8 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
         notes.append(f"{case.name}: the candidate returned {_dtype_of(parsed.primary)}; "
                      "for a float32 implementation use tolerance='float32'")
     grad_names = list(arguments.differentiable)
+    if kind == "model_edifice":
+        _check_axon_names(parsed.grads, grad_names)
     for name, value in parsed.grads.items():
         if name in grad_names:
             values[f"grad/{name}"] = (_as_float64(value, f"grad/{name}"), "returned", None)
@@ -330,7 +370,7 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
         else:
             notes.append(f"{case.name}: returned {name!r} not compared (no reference value)")
     missing = [n for n in grad_names if f"grad/{n}" not in values]
-    if kind == "model_kto" and parsed.grads:  # a returned gradient dict must be complete: no filling in
+    if kind in MODEL_KINDS and parsed.grads:  # a returned gradient dict must be complete: no filling in
         missing = []
     if parsed.vjp is not None and "logits" in missing:
         upstream = case.inputs["upstream"]
@@ -356,6 +396,19 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
     step = max(FD_STEP[tolerance], FD_STEP_BY_DTYPE.get(_dtype_of(parsed.primary), 0.0))
     values.update(_finite_difference_grads(candidate, case, mode, missing, step, notes))
     return Evaluation(values, notes)
+
+
+def _check_axon_names(grads: Mapping, names: list) -> None:
+    """A model_edifice candidate's gradients must be keyed by the case's Axon names: others are refused."""
+    unknown = sorted(str(n) for n in grads if n not in names)
+    if unknown:
+        hf = [n for n in unknown if n.startswith(HF_PREFIX) or n.endswith((".weight", "lm_head.weight"))]
+        hint = (" (those are Hugging Face GPT-2 names: this kind is Edifice's network)" if hf else "")
+        raise CandidateError(
+            f"returned gradients under names that are not this case's parameters: {unknown[:4]}"
+            f"{' and more' if len(unknown) > 4 else ''}{hint}; model_edifice gradients are keyed by Axon's "
+            f"'<layer>.<param>' names as the params it was given, e.g. {names[:2]}, or nested "
+            "{layer: {param: array}}")
 
 
 def fd_matches_reference(case: Case, name: str) -> bool:
@@ -384,7 +437,7 @@ def _finite_difference_grads(candidate, case: Case, mode: str, names: list, step
 
     values = {}
     for name in names:
-        input_key = f"state_dict/{name}" if case.kind == "model_kto" else name
+        input_key = parameter_input_key(case, name)
         if not fd_matches_reference(case, name):
             values[f"grad/{name}"] = (None, "not checked", None)
             continue
@@ -395,7 +448,7 @@ def _finite_difference_grads(candidate, case: Case, mode: str, names: list, step
 
         directions = fd_directions(case.name, name, x.shape)  # [K, ...]
         step = _fit_step(objective, x, directions[0], step, notes)
-        if x.size <= FD_FULL_MAX_ENTRIES and case.kind != "model_kto":
+        if x.size <= FD_FULL_MAX_ENTRIES and case.kind not in MODEL_KINDS:
             values[f"grad/{name}"] = (numerical_gradient(objective, x, step), "finite differences", None)
             continue
         derivatives = directional_derivatives(objective, x, directions, step)
@@ -438,8 +491,8 @@ class DirectionalProjection(NamedTuple):
 
 
 def builtin_candidate(kind: str = "kto_loss", variant: str | None = None, *, kl_rotation: int = -1) -> Callable:
-    """kto_np's own functions wrapped as a candidate of `kind` (they pass every case; a model candidate
-    builds its KL pairs with kl_rotation)."""
+    """kto_np's own functions wrapped as a candidate of `kind` (they pass every case; a model_kto candidate
+    builds its KL pairs with kl_rotation; model_edifice's is edifice_candidate, kto_np's Edifice)."""
     variant = resolve_variant(kind, variant)
     if kind in PIPELINE_KINDS:
         return PIPELINE_BUILTINS[kind](variant)
@@ -462,6 +515,8 @@ def builtin_candidate(kind: str = "kto_loss", variant: str | None = None, *, kl_
             logps, cache = forward(logits, tokens, mask)
             return logps, (lambda dlogps: backward(dlogps, cache))
         return logprobs_candidate
+    if kind == "model_edifice":
+        return edifice_candidate
 
     def model_candidate(state_dict, config, **inputs):
         case = Case("candidate", "model_kto", "kto", "",
@@ -473,3 +528,19 @@ def builtin_candidate(kind: str = "kto_loss", variant: str | None = None, *, kl_
                 "policy_logps": outputs["policy_logps"], "kl_policy_logps": outputs["kl_policy_logps"],
                 "kl_tokens": outputs["kl_tokens"], **metrics}
     return model_candidate
+
+
+def edifice_candidate(params, config, tokens, targets, mask, labels, ref_logps, beta, desirable_weight,
+                      undesirable_weight):
+    """kto_np's Edifice as a model_edifice candidate: params (Axon's flat "layer.param" or nested
+    {layer: {param}}) -> Edifice; logits -> compute_logprobs' unshifted log-probs -> the 'edifice' KTO loss;
+    every gradient by the hand-written backward."""
+    settings = {k: config[k] for k in ("max_seq_len", "dropout", "dtype")}
+    params, edifice_config = params_from_axon(params, num_heads=config["num_heads"], config_overrides=settings)
+    model = Edifice(edifice_config)
+    logits, model_cache = model.forward(params, tokens)  # [B, T, V]
+    logps, logprobs_cache = logprobs_forward(logits, targets, mask)  # [B], no shift
+    loss, dlogps, _ = kto_loss_and_grad(logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                                        variant="edifice", warn_balance=False)
+    grads = model.backward(logprobs_backward(dlogps, logprobs_cache), model_cache)
+    return {"loss": loss, "grads": grads, "logits": logits, "logps": logps}

@@ -19,6 +19,7 @@ import numpy as np
 from ..backend import to_numpy
 from ..checkpoint import HF_PREFIX, params_from_hf_gpt2, params_to_hf_gpt2
 from ..dpo import dpo_loss_and_grad
+from ..edifice_case import edifice_model_case_arrays
 from ..logprobs import (
     logprobs_backward,
     logprobs_forward,
@@ -30,13 +31,15 @@ from ..model import GPT, GPTConfig, param_shapes
 from ..step import KL_ROTATION, Batch, kl_partner_indices, kto_step
 from ..validation import check_choice
 
-KINDS = ("kto_loss", "dpo_loss", "logprobs", "sequence_logprobs", "model_kto")
+KINDS = ("kto_loss", "dpo_loss", "logprobs", "sequence_logprobs", "model_kto", "model_edifice")
+MODEL_KINDS = ("model_kto", "model_edifice")  # a candidate gets a whole model's weights; grads for every one
 VARIANTS = {
     "kto_loss": ("kto", "edifice", "edifice_stop_z_grad", "apo_zero_unpaired"),
     "dpo_loss": (None,),
     "logprobs": (None,),
     "sequence_logprobs": (None,),
     "model_kto": ("kto",),
+    "model_edifice": ("edifice",),
 }
 # kinds that check a piece of the training pipeline (kl_pairs.py, distributed.py)
 PIPELINE_KINDS = ("kl_pairs", "data_parallel", "accumulation")
@@ -51,9 +54,10 @@ class Case:
     """One reference case: named float64 inputs and the expected outputs.
 
     inputs: what the candidate is called with (0-d arrays for beta and the weights; the model state dict
-    as "state_dict/<Hugging Face name>"). expected: "loss" or "logps", "grad/<input or parameter name>",
+    as "state_dict/<Hugging Face name>", an Edifice model's weights as "params/<Axon layer>.<param>").
+    expected: "loss" or "logps", "grad/<input or parameter name>",
     "metrics/<TRL name>" (None when a class is absent), and model intermediates. config: the Hugging Face
-    GPT2Config fields of a model case, else None.
+    GPT2Config fields of a model_kto case, EdificeConfig.to_dict() of a model_edifice case, else None.
     """
 
     name: str
@@ -518,6 +522,48 @@ def _model_case(config, rotation, case_id, description, seed, labels, beta, weig
     return _case(name, "model_kto", "kto", f"{formula} Case: {description}.", inputs, expected, dict(hf))
 
 
+EDIFICE_FORMULA = (
+    "Edifice.Meta.KTO.build/1's network (config: EdificeConfig fields; pre-LN, LayerNorm eps 1e-5, exact-erf "
+    "GELU, separate q/k/v/out dense layers with biases, softmax exp(s - max) / (sum + 1e-8), causal mask -1e9, "
+    "[sin | cos] positions, untied biased lm_head, no dropout) with weights params/<Axon layer>.<param> "
+    "(dense kernels [in, out]). logits = model(tokens) [B, T, V]; logps_b = sum_t mask[b, t] "
+    "log_softmax(logits[b, t])[targets[b, t]], the seed's compute_logprobs contract: NO shift (logits[:, t] "
+    "score targets[:, t]; targets are the next tokens, so the shift is in the data); loss = the 'edifice' "
+    "variant of kto_loss on (logps, ref_logps, labels) with z = mean_i beta r_i over the batch, not clamped, "
+    "gradient through z; grad/<layer>.<param> = dL/d parameter for every parameter (the fixed token "
+    "embedding and the position table are not parameters)."
+)
+EDIFICE_SPECS = (  # (case id, description, seed, token_embedding)
+    ("fixed_embedding", "Edifice's network as built: the fixed token embedding (t H + j) / sqrt(V)", 0, "fixed"),
+    ("learned_embedding", "the repair: a learned token embedding (token_embed.kernel)", 1, "learned"),
+)
+
+
+def edifice_params_from_inputs(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{"<layer>.<param>": array} of a model_edifice case's inputs ("params/<layer>.<param>")."""
+    prefix = "params/"
+    return {k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)}
+
+
+def _edifice_cases() -> list[Case]:
+    cases = []
+    for case_id, description, seed, token_embedding in EDIFICE_SPECS:
+        arrays = edifice_model_case_arrays(seed, token_embedding)
+        options = arrays["loss_options"]
+        inputs = {f"params/{name}": value for name, value in sorted(arrays["weights"].items())}
+        inputs.update(tokens=arrays["tokens"], targets=arrays["targets"], mask=arrays["mask"],
+                      labels=arrays["labels"].astype(bool), ref_logps=arrays["ref_logps"],
+                      beta=np.float64(options["beta"]), desirable_weight=np.float64(options["desirable_weight"]),
+                      undesirable_weight=np.float64(options["undesirable_weight"]))
+        expected_arrays = arrays["expected"]
+        expected = {"loss": np.float64(expected_arrays["loss"]), "logits": expected_arrays["logits"],
+                    "logps": expected_arrays["logps"]}
+        expected.update({f"grad/{name}": g for name, g in sorted(expected_arrays["grads"].items())})
+        cases.append(_case(f"model_edifice/edifice/{case_id}", "model_edifice", "edifice",
+                           f"{EDIFICE_FORMULA} Case: {description}.", inputs, expected, arrays["config"]))
+    return cases
+
+
 def resolve_variant(kind: str, variant: str | None) -> str | None:
     check_choice("kind", kind, KINDS)
     allowed = VARIANTS[kind]
@@ -533,7 +579,7 @@ def resolve_variant(kind: str, variant: str | None) -> str | None:
 def _cached_cases() -> tuple[Case, ...]:
     pipeline = [case for build in PIPELINE_CASE_BUILDERS for case in build()]
     return tuple(_kto_loss_cases() + _dpo_cases() + _logprobs_cases() + _sequence_logprobs_cases()
-                 + _model_cases() + pipeline)
+                 + _model_cases() + _edifice_cases() + pipeline)
 
 
 def generate_cases() -> tuple[Case, ...]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..validation import check_choice
 from . import report as report_module
-from .cases import KL_ROTATION, KL_ROTATIONS, Case, generate_cases, resolve_variant
+from .cases import KL_ROTATION, KL_ROTATIONS, MODEL_KINDS, Case, generate_cases, resolve_variant
 from .isolation import DEFAULT_TIMEOUT, Outcome, candidate_spec, run_in_child, run_in_process, summarise_notes
 from .loader import LoadError, adapt_candidate, load_candidate
 from .report import TOLERANCES, Check, Diagnosis, Report, compare, diagnose
@@ -80,7 +80,8 @@ def verify(candidate, kind: str = "kto_loss", variant: str | None = None, cases=
 
     candidate: a callable, or a spec string "module:function" / "path/file.py:function".
     kind: "kto_loss" (variant "kto" by default, or "edifice", "edifice_stop_z_grad", "apo_zero_unpaired"),
-    "dpo_loss", "logprobs", "sequence_logprobs", "model_kto" (variant "kto"), and the pipeline kinds "kl_pairs"
+    "dpo_loss", "logprobs", "sequence_logprobs", "model_kto" (variant "kto"), "model_edifice" (variant "edifice":
+    Edifice's network, Axon names, the unshifted compute_logprobs contract), and the pipeline kinds "kl_pairs"
     ("whole_batch", "blocks"), "data_parallel" ("rank_means", "global_mean"; R real ranks in a gloo process group,
     whatever isolate says) and "accumulation" ("kto"); candidate signatures in
     docs/ORACLE.md. cases: None (generated in memory), a path to exported cases, or Cases.
@@ -154,7 +155,7 @@ def build_report(kind: str, variant: str | None, tolerance: str, selected: Seque
         expected_names += [k for k in case.expected if k.startswith("grad/")]
         for quantity in expected_names:
             if quantity not in evaluation.values:
-                if kind == "model_kto" and quantity.startswith("grad/") and any(
+                if kind in MODEL_KINDS and quantity.startswith("grad/") and any(
                         q.startswith("grad/") for q in evaluation.values):
                     report.checks.append(Check(case.name, quantity, "returned", (), math.inf, math.inf, 0.0, 0.0,
                                                False, note="missing from the candidate's gradients"))

@@ -5,7 +5,8 @@ is an adapter between that call and the candidate's own: it turns the kto_np arg
 candidate's, and the candidate's return value back into what candidates._parse_output reads.
 
 Known conventions (CONVENTIONS; a new one is one Convention entry and its adapter function):
-  kto_np  the oracle's own call (docs/ORACLE.md); every kind
+  kto_np  the oracle's own call (docs/ORACLE.md); every kind (model_edifice: params, config, tokens,
+          targets, mask, labels, ref_logps, beta, desirable_weight, undesirable_weight)
   split   kto_loss as TRL <= 1.5, OpenRLHF and LLaMA-Factory write it: (policy_chosen_logps,
           policy_rejected_logps, policy_KL_logps, reference_chosen_logps, reference_rejected_logps,
           reference_KL_logps) -> (losses, chosen_rewards, rejected_rewards, kl); beta and the weights are
@@ -109,7 +110,7 @@ def _bound(form: CandidateForm, hyper: dict) -> Callable:
 def _adapt_kto_np(form: CandidateForm, kind: str) -> Callable:
     if form.form == "function":
         return form.target
-    if kind not in ("kto_loss", "model_kto"):
+    if kind not in ("kto_loss", "model_kto", "model_edifice"):
         def call(*args, **kwargs):
             return _bound(form, {})(*args, **kwargs)
         return call
@@ -173,13 +174,14 @@ def _adapt_split(form: CandidateForm, kind: str) -> Callable:
 
 
 CONVENTIONS = {c.name: c for c in (
-    Convention("kto_np", ("kto_loss", "dpo_loss", "logprobs", "sequence_logprobs", "model_kto"),
+    Convention("kto_np", ("kto_loss", "dpo_loss", "logprobs", "sequence_logprobs", "model_kto", "model_edifice"),
                ("policy_logps", "ref_logps", "labels"), _adapt_kto_np),
     Convention("split", ("kto_loss",), SPLIT_PARAMETERS, _adapt_split),
 )}
 # the parameters that identify the kto_np convention per kind (positional kinds: none needed)
 KTO_NP_PARAMETERS = {"kto_loss": ("policy_logps", "ref_logps", "labels"),
-                     "model_kto": ("state_dict", "config", "prompt_tokens", "completion_tokens")}
+                     "model_kto": ("state_dict", "config", "prompt_tokens", "completion_tokens"),
+                     "model_edifice": ("params", "config", "tokens", "targets", "mask")}
 
 
 def detect(form: CandidateForm, kind: str) -> Convention:
@@ -195,8 +197,10 @@ def detect(form: CandidateForm, kind: str) -> Convention:
     known = "; ".join(f"{c.name} ({', '.join(KTO_NP_PARAMETERS[kind] if c.name == 'kto_np' else c.parameters)})"
                       for c in CONVENTIONS.values() if kind in c.kinds)
     found = ", ".join(form.parameters) or "none"
+    other = next((k for k, wanted in KTO_NP_PARAMETERS.items() if k != kind and set(wanted) <= names), None)
+    hint = f" (those are {other}'s parameters: check it with --kind {other})" if other else ""
     raise ConventionError(f"{form.label} has the parameters ({found}), which fit no convention known for kind "
-                          f"{kind!r}: {known}; force one with --convention")
+                          f"{kind!r}: {known}{hint}; force one with --convention")
 
 
 def adapt(form: CandidateForm, kind: str, convention: str | None = None) -> tuple[Callable, str]:

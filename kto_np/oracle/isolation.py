@@ -31,7 +31,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .candidates import CandidateError, DirectionalProjection, evaluate, fd_directions, short_error
+from .candidates import (
+    CandidateError,
+    DirectionalProjection,
+    evaluate,
+    fd_directions,
+    parameter_input_key,
+    short_error,
+)
 from .cases import Case
 
 DEFAULT_TIMEOUT = 60.0  # seconds per case: the slowest built-in case (finite differences of a model) takes ~2 s
@@ -139,7 +146,7 @@ def decode_values(case: Case, encoded) -> dict:
             raise ValueError(f"{quantity!r} marked 'not checked' where it can be checked")
         projection = None
         if item.get("projection") == "directions":
-            key = f"state_dict/{name}" if case.kind == "model_kto" else name
+            key = parameter_input_key(case, name)
             projection = DirectionalProjection(fd_directions(case.name, name, np.shape(case.inputs[key])))
         values[quantity] = (decode_array(item.get("value")), source, projection)
     return values

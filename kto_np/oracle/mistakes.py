@@ -15,9 +15,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ..dpo import dpo_loss_and_grad
+from ..edifice import Edifice, EdificeConfig
 from ..logprobs import logprobs_backward, logprobs_forward, sequence_logprobs_backward, sequence_logprobs_forward
 from ..losses import sigmoid
-from .cases import KINDS, PIPELINE_KINDS, Case, hf_name, model_case_batch, model_from_case
+from .cases import KINDS, PIPELINE_KINDS, Case, edifice_params_from_inputs, hf_name, model_case_batch, model_from_case
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,32 @@ def _model_mutant_outputs(case: Case, *, pairs: str = "declared", logps_options:
     return out
 
 
+def _edifice_mutant_outputs(case: Case, *, logps_options: Mapping | None = None,
+                            loss_mistakes: Mapping | None = None) -> dict[str, np.ndarray]:
+    """Loss, logits, logps and every parameter's gradient of a model_edifice case computed with a known
+    mistake: in the log-probs (logps_options for _token_logps; shift 0 is the seed's contract) or in the
+    'edifice' loss (loss_mistakes for _kto_family)."""
+    inputs = case.inputs
+    model = Edifice(EdificeConfig.from_dict(case.config))
+    params = {k: np.asarray(v) for k, v in edifice_params_from_inputs(inputs).items()}
+    logits, cache = model.forward(params, np.asarray(inputs["tokens"]))  # [B, T, V]
+    options = {"shift": 0, **(logps_options or {})}
+    logps, logps_backward = _token_logps(logits, np.asarray(inputs["targets"]), np.asarray(inputs["mask"]),
+                                         **options)
+    loss, dlogps, _ = _kto_family(
+        logps, np.asarray(inputs["ref_logps"]), inputs["labels"], float(inputs["beta"]),
+        float(inputs["desirable_weight"]), float(inputs["undesirable_weight"]),
+        **{**_VARIANT_KNOBS["edifice"], **(loss_mistakes or {})})
+    grads = model.backward(logps_backward(dlogps), cache)
+    out = {"loss": np.float64(loss), "logits": logits, "logps": logps}
+    out.update({f"grad/{name}": g for name, g in grads.items()})
+    return out
+
+
+def _edifice_mutant(mistake: str, label: str, **settings) -> _Mutant:
+    return _Mutant(mistake, label, lambda case: _edifice_mutant_outputs(case, **settings))
+
+
 def _kto_loss_mutant(mistake: str, knobs: dict) -> _Mutant:
     def compute(case: Case) -> dict:
         inputs = case.inputs
@@ -294,6 +321,12 @@ def _builtin_mutants(kind: str, variant: str | None) -> list[_Mutant]:
         mutants += [_model_mutant(m, label, logps_options=dict(shift=1, **o)) for m, label, o in mean_forms]
         mutants += [_model_mutant(m, m, loss_mistakes=_LOSS_MISTAKE_KNOBS[m])
                     for m in _KTO_VARIANT_MISTAKES["kto"]]
+        return mutants
+    if kind == "model_edifice":  # the seed's contract has no shift: shifting (again) is the mistake here
+        mutants = [_edifice_mutant("logits_shifted", "logits_shifted", logps_options=dict(shift=1))]
+        mutants += [_edifice_mutant(m, label, logps_options=o) for m, label, o in mean_forms]
+        mutants += [_edifice_mutant(m, m, loss_mistakes=_LOSS_MISTAKE_KNOBS[m])
+                    for m in _KTO_VARIANT_MISTAKES["edifice"]]
         return mutants
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
@@ -522,6 +555,8 @@ def real_code_mutants(kind: str, variant: str | None) -> list[_Mutant]:
         out += [_metric_mutant("logps_metrics_swapped"), _metric_mutant("reward_metrics_zero_for_absent")]
     elif kind == "model_kto":
         out.append(_model_mutant("prompt_in_mask", "prompt_in_mask", logps_options=dict(prompt_in_mask=True)))
+    elif kind == "model_edifice":
+        out.append(_edifice_mutant("prompt_in_mask", "prompt_in_mask", logps_options=dict(prompt_in_mask=True)))
     return out
 
 

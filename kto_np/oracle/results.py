@@ -26,7 +26,7 @@ from ..checkpoint import HF_PREFIX
 from ..files import atomic_write
 from ..validation import check_choice
 from .candidates import Evaluation, evaluate
-from .cases import KINDS, KL_ROTATION, KL_ROTATIONS, VARIANTS, resolve_variant
+from .cases import KINDS, KL_ROTATION, KL_ROTATIONS, MODEL_KINDS, VARIANTS, resolve_variant
 from .check import _select_cases, build_report
 from .isolation import Outcome
 from .pipeline_results import ResultsError as PipelineResultsError
@@ -37,7 +37,8 @@ RESULTS_FORMAT = "kto_np-oracle-results"
 RESULTS_VERSION = 1
 TOP_LEVEL_KEYS = {"format", "version", "kind", "variant", "kl_rotation", "results"}
 REQUIRED_KEYS = {"format", "version", "kind", "variant", "results"}
-RESULT_KEYS = {"loss", "logps", "grad", "grads", "metrics", "indices", "ranks", "micro_steps"}
+RESULT_KEYS = {"loss", "logps", "logits", "grad", "grads", "metrics", "indices", "ranks", "micro_steps"}
+EDIFICE_INTERMEDIATES = ("logits", "logps")  # model_edifice entries may carry them: where a pipeline goes wrong
 PIPELINE_RESULT_KEYS = {"kl_pairs": "indices", "data_parallel": "ranks", "accumulation": "micro_steps"}
 LOGPROB_KINDS = ("logprobs", "sequence_logprobs")
 
@@ -80,10 +81,20 @@ def _case_values(kind: str, entry, where: str) -> dict:
     if primary not in entry:
         raise ResultsError(f"{where} lacks {primary!r} (every case's entry has it)")
     values = {primary: (_array(entry[primary], f"{where}.{primary}"), "returned", None)}
+    if kind == "model_edifice":
+        values.update({key: (_array(entry[key], f"{where}.{key}"), "returned", None)
+                       for key in EDIFICE_INTERMEDIATES if key in entry})
+    elif "logits" in entry:
+        raise ResultsError(f"{where}: 'logits' is for kind 'model_edifice' only, not {kind!r}")
     for group in ("grad", "grads"):
         for name, value in _names(entry.get(group, {}), f"{where}.{group}").items():
             if kind == "model_kto" and not (name.startswith(HF_PREFIX) or name == "lm_head.weight"):
                 name = HF_PREFIX + name
+            if kind == "model_edifice" and isinstance(value, dict):  # Axon's nested {layer: {param: values}}
+                for param, array in value.items():
+                    values[f"grad/{name}.{param}"] = (_array(array, f"{where}.{group}.{name}.{param}"), "returned",
+                                                      None)
+                continue
             values[f"grad/{name}"] = (_array(value, f"{where}.{group}.{name}"), "returned", None)
     for name, value in _names(entry.get("metrics", {}), f"{where}.metrics").items():
         values[f"metrics/{name}"] = (None if value is None else _array(value, f"{where}.metrics.{name}"),
@@ -147,6 +158,8 @@ def compare_results(cases, results, *, tolerance: str = "float64") -> Report:
                 values = values_from_entry(case, values["(entry)"])
             except PipelineResultsError as exc:
                 raise ResultsError(f"{parsed['where']}: {exc}") from None
+        if kind == "model_edifice":
+            _check_axon_grads(parsed["where"], case, values)
         known = {q: v for q, v in values.items() if q in case.expected}
         notes += [f"{name}: {q!r} not compared (no reference value)" for q in values if q not in case.expected]
         evaluations[name] = Evaluation(known, [])
@@ -155,6 +168,17 @@ def compare_results(cases, results, *, tolerance: str = "float64") -> Report:
             errors[case.name] = f"has no entry in {parsed['where']}"
     return build_report(kind, variant, tolerance, selected, Outcome(evaluations, errors, notes, None),
                         cases_source=source, cases_identical=identical, kl_rotation=rotation)
+
+
+def _check_axon_grads(where: str, case, values: Mapping) -> None:
+    """model_edifice results name gradients by the case's Axon parameters; anything else is refused."""
+    unknown = sorted(q[len("grad/"):] for q in values if q.startswith("grad/") and q not in case.expected)
+    if unknown:
+        known = sorted(q[len("grad/"):] for q in case.expected if q.startswith("grad/"))
+        raise ResultsError(f"{where}: results[{case.name!r}].grads has names that are not this case's parameters: "
+                           f"{unknown[:4]}{' and more' if len(unknown) > 4 else ''}; model_edifice gradients use "
+                           f"Axon's '<layer>.<param>' names (e.g. {known[:2]}), flat or nested "
+                           "{layer: {param: values}}")
 
 
 def _plain(value):
@@ -183,10 +207,10 @@ def results_document(candidate, kind: str = "kto_loss", variant: str | None = No
                 continue
             if value is None or projection is not None:
                 continue  # not checked, or a directional derivative: no gradient to write down
-            if quantity in ("loss", "logps"):
+            if quantity in ("loss", "logps") or (kind == "model_edifice" and quantity in EDIFICE_INTERMEDIATES):
                 entry[quantity] = _plain(value)
             elif quantity.startswith("grad/"):
-                entry.setdefault("grads" if kind == "model_kto" else "grad", {})[quantity[5:]] = _plain(value)
+                entry.setdefault("grads" if kind in MODEL_KINDS else "grad", {})[quantity[5:]] = _plain(value)
         out[case.name] = entry
     document = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "kind": kind, "variant": variant}
     if kind == "model_kto":

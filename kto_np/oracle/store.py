@@ -17,13 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..edifice import EdificeConfig
+from ..edifice import param_shapes as edifice_param_shapes
 from ..files import ArchiveError, NpzArchive, atomic_write, write_npy_entry
 from ..validation import check_bool
-from .cases import KINDS, MODEL_CONFIG, VARIANTS, Case, _case, generate_cases
+from .cases import KINDS, MODEL_CONFIG, VARIANTS, Case, _case, edifice_params_from_inputs, generate_cases
 from .report import TOLERANCES
 
 FORMAT_NAME = "kto_np-oracle-cases"
-FORMAT_VERSION = 2  # 2: unit_weights, kl_zero and kl_rotation +1 model cases (1: 37 cases)
+FORMAT_VERSION = 3  # 3: the model_edifice kind (Axon-named params/, an EdificeConfig config); 2: unit_weights,
+# kl_zero and kl_rotation +1 model cases (1: 37 cases). The files of the older cases are unchanged.
 MANIFEST_NAME = "manifest.json"
 # bounds on what a case folder may make the reader do (the built-in cases are a few KiB each)
 MAX_MANIFEST_BYTES = 16 * 2**20
@@ -79,7 +82,8 @@ def _manifest(entries: list[dict]) -> dict:
             "(np.load(file, allow_pickle=False)): 'inputs/<name>' are the candidate's arguments, "
             "'expected/<name>' the outputs: loss or logps, grad/<name> = dL/d<name>, metrics/<TRL name>, "
             "model intermediates. labels are bool (True = desirable). A metric listed in 'absent' is None "
-            "(its class is absent from the batch). Model state dicts use Hugging Face GPT2LMHeadModel names."
+            "(its class is absent from the batch). Model state dicts use Hugging Face GPT2LMHeadModel names; "
+            "model_edifice weights are 'inputs/params/<Axon layer>.<param>' (kernels [in, out])."
         ),
         "tolerances": {
             "rule": "max|candidate - reference| <= atol + rtol * max|reference|, per array",
@@ -219,6 +223,8 @@ def _load_case(folder: Path, entry: Mapping) -> Case:
                          f"+1 of a model case, got {rotation!r}")
     if kind == "model_kto":
         _check_model_config(folder / MANIFEST_NAME, name, config, inputs)
+    elif kind == "model_edifice":
+        _check_edifice_config(folder / MANIFEST_NAME, name, config, inputs)
     elif config is not None:
         raise ValueError(f"{folder / MANIFEST_NAME}: case {name!r} of kind {kind!r} has a config; only model "
                          "cases have one")
@@ -252,6 +258,30 @@ def _check_model_config(manifest_path: Path, name: str, config, inputs: Mapping[
     if shapes != wanted:
         raise ValueError(f"{where}: the state dict has wte {shapes[0]}, wpe {shapes[1]} and {shapes[2]} layers; "
                          f"the config says {wanted[0]}, {wanted[1]} and {wanted[2]}")
+
+
+def _check_edifice_config(manifest_path: Path, name: str, config, inputs: Mapping[str, np.ndarray]) -> None:
+    """A model_edifice case's config must be an EdificeConfig (float64, no dropout) that its params fit."""
+    where = f"{manifest_path}: case {name!r}: invalid Edifice config"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected the EdificeConfig.to_dict() fields, got {type(config).__name__}")
+    try:
+        edifice_config = EdificeConfig.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if set(config) != set(edifice_config.to_dict()):
+        raise ValueError(f"{where}: expected the fields {sorted(edifice_config.to_dict())}, got {sorted(config)}")
+    if edifice_config.dtype != "float64" or edifice_config.dropout != 0.0:
+        raise ValueError(f"{where}: dtype must be 'float64' and dropout 0.0 (the cases are exact), got "
+                         f"{edifice_config.dtype!r} and {edifice_config.dropout!r}")
+    params = edifice_params_from_inputs(inputs)
+    found = {k: tuple(v.shape) for k, v in params.items()}
+    wanted = edifice_param_shapes(edifice_config)
+    if found != wanted:
+        missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
+        wrong = sorted(k for k in set(found) & set(wanted) if found[k] != wanted[k])
+        raise ValueError(f"{where}: the params do not fit the config (missing {missing[:3]}, unexpected "
+                         f"{extra[:3]}, wrong shapes {wrong[:3]})")
 
 
 def load_cases(path) -> tuple[Case, ...]:
