@@ -52,12 +52,13 @@ from .layers import (
 )
 from .validation import (
     as_float_array,
-    as_index_array,
+    as_token_batch,
     check_bool,
     check_choice,
     check_param_dtypes,
     check_param_shapes,
     check_positive_int,
+    check_rng,
 )
 
 __all__ = [
@@ -572,17 +573,8 @@ class Edifice:
         """tokens as a 2-D integer array [B, T], 1 <= T <= max_len (default max_seq_len), ids in [0, V)."""
         config = self.config
         max_len = config.max_seq_len if max_len is None else max_len
-        try:
-            tokens = as_index_array(name, tokens, upper=config.vocab_size)
-        except ValueError as exc:
-            raise ValueError(f"{exc} {OUT_OF_RANGE_NOTE}") from None
-        if tokens.ndim != 2:
-            raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(tokens.shape)}")
-        if tokens.size == 0:
-            raise ValueError(f"{name} must not be empty, got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > max_len:
-            raise ValueError(f"{name} has sequence length {tokens.shape[1]}, more than max_seq_len={max_len}")
-        return tokens
+        return as_token_batch(name, tokens, vocab_size=config.vocab_size, max_len=max_len,
+                              range_note=OUT_OF_RANGE_NOTE)
 
     def position_embeddings(self, num_positions: int, xp: Any = np):
         """[T, H] Edifice's fixed position table in the model dtype."""
@@ -604,11 +596,8 @@ class Edifice:
         self.check_params(params)
         check_bool("train", train)
         check_bool("keep_cache", keep_cache)
-        dropout_active = train and config.dropout > 0
-        if dropout_active and rng is None:
-            raise ValueError("rng must be a numpy.random.Generator when train=True and dropout > 0, got None")
-        if dropout_active and not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        if train and config.dropout > 0:
+            check_rng(rng, "train=True and dropout > 0")
         xp = array_module(params["lm_head.kernel"])
         tokens = xp.asarray(self.check_tokens(tokens))
         B, T = tokens.shape

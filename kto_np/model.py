@@ -42,7 +42,7 @@ from .layers import (
 )
 from .validation import (
     as_float_array,
-    as_index_array,
+    as_token_batch,
     check_bool,
     check_choice,
     check_fraction,
@@ -358,16 +358,7 @@ class GPT:
 
     def check_tokens(self, tokens, name: str = "tokens"):
         """tokens as a 2-D integer array [B, T] with 1 <= T <= max_seq_len, ids in [0, V)."""
-        config = self.config
-        tokens = as_index_array(name, tokens, upper=config.vocab_size)
-        if tokens.ndim != 2:
-            raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(tokens.shape)}")
-        if tokens.size == 0:
-            raise ValueError(f"{name} must not be empty, got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > config.max_seq_len:
-            raise ValueError(
-                f"{name} has sequence length {tokens.shape[1]}, more than max_seq_len={config.max_seq_len}")
-        return tokens
+        return as_token_batch(name, tokens, vocab_size=self.config.vocab_size, max_len=self.config.max_seq_len)
 
     # -- forward and backward --------------------------------------------------------------------
 

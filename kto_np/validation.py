@@ -16,6 +16,7 @@ from .backend import array_module
 __all__ = [
     "as_float_array",
     "as_index_array",
+    "as_token_batch",
     "as_labels",
     "reject_autograd",
     "check_bool",
@@ -91,6 +92,26 @@ def as_index_array(name: str, value, *, upper: int, shape: tuple | None = None):
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must be in [0, {upper}), got values from {lo} to {hi}")
     return arr
+
+
+def as_token_batch(name: str, value, *, vocab_size: int, max_len: int, range_note: str = ""):
+    """`value` as a non-empty 2-D integer array [B, T] of ids in [0, vocab_size), T <= max_len.
+
+    range_note is appended to the message for ids out of range (what the model would do with them).
+    """
+    try:
+        tokens = as_index_array(name, value, upper=vocab_size)
+    except ValueError as exc:
+        if not range_note:
+            raise
+        raise ValueError(f"{exc} {range_note}") from None
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(tokens.shape)}")
+    if tokens.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] > max_len:
+        raise ValueError(f"{name} has sequence length {tokens.shape[1]}, more than max_seq_len={max_len}")
+    return tokens
 
 
 def as_labels(name: str, value, n: int):
