@@ -39,7 +39,7 @@ from .cases import (
     resolve_variant,
     trainable_names,
 )
-from .jax_support import holds_jax, jax_gradients
+from .jax_support import holds_jax, holds_library, jax_gradients
 
 # the pipeline kinds' modules (kl_pairs.py, distributed.py, dp_launch.py) add theirs on import:
 PIPELINE_EVALUATORS: dict = {}  # kind -> (candidate, case, tolerance) -> (values, notes)
@@ -55,13 +55,7 @@ def _is_torch(value) -> bool:
 
 
 def _holds_torch(value) -> bool:
-    if _is_torch(value):
-        return True
-    if isinstance(value, Mapping):
-        return any(_holds_torch(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return any(_holds_torch(v) for v in value)
-    return False
+    return holds_library(value, ("torch",))
 
 
 def _import_torch():

@@ -19,18 +19,27 @@ X64_HINT = ("JAX computes in float32 unless 64-bit mode is on: set JAX_ENABLE_X6
             "use tolerance 'float32'")
 
 
+JAX_MODULES = ("jax", "jaxlib")
+
+
+def holds_library(value, roots: tuple[str, ...]) -> bool:
+    """Whether value, or anything in its dicts, tuples and lists, is an object of a top-level module in
+    roots (e.g. ("torch",)): how a candidate's output tells which array library computed it."""
+    if type(value).__module__.split(".")[0] in roots:
+        return True
+    if isinstance(value, Mapping):
+        return any(holds_library(v, roots) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(holds_library(v, roots) for v in value)
+    return False
+
+
 def is_jax(value) -> bool:
-    return type(value).__module__.split(".")[0] in ("jax", "jaxlib")
+    return type(value).__module__.split(".")[0] in JAX_MODULES
 
 
 def holds_jax(value) -> bool:
-    if is_jax(value):
-        return True
-    if isinstance(value, Mapping):
-        return any(holds_jax(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return any(holds_jax(v) for v in value)
-    return False
+    return holds_library(value, JAX_MODULES)
 
 
 def x64_enabled() -> bool:
