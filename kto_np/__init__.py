@@ -29,7 +29,7 @@ _EXPORTS = {
     "kto_loss_and_grad": "losses",
     "GPT": "model",
     "GPTConfig": "model",
-    "build": "model",
+    "build": "architectures",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -31,7 +31,8 @@ import numpy as np
 
 from . import backend, torch_reference
 from .losses import KTOConfig
-from .model import GPT, build
+from .architectures import build
+from .model import GPT
 from .optim import adamw_init, adamw_step
 from .step import Batch, kto_step, make_batch, reference_logps
 

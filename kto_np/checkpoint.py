@@ -34,7 +34,8 @@ from . import backend
 from .backend import to_numpy
 from .edifice import EdificeConfig
 from .files import ArchiveError, NpzArchive, atomic_write, write_npy_entry
-from .model import MAX_SIZES, GPTConfig, check_params, config_from_dict, param_shapes
+from .architectures import check_params, config_from_dict, param_shapes
+from .model import MAX_SIZES, GPTConfig
 from .validation import check_positive_int, reject_autograd
 
 __all__ = [

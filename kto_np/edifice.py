@@ -523,10 +523,13 @@ class Edifice:
     tokens); grads = model.backward(dlogits, cache) (same keys and shapes as params).
     """
 
-    def __init__(self, config: EdificeConfig):
+    def __init__(self, config: EdificeConfig, *, fast: bool = False):
         if not isinstance(config, EdificeConfig):
             raise TypeError(f"config must be an EdificeConfig, got {type(config).__name__}")
         self.config = config
+        # Edifice's own ops (erf GELU, ε-softmax) have no fast twins: fast=True is accepted, so that every
+        # architecture builds the same way, and runs the reading edition
+        self.fast = check_bool("fast", fast)
 
     def __repr__(self) -> str:
         return f"Edifice({self.config})"
@@ -649,9 +652,9 @@ class Edifice:
 
 def build_edifice(hidden_size: int = 512, num_layers: int = 6, num_heads: int = 8, vocab_size: int = 32000,
                   dropout: float = 0.1, max_seq_len: int = 2048, *, dtype: str = "float32",
-                  token_embedding: str = "fixed") -> Edifice:
+                  token_embedding: str = "fixed", fast: bool = False) -> Edifice:
     """Edifice.Meta.KTO.build/1's network (same options and defaults); token_embedding="learned" repairs
     the fixed embedding (see the module docstring)."""
     return Edifice(EdificeConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, hidden_size=hidden_size,
                                  num_layers=num_layers, num_heads=num_heads, dropout=dropout, dtype=dtype,
-                                 token_embedding=token_embedding))
+                                 token_embedding=token_embedding), fast=fast)

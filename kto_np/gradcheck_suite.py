@@ -14,7 +14,7 @@ from . import dpo, logprobs, losses, step
 from .backend import to_numpy
 from .gradcheck import DEFAULT_TOLERANCE, GradCheckRow, check_gradients
 from .losses import KTOConfig
-from .model import build
+from .architectures import build
 
 __all__ = ["loss_and_logprob_checks", "model_checks"]
 

@@ -17,29 +17,9 @@ import numpy as np
 
 from . import backend
 from .backend import array_module, resolve_dtype
-from .edifice import Edifice, EdificeConfig, build_edifice
-from .edifice import param_shapes as edifice_param_shapes
-from .layers import (
-    LAYERNORM_EPS,
-    AttentionCache,
-    DropoutCache,
-    EmbeddingCache,
-    GeluCache,
-    LayerNormCache,
-    LinearCache,
-    attention_backward,
-    attention_forward,
-    dropout_backward,
-    dropout_forward,
-    embedding_backward,
-    embedding_forward,
-    gelu_backward,
-    gelu_forward,
-    layernorm_backward,
-    layernorm_forward,
-    linear_backward,
-    linear_forward,
-)
+from . import layers
+from .fast import layers as fast_layers
+from .layers import LAYERNORM_EPS, AttentionCache, DropoutCache, EmbeddingCache, GeluCache, LayerNormCache, LinearCache
 from .validation import (
     as_float_array,
     as_token_batch,
@@ -53,7 +33,6 @@ from .validation import (
 )
 
 POSITIONAL = ("learned", "sinusoidal")
-ARCHITECTURES = ("gpt2", "edifice")  # build(architecture=...): this module's GPT-2, or edifice.Edifice
 
 
 # Sane bounds, checked before any array exists (a crafted checkpoint config cannot ask for 10**6 layers):
@@ -125,8 +104,6 @@ class GPTConfig:
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape, in a fixed order (the order of the forward pass)."""
-    if isinstance(config, EdificeConfig):
-        return edifice_param_shapes(config)
     V, C, L = config.vocab_size, config.hidden_size, config.num_layers
     shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C)}
     if config.positional == "learned":
@@ -194,7 +171,7 @@ class GPTCache(NamedTuple):
     dtype: Any  # the model dtype
 
 
-def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool, rng, past=None):
+def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool, rng, past=None, ops=layers):
     """One pre-LN transformer block.  x [B, T, C] -> out [B, T, C]
 
     x_mid = x + dropout(attn(ln_1(x)))
@@ -202,47 +179,47 @@ def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool
     past: this layer's (keys, values, start) of a KVCache (see attention_forward), or None.
     """
     p = f"h.{layer}."
-    ln_1_out, ln_1_cache = layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"],
+    ln_1_out, ln_1_cache = ops.layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"],
                                              LAYERNORM_EPS)
-    attn_out, attn_cache = attention_forward(
+    attn_out, attn_cache = ops.attention_forward(
         ln_1_out, params[p + "attn.c_attn.weight"], params[p + "attn.c_attn.bias"],
         params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"], config.num_heads,
         dropout=config.dropout, train=train, rng=rng, past=past,
     )
-    attn_out, attn_dropout_cache = dropout_forward(attn_out, config.dropout, train=train, rng=rng)
+    attn_out, attn_dropout_cache = ops.dropout_forward(attn_out, config.dropout, train=train, rng=rng)
     x_mid = x + attn_out
-    ln_2_out, ln_2_cache = layernorm_forward(x_mid, params[p + "ln_2.weight"], params[p + "ln_2.bias"],
+    ln_2_out, ln_2_cache = ops.layernorm_forward(x_mid, params[p + "ln_2.weight"], params[p + "ln_2.bias"],
                                              LAYERNORM_EPS)
-    fc_out, fc_cache = linear_forward(ln_2_out, params[p + "mlp.c_fc.weight"], params[p + "mlp.c_fc.bias"])
-    gelu_out, gelu_cache = gelu_forward(fc_out)
-    mlp_out, mlp_proj_cache = linear_forward(gelu_out, params[p + "mlp.c_proj.weight"],
+    fc_out, fc_cache = ops.linear_forward(ln_2_out, params[p + "mlp.c_fc.weight"], params[p + "mlp.c_fc.bias"])
+    gelu_out, gelu_cache = ops.gelu_forward(fc_out)
+    mlp_out, mlp_proj_cache = ops.linear_forward(gelu_out, params[p + "mlp.c_proj.weight"],
                                              params[p + "mlp.c_proj.bias"])
-    mlp_out, mlp_dropout_cache = dropout_forward(mlp_out, config.dropout, train=train, rng=rng)
+    mlp_out, mlp_dropout_cache = ops.dropout_forward(mlp_out, config.dropout, train=train, rng=rng)
     out = x_mid + mlp_out
     cache = BlockCache(ln_1_cache, attn_cache, attn_dropout_cache, ln_2_cache, fc_cache, gelu_cache,
                        mlp_proj_cache, mlp_dropout_cache)
     return out, cache
 
 
-def block_backward(dout, cache: BlockCache, layer: int, grads: dict):
+def block_backward(dout, cache: BlockCache, layer: int, grads: dict, ops=layers):
     """Backward of block_forward: fills grads["h.{layer}.*"] and returns dx [B, T, C]."""
     p = f"h.{layer}."
     # out = x_mid + dropout(mlp_out)
-    dmlp_out = dropout_backward(dout, cache.mlp_dropout)
-    dgelu_out, grads[p + "mlp.c_proj.weight"], grads[p + "mlp.c_proj.bias"] = linear_backward(
+    dmlp_out = ops.dropout_backward(dout, cache.mlp_dropout)
+    dgelu_out, grads[p + "mlp.c_proj.weight"], grads[p + "mlp.c_proj.bias"] = ops.linear_backward(
         dmlp_out, cache.mlp_proj)
-    dfc_out = gelu_backward(dgelu_out, cache.gelu)
-    dln_2_out, grads[p + "mlp.c_fc.weight"], grads[p + "mlp.c_fc.bias"] = linear_backward(dfc_out, cache.fc)
-    dx_mid, grads[p + "ln_2.weight"], grads[p + "ln_2.bias"] = layernorm_backward(dln_2_out, cache.ln_2)
+    dfc_out = ops.gelu_backward(dgelu_out, cache.gelu)
+    dln_2_out, grads[p + "mlp.c_fc.weight"], grads[p + "mlp.c_fc.bias"] = ops.linear_backward(dfc_out, cache.fc)
+    dx_mid, grads[p + "ln_2.weight"], grads[p + "ln_2.bias"] = ops.layernorm_backward(dln_2_out, cache.ln_2)
     dx_mid += dout  # the residual path of out = x_mid + ...
     # x_mid = x + dropout(attn_out)
-    dattn_out = dropout_backward(dx_mid, cache.attn_dropout)
-    attn_grads = attention_backward(dattn_out, cache.attn)
+    dattn_out = ops.dropout_backward(dx_mid, cache.attn_dropout)
+    attn_grads = ops.attention_backward(dattn_out, cache.attn)
     grads[p + "attn.c_attn.weight"] = attn_grads.dc_attn_weight
     grads[p + "attn.c_attn.bias"] = attn_grads.dc_attn_bias
     grads[p + "attn.c_proj.weight"] = attn_grads.dc_proj_weight
     grads[p + "attn.c_proj.bias"] = attn_grads.dc_proj_bias
-    dx, grads[p + "ln_1.weight"], grads[p + "ln_1.bias"] = layernorm_backward(attn_grads.dx, cache.ln_1)
+    dx, grads[p + "ln_1.weight"], grads[p + "ln_1.bias"] = ops.layernorm_backward(attn_grads.dx, cache.ln_1)
     dx += dx_mid  # the residual path of x_mid = x + ...
     return dx
 
@@ -299,13 +276,15 @@ class GPT:
     grads = model.backward(dlogits, cache)  (same keys and shapes as params).
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, *, fast: bool = False):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
+        self.fast = check_bool("fast", fast)
+        self.ops = fast_layers if self.fast else layers  # the op pairs the forward and backward run on
 
     def __repr__(self) -> str:
-        return f"GPT({self.config})"
+        return f"GPT({self.config}{', fast=True' if self.fast else ''})"
 
     # -- parameters ------------------------------------------------------------------------------
 
@@ -403,25 +382,25 @@ class GPT:
     def _forward(self, params: dict, tokens, *, train: bool = False, rng=None, keep_cache: bool,
                  kv_cache: KVCache | None = None):
         """GPT.forward on checked arguments (generate calls it once per token)."""
-        config = self.config
+        config, ops = self.config, self.ops
         xp = array_module(params["wte.weight"])
         tokens = xp.asarray(tokens)
         B, T = tokens.shape
         start = 0 if kv_cache is None else kv_cache.length
         keep_cache = keep_cache and kv_cache is None
 
-        token_vectors, wte_cache = embedding_forward(params["wte.weight"], tokens)  # [B, T, C]
+        token_vectors, wte_cache = ops.embedding_forward(params["wte.weight"], tokens)  # [B, T, C]
         x = token_vectors + self.position_embeddings(params, T, start)  # [T, C] broadcast over B
-        x, embedding_dropout_cache = dropout_forward(x, config.dropout, train=train, rng=rng)
+        x, embedding_dropout_cache = ops.dropout_forward(x, config.dropout, train=train, rng=rng)
         block_caches = []
         for layer in range(config.num_layers):
             past = None if kv_cache is None else (kv_cache.keys[layer], kv_cache.values[layer], start)
-            x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng, past=past)
+            x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng, past=past, ops=ops)
             if keep_cache:
                 block_caches.append(block_cache)
         if kv_cache is not None:
             kv_cache.length = start + T
-        x_final, ln_f_cache = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
+        x_final, ln_f_cache = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
         head_weight = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]  # [V, C]
         V = head_weight.shape[0]
         logits = (x_final.reshape(B * T, -1) @ head_weight.T).reshape(B, T, V)
@@ -433,7 +412,7 @@ class GPT:
 
     def backward(self, dlogits, cache: GPTCache) -> dict:
         """dlogits [B, T, V] (d loss / d logits) -> grads, same keys and shapes as params."""
-        config = self.config
+        config, ops = self.config, self.ops
         if not isinstance(cache, GPTCache):
             raise TypeError(f"cache must be the GPTCache returned by forward, got {type(cache).__name__}")
         cache_sizes = (len(cache.blocks), tuple(cache.head_weight.shape), np.dtype(cache.dtype))
@@ -463,10 +442,10 @@ class GPT:
                              "dlogits are too large: dlogits @ head weight overflowed to infinity")
         with np.errstate(invalid="ignore", over="ignore"):  # overflow is reported below, by name
             dhead_weight = dlogits_rows.T @ cache.x_final.reshape(B * T, -1)  # [V, C]
-            dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dx_final, cache.ln_f)
+            dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(dx_final, cache.ln_f)
             for layer in reversed(range(config.num_layers)):
-                dx = block_backward(dx, cache.blocks[layer], layer, grads)
-            dx = dropout_backward(dx, cache.embedding_dropout)
+                dx = block_backward(dx, cache.blocks[layer], layer, grads, ops)
+            dx = ops.dropout_backward(dx, cache.embedding_dropout)
         if not bool(xp.isfinite(dx).all()) or not bool(xp.isfinite(dhead_weight).all()):
             raise ValueError("dlogits are too large: the gradients overflowed to infinity on the way back "
                              f"({cache.dtype} cannot hold them); scale dlogits down")
@@ -477,56 +456,8 @@ class GPT:
             grads["wpe.weight"] = dwpe
         if config.tie_embeddings:
             # wte is used twice, lookup and head: the lookup's gradient is added to the head's in place
-            grads["wte.weight"] = embedding_backward(dx, cache.wte, out=dhead_weight)
+            grads["wte.weight"] = ops.embedding_backward(dx, cache.wte, out=dhead_weight)
         else:
-            grads["wte.weight"] = embedding_backward(dx, cache.wte)  # [V, C]
+            grads["wte.weight"] = ops.embedding_backward(dx, cache.wte)  # [V, C]
             grads["lm_head.weight"] = dhead_weight
         return {name: grads[name] for name in param_shapes(config)}
-
-
-def build(hidden_size: int = 512, num_layers: int = 6, num_heads: int = 8, vocab_size: int = 32000,
-          dropout: float = 0.1, max_seq_len: int = 2048, *, dtype: str = "float32",
-          positional: str | None = None, tie_embeddings: bool | None = None, architecture: str = "gpt2",
-          token_embedding: str | None = None) -> GPT | Edifice:
-    """The model of the seed API (Edifice.Meta.KTO.build). The config is validated here.
-
-    architecture="gpt2" (default): a GPT-2 style model, positional "learned" (default) or "sinusoidal",
-    tie_embeddings True (default) or False. architecture="edifice": Edifice's own backbone
-    (kto_np.edifice), token_embedding "fixed" (default, Edifice's) or "learned"; positional and
-    tie_embeddings do not apply to it and are rejected, as is token_embedding with "gpt2".
-    """
-    check_choice("architecture", architecture, ARCHITECTURES)
-    if architecture == "edifice":
-        not_applicable = [f"{name}={value!r}" for name, value in
-                          (("positional", positional), ("tie_embeddings", tie_embeddings)) if value is not None]
-        if not_applicable:
-            raise ValueError(
-                f"{', '.join(not_applicable)} do not apply to architecture='edifice' (its positions are a "
-                "fixed [sin | cos] table and its lm_head is a separate dense layer); leave them unset")
-        return build_edifice(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                             vocab_size=vocab_size, dropout=dropout, max_seq_len=max_seq_len, dtype=dtype,
-                             token_embedding="fixed" if token_embedding is None else token_embedding)
-    if token_embedding is not None:
-        raise ValueError(f"token_embedding={token_embedding!r} applies only to architecture='edifice' "
-                         "(GPT-2's token embedding is always learned)")
-    positional = "learned" if positional is None else positional
-    tie_embeddings = True if tie_embeddings is None else tie_embeddings
-    config = GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, hidden_size=hidden_size,
-                       num_layers=num_layers, num_heads=num_heads, dropout=dropout, dtype=dtype,
-                       positional=positional, tie_embeddings=tie_embeddings)
-    return GPT(config)
-
-
-def config_from_dict(d: dict) -> GPTConfig | EdificeConfig:
-    """A config from its to_dict(): EdificeConfig when d["architecture"] == "edifice", else GPTConfig."""
-    if not isinstance(d, dict):
-        raise TypeError(f"config must be a dict, got {type(d).__name__}")
-    if d.get("architecture", "gpt2") == "edifice":
-        return EdificeConfig.from_dict(d)
-    check_choice("architecture", d.get("architecture", "gpt2"), ARCHITECTURES)
-    return GPTConfig.from_dict({k: v for k, v in d.items() if k != "architecture"})
-
-
-def model_from_config(config: GPTConfig | EdificeConfig) -> GPT | Edifice:
-    """The model object of a config: GPT(config) or Edifice(config)."""
-    return Edifice(config) if isinstance(config, EdificeConfig) else GPT(config)

@@ -57,7 +57,8 @@ from .data import (
 from .files import write_json, write_text
 from .generate import generate
 from .losses import VARIANTS, KTOConfig, check_balance, check_weights_not_both_zero
-from .model import GPT, build, model_from_config
+from .architectures import build, model_from_config
+from .model import GPT
 from .optim import adamw_init, adamw_step, check_adamw_state, clip_grad_norm, learning_rate
 from .step import Batch, forward_logps, kto_dlogits, kto_step, reference_logps, sft_step
 from .step import completion_logps as step_completion_logps

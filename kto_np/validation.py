@@ -14,6 +14,7 @@ import numpy as np
 from .backend import array_module
 
 __all__ = [
+    "NonFiniteError",
     "as_float_array",
     "as_index_array",
     "as_token_batch",
@@ -21,6 +22,7 @@ __all__ = [
     "reject_autograd",
     "check_bool",
     "check_choice",
+    "check_finite",
     "check_finite_scalar",
     "check_fraction",
     "check_param_dtypes",
@@ -29,6 +31,23 @@ __all__ = [
     "check_rng",
     "check_same_shape",
 ]
+
+
+class NonFiniteError(ValueError):
+    """A quantity that must be finite is NaN or infinite (raised by check_finite). Training stops on it
+    with the step named (train.TrainingDiverged); everywhere else it is the ValueError of a bad input."""
+
+
+def check_finite(name: str, value) -> None:
+    """`value` (a number or an array) is finite, else NonFiniteError naming it: the one finiteness check
+    of the package, used wherever a NaN or an infinity must stop the work."""
+    if isinstance(value, numbers.Real):
+        finite = math.isfinite(value)
+    else:
+        xp = array_module(value)
+        finite = bool(xp.isfinite(value).all())
+    if not finite:
+        raise NonFiniteError(f"{name} must be finite, got NaN or infinite value(s)")
 
 
 def _describe(value) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from kto_np import backend, bench
 from kto_np.gradcheck import rel_error
-from kto_np.model import build
+from kto_np.architectures import build
 
 CONFIG = bench.CONFIGS["small"]
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4}

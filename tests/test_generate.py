@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kto_np.generate import KVCache, forward_with_cache, generate
-from kto_np.model import build
+from kto_np.architectures import build
 
 V, C, NH, L = 13, 12, 3, 2
 MAX_SEQ_LEN = 12

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from kto_np import checkpoint, cli, files, train
-from kto_np.model import build
+from kto_np.architectures import build
 
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX special files")
 
@@ -330,7 +330,7 @@ import hashlib, sys
 import numpy as np
 from kto_np import optim, step
 from kto_np.data import Tokenizer, collate, make_examples, make_task
-from kto_np.model import build
+from kto_np.architectures import build
 for dtype in ("float32", "float64"):
     batch = collate(make_examples(make_task("sort", 4), 32, seed=0), Tokenizer(), dtype=dtype)
     model = build(hidden_size=64, num_layers=2, num_heads=4, vocab_size=Tokenizer().vocab_size, max_seq_len=12,

@@ -7,7 +7,7 @@ import pytest
 from kto_np import step
 from kto_np.gradcheck import check_gradients
 from kto_np.losses import KTOConfig, kto_loss
-from kto_np.model import build
+from kto_np.architectures import build
 
 PROMPTS = [[5, 6], [7], [8, 9, 10]]
 COMPLETIONS = [[1, 2, 3], [4], [2, 2]]

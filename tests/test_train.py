@@ -11,7 +11,7 @@ from kto_np.data import Tokenizer, collate, make_examples, make_task
 from kto_np.gradcheck import check_gradients
 from kto_np.gradcheck_suite import model_checks
 from kto_np.losses import VARIANTS
-from kto_np.model import build
+from kto_np.architectures import build
 
 TINY = dict(hidden_size=16, num_layers=1, num_heads=2, sft_steps=40, steps=20, batch_size=16, sft_examples=64,
             num_examples=64, eval_prompts=32, eval_every=10, checkpoint_every=10, warmup_steps=2, num_digits=3)
