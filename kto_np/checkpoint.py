@@ -31,10 +31,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import backend
+from .architectures import check_params, config_from_dict, param_shapes
 from .backend import to_numpy
 from .edifice import EdificeConfig
 from .files import ArchiveError, NpzArchive, atomic_write, write_npy_entry
-from .architectures import check_params, config_from_dict, param_shapes
 from .model import MAX_SIZES, GPTConfig
 from .validation import check_positive_int, reject_autograd
 

@@ -587,22 +587,29 @@ class Edifice:
     # -- forward and backward --------------------------------------------------------------------
 
     def forward(self, params: dict, tokens, *, train: bool = False, rng: np.random.Generator | None = None,
-                keep_cache: bool = True):
+                keep_cache: bool = True, check: bool = True):
         """tokens [B, T] int -> (logits [B, T, V] in the model dtype, cache for backward).
 
         x = E[tokens] + PE[:T]; x = block_i(x) for i = 1..L; logits = lm_head(final_norm(x)).
         train=True applies dropout after each block's attention and feed-forward outputs (Edifice's
         placement: no embedding or attention-weight dropout), masks drawn from rng.
         keep_cache=False: forward only, the cache is None and each block's activations are freed.
+        check=False skips the door's checks (for callers that checked once at their own door).
         """
+        if check:
+            self.check_params(params)
+            check_bool("train", train)
+            check_bool("keep_cache", keep_cache)
+            if train and self.config.dropout > 0:
+                check_rng(rng, "train=True and dropout > 0")
+            tokens = self.check_tokens(tokens)
+        return self._forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache)
+
+    def _forward(self, params: dict, tokens, *, train: bool, rng, keep_cache: bool):
+        """The forward pass itself, on checked arguments."""
         config = self.config
-        self.check_params(params)
-        check_bool("train", train)
-        check_bool("keep_cache", keep_cache)
-        if train and config.dropout > 0:
-            check_rng(rng, "train=True and dropout > 0")
         xp = array_module(params["lm_head.kernel"])
-        tokens = xp.asarray(self.check_tokens(tokens))
+        tokens = xp.asarray(tokens)
         B, T = tokens.shape
 
         if config.token_embedding == "learned":
@@ -625,18 +632,24 @@ class Edifice:
                              tuple(logits.shape), config.np_dtype)
         return logits, cache
 
-    def backward(self, dlogits, cache: EdificeCache) -> dict:
-        """dlogits [B, T, V] (d loss / d logits) -> grads, same keys and shapes as params."""
+    def backward(self, dlogits, cache: EdificeCache, *, check: bool = True) -> dict:
+        """dlogits [B, T, V] (d loss / d logits) -> grads, same keys and shapes as params.
+        check=False skips the door's checks of the cache and of dlogits."""
+        if check:
+            if not isinstance(cache, EdificeCache):
+                raise TypeError(f"cache must be the EdificeCache returned by forward, got {type(cache).__name__}")
+            dlogits = as_float_array("dlogits", dlogits, ndim=3)
+            if tuple(dlogits.shape) != cache.logits_shape:
+                raise ValueError(f"dlogits must have the logits' shape {cache.logits_shape}, got "
+                                 f"{tuple(dlogits.shape)}")
+            if dlogits.dtype != cache.dtype:
+                raise TypeError(f"dlogits must have the model dtype {cache.dtype}, got {dlogits.dtype}")
+            dlogits = array_module(cache.lm_head.x).asarray(dlogits)
+        return self._backward(dlogits, cache)
+
+    def _backward(self, dlogits, cache: EdificeCache) -> dict:
+        """The backward pass itself, the forward read bottom-up, on checked arguments."""
         config = self.config
-        if not isinstance(cache, EdificeCache):
-            raise TypeError(f"cache must be the EdificeCache returned by forward, got {type(cache).__name__}")
-        dlogits = as_float_array("dlogits", dlogits, ndim=3)
-        if tuple(dlogits.shape) != cache.logits_shape:
-            raise ValueError(f"dlogits must have the logits' shape {cache.logits_shape}, got {tuple(dlogits.shape)}")
-        if dlogits.dtype != cache.dtype:
-            raise TypeError(f"dlogits must have the model dtype {cache.dtype}, got {dlogits.dtype}")
-        xp = array_module(cache.lm_head.x)
-        dlogits = xp.asarray(dlogits)
         grads: dict = {}
         # logits = x_final @ lm_head.kernel + lm_head.bias
         dx_final, grads["lm_head.kernel"], grads["lm_head.bias"] = linear_backward(dlogits, cache.lm_head)

@@ -1,20 +1,109 @@
 """Autoregressive generation with a key/value cache (eval mode: no dropout).
 
-The model's own forward runs the new tokens only: GPT.forward(..., kv_cache=...) appends each
-layer's keys and values to a KVCache and attends over everything cached, positions continuing from
-the cache length, with the same logits as a forward over the whole sequence. generate() decodes
-greedily or by sampling. Shape letters: B batch, T time, V vocabulary.
+Generation has its own forward path: `forward_with_cache` runs GPT-2's forward on the new tokens only,
+appending each layer's keys and values to a KVCache and attending over everything cached, positions
+continuing from the cache length, with the same logits as GPT.forward over the whole sequence. The
+training ops (layers.attention_forward, GPT.forward) know nothing of it. generate() decodes greedily or
+by sampling. Shape letters: B batch, T time, Tn new tokens, Tk cached keys, V vocabulary.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from .backend import array_module, to_numpy
-from .model import GPT, KVCache
+from .layers import LAYERNORM_EPS, causal_mask, merge_heads
+from .model import GPT, GPTConfig
 from .validation import check_finite_scalar, check_positive_int, check_rng
 
 __all__ = ["KVCache", "forward_with_cache", "generate"]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the first `length` positions (buffers of `capacity`)."""
+
+    keys: list  # L x [B, NH, capacity, HS]
+    values: list  # L x [B, NH, capacity, HS]
+    length: int  # positions filled so far
+
+    @classmethod
+    def empty(cls, model: GPT, batch_size: int, capacity: int | None = None, xp: Any = np) -> KVCache:
+        """Zeroed buffers for batch_size sequences of up to capacity (default max_seq_len) positions."""
+        config = model.config
+        capacity = config.max_seq_len if capacity is None else capacity
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("capacity", capacity)
+        if capacity > config.max_seq_len:
+            raise ValueError(f"capacity must be <= max_seq_len={config.max_seq_len}, got {capacity}")
+        shape = (batch_size, config.num_heads, capacity, config.head_size)
+        keys = [xp.zeros(shape, dtype=config.np_dtype) for _ in range(config.num_layers)]
+        values = [xp.zeros(shape, dtype=config.np_dtype) for _ in range(config.num_layers)]
+        return cls(keys, values, 0)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def check_room(self, tokens, config: GPTConfig) -> None:
+        """tokens [B, Tn] fit: the cache's batch size, and length + Tn <= capacity."""
+        B, Tn = tokens.shape
+        if B != self.batch_size:
+            raise ValueError(f"tokens must have the cache's batch size {self.batch_size}, got {B}")
+        if self.length + Tn > self.capacity:
+            raise ValueError(
+                f"tokens would fill positions up to {self.length + Tn}, beyond the cache capacity "
+                f"{self.capacity} (max_seq_len={config.max_seq_len})")
+
+
+def _cached_attention(x, params: dict, prefix: str, config: GPTConfig, ops, keys, values, start: int):
+    """GPT-2 attention of new positions start..start+Tn-1 over every cached key (eval mode).
+
+    k, v of the new positions are written into the cache buffers keys, values [B, NH, capacity, HS];
+    the queries attend over the Tk = start + Tn keys so far.  x [B, Tn, C] -> out [B, Tn, C].
+    """
+    B, Tn, C = x.shape
+    NH, HS = config.num_heads, config.head_size
+    qkv, _ = ops.linear_forward(x, params[prefix + "attn.c_attn.weight"], params[prefix + "attn.c_attn.bias"])
+    q, k, v = qkv.reshape(B, Tn, 3, NH, HS).transpose(2, 0, 3, 1, 4)  # 3 x [B, NH, Tn, HS]
+    keys[:, :, start:start + Tn], values[:, :, start:start + Tn] = k, v
+    k, v = keys[:, :, :start + Tn], values[:, :, :start + Tn]  # [B, NH, Tk, HS]
+    scores = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(HS)  # [B, NH, Tn, Tk]
+    probs, _ = ops.softmax_forward(scores, mask=causal_mask(Tn, start + Tn, array_module(x)))
+    out, _ = ops.linear_forward(merge_heads(probs @ v), params[prefix + "attn.c_proj.weight"],
+                                params[prefix + "attn.c_proj.bias"])
+    return out
+
+
+def _cached_forward(model: GPT, params: dict, tokens, kv_cache: KVCache):
+    """GPT.forward in eval mode for tokens [B, Tn] at positions kv_cache.length.., on checked arguments;
+    extends the cache. Returns logits [B, Tn, V]."""
+    config, ops = model.config, model.ops
+    xp = array_module(params["wte.weight"])
+    tokens = xp.asarray(tokens)
+    start = kv_cache.length
+    x = params["wte.weight"][tokens] + model.position_embeddings(params, tokens.shape[1], start)
+    for layer in range(config.num_layers):
+        p = f"h.{layer}."
+        h, _ = ops.layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"], LAYERNORM_EPS)
+        x = x + _cached_attention(h, params, p, config, ops, kv_cache.keys[layer], kv_cache.values[layer], start)
+        h, _ = ops.layernorm_forward(x, params[p + "ln_2.weight"], params[p + "ln_2.bias"], LAYERNORM_EPS)
+        h, _ = ops.linear_forward(h, params[p + "mlp.c_fc.weight"], params[p + "mlp.c_fc.bias"])
+        h, _ = ops.gelu_forward(h)
+        h, _ = ops.linear_forward(h, params[p + "mlp.c_proj.weight"], params[p + "mlp.c_proj.bias"])
+        x = x + h
+    kv_cache.length = start + tokens.shape[1]
+    x, _ = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
+    head_weight = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]  # [V, C]
+    return x @ head_weight.T
 
 
 def forward_with_cache(model: GPT, params: dict, tokens, kv_cache: KVCache | None = None):
@@ -24,11 +113,21 @@ def forward_with_cache(model: GPT, params: dict, tokens, kv_cache: KVCache | Non
     extended in place. Returns (logits [B, Tn, V], kv_cache). With kv_cache=None a new one of capacity
     max_seq_len is made. Same numbers as GPT.forward on the whole sequence.
     """
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a GPT (Edifice's network has no key/value cache), got "
+                        f"{type(model).__name__}")
+    model.check_params(params)
+    tokens = model.check_tokens(tokens)
     if kv_cache is None:
-        model.check_params(params)
-        tokens = model.check_tokens(tokens)
         kv_cache = KVCache.empty(model, tokens.shape[0], xp=array_module(params["wte.weight"]))
-    logits, _ = model.forward(params, tokens, kv_cache=kv_cache)
+    elif not isinstance(kv_cache, KVCache):
+        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+    kv_cache.check_room(tokens, model.config)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite logits are reported below, by name
+        logits = _cached_forward(model, params, tokens, kv_cache)
+    if not bool(array_module(logits).isfinite(logits).all()):
+        raise ValueError("params give non-finite logits: params must be finite and small enough that the "
+                         "activations do not overflow")
     return logits, kv_cache
 
 
@@ -90,7 +189,7 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
     xp = array_module(params["wte.weight"])
     kv_cache = KVCache.empty(model, B, capacity=T0 + max_new_tokens, xp=xp)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite logits are reported below, by name
-        logits, _ = model._forward(params, prompt, keep_cache=False, kv_cache=kv_cache)
+        logits = _cached_forward(model, params, prompt, kv_cache)
     generated = []
     stopped = np.zeros(B, dtype=bool)
     for step in range(max_new_tokens):
@@ -105,7 +204,7 @@ def generate(model: GPT, params: dict, prompt_tokens, max_new_tokens: int, *, te
         if stopped.all() or step == max_new_tokens - 1:
             break
         with np.errstate(over="ignore", invalid="ignore"):
-            logits, _ = model._forward(params, next_tokens[:, None], keep_cache=False, kv_cache=kv_cache)
+            logits = _cached_forward(model, params, next_tokens[:, None], kv_cache)
     return np.concatenate([prompt, np.stack(generated, axis=1)], axis=1)
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import dpo, logprobs, losses, step
+from .architectures import build
 from .backend import to_numpy
 from .gradcheck import DEFAULT_TOLERANCE, GradCheckRow, check_gradients
 from .losses import KTOConfig
-from .architectures import build
 
 __all__ = ["loss_and_logprob_checks", "model_checks"]
 

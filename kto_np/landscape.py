@@ -282,7 +282,7 @@ def _grads_through_logps(model: GPT, params: dict, tokens, completion_mask, loss
     loss_of_logps(logps) -> (value, dvalue/dlogps [B]) -> log-prob backward -> model backward."""
     logps, (model_cache, logp_cache) = completion_logps(model, params, tokens, completion_mask)
     value, dlogps = loss_of_logps(logps)
-    return value, model.backward(sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True), model_cache)
+    return value, model.backward(sequence_logprobs_backward(dlogps, logp_cache), model_cache)
 
 
 def _z_ref_path_grads(problem: LossProblem, params: dict) -> dict:

@@ -15,9 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import backend
+from . import backend, layers
 from .backend import array_module, resolve_dtype
-from . import layers
 from .fast import layers as fast_layers
 from .layers import LAYERNORM_EPS, AttentionCache, DropoutCache, EmbeddingCache, GeluCache, LayerNormCache, LinearCache
 from .validation import (
@@ -171,12 +170,12 @@ class GPTCache(NamedTuple):
     dtype: Any  # the model dtype
 
 
-def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool, rng, past=None, ops=layers):
+def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool, rng, ops=layers):
     """One pre-LN transformer block.  x [B, T, C] -> out [B, T, C]
 
     x_mid = x + dropout(attn(ln_1(x)))
     out = x_mid + dropout(mlp.c_proj(gelu(mlp.c_fc(ln_2(x_mid)))))
-    past: this layer's (keys, values, start) of a KVCache (see attention_forward), or None.
+    ops: the module of op pairs, kto_np.layers (the reading edition) or kto_np.fast.layers.
     """
     p = f"h.{layer}."
     ln_1_out, ln_1_cache = ops.layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"],
@@ -184,7 +183,7 @@ def block_forward(params: dict, layer: int, x, config: GPTConfig, *, train: bool
     attn_out, attn_cache = ops.attention_forward(
         ln_1_out, params[p + "attn.c_attn.weight"], params[p + "attn.c_attn.bias"],
         params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"], config.num_heads,
-        dropout=config.dropout, train=train, rng=rng, past=past,
+        dropout=config.dropout, train=train, rng=rng,
     )
     attn_out, attn_dropout_cache = ops.dropout_forward(attn_out, config.dropout, train=train, rng=rng)
     x_mid = x + attn_out
@@ -222,51 +221,6 @@ def block_backward(dout, cache: BlockCache, layer: int, grads: dict, ops=layers)
     dx, grads[p + "ln_1.weight"], grads[p + "ln_1.bias"] = ops.layernorm_backward(attn_grads.dx, cache.ln_1)
     dx += dx_mid  # the residual path of x_mid = x + ...
     return dx
-
-
-@dataclass
-class KVCache:
-    """Keys and values of every layer for the first `length` positions (buffers of `capacity`).
-
-    GPT.forward(..., kv_cache=...) runs new tokens at positions length.. and appends their keys and
-    values, so generation runs each token through the model once.
-    """
-
-    keys: list  # L x [B, NH, capacity, HS]
-    values: list  # L x [B, NH, capacity, HS]
-    length: int  # positions filled so far
-
-    @classmethod
-    def empty(cls, model: GPT, batch_size: int, capacity: int | None = None, xp: Any = np) -> KVCache:
-        """Zeroed buffers for batch_size sequences of up to capacity (default max_seq_len) positions."""
-        config = model.config
-        capacity = config.max_seq_len if capacity is None else capacity
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("capacity", capacity)
-        if capacity > config.max_seq_len:
-            raise ValueError(f"capacity must be <= max_seq_len={config.max_seq_len}, got {capacity}")
-        shape = (batch_size, config.num_heads, capacity, config.head_size)
-        keys = [xp.zeros(shape, dtype=config.np_dtype) for _ in range(config.num_layers)]
-        values = [xp.zeros(shape, dtype=config.np_dtype) for _ in range(config.num_layers)]
-        return cls(keys, values, 0)
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def check_room(self, tokens, config: GPTConfig) -> None:
-        """tokens [B, Tn] fit: the cache's batch size, and length + Tn <= capacity."""
-        B, Tn = tokens.shape
-        if B != self.batch_size:
-            raise ValueError(f"tokens must have the cache's batch size {self.batch_size}, got {B}")
-        if self.length + Tn > self.capacity:
-            raise ValueError(
-                f"tokens would fill positions up to {self.length + Tn}, beyond the cache capacity "
-                f"{self.capacity} (max_seq_len={config.max_seq_len})")
 
 
 class GPT:
@@ -342,7 +296,7 @@ class GPT:
     # -- forward and backward --------------------------------------------------------------------
 
     def forward(self, params: dict, tokens, *, train: bool = False, rng: np.random.Generator | None = None,
-                keep_cache: bool = True, kv_cache: KVCache | None = None):
+                keep_cache: bool = True, check: bool = True):
         """tokens [B, T] int -> (logits [B, T, V] in the model dtype, cache for backward).
 
         x = dropout(wte[tokens] + positions); x = block_l(x) for l = 0..L-1; x_final = ln_f(x);
@@ -351,27 +305,21 @@ class GPT:
         keep_cache=False is a forward-only pass (a frozen reference, no-gradient KL rows): the cache is
         None and each block's activations are freed as soon as the next block has run, so the pass
         holds about one block's activations instead of all L.
-        kv_cache (generation, eval mode, forward-only: the cache returned is None): tokens are at
-        positions kv_cache.length.., attend over everything cached, and are appended to it.
+        check=False skips the door's checks of the arguments and of the logits' finiteness: for callers
+        that checked once at their own door (step.kto_step).
         """
+        if not check:
+            return self._forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache)
         self.check_params(params)
         tokens = self.check_tokens(tokens)
         check_bool("train", train)
         check_bool("keep_cache", keep_cache)
         if train and self.config.dropout > 0:
             check_rng(rng, "train=True and dropout > 0")
-        if kv_cache is not None:
-            if not isinstance(kv_cache, KVCache):
-                raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
-            if train:
-                raise ValueError("kv_cache is for generation: it needs train=False")
-            kv_cache.check_room(tokens, self.config)
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite logits are reported below, by name
-            logits, cache = self._forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache,
-                                          kv_cache=kv_cache)
-        xp = array_module(logits)
-        with np.errstate(over="ignore", invalid="ignore"):
+            logits, cache = self._forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache)
             total = logits.sum()  # one pass, no temporary; a finite sum means finite logits
+        xp = array_module(logits)
         if not bool(xp.isfinite(total)) and not bool(xp.isfinite(logits).all()):
             bad = [k for k, v in params.items() if not bool(array_module(v).isfinite(v).all())]
             raise ValueError(
@@ -379,27 +327,21 @@ class GPT:
                 f"do not overflow {self.config.dtype}" + (f" (non-finite params: {bad[:5]})" if bad else ""))
         return logits, cache
 
-    def _forward(self, params: dict, tokens, *, train: bool = False, rng=None, keep_cache: bool,
-                 kv_cache: KVCache | None = None):
-        """GPT.forward on checked arguments (generate calls it once per token)."""
+    def _forward(self, params: dict, tokens, *, train: bool, rng, keep_cache: bool):
+        """The forward pass itself, on checked arguments."""
         config, ops = self.config, self.ops
         xp = array_module(params["wte.weight"])
         tokens = xp.asarray(tokens)
         B, T = tokens.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        keep_cache = keep_cache and kv_cache is None
 
         token_vectors, wte_cache = ops.embedding_forward(params["wte.weight"], tokens)  # [B, T, C]
-        x = token_vectors + self.position_embeddings(params, T, start)  # [T, C] broadcast over B
+        x = token_vectors + self.position_embeddings(params, T)  # [T, C] broadcast over B
         x, embedding_dropout_cache = ops.dropout_forward(x, config.dropout, train=train, rng=rng)
         block_caches = []
         for layer in range(config.num_layers):
-            past = None if kv_cache is None else (kv_cache.keys[layer], kv_cache.values[layer], start)
-            x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng, past=past, ops=ops)
+            x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng, ops=ops)
             if keep_cache:
                 block_caches.append(block_cache)
-        if kv_cache is not None:
-            kv_cache.length = start + T
         x_final, ln_f_cache = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
         head_weight = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]  # [V, C]
         V = head_weight.shape[0]
@@ -410,9 +352,25 @@ class GPT:
                          head_weight, (B, T, V), config.np_dtype)
         return logits, cache
 
-    def backward(self, dlogits, cache: GPTCache) -> dict:
-        """dlogits [B, T, V] (d loss / d logits) -> grads, same keys and shapes as params."""
-        config, ops = self.config, self.ops
+    def backward(self, dlogits, cache: GPTCache, *, check: bool = True) -> dict:
+        """dlogits [B, T, V] (d loss / d logits) -> grads, same keys and shapes as params.
+
+        check=False skips the door's checks (the cache's model, dlogits' shape, dtype and finiteness, the
+        gradients' overflow), for callers that checked once at their own door (step.kto_step).
+        """
+        if not check:
+            return self._backward(dlogits, cache)
+        dlogits = self._check_dlogits(dlogits, cache)
+        with np.errstate(invalid="ignore", over="ignore"):  # overflow is reported below, by name
+            grads = self._backward(dlogits, cache)
+        if not all(bool(array_module(g).isfinite(g).all()) for g in grads.values()):
+            raise ValueError("dlogits are too large: the gradients overflowed to infinity on the way back "
+                             f"({cache.dtype} cannot hold them); scale dlogits down")
+        return grads
+
+    def _check_dlogits(self, dlogits, cache):
+        """The backward's door: the cache is this model's, dlogits finite, of the logits' shape and dtype."""
+        config = self.config
         if not isinstance(cache, GPTCache):
             raise TypeError(f"cache must be the GPTCache returned by forward, got {type(cache).__name__}")
         cache_sizes = (len(cache.blocks), tuple(cache.head_weight.shape), np.dtype(cache.dtype))
@@ -421,35 +379,29 @@ class GPT:
             raise ValueError(f"cache comes from another model ({cache_sizes[0]} layers, head {cache_sizes[1]}, "
                              f"{cache_sizes[2]}), not this one ({own_sizes[0]} layers, head {own_sizes[1]}, "
                              f"{own_sizes[2]})")
-        dlogits = as_float_array("dlogits", dlogits, ndim=3, finite=False)  # finiteness: see dx_final
+        dlogits = as_float_array("dlogits", dlogits, ndim=3)
         if tuple(dlogits.shape) != cache.logits_shape:
             raise ValueError(f"dlogits must have the logits' shape {cache.logits_shape}, got {tuple(dlogits.shape)}")
         if dlogits.dtype != cache.dtype:
             raise TypeError(f"dlogits must have the model dtype {cache.dtype}, got {dlogits.dtype}")
+        return array_module(cache.x_final).asarray(dlogits)
+
+    def _backward(self, dlogits, cache: GPTCache) -> dict:
+        """The backward pass itself, the forward read bottom-up, on checked arguments."""
+        config, ops = self.config, self.ops
         xp = array_module(cache.x_final)
-        dlogits = xp.asarray(dlogits)
         B, T, V = cache.logits_shape
         grads: dict = {}
-
         # logits = x_final @ head_weight.T
         dlogits_rows = dlogits.reshape(B * T, V)
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite dlogits are reported below
-            dx_final = (dlogits_rows @ cache.head_weight).reshape(B, T, -1)  # [B, T, C]
-        # a NaN or infinite dlogit makes its row of dx_final non-finite, so [B, T, C] is checked, not [B, T, V]
-        if not bool(xp.isfinite(dx_final).all()):
-            bad = int((~xp.isfinite(dlogits)).sum())
-            raise ValueError(f"dlogits must be finite, got {bad} NaN or infinite value(s)" if bad else
-                             "dlogits are too large: dlogits @ head weight overflowed to infinity")
-        with np.errstate(invalid="ignore", over="ignore"):  # overflow is reported below, by name
-            dhead_weight = dlogits_rows.T @ cache.x_final.reshape(B * T, -1)  # [V, C]
-            dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(dx_final, cache.ln_f)
-            for layer in reversed(range(config.num_layers)):
-                dx = block_backward(dx, cache.blocks[layer], layer, grads, ops)
-            dx = ops.dropout_backward(dx, cache.embedding_dropout)
-        if not bool(xp.isfinite(dx).all()) or not bool(xp.isfinite(dhead_weight).all()):
-            raise ValueError("dlogits are too large: the gradients overflowed to infinity on the way back "
-                             f"({cache.dtype} cannot hold them); scale dlogits down")
-        # x = wte[tokens] + positions
+        dx_final = (dlogits_rows @ cache.head_weight).reshape(B, T, -1)  # [B, T, C]
+        dhead_weight = dlogits_rows.T @ cache.x_final.reshape(B * T, -1)  # [V, C]
+        # x_final = ln_f(x)
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(dx_final, cache.ln_f)
+        for layer in reversed(range(config.num_layers)):
+            dx = block_backward(dx, cache.blocks[layer], layer, grads, ops)
+        # x = dropout(wte[tokens] + positions)
+        dx = ops.dropout_backward(dx, cache.embedding_dropout)
         if config.positional == "learned":
             dwpe = xp.zeros(param_shapes(config)["wpe.weight"], dtype=cache.dtype)
             dwpe[:T] = dx.sum(axis=0)

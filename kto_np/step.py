@@ -13,10 +13,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import logprobs
+from .architectures import Model
 from .backend import array_module, asarray, resolve_dtype
-from .logprobs import sequence_logprobs_backward, sequence_logprobs_forward
+from .fast import logprobs as fast_logprobs
 from .losses import KTOConfig
-from .validation import check_positive_int, reject_autograd
+from .validation import as_float_array, check_bool, check_finite, check_positive_int, check_rng, reject_autograd
 
 __all__ = [
     "KL_ROTATION",
@@ -152,11 +154,25 @@ def make_batch(prompt_ids, completion_ids, labels, *, pad_id: int = 0, dtype="fl
 # log-probabilities of completions
 
 
+def _logprob_ops(model):
+    """The log-prob op pairs that go with the model's layers: the fast room's for a fast model."""
+    return fast_logprobs if model.fast else logprobs
+
+
+def _completion_logps(model, params: dict, tokens, completion_mask, *, keep_cache: bool, train=False, rng=None):
+    """Forward + shifted log-probs of the completion tokens, on checked arguments: [B, T] -> [B], and
+    the caches (model cache, log-prob cache) that the backward needs (None, None when not keep_cache)."""
+    logits, model_cache = model.forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache,
+                                        check=False)  # [B, T, V]
+    logps, logp_cache = _logprob_ops(model).sequence_logprobs_forward(logits, tokens, completion_mask)  # [B]
+    return logps, ((model_cache, logp_cache) if keep_cache else None)
+
+
 def completion_logps(model, params: dict, tokens, completion_mask, *, train=False, rng=None):
     """Forward + shifted log-probs of the completion tokens: [B, T] -> [B], and the caches
-    (model cache, log-prob cache) that the backward needs."""
+    (model cache, log-prob cache) that the backward needs. The model checks params and tokens."""
     logits, model_cache = model.forward(params, tokens, train=train, rng=rng)  # [B, T, V]
-    logps, logp_cache = sequence_logprobs_forward(logits, tokens, completion_mask)  # [B]
+    logps, logp_cache = _logprob_ops(model).sequence_logprobs_forward(logits, tokens, completion_mask)  # [B]
     return logps, (model_cache, logp_cache)
 
 
@@ -164,13 +180,56 @@ def forward_logps(model, params: dict, tokens, completion_mask):
     """Completion log-probs [B] with no gradient (the frozen reference; the policy's KL rows, whose
     z is detached). Keeps no activations: it costs the memory of one layer at a time."""
     logits, _ = model.forward(params, tokens, keep_cache=False)  # [B, T, V]
-    return sequence_logprobs_forward(logits, tokens, completion_mask)[0]
+    return _logprob_ops(model).sequence_logprobs_forward(logits, tokens, completion_mask)[0]
 
 
 def reference_logps(model, ref_params: dict, batch: Batch):
     """The frozen reference's log-probs of a batch's matched rows and KL rows: ([B], [B])."""
-    return (forward_logps(model, ref_params, batch.tokens, batch.completion_mask),
-            forward_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask))
+    _check_model_and_batch(model, ref_params, batch, "ref_params")
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite log-probs are reported below, by name
+        ref = _completion_logps(model, ref_params, batch.tokens, batch.completion_mask, keep_cache=False)[0]
+        kl_ref = _completion_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask,
+                                   keep_cache=False)[0]
+    check_finite("the reference log-probabilities (ref_params give non-finite logits)", float(ref.sum() + kl_ref.sum()))
+    return ref, kl_ref
+
+
+# ----------------------------------------------------------------------------------------------
+# the door of a step: everything a step takes is checked here, once
+
+
+def _check_model_and_batch(model, params: dict, batch: Batch, params_name: str = "params") -> None:
+    """The model is a kto_np Model, params are its own, and the batch's token ids fit its vocabulary and
+    context (make_batch checked the rest of the batch)."""
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a model from kto_np (build, Edifice), got {type(model).__name__}")
+    model.check_params(params, params_name)
+    if not isinstance(batch, Batch):
+        raise TypeError(f"batch must be a step.Batch (from make_batch or data.collate), got {type(batch).__name__}")
+    config = model.config
+    for name in ("tokens", "kl_tokens"):
+        tokens = getattr(batch, name)
+        if int(tokens.max()) >= config.vocab_size:
+            raise ValueError(f"batch.{name} must be in [0, {config.vocab_size}) (the model's vocab_size), "
+                             f"got ids up to {int(tokens.max())}")
+        if tokens.shape[1] > config.max_seq_len:
+            raise ValueError(f"batch.{name} has sequence length {tokens.shape[1]}, more than "
+                             f"max_seq_len={config.max_seq_len}")
+
+
+def _check_step(model, params: dict, batch: Batch, train, rng) -> None:
+    _check_model_and_batch(model, params, batch)
+    if check_bool("train", train) and model.config.dropout > 0:
+        check_rng(rng, "train=True and dropout > 0")
+
+
+def _check_reference(name: str, value, batch_size: int):
+    """Reference log-probs [B] as given by reference_logps (a NumPy/CuPy float array, finite)."""
+    value = as_float_array(name, value, ndim=1)
+    if value.shape[0] != batch_size:
+        raise ValueError(f"{name} must have shape ({batch_size},), one per example of the batch, got "
+                         f"{tuple(value.shape)}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,28 +239,43 @@ def reference_logps(model, ref_params: dict, batch: Batch):
 def kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config: KTOConfig, *,
                 train=False, rng=None):
     """The KTO loss of a batch and its gradient w.r.t. the policy's logits:
-    (loss, metrics, dlogits [B, T, V], model cache).
+    (loss, metrics, dlogits [B, T, V], model cache). Checks its arguments, as kto_step."""
+    ref_logps, kl_ref_logps = _check_kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train, rng)
+    return _kto_dlogits(model, params, batch, ref_logps, kl_ref_logps, config, train, rng)
 
-    Only "kto" uses the KL rows: they go through a policy forward only (z_ref is detached, so
-    they need no backward), run before the policy forward so that its activations are not held
-    meanwhile. The logits buffer becomes dlogits (no second [B, T, V] array).
-    """
-    if not all(callable(getattr(model, method, None)) for method in ("forward", "backward", "check_params")):
-        raise TypeError(f"model must be a model from kto_np (build, Edifice), got {type(model).__name__}")
+
+def _check_kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train, rng):
+    _check_step(model, params, batch, train, rng)
     if not isinstance(config, KTOConfig):
         raise TypeError(f"config must be a KTOConfig (from kto_np.losses), got {type(config).__name__}")
-    kl_logps = None
+    B = batch.tokens.shape[0]
+    ref_logps = _check_reference("ref_logps", ref_logps, B)
     if config.uses_kl_pairs and kl_ref_logps is not None:
-        if batch.tokens.shape[0] < 2:
+        if B < 2:
             raise ValueError("a KTO step with KL pairs needs a batch of at least 2 examples (a batch of one "
                              "has no mismatched pair), got 1")
-        kl_logps = forward_logps(model, params, batch.kl_tokens, batch.kl_completion_mask)
+        kl_ref_logps = _check_reference("kl_ref_logps", kl_ref_logps, B)
     else:
-        kl_ref_logps = None
-    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens, batch.completion_mask,
-                                                        train=train, rng=rng)
-    loss, dlogps, metrics = config.loss_and_grad(logps, ref_logps, batch.labels, kl_logps, kl_ref_logps)
-    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)
+        kl_ref_logps = None  # only "kto" uses the KL rows
+    return ref_logps, kl_ref_logps
+
+
+def _kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config: KTOConfig, train, rng):
+    """kto_dlogits on checked arguments.
+
+    The KL rows go through a policy forward only (z_ref is detached, so they need no backward), run
+    before the policy forward so that its activations are not held meanwhile.
+    """
+    kl_logps = None
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is reported below, by name
+        if kl_ref_logps is not None:
+            kl_logps, _ = _completion_logps(model, params, batch.kl_tokens, batch.kl_completion_mask,
+                                            keep_cache=False)
+        logps, (model_cache, logp_cache) = _completion_logps(model, params, batch.tokens, batch.completion_mask,
+                                                             keep_cache=True, train=train, rng=rng)
+        loss, dlogps, metrics = config.loss_and_grad(logps, ref_logps, batch.labels, kl_logps, kl_ref_logps)
+    check_finite("the KTO loss (params give non-finite logits or log-probabilities)", loss)
+    dlogits = _logprob_ops(model).sequence_logprobs_backward(dlogps, logp_cache)
     return loss, metrics, dlogits, model_cache
 
 
@@ -209,12 +283,20 @@ def kto_step(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config:
              train=False, rng=None):
     """The whole KTO gradient of one batch: (loss, metrics, grads of every policy parameter).
 
-    policy forward -> sequence log-probs [B] -> KTO loss -> dL/dlogps [B] -> dL/dlogits [B, T, V]
-    -> model backward -> grads (same keys as params). ref_logps, kl_ref_logps: reference_logps.
+        policy forward -> sequence log-probs [B] -> KTO loss -> dL/dlogps [B]
+        -> dL/dlogits [B, T, V] -> model backward -> grads (same keys as params)
+
+    ref_logps, kl_ref_logps: from reference_logps (kl_ref_logps is used by variant "kto" only).
+    The arguments are checked here, once; the model, the log-probs and the loss then run unchecked.
+    A NaN or infinite loss or gradient raises validation.NonFiniteError.
     """
-    loss, metrics, dlogits, model_cache = kto_dlogits(model, params, batch, ref_logps, kl_ref_logps, config,
-                                                      train=train, rng=rng)
-    return loss, metrics, model.backward(dlogits, model_cache)
+    ref_logps, kl_ref_logps = _check_kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train, rng)
+    loss, metrics, dlogits, model_cache = _kto_dlogits(model, params, batch, ref_logps, kl_ref_logps, config,
+                                                       train, rng)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite gradients are reported below, by name
+        grads = model.backward(dlogits, model_cache, check=False)
+    check_finite("the gradients (params overflow on the way back)", grads)
+    return loss, metrics, grads
 
 
 def sft_step(model, params: dict, batch: Batch, *, train=False, rng=None):
@@ -223,11 +305,16 @@ def sft_step(model, params: dict, batch: Batch, *, train=False, rng=None):
     L = -sum_b logp_b / N_tokens, so dL/dlogp_b = -1 / N_tokens for every sequence.
     Returns (loss, {}, grads).
     """
-    logps, (model_cache, logp_cache) = completion_logps(model, params, batch.tokens, batch.completion_mask,
-                                                        train=train, rng=rng)
-    xp = array_module(logps)
-    num_tokens = float(batch.completion_mask.sum())
-    loss = -float(logps.sum()) / num_tokens
-    dlogps = xp.full(logps.shape, -1.0 / num_tokens, dtype=logps.dtype)
-    dlogits = sequence_logprobs_backward(dlogps, logp_cache, overwrite_logits=True)
-    return loss, {}, model.backward(dlogits, model_cache)
+    _check_step(model, params, batch, train, rng)
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is reported below, by name
+        logps, (model_cache, logp_cache) = _completion_logps(model, params, batch.tokens, batch.completion_mask,
+                                                             keep_cache=True, train=train, rng=rng)
+        num_tokens = float(batch.completion_mask.sum())
+        loss = -float(logps.sum()) / num_tokens
+    check_finite("the SFT loss (params give non-finite logits or log-probabilities)", loss)
+    dlogps = array_module(logps).full(logps.shape, -1.0 / num_tokens, dtype=logps.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite gradients are reported below, by name
+        dlogits = _logprob_ops(model).sequence_logprobs_backward(dlogps, logp_cache)
+        grads = model.backward(dlogits, model_cache, check=False)
+    check_finite("the gradients (params overflow on the way back)", grads)
+    return loss, {}, grads

@@ -39,15 +39,27 @@ class NonFiniteError(ValueError):
 
 
 def check_finite(name: str, value) -> None:
-    """`value` (a number or an array) is finite, else NonFiniteError naming it: the one finiteness check
-    of the package, used wherever a NaN or an infinity must stop the work."""
+    """`value` is finite, else NonFiniteError naming it: the one finiteness check of the package, used
+    wherever a NaN or an infinity must stop the work. value: a number, an array, or a dict of arrays
+    (gradients, parameters: the message names the non-finite keys).
+
+    An array is summed first (one pass, no temporary): a finite sum means finite entries, and only a
+    non-finite sum (or an overflowing sum of finite entries) looks at every entry."""
     if isinstance(value, numbers.Real):
-        finite = math.isfinite(value)
-    else:
-        xp = array_module(value)
-        finite = bool(xp.isfinite(value).all())
-    if not finite:
-        raise NonFiniteError(f"{name} must be finite, got NaN or infinite value(s)")
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} must be finite, got {value}")
+        return
+    arrays = value if isinstance(value, dict) else {None: value}
+    bad = []
+    for key, array in arrays.items():
+        xp = array_module(array)
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = array.sum()
+        if not bool(xp.isfinite(total)) and not bool(xp.isfinite(array).all()):
+            bad.append(key)
+    if bad:
+        where = "" if bad == [None] else f" in {bad[:5]}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(f"{name} must be finite, got NaN or infinite values{where}")
 
 
 def _describe(value) -> str:

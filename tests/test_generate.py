@@ -4,8 +4,8 @@ argmax over repeated full forwards, top-k sampling stays in the top k, seeds rep
 import numpy as np
 import pytest
 
-from kto_np.generate import KVCache, forward_with_cache, generate
 from kto_np.architectures import build
+from kto_np.generate import KVCache, forward_with_cache, generate
 
 V, C, NH, L = 13, 12, 3, 2
 MAX_SEQ_LEN = 12
@@ -63,10 +63,9 @@ def test_forward_with_cache_makes_a_cache_and_enforces_capacity():
     with pytest.raises(ValueError, match="capacity"):
         KVCache.empty(model, 1, capacity=MAX_SEQ_LEN + 1)
     with pytest.raises(TypeError, match="kv_cache must be a KVCache"):
-        model.forward(params, prompt(5, seq=1), kv_cache={"keys": []})
-    with pytest.raises(ValueError, match="train=False"):
-        model.forward(params, prompt(5, seq=1), train=True, rng=np.random.default_rng(0),
-                      kv_cache=KVCache.empty(model, 3))
+        forward_with_cache(model, params, prompt(5, seq=1), {"keys": []})
+    with pytest.raises(TypeError, match="kv_cache"):  # the training forward has no cache: it is generation's
+        model.forward(params, prompt(5, seq=1), kv_cache=KVCache.empty(model, 3))
 
 
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal"])

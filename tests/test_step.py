@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from kto_np import step
+from kto_np.architectures import build
 from kto_np.gradcheck import check_gradients
 from kto_np.losses import KTOConfig, kto_loss
-from kto_np.architectures import build
 
 PROMPTS = [[5, 6], [7], [8, 9, 10]]
 COMPLETIONS = [[1, 2, 3], [4], [2, 2]]
@@ -113,3 +113,41 @@ def test_a_batch_of_one_has_no_kl_pair():
     with pytest.raises(ValueError, match="at least 2 examples"):
         step.kto_step(model, params, batch, ref, kl_ref, KTOConfig("kto"))
     step.kto_step(model, params, batch, ref, None, KTOConfig("apo_zero_unpaired"))  # no KL rows needed
+
+
+def _calls_into(module_file: str, function, *args, **kwargs) -> int:
+    """How many Python function calls land in `module_file` while function(*args, **kwargs) runs."""
+    import sys
+
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == module_file:
+            calls.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        function(*args, **kwargs)
+    finally:
+        sys.setprofile(None)
+    return len(calls)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_kto_step_checks_its_arguments_once_at_the_door(fast):
+    """The step checks at its door; the model, the log-probs and the loss inside run unchecked (a step on
+    main before the reading edition made 71 calls into validation)."""
+    from kto_np import validation
+
+    model = build(hidden_size=16, num_layers=2, num_heads=2, vocab_size=13, dropout=0.1, max_seq_len=12,
+                  dtype="float64", fast=fast)
+    params = model.init(0)
+    batch = step.make_batch(PROMPTS, COMPLETIONS, [1, 0, 1], dtype="float64")
+    ref, kl_ref = step.reference_logps(model, params, batch)
+    config = KTOConfig(variant="kto")
+    rng = np.random.default_rng(0)
+    calls = _calls_into(validation.__file__, step.kto_step, model, params, batch, ref, kl_ref, config,
+                        train=True, rng=rng)
+    assert 0 < calls <= 15, calls
+    # and the same check of the counter: the public forward alone checks (it is a door)
+    assert _calls_into(validation.__file__, model.forward, params, batch.tokens) > 0
