@@ -371,3 +371,27 @@ def test_backward_reports_overflowing_dlogits_float32():
     huge = np.full(logits.shape, 3e38, dtype=np.float32)  # finite, but V * 3e38 overflows float32
     with pytest.raises(ValueError, match="dlogits are too large"):
         model.backward(huge, cache)
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_the_fast_room_gives_the_reading_editions_logits_and_gradients(dtype, rtol, tie_embeddings):
+    """build(..., fast=True) runs kto_np.fast.layers: the same logits and every gradient as the reading
+    edition, with dropout (the same masks from the same seed)."""
+    kwargs = dict(hidden_size=16, num_layers=2, num_heads=4, vocab_size=37, dropout=0.1, max_seq_len=16,
+                  dtype=dtype, tie_embeddings=tie_embeddings)
+    reading, fast = build(**kwargs), build(**kwargs, fast=True)
+    assert not reading.fast and fast.fast and fast.ops is not reading.ops
+    params = reading.init(3)
+    tokens = np.random.default_rng(4).integers(0, 37, size=(3, 11))
+    dlogits = np.random.default_rng(5).normal(size=(3, 11, 37)).astype(dtype)
+    outputs = []
+    for model in (reading, fast):
+        logits, cache = model.forward(params, tokens, train=True, rng=np.random.default_rng(6))
+        outputs.append((logits.copy(), model.backward(dlogits.copy(), cache)))
+    (logits_a, grads_a), (logits_b, grads_b) = outputs
+    scale = float(np.abs(logits_a).max())
+    np.testing.assert_allclose(logits_b, logits_a, rtol=rtol, atol=rtol * scale)
+    for name in grads_a:
+        scale = float(np.abs(grads_a[name]).max())
+        np.testing.assert_allclose(grads_b[name], grads_a[name], rtol=rtol, atol=rtol * scale, err_msg=name)
