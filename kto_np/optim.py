@@ -1,8 +1,12 @@
-"""AdamW, gradient clipping and the learning-rate schedule, written out by hand.
+"""AdamW, gradient clipping and the learning-rate schedule, written as their formulas.
 
 The optimizer state is a plain dict of arrays, {"step": int, "m": {name: array}, "v": {name: array}},
 so it goes into a checkpoint's `extra` as it is and training resumes exactly. Parameters, gradients
 and moments share names, shapes, dtype and array module (NumPy or CuPy); nothing is cast.
+
+The file has two parts: the door (the argument checks, run once before anything is written), then
+the math (AdamW, the global gradient norm, the schedule), one formula a line. `kto_np.fast.optim`
+computes the same numbers in cache-sized blocks, for training.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from collections.abc import Callable
 import numpy as np
 
 from .backend import array_module
-from .validation import check_choice, check_finite_scalar, check_positive_int, reject_autograd
+from .validation import (
+    NonFiniteError,
+    check_choice,
+    check_finite,
+    check_finite_scalar,
+    check_positive_int,
+    reject_autograd,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -27,36 +38,10 @@ __all__ = [
 
 SCHEDULES = ("cosine", "linear", "constant")
 CLIP_EPS = 1e-6  # as in torch.nn.utils.clip_grad_norm_
-# With NumPy, AdamW and the gradient norm go over each array in blocks of this many entries (1 MiB of
-# float32): the few temporaries are block-sized and stay in cache, instead of parameter-sized arrays
-# allocated (and page-faulted) at every step. CuPy arrays are processed whole.
-_BLOCK_ELEMENTS = 1 << 18
 
 
-def _flat_blocks(*arrays):
-    """Matching 1-D block views of same-shape arrays: [(a[i:j], b[i:j], ...), ...].
-
-    One whole-array block when the arrays are CuPy or not all C-contiguous (a flat view of a
-    non-contiguous array would be a copy, and in-place updates of it would be lost).
-    """
-    xp = array_module(*arrays)
-    if xp is not np or not all(a.flags.c_contiguous for a in arrays):
-        return [arrays]
-    flat = [a.reshape(-1) for a in arrays]
-    size = flat[0].size
-    return [tuple(f[start:start + _BLOCK_ELEMENTS] for f in flat) for start in range(0, size, _BLOCK_ELEMENTS)]
-
-
-def _max_abs(array) -> float:
-    """max |array| over its blocks, without a temporary (NaN when any entry is NaN; 0 when empty)."""
-    largest = 0.0
-    for (block,) in _flat_blocks(array):
-        if block.size:
-            high, low = float(block.max()), float(block.min())
-            if math.isnan(high) or math.isnan(low):
-                return math.nan
-            largest = max(largest, abs(high), abs(low))
-    return largest
+# ---------------------------------------------------------------------------------------------
+# The door: argument checks
 
 
 def _check_array_dict(name: str, arrays) -> None:
@@ -132,6 +117,62 @@ def _check_betas(betas) -> tuple[float, float]:
     return checked
 
 
+def _check_adamw_arguments(params, grads, state, lr, betas, eps, weight_decay, decay_mask):
+    """Every argument of adamw_step, checked: (step, lr, (beta1, beta2), eps, weight_decay, decayed)
+    where decayed[name] says whether params[name] gets the weight decay."""
+    _check_array_dict("params", params)
+    _check_like_params("grads", grads, params)
+    step = _check_state(state, params)
+    lr = check_finite_scalar("lr", lr, nonnegative=True)
+    betas = _check_betas(betas)
+    eps = check_finite_scalar("eps", eps, positive=True)
+    weight_decay = check_finite_scalar("weight_decay", weight_decay, nonnegative=True)
+    if decay_mask is not None and not callable(decay_mask):
+        raise TypeError(f"decay_mask must be a callable name -> bool or None, got {decay_mask!r}")
+    # default: decay every parameter with ndim >= 2 (weights, embeddings), no bias or LayerNorm (GPT-2)
+    decayed = {k: bool(decay_mask(k)) if decay_mask is not None else p.ndim >= 2 for k, p in params.items()}
+    return step, lr, betas, eps, weight_decay, decayed
+
+
+def _check_finite_and_squarable(params: dict, grads: dict) -> None:
+    """Every gradient and parameter is finite, and every gradient's square fits its dtype (else v
+    would become infinite)."""
+    for key, grad in grads.items():
+        check_finite(f"grads[{key!r}]", grad)
+        largest = float(array_module(grad).abs(grad).max()) if grad.size else 0.0
+        if largest > math.sqrt(float(np.finfo(grad.dtype).max)):
+            raise NonFiniteError(f"grads[{key!r}] up to {largest:.3g}: its square overflows {grad.dtype} in "
+                                 "the second moment v; clip the gradients first (clip_grad_norm)")
+    for key, param in params.items():
+        check_finite(f"params[{key!r}]", param)
+
+
+def _check_params_after_the_step(params: dict, lr: float) -> None:
+    """lr is finite but can still be too large for the dtype: the parameters it made infinite."""
+    for key, param in params.items():
+        if not bool(array_module(param).isfinite(param).all()):
+            raise NonFiniteError(f"lr={lr:g} made params[{key!r}] overflow to infinity ({param.dtype}); the step "
+                                 "was applied: restore params and state from a checkpoint and use a smaller lr")
+
+
+def _check_schedule(step, base_lr, warmup_steps, total_steps, schedule, min_lr_ratio):
+    step = check_positive_int("step", step, minimum=0)
+    base_lr = check_finite_scalar("base_lr", base_lr, nonnegative=True)
+    warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
+    total_steps = check_positive_int("total_steps", total_steps, minimum=1)
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps must be <= total_steps ({total_steps}), got {warmup_steps}")
+    check_choice("schedule", schedule, SCHEDULES)
+    min_lr_ratio = check_finite_scalar("min_lr_ratio", min_lr_ratio, nonnegative=True)
+    if min_lr_ratio > 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    return step, base_lr, warmup_steps, total_steps, min_lr_ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# The math
+
+
 def adamw_init(params: dict) -> dict:
     """Fresh AdamW state: step 0 and zero first/second moments shaped like each parameter."""
     _check_array_dict("params", params)
@@ -159,68 +200,52 @@ def adamw_step(
         p ← p − lr·wd·p                      (decoupled weight decay, only where decay_mask(name))
         m ← β1·m + (1 − β1)·g
         v ← β2·v + (1 − β2)·g²
-        p ← p − lr · (m / (1 − β1^t)) / (sqrt(v / (1 − β2^t)) + eps)
+        m̂ = m / (1 − β1^t),  v̂ = v / (1 − β2^t)
+        p ← p − lr · m̂ / (sqrt(v̂) + eps)
     decay_mask(name) -> bool picks the decayed parameters; the default decays every parameter with
     ndim >= 2 (weights and embeddings) and no bias or LayerNorm parameter, the GPT-2 convention.
     Everything is checked before anything is written: on error, params and state are untouched.
     Non-finite gradients are an error (clip_grad_norm reports them first, so the caller can skip).
     """
-    _check_array_dict("params", params)
-    _check_like_params("grads", grads, params)
-    step = _check_state(state, params) + 1
-    lr = check_finite_scalar("lr", lr, nonnegative=True)
-    beta1, beta2 = _check_betas(betas)
-    eps = check_finite_scalar("eps", eps, positive=True)
-    weight_decay = check_finite_scalar("weight_decay", weight_decay, nonnegative=True)
-    if decay_mask is not None and not callable(decay_mask):
-        raise TypeError(f"decay_mask must be a callable name -> bool or None, got {decay_mask!r}")
-    decayed = {
-        k: bool(decay_mask(k)) if decay_mask is not None else p.ndim >= 2 for k, p in params.items()
-    }
-    for name, arrays in (("grads", grads), ("params", params)):
-        for key, array in arrays.items():
-            largest = _max_abs(array)  # NaN when any entry is
-            if not math.isfinite(largest):
-                raise ValueError(f"{name}[{key!r}] must be finite, got NaN or infinite values")
-            if name == "grads" and largest > math.sqrt(float(np.finfo(array.dtype).max)):
-                raise ValueError(f"grads[{key!r}] up to {largest:.3g}: its square overflows {array.dtype} in "
-                                 "the second moment v; clip the gradients first (clip_grad_norm)")
+    step, lr, (beta1, beta2), eps, weight_decay, decayed = _check_adamw_arguments(
+        params, grads, state, lr, betas, eps, weight_decay, decay_mask)
+    _check_finite_and_squarable(params, grads)
 
-    # Python floats times arrays keep the arrays' dtype (float32 stays float32).
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    step_size = lr / bias_correction1
-    for key, param in params.items():
-        xp = array_module(param)
-        decay = decayed[key] and weight_decay
-        for param_block, grad, m, v in _flat_blocks(param, grads[key], state["m"][key], state["v"][key]):
-            scratch = xp.empty_like(param_block)
-            if decay:
-                param_block *= 1.0 - lr * weight_decay
-            m *= beta1
-            m += xp.multiply(grad, 1.0 - beta1, out=scratch)
-            v *= beta2
-            grad_squared = xp.multiply(grad, grad, out=scratch)
-            grad_squared *= 1.0 - beta2
-            v += grad_squared
-            denom = xp.sqrt(v, out=scratch)
-            denom /= bias_correction2_sqrt
-            denom += eps
-            update = xp.divide(m, denom, out=scratch)
-            update *= step_size
-            param_block -= update
-    state["step"] = step
-    for key, param in params.items():  # lr is finite but can still be too large for the dtype
-        if not math.isfinite(_max_abs(param)):
-            raise ValueError(f"lr={lr:g} made params[{key!r}] overflow to infinity ({param.dtype}); the step was "
-                             "applied: restore params and state from a checkpoint and use a smaller lr")
+    t = step + 1
+    # Python floats times arrays keep the arrays' dtype (float32 stays float32). An lr too large for
+    # the dtype overflows the parameters: reported below, by name, instead of warned about here.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, p in params.items():
+            g, m, v = grads[name], state["m"][name], state["v"][name]
+            xp = array_module(p)
+            if decayed[name]:
+                p *= 1 - lr * weight_decay
+            m[...] = beta1 * m + (1 - beta1) * g
+            v[...] = beta2 * v + (1 - beta2) * g**2
+            m_hat = m / (1 - beta1**t)
+            v_hat = v / (1 - beta2**t)
+            p -= lr * (m_hat / (xp.sqrt(v_hat) + eps))
+    state["step"] = t
+    _check_params_after_the_step(params, lr)
+
+
+def _sum_of_squares(grads: dict, scale: float = 1.0) -> float:
+    """Σ (g / scale)² over every entry of every gradient, in float64; each array is summed by NumPy's
+    own (pairwise) sum, not a BLAS dot whose order depends on the thread count, and the arrays' sums
+    are added exactly by math.fsum: the same bits whatever the number of BLAS threads."""
+    with np.errstate(over="ignore"):  # squares beyond the float range: handled by the caller
+        sums = [float(((g.astype(np.float64) / scale) ** 2).sum()) for g in grads.values()]
+    try:
+        return math.fsum(sums)
+    except OverflowError:  # finite sums whose total passes the float range
+        return math.inf
 
 
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Global L2 norm of all gradients; rescale them in place when it exceeds max_norm.
 
     total = sqrt(Σ_name Σ g²), accumulated in float64 whatever the gradients' dtype, in an order that
-    does not depend on the number of BLAS threads (the blocks' sums are added with math.fsum).
+    does not depend on the number of BLAS threads.
     coef = max_norm / (total + 1e-6); when coef < 1 every gradient is multiplied by coef
     (torch.nn.utils.clip_grad_norm_). Finite gradients whose squares overflow get their norm from
     the gradients scaled by their largest entry. A NaN total (NaN or infinite gradients) or an
@@ -229,35 +254,18 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """
     _check_array_dict("grads", grads)
     max_norm = check_finite_scalar("max_norm", max_norm, positive=True)
-    squares = []
-    with np.errstate(over="ignore"):  # an overflowing sum of squares is handled below
-        for grad in grads.values():
-            xp = array_module(grad)
-            for (block,) in _flat_blocks(grad):
-                flat = block.astype(xp.float64, copy=False).reshape(-1)
-                # einsum's own loop, not BLAS dot: a threaded dot splits the sum differently for each
-                # thread count, and the last bit of the norm (hence of the update) with it
-                squares.append(float(xp.einsum("i,i->", flat, flat)) if flat.size else 0.0)
-    try:
-        total = math.sqrt(math.fsum(squares))
-    except OverflowError:  # finite squares whose sum passes the float range
-        total = math.inf
-    if math.isinf(total):  # finite gradients whose squares overflow: the norm of the gradients scaled down
-        scale = max(_max_abs(grad) for grad in grads.values())
+
+    total = math.sqrt(_sum_of_squares(grads))
+    if math.isinf(total):  # finite gradients whose squares overflow: ‖g‖ = s · ‖g / s‖, s = max |g|
+        scale = max((float(array_module(g).abs(g).max()) for g in grads.values() if g.size), default=0.0)
         if math.isfinite(scale):
-            scaled = []
-            for grad in grads.values():
-                xp = array_module(grad)
-                for (block,) in _flat_blocks(grad):
-                    flat = block.astype(xp.float64, copy=False).reshape(-1) / scale
-                    scaled.append(float(xp.einsum("i,i->", flat, flat)) if flat.size else 0.0)
-            total = scale * math.sqrt(math.fsum(scaled))
+            total = scale * math.sqrt(_sum_of_squares(grads, scale))
     if not math.isfinite(total):
         return total
     coef = max_norm / (total + CLIP_EPS)
     if coef < 1.0:
-        for grad in grads.values():
-            grad *= coef
+        for g in grads.values():
+            g *= coef
     return total
 
 
@@ -280,18 +288,8 @@ def learning_rate(
         constant: base_lr
     From total_steps on, cosine and linear stay at min_lr.
     """
-    step = check_positive_int("step", step, minimum=0)
-    base_lr = check_finite_scalar("base_lr", base_lr, nonnegative=True)
-    warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
-    total_steps = check_positive_int("total_steps", total_steps, minimum=1)
-    if warmup_steps > total_steps:
-        raise ValueError(
-            f"warmup_steps must be <= total_steps ({total_steps}), got {warmup_steps}"
-        )
-    check_choice("schedule", schedule, SCHEDULES)
-    min_lr_ratio = check_finite_scalar("min_lr_ratio", min_lr_ratio, nonnegative=True)
-    if min_lr_ratio > 1.0:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    step, base_lr, warmup_steps, total_steps, min_lr_ratio = _check_schedule(
+        step, base_lr, warmup_steps, total_steps, schedule, min_lr_ratio)
 
     if step < warmup_steps:
         return base_lr * step / warmup_steps

@@ -1,6 +1,9 @@
 """AdamW, gradient clipping and the learning-rate schedule against closed forms and PyTorch."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +12,8 @@ from hypothesis import strategies as st
 
 from kto_np.gradcheck import rel_error
 from kto_np.model import GPTConfig, param_shapes
-from kto_np.optim import adamw_init, adamw_step, clip_grad_norm, learning_rate
+from kto_np.optim import adamw_init, adamw_step, check_adamw_state, clip_grad_norm, learning_rate
+from kto_np.validation import NonFiniteError
 
 TORCH_SKIP = "torch not installed (pip install 'kto_np[torch]')"
 
@@ -208,6 +212,68 @@ def test_adamw_step_rejects_bad_input_and_changes_nothing(rng, change, kwargs, e
         np.testing.assert_array_equal(params[name], start[name], err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_gradient_whose_square_overflows_is_rejected_before_anything_is_written(rng, dtype):
+    params = {"w": rng.standard_normal((2, 3)).astype(dtype), "b": rng.standard_normal(3).astype(dtype)}
+    grads = random_grads(rng, params)
+    grads["b"][2] = 2.0 * math.sqrt(float(np.finfo(dtype).max))  # finite, but its square is not
+    state = adamw_init(params)
+    start = copy_dict(params)
+    with pytest.raises(NonFiniteError, match=r"grads\['b'\].*square overflows"):
+        adamw_step(params, grads, state, lr=0.1)
+    assert state["step"] == 0
+    for name in params:
+        np.testing.assert_array_equal(params[name], start[name], err_msg=name)
+        assert not np.any(state["m"][name]) and not np.any(state["v"][name]), name
+    grads["b"][2] = 0.5 * math.sqrt(float(np.finfo(dtype).max))  # its square fits: accepted
+    adamw_step(params, grads, state, lr=0.1)
+    assert all(np.isfinite(v).all() for v in state["v"].values())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_parameters_and_gradients_are_rejected_by_name(rng, bad):
+    for where in ("params", "grads"):
+        params = {"w": rng.standard_normal((2, 3)), "b": rng.standard_normal(3)}
+        grads = random_grads(rng, params)
+        {"params": params, "grads": grads}[where]["w"][1, 2] = bad
+        state = adamw_init(params)
+        with pytest.raises(NonFiniteError, match=rf"{where}\['w'\] must be finite"):
+            adamw_step(params, grads, state, lr=0.1)
+        assert state["step"] == 0 and not np.any(state["m"]["b"]), where
+
+
+def test_an_lr_too_large_for_the_dtype_is_reported_after_the_step(rng):
+    params = {"w": rng.standard_normal((2, 3)).astype(np.float32)}
+    grads = random_grads(rng, params)
+    state = adamw_init(params)
+    with pytest.raises(NonFiniteError, match=r"lr=1e\+39 made params\['w'\] overflow"):
+        adamw_step(params, grads, state, lr=1e39)  # finite as a Python float, not as a float32
+    assert state["step"] == 1  # the step was applied, as the message says
+    assert not np.isfinite(params["w"]).all()
+
+
+def test_adamw_updates_non_contiguous_parameters_in_place(rng):
+    base = rng.standard_normal((6, 8))
+    params = {"w": base[:, ::2]}  # a strided view of base
+    contiguous = {"w": np.ascontiguousarray(base[:, ::2])}
+    grads = {"w": rng.standard_normal((6, 4))}
+    for current in (params, contiguous):
+        adamw_step(current, grads, adamw_init(current), lr=0.1)
+    assert params["w"].base is base
+    np.testing.assert_array_equal(base[:, ::2], contiguous["w"])
+
+
+def test_check_adamw_state_returns_the_step_and_rejects_a_foreign_state(rng):
+    params = random_params(rng)
+    state = adamw_init(params)
+    adamw_step(params, random_grads(rng, params), state, lr=1e-3)
+    assert check_adamw_state(state, params) == 1
+    with pytest.raises(ValueError, match=r"state\['v'\]"):
+        check_adamw_state({**state, "v": {k: v[..., None] for k, v in state["v"].items()}}, params)
+    with pytest.raises(ValueError, match="state"):
+        check_adamw_state(None, params)
+
+
 def test_adamw_init_rejects_non_dicts_and_integer_arrays():
     with pytest.raises(TypeError, match="params"):
         adamw_init([np.zeros(3)])
@@ -278,6 +344,42 @@ def test_clip_grad_norm_non_finite_total_is_returned_and_nothing_scaled(rng, bad
     assert (math.isnan(total)) == (bad is np.nan)
     for name in grads:
         np.testing.assert_array_equal(grads[name], start[name], err_msg=name)
+
+
+def test_clip_grad_norm_of_finite_gradients_whose_squares_overflow(rng):
+    grads = {"w": rng.standard_normal((4, 5)), "b": rng.standard_normal(5)}
+    grads["w"][1, 1] = 1e200  # its square is beyond the float range
+    grads["b"][3] = -3e199
+    expected = 1e200 * float(np.linalg.norm(np.concatenate([g.ravel() / 1e200 for g in grads.values()])))
+    start = copy_dict(grads)
+    total = clip_grad_norm(grads, max_norm=1.0)
+    assert abs(total - expected) <= 1e-14 * expected, (total, expected)
+    coef = 1.0 / (expected + 1e-6)
+    for name in grads:
+        assert_close(f"clipped grads[{name}]", grads[name], start[name] * coef, 1e-14)
+
+
+THREADS_RUN = """
+import numpy as np
+from kto_np.optim import clip_grad_norm
+rng = np.random.default_rng(3)
+for dtype in (np.float32, np.float64):
+    grads = {"w": rng.standard_normal((700, 600)).astype(dtype), "b": rng.standard_normal(777).astype(dtype)}
+    print(repr(clip_grad_norm(grads, 1.0)), grads["w"].tobytes().hex()[:64])
+"""
+
+
+def test_clip_grad_norm_does_not_depend_on_the_blas_thread_count():
+    outputs = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OPENBLAS_NUM_THREADS": threads,
+               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        done = subprocess.run([sys.executable, "-c", THREADS_RUN], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+    assert len(outputs[0].splitlines()) == 2
+    assert outputs[0] == outputs[1], f"1 BLAS thread: {outputs[0]}; 2 threads: {outputs[1]}"
 
 
 def test_clip_grad_norm_rejects_bad_input():
