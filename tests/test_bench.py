@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from kto_np import backend, bench, optim
+from kto_np import backend, bench
 from kto_np.gradcheck import rel_error
 
 TORCH_SKIP = "torch not installed (pip install 'kto_np[torch]')"
@@ -241,42 +241,3 @@ def test_torch_twin_float32_stays_close():
         assert param.dtype == np.float32, name
         np.testing.assert_allclose(param, torch_step.params[name].detach().numpy(), rtol=1e-4, atol=bound,
                                    err_msg=name)
-
-
-# ----------------------------------------------------------------------------------------------
-# the optimizer's blocked path (kto_np/optim.py, speed work): the same numbers as whole arrays
-
-
-def test_adamw_and_clip_in_blocks_equal_whole_arrays(monkeypatch):
-    rng = np.random.default_rng(8)
-    shapes = {"w": (13, 7), "b": (7,), "e": (50,)}
-    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-
-    def run(block_elements):
-        monkeypatch.setattr(optim, "_BLOCK_ELEMENTS", block_elements)
-        current = {k: v.copy() for k, v in params.items()}
-        state = optim.adamw_init(current)
-        for _ in range(3):
-            optim.adamw_step(current, grads, state, lr=1e-2, weight_decay=0.1)
-        return current, state, optim.clip_grad_norm({k: v.copy() for k, v in grads.items()}, 1e9)
-
-    whole, whole_state, whole_norm = run(1 << 18)
-    blocked, blocked_state, blocked_norm = run(4)
-    for name in params:
-        np.testing.assert_array_equal(blocked[name], whole[name], err_msg=name)
-        np.testing.assert_array_equal(blocked_state["v"][name], whole_state["v"][name], err_msg=name)
-    assert blocked_norm == pytest.approx(whole_norm, rel=1e-14)
-    expected_norm = float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values())))
-    assert whole_norm == pytest.approx(expected_norm, rel=1e-14)
-
-
-def test_adamw_updates_non_contiguous_parameters_in_place():
-    rng = np.random.default_rng(9)
-    base = rng.standard_normal((6, 8))
-    params = {"w": base[:, ::2]}  # a strided view: updated through the whole-array path
-    contiguous = {"w": np.ascontiguousarray(base[:, ::2])}
-    grads = {"w": rng.standard_normal((6, 4))}
-    for current in (params, contiguous):
-        optim.adamw_step(current, grads, optim.adamw_init(current), lr=0.1)
-    np.testing.assert_array_equal(base[:, ::2], contiguous["w"])
