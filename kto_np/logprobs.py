@@ -74,8 +74,8 @@ def logprobs_backward(dlogps, cache: LogprobsCache):
     xp = array_module(logits)
     softmax = xp.exp(logits - logsumexp[..., None])  # [B, T, V]
     onehot = targets[..., None] == xp.arange(logits.shape[-1])  # [B, T, V] bool
-    weight = mask * xp.asarray(dlogps, dtype=logits.dtype)[:, None]  # [B, T]
-    return weight[..., None] * (onehot - softmax)
+    scale = (mask * xp.asarray(dlogps, dtype=logits.dtype)[:, None])[..., None]  # [B, T, 1]
+    return scale * onehot - scale * softmax
 
 
 class SequenceLogprobsCache(NamedTuple):
