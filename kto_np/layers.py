@@ -1,8 +1,10 @@
-"""Forward/backward pairs for every op of the GPT-2 block, in NumPy (or CuPy) by hand.
+"""Forward/backward pairs for every op of the GPT-2 block, in NumPy (or CuPy) by hand: the reading edition.
 
 Each op is `out, cache = X_forward(...)` and `grads = X_backward(dout, cache)`; the cache is a small
-NamedTuple holding what the backward needs. Shape letters: B batch, T time, C channels, NH heads,
-HS head size (C // NH), V vocabulary; `...` is any number of leading axes.
+NamedTuple holding what the backward needs. Each op is written as its formula, the one in its docstring;
+`kto_np.fast.layers` computes the same numbers faster (and is tested against this file).
+Shape letters: B batch, T time, C channels, NH heads, HS head size (C // NH), V vocabulary;
+`...` is any number of leading axes.
 
 The ops assume valid input: the public functions that call them (GPT.forward, generate, ...) check
 their arguments once, at the door.
@@ -70,11 +72,11 @@ def embedding_backward(dout, cache: EmbeddingCache, out=None):
     """dweight[v] = sum of dout[...] over the positions where indices[...] == v.  -> dweight [V, C].
 
     With out [V, C] given, the sums are added to it in place and out is returned (a tied embedding
-    adds its lookup gradient to the head's gradient without a second [V, C] array).
+    adds its lookup gradient to the head's gradient).
     """
     if out is None:
         out = array_module(dout).zeros((cache.num_embeddings, dout.shape[-1]), dtype=cache.dtype)
-    scatter_add(out, cache.indices, dout)
+    scatter_add(out, cache.indices, dout)  # out[indices[i]] += dout[i], repeated ids summed
     return out
 
 
@@ -90,22 +92,21 @@ class LinearCache(NamedTuple):
 
 def linear_forward(x, weight, bias=None):
     """out = x @ weight + bias.  x [..., in], weight [in, out], bias [out] or None -> out [..., out]."""
-    n_in, n_out = weight.shape
-    out = (x.reshape(-1, n_in) @ weight).reshape(*x.shape[:-1], n_out)
+    out = x @ weight
     if bias is not None:
-        out += bias
+        out = out + bias
     return out, LinearCache(x, weight, bias is not None)
 
 
 def linear_backward(dout, cache: LinearCache):
-    """dx = dout @ weight.T, dweight = x.T @ dout, dbias = sum of dout over rows.
+    """dx = dout @ weight^T, dweight = x^T @ dout, dbias = sum of dout, the sums over all rows (...).
 
     Returns (dx [..., in], dweight [in, out], dbias [out] or None).
     """
     n_in, n_out = cache.weight.shape
-    dout_rows = dout.reshape(-1, n_out)  # [N, out]
-    dx = (dout_rows @ cache.weight.T).reshape(cache.x.shape)
-    dweight = cache.x.reshape(-1, n_in).T @ dout_rows
+    x_rows, dout_rows = cache.x.reshape(-1, n_in), dout.reshape(-1, n_out)  # [N, in], [N, out]
+    dx = dout @ cache.weight.T
+    dweight = x_rows.T @ dout_rows
     dbias = dout_rows.sum(axis=0) if cache.has_bias else None
     return dx, dweight, dbias
 
@@ -128,37 +129,26 @@ def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
     """
     xp = array_module(x)
     mean = x.mean(axis=-1, keepdims=True)
-    centered = x - mean
-    var = (centered * centered).mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
     rstd = 1.0 / xp.sqrt(var + eps)
-    out = centered  # out = centered * rstd * weight + bias, in one buffer
-    out *= rstd
-    out *= weight
-    out += bias
+    x_hat = (x - mean) * rstd
+    out = x_hat * weight + bias
     return out, LayerNormCache(x, weight, mean, rstd)
 
 
 def layernorm_backward(dout, cache: LayerNormCache):
     """With x_hat = (x - mean) * rstd and g = dout * weight:
-    dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), dweight = sum(dout * x_hat), dbias = sum(dout).
+    dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), dweight = sum(dout * x_hat), dbias = sum(dout),
+    the means over the last axis, the sums over all leading axes.
 
     Returns (dx [..., C], dweight [C], dbias [C]).
     """
     C = cache.x.shape[-1]
-    x_hat = cache.x - cache.mean
-    x_hat *= cache.rstd
+    x_hat = (cache.x - cache.mean) * cache.rstd
+    g = dout * cache.weight
+    dx = cache.rstd * (g - g.mean(axis=-1, keepdims=True) - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
+    dweight = (dout * x_hat).reshape(-1, C).sum(axis=0)
     dbias = dout.reshape(-1, C).sum(axis=0)
-    dout_x_hat = dout * x_hat
-    dweight = dout_x_hat.reshape(-1, C).sum(axis=0)
-    # the formula above with three [..., C] buffers instead of eight temporaries: LayerNorm runs 2L + 1
-    # times per pass, and the expression form cost ~3 % of a small training step (kto-np bench, measured)
-    g_x_hat = dout_x_hat
-    g_x_hat *= cache.weight  # g * x_hat
-    dx = dout * cache.weight  # g
-    dx -= dx.mean(axis=-1, keepdims=True)
-    x_hat *= g_x_hat.mean(axis=-1, keepdims=True)
-    dx -= x_hat
-    dx *= cache.rstd
     return dx, dweight, dbias
 
 
@@ -172,39 +162,19 @@ class GeluCache(NamedTuple):
 
 
 def gelu_forward(x):
-    """out = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715 x^3)) = tanh(x (a + b x^2)),
-    a = sqrt(2/pi), b = sqrt(2/pi) 0.044715.
-
-    Computed in place in two buffers (t and out): the formula as one expression makes four [B, T, 4C]
-    temporaries, which `kto-np bench` measured at about 5 % of a medium step."""
+    """out = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715 x^3))."""
     xp = array_module(x)
-    tanh_out = x * x
-    tanh_out *= SQRT_2_OVER_PI * GELU_COEFF
-    tanh_out += SQRT_2_OVER_PI
-    tanh_out *= x
-    xp.tanh(tanh_out, out=tanh_out)  # t
-    out = tanh_out + 1.0
-    out *= x
-    out *= 0.5
-    return out, GeluCache(x, tanh_out)
+    t = xp.tanh(SQRT_2_OVER_PI * (x + GELU_COEFF * x * x * x))
+    out = 0.5 * x * (1.0 + t)
+    return out, GeluCache(x, t)
 
 
 def gelu_backward(dout, cache: GeluCache):
-    """dx = dout * 0.5 ((1 - t^2) x (a + 3 b x^2) + t + 1): the derivative of 0.5 x (1 + tanh(x (a + b x^2))).
-    In place in two buffers, as the forward."""
+    """dx = dout * 0.5 (1 + t + x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)):
+    the product rule on 0.5 x (1 + t), with dt/dx = (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
     x, t = cache.x, cache.tanh_out
-    dtanh_arg = x * x  # d(x (a + b x^2))/dx = a + 3 b x^2
-    dtanh_arg *= SQRT_2_OVER_PI * 3.0 * GELU_COEFF
-    dtanh_arg += SQRT_2_OVER_PI
-    dx = t * t
-    array_module(dx).subtract(1.0, dx, out=dx)  # 1 - t^2
-    dx *= x
-    dx *= dtanh_arg
-    dx += t
-    dx += 1.0
-    dx *= 0.5
-    dx *= dout
-    return dx
+    dt_dx = (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEFF * x * x)
+    return dout * 0.5 * (1.0 + t + x * dt_dx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,42 +185,30 @@ class SoftmaxCache(NamedTuple):
     probs: Any  # [..., N]
 
 
-def softmax_forward(x, mask=None, *, overwrite_x: bool = False):
+def softmax_forward(x, mask=None):
     """probs = exp(x - max) / sum(exp(x - max)) over the last axis.
 
-    mask (bool, broadcastable to x, True = keep) sets the excluded entries' probability to exactly 0;
-    a row with no kept entry gives all zeros (and zero gradient) rather than NaN.
-    overwrite_x=True computes probs in x's own buffer: attention's scores are needed for nothing else,
-    and probs is the cached [B, NH, T, T] array, so no second array of that size is made (a copy and a
-    masked copy cost ~4 % of a medium training step in `kto-np bench`, measured).
+    mask (bool, broadcastable to x, True = keep) sets the excluded entries' probability to exactly 0
+    (their x counts as -inf); a row with no kept entry gives all zeros (and zero gradient) rather than NaN.
     """
     xp = array_module(x)
-    probs = x if overwrite_x else x.copy()
     if mask is not None:
-        xp.copyto(probs, x.dtype.type(-np.inf), where=~mask)
-    row_max = probs.max(axis=-1, keepdims=True)
+        x = xp.where(mask, x, x.dtype.type(-np.inf))
+    row_max = x.max(axis=-1, keepdims=True)
     if mask is not None:
-        row_max[~xp.isfinite(row_max)] = 0  # a fully masked row
-    probs -= row_max
-    xp.exp(probs, out=probs)
-    total = probs.sum(axis=-1, keepdims=True)
+        row_max = xp.where(xp.isfinite(row_max), row_max, 0)  # a fully masked row: exp(-inf - 0) = 0
+    e = xp.exp(x - row_max)
+    total = e.sum(axis=-1, keepdims=True)
     if mask is not None:
-        total[total == 0] = 1  # a fully masked row stays all zeros
-    probs *= 1.0 / total
+        total = xp.where(total == 0, 1, total)  # a fully masked row stays all zeros
+    probs = e / total
     return probs, SoftmaxCache(probs)
 
 
-def softmax_backward(dprobs, cache: SoftmaxCache, *, overwrite_dprobs: bool = False):
-    """dx = probs * (dprobs - sum(dprobs * probs, last axis)).
-
-    overwrite_dprobs=True writes dx into dprobs' buffer (as the forward's overwrite_x).
-    """
+def softmax_backward(dprobs, cache: SoftmaxCache):
+    """dx = probs * (dprobs - sum(dprobs * probs)), the sum over the last axis."""
     probs = cache.probs
-    row_dot = array_module(dprobs).einsum("...j,...j->...", dprobs, probs)[..., None]  # sum_j dprobs_j probs_j
-    dx = dprobs if overwrite_dprobs else dprobs.copy()
-    dx -= row_dot
-    dx *= probs
-    return dx
+    return probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +281,11 @@ class AttentionGrads(NamedTuple):
     dc_proj_bias: Any  # [C]
 
 
+def _transpose_last(a):
+    """[B, NH, T, S] -> [B, NH, S, T]: the matrix transpose of every head."""
+    return a.transpose(0, 1, 3, 2)
+
+
 def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads: int, *,
                       dropout: float = 0.0, train: bool = False, rng: np.random.Generator | None = None,
                       past: tuple | None = None):
@@ -338,24 +301,16 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
     queries attend over all Tk = start + T cached keys. Without past, Tk = T and start = 0.
     """
     xp = array_module(x)
-    B, T, C = x.shape
-    HS = C // num_heads
+    T, C = x.shape[1], x.shape[2]
     qkv, qkv_cache = linear_forward(x, c_attn_weight, c_attn_bias)  # [B, T, 3C]
-    # contiguous heads: NumPy's batched matmul falls back to a slow loop on strided views
-    qkv_heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, num_heads, HS).transpose(2, 0, 3, 1, 4))
-    q, k, v = qkv_heads[0], qkv_heads[1], qkv_heads[2]  # [B, NH, T, HS] each
+    q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], num_heads) for i in range(3))  # [B, NH, T, HS] each
     if past is not None:
         keys, values, start = past
         keys[:, :, start:start + T], values[:, :, start:start + T] = k, v
         k, v = keys[:, :, :start + T], values[:, :, :start + T]  # [B, NH, Tk, HS]
-    Tk = k.shape[2]
-    scale = 1.0 / math.sqrt(HS)
-    # k^T as its own contiguous array: OpenBLAS runs small plain products A @ B on one thread, but
-    # sends A @ B.T (a transposed operand) to its threaded path, slow for many small heads
-    k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, Tk]
-    scores = q @ k_t  # [B, NH, T, Tk]
-    scores *= scale  # scores = q @ k^T * scale, in one buffer
-    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, Tk, xp), overwrite_x=True)
+    scale = 1.0 / math.sqrt(C // num_heads)
+    scores = (q @ _transpose_last(k)) * scale  # [B, NH, T, Tk]
+    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, k.shape[2], xp))
     probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
     y = probs_dropped @ v  # [B, NH, T, HS]
     out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
@@ -366,25 +321,20 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
 def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
     """Backward of attention_forward (without past), read bottom-up. dout [B, T, C] -> AttentionGrads."""
     xp = array_module(dout)
-    B, NH, T, HS = cache.q.shape
+    NH = cache.q.shape[1]
     # out = merge(y) @ c_proj_weight + c_proj_bias
     dy_merged, dc_proj_weight, dc_proj_bias = linear_backward(dout, cache.proj_cache)
-    dy = xp.ascontiguousarray(split_heads(dy_merged, NH))  # [B, NH, T, HS]
+    dy = split_heads(dy_merged, NH)  # [B, NH, T, HS]
     # y = probs_dropped @ v
-    v_t = xp.ascontiguousarray(cache.v.transpose(0, 1, 3, 2))  # [B, NH, HS, T] (see k_t in the forward)
-    dprobs_dropped = dy @ v_t  # [B, NH, T, T]
-    dv = cache.probs_dropped.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, HS]
+    dprobs_dropped = dy @ _transpose_last(cache.v)  # [B, NH, T, T]
+    dv = _transpose_last(cache.probs_dropped) @ dy  # [B, NH, T, HS]
+    # probs_dropped = dropout(probs), probs = softmax(scores)
     dprobs = dropout_backward(dprobs_dropped, cache.dropout_cache)
-    # the [B, NH, T, T] gradients are computed in one buffer (see softmax_forward's overwrite_x)
-    dscores = softmax_backward(dprobs, cache.softmax_cache, overwrite_dprobs=True)  # masked entries get 0
+    dscores = softmax_backward(dprobs, cache.softmax_cache)  # masked entries get 0
     # scores = q @ k^T * scale
-    dscores *= cache.scale
-    dq = dscores @ cache.k  # [B, NH, T, HS]
-    dk = dscores.transpose(0, 1, 3, 2) @ cache.q  # [B, NH, T, HS]
-    dqkv = xp.empty((B, T, 3, NH, HS), dtype=dout.dtype)
-    dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
-    dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
-    dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
-    # qkv = x @ c_attn_weight + c_attn_bias
-    dx, dc_attn_weight, dc_attn_bias = linear_backward(dqkv.reshape(B, T, 3 * NH * HS), cache.qkv_cache)
+    dq = (dscores @ cache.k) * cache.scale  # [B, NH, T, HS]
+    dk = (_transpose_last(dscores) @ cache.q) * cache.scale  # [B, NH, T, HS]
+    # qkv = x @ c_attn_weight + c_attn_bias, with qkv = [q | k | v] along the last axis
+    dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # [B, T, 3C]
+    dx, dc_attn_weight, dc_attn_bias = linear_backward(dqkv, cache.qkv_cache)
     return AttentionGrads(dx, dc_attn_weight, dc_attn_bias, dc_proj_weight, dc_proj_bias)

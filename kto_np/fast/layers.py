@@ -1,21 +1,52 @@
-"""Forward/backward pairs for every op of the GPT-2 block, in NumPy (or CuPy) by hand.
+"""The fast room's twin of kto_np.layers: the same op pairs, names, signatures, caches and numbers
+(float64 to 1e-12 relative, float32 to 1e-5; tests/test_fast.py checks every pair), made fast.
 
-Each op is `out, cache = X_forward(...)` and `grads = X_backward(dout, cache)`; the cache is a small
-NamedTuple holding what the backward needs. Shape letters: B batch, T time, C channels, NH heads,
-HS head size (C // NH), V vocabulary; `...` is any number of leading axes.
+Read kto_np.layers first: it states each op as its formula. What this file changes, and why (the costs
+are `kto-np bench` measurements of a training step):
 
-The ops assume valid input: the public functions that call them (GPT.forward, generate, ...) check
-their arguments once, at the door.
+- LayerNorm and GELU compute their formulas in place in two or three buffers instead of one temporary
+  per operator (the expression forms cost ~3 % (LayerNorm) and ~5 % (GELU) of a step).
+- Attention's scores become its probabilities, and their gradient its dscores, in one [B, NH, T, T]
+  buffer each (a copy and a masked copy cost ~4 % of a medium step): `_softmax_in_place` and
+  `_softmax_backward_in_place` below, which the public softmax pair wraps with one copy.
+- Contiguous heads and k^T, v^T as contiguous arrays: NumPy's batched matmul falls back to a slow loop
+  on strided views, and OpenBLAS sends A @ B.T (a transposed operand) to its threaded path, slow for
+  many small heads.
+- linear runs one 2-D matrix product over all rows ([N, in] @ [in, out]) and adds the bias in place.
+
+The caches, the constants and the ops with nothing to make faster (embedding, dropout, causal_mask,
+split_heads, merge_heads) are the reading edition's own, imported from it.
+
+The ops assume valid input, as the reading edition's do: the doors check once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..backend import array_module, scatter_add
+from ..backend import array_module
+from ..layers import (
+    GELU_COEFF,
+    LAYERNORM_EPS,
+    SQRT_2_OVER_PI,
+    AttentionCache,
+    AttentionGrads,
+    DropoutCache,
+    EmbeddingCache,
+    GeluCache,
+    LayerNormCache,
+    LinearCache,
+    SoftmaxCache,
+    causal_mask,
+    dropout_backward,
+    dropout_forward,
+    embedding_backward,
+    embedding_forward,
+    merge_heads,
+    split_heads,
+)
 
 __all__ = [
     "AttentionCache",
@@ -45,47 +76,9 @@ __all__ = [
     "split_heads",
 ]
 
-LAYERNORM_EPS = 1e-5
-GELU_COEFF = 0.044715
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-# ----------------------------------------------------------------------------------------------
-# embedding
-
-
-class EmbeddingCache(NamedTuple):
-    indices: Any  # [...] integer token ids
-    num_embeddings: int  # V
-    dtype: Any  # dtype of the weight
-
-
-def embedding_forward(weight, indices):
-    """Row lookup: out[...] = weight[indices[...]].  weight [V, C], indices [...] -> out [..., C]."""
-    out = weight[indices]
-    return out, EmbeddingCache(indices, weight.shape[0], weight.dtype)
-
-
-def embedding_backward(dout, cache: EmbeddingCache, out=None):
-    """dweight[v] = sum of dout[...] over the positions where indices[...] == v.  -> dweight [V, C].
-
-    With out [V, C] given, the sums are added to it in place and out is returned (a tied embedding
-    adds its lookup gradient to the head's gradient without a second [V, C] array).
-    """
-    if out is None:
-        out = array_module(dout).zeros((cache.num_embeddings, dout.shape[-1]), dtype=cache.dtype)
-    scatter_add(out, cache.indices, dout)
-    return out
-
 
 # ----------------------------------------------------------------------------------------------
 # linear (GPT-2 Conv1D orientation)
-
-
-class LinearCache(NamedTuple):
-    x: Any  # [..., in]
-    weight: Any  # [in, out]
-    has_bias: bool
 
 
 def linear_forward(x, weight, bias=None):
@@ -112,13 +105,6 @@ def linear_backward(dout, cache: LinearCache):
 
 # ----------------------------------------------------------------------------------------------
 # LayerNorm
-
-
-class LayerNormCache(NamedTuple):
-    x: Any  # [..., C]
-    weight: Any  # [C]
-    mean: Any  # [..., 1]
-    rstd: Any  # [..., 1]  1 / sqrt(var + eps)
 
 
 def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
@@ -166,11 +152,6 @@ def layernorm_backward(dout, cache: LayerNormCache):
 # GELU, tanh approximation ("gelu_new")
 
 
-class GeluCache(NamedTuple):
-    x: Any  # [...]
-    tanh_out: Any  # [...]  t = tanh(sqrt(2/pi) (x + 0.044715 x^3))
-
-
 def gelu_forward(x):
     """out = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715 x^3)) = tanh(x (a + b x^2)),
     a = sqrt(2/pi), b = sqrt(2/pi) 0.044715.
@@ -211,21 +192,23 @@ def gelu_backward(dout, cache: GeluCache):
 # softmax (last axis)
 
 
-class SoftmaxCache(NamedTuple):
-    probs: Any  # [..., N]
+def softmax_forward(x, mask=None):
+    """probs = exp(x - max) / sum(exp(x - max)) over the last axis (see kto_np.layers.softmax_forward):
+    x is copied once, and the copy becomes probs in place."""
+    return _softmax_in_place(x.copy(), mask)
 
 
-def softmax_forward(x, mask=None, *, overwrite_x: bool = False):
-    """probs = exp(x - max) / sum(exp(x - max)) over the last axis.
+def softmax_backward(dprobs, cache: SoftmaxCache):
+    """dx = probs * (dprobs - sum(dprobs * probs, last axis)): dprobs is copied once, and the copy
+    becomes dx in place."""
+    return _softmax_backward_in_place(dprobs.copy(), cache)
 
-    mask (bool, broadcastable to x, True = keep) sets the excluded entries' probability to exactly 0;
-    a row with no kept entry gives all zeros (and zero gradient) rather than NaN.
-    overwrite_x=True computes probs in x's own buffer: attention's scores are needed for nothing else,
-    and probs is the cached [B, NH, T, T] array, so no second array of that size is made (a copy and a
-    masked copy cost ~4 % of a medium training step in `kto-np bench`, measured).
-    """
+
+def _softmax_in_place(x, mask=None):
+    """softmax_forward computed in x's own buffer: x becomes probs (and is the cache's probs).
+    Attention's scores are needed for nothing else, so no second [B, NH, T, T] array is made."""
     xp = array_module(x)
-    probs = x if overwrite_x else x.copy()
+    probs = x
     if mask is not None:
         xp.copyto(probs, x.dtype.type(-np.inf), where=~mask)
     row_max = probs.max(axis=-1, keepdims=True)
@@ -240,87 +223,18 @@ def softmax_forward(x, mask=None, *, overwrite_x: bool = False):
     return probs, SoftmaxCache(probs)
 
 
-def softmax_backward(dprobs, cache: SoftmaxCache, *, overwrite_dprobs: bool = False):
-    """dx = probs * (dprobs - sum(dprobs * probs, last axis)).
-
-    overwrite_dprobs=True writes dx into dprobs' buffer (as the forward's overwrite_x).
-    """
+def _softmax_backward_in_place(dprobs, cache: SoftmaxCache):
+    """softmax_backward computed in dprobs' own buffer: dprobs becomes dx."""
     probs = cache.probs
     row_dot = array_module(dprobs).einsum("...j,...j->...", dprobs, probs)[..., None]  # sum_j dprobs_j probs_j
-    dx = dprobs if overwrite_dprobs else dprobs.copy()
+    dx = dprobs
     dx -= row_dot
     dx *= probs
     return dx
 
 
 # ----------------------------------------------------------------------------------------------
-# dropout (inverted)
-
-
-class DropoutCache(NamedTuple):
-    keep: Any  # [...] bool, True where kept; None when the op is the identity
-    scale: float  # 1 / (1 - p)
-
-
-def dropout_forward(x, p: float, *, train: bool, rng: np.random.Generator | None = None):
-    """out = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn on the host from `rng`; p in [0, 1).
-
-    The identity when train is False or p == 0 (rng is then not used). The mask is drawn with NumPy
-    and moved to x's array module, so NumPy and CuPy runs with the same rng use the same mask.
-    """
-    if not train or p == 0.0:
-        return x, DropoutCache(None, 1.0)
-    keep = array_module(x).asarray(rng.random(x.shape) >= p)
-    scale = 1.0 / (1.0 - p)
-    return x * keep * scale, DropoutCache(keep, scale)
-
-
-def dropout_backward(dout, cache: DropoutCache):
-    """dx = dout * keep / (1 - p), with the mask of the forward pass."""
-    if cache.keep is None:
-        return dout
-    return dout * cache.keep * cache.scale
-
-
-# ----------------------------------------------------------------------------------------------
 # causal multi-head self-attention
-
-
-def causal_mask(num_queries: int, num_keys: int, xp: Any = np):
-    """[Tq, Tk] bool: query i, at absolute position num_keys - num_queries + i, sees keys j <= it."""
-    return xp.tri(num_queries, num_keys, k=num_keys - num_queries, dtype=bool)
-
-
-def split_heads(x, num_heads: int):
-    """[B, T, C] -> [B, NH, T, HS] (a view)."""
-    B, T, C = x.shape
-    return x.reshape(B, T, num_heads, C // num_heads).transpose(0, 2, 1, 3)
-
-
-def merge_heads(y):
-    """[B, NH, T, HS] -> [B, T, C] (contiguous)."""
-    B, NH, T, HS = y.shape
-    return y.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
-
-
-class AttentionCache(NamedTuple):
-    qkv_cache: LinearCache  # x [B, T, C] -> qkv [B, T, 3C]
-    q: Any  # [B, NH, T, HS]
-    k: Any  # [B, NH, T, HS]
-    v: Any  # [B, NH, T, HS]
-    softmax_cache: SoftmaxCache  # probs [B, NH, T, T]
-    dropout_cache: DropoutCache  # mask [B, NH, T, T] or None
-    probs_dropped: Any  # [B, NH, T, T]  (the same array as the probs without dropout)
-    proj_cache: LinearCache  # merged heads [B, T, C] -> out [B, T, C]
-    scale: float  # 1 / sqrt(HS)
-
-
-class AttentionGrads(NamedTuple):
-    dx: Any  # [B, T, C]
-    dc_attn_weight: Any  # [C, 3C]
-    dc_attn_bias: Any  # [3C]
-    dc_proj_weight: Any  # [C, C]
-    dc_proj_bias: Any  # [C]
 
 
 def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads: int, *,
@@ -355,7 +269,7 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
     k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, Tk]
     scores = q @ k_t  # [B, NH, T, Tk]
     scores *= scale  # scores = q @ k^T * scale, in one buffer
-    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, Tk, xp), overwrite_x=True)
+    probs, softmax_cache = _softmax_in_place(scores, mask=causal_mask(T, Tk, xp))
     probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
     y = probs_dropped @ v  # [B, NH, T, HS]
     out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
@@ -375,8 +289,9 @@ def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
     dprobs_dropped = dy @ v_t  # [B, NH, T, T]
     dv = cache.probs_dropped.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, HS]
     dprobs = dropout_backward(dprobs_dropped, cache.dropout_cache)
-    # the [B, NH, T, T] gradients are computed in one buffer (see softmax_forward's overwrite_x)
-    dscores = softmax_backward(dprobs, cache.softmax_cache, overwrite_dprobs=True)  # masked entries get 0
+    # the [B, NH, T, T] gradients are computed in one buffer (dprobs is a new array here, or
+    # dprobs_dropped itself without dropout: needed for nothing else either way)
+    dscores = _softmax_backward_in_place(dprobs, cache.softmax_cache)  # masked entries get 0
     # scores = q @ k^T * scale
     dscores *= cache.scale
     dq = dscores @ cache.k  # [B, NH, T, HS]

@@ -1,0 +1,304 @@
+"""The fast room against the reading edition: every op of kto_np.fast.layers and kto_np.fast.logprobs
+against its twin in kto_np.layers / kto_np.logprobs, forward and backward, on the same inputs.
+
+Float64 agrees to 1e-12 and float32 to 1e-5 (normwise relative error: max|fast - reading| / max|reading|).
+The log-prob shapes exercise the blocking of the fast room: one row per block, a few rows (less than one
+sequence), whole sequences (one or several per block), the whole array, the non-contiguous shifted view.
+"""
+
+import inspect
+
+import numpy as np
+import pytest
+
+import kto_np.fast.layers as fast_layers
+import kto_np.fast.logprobs as fast_lp
+import kto_np.layers as layers
+import kto_np.logprobs as lp
+
+TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5}
+DTYPES = [np.float64, np.float32]
+
+
+def assert_twins(fast, reading, dtype, what=""):
+    """fast and reading agree in shape, dtype and numbers (normwise relative error <= TOLERANCE[dtype])."""
+    if reading is None:
+        assert fast is None, what
+        return
+    fast, reading = np.asarray(fast), np.asarray(reading)
+    assert fast.shape == reading.shape, f"{what}: shape {fast.shape} vs {reading.shape}"
+    assert fast.dtype == reading.dtype == dtype, f"{what}: dtype {fast.dtype} vs {reading.dtype}"
+    scale = float(np.max(np.abs(reading.astype(np.float64)))) if reading.size else 0.0
+    error = float(np.max(np.abs(fast.astype(np.float64) - reading.astype(np.float64)))) if reading.size else 0.0
+    assert error <= TOLERANCE[dtype] * max(scale, 1e-300), f"{what}: relative error {error / max(scale, 1e-300):.2e}"
+
+
+def assert_all_twins(fast, reading, dtype, what=""):
+    if isinstance(reading, tuple):
+        assert isinstance(fast, tuple) and len(fast) == len(reading), what
+        for i, (f, r) in enumerate(zip(fast, reading)):
+            assert_twins(f, r, dtype, f"{what}[{i}]")
+    else:
+        assert_twins(fast, reading, dtype, what)
+
+
+def normal(rng, shape, dtype, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("module_pair", [(fast_layers, layers), (fast_lp, lp)], ids=["layers", "logprobs"])
+def test_the_fast_room_has_the_reading_editions_names_and_signatures(module_pair):
+    fast, reading = module_pair
+    assert fast.__all__ == reading.__all__
+    for name in reading.__all__:
+        mine, theirs = getattr(fast, name), getattr(reading, name)
+        if inspect.isfunction(theirs):
+            assert inspect.signature(mine) == inspect.signature(theirs), name
+        else:  # the caches: the reading edition's own classes
+            assert mine is theirs, name
+
+
+def test_the_reading_edition_is_not_the_fast_one():
+    """The twins are two implementations (a test of one against itself could not fail)."""
+    for name in ("linear_forward", "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
+                 "softmax_forward", "softmax_backward", "attention_forward", "attention_backward"):
+        assert getattr(fast_layers, name) is not getattr(layers, name), name
+    for name in lp.__all__:
+        if name[0].islower():
+            assert getattr(fast_lp, name) is not getattr(lp, name), name
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 6), (7, 6), (2, 3, 4, 6)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear(rng, dtype, shape, with_bias):
+    x, weight = normal(rng, shape, dtype), normal(rng, (6, 9), dtype)
+    bias = normal(rng, 9, dtype) if with_bias else None
+    out_f, cache_f = fast_layers.linear_forward(x, weight, bias)
+    out_r, cache_r = layers.linear_forward(x, weight, bias)
+    assert_twins(out_f, out_r, dtype, "out")
+    dout = normal(rng, out_r.shape, dtype)
+    assert_all_twins(fast_layers.linear_backward(dout, cache_f), layers.linear_backward(dout, cache_r), dtype, "grads")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 8), (3, 1), (4, 16)])
+def test_layernorm(rng, dtype, shape):
+    C = shape[-1]
+    x = normal(rng, shape, dtype, 3.0) + dtype(1.5)
+    weight, bias = normal(rng, C, dtype), normal(rng, C, dtype)
+    x_before = x.copy()
+    out_f, cache_f = fast_layers.layernorm_forward(x, weight, bias)
+    out_r, cache_r = layers.layernorm_forward(x, weight, bias)
+    assert_twins(out_f, out_r, dtype, "out")
+    dout = normal(rng, shape, dtype)
+    dout_before = dout.copy()
+    assert_all_twins(fast_layers.layernorm_backward(dout, cache_f), layers.layernorm_backward(dout, cache_r), dtype,
+                     "grads")
+    np.testing.assert_array_equal(x, x_before)  # the in-place buffers are the op's own
+    np.testing.assert_array_equal(dout, dout_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu(rng, dtype):
+    x = np.concatenate([normal(rng, 200, dtype, 3.0), np.array([-30.0, -5.0, 0.0, 5.0, 30.0], dtype)]).reshape(5, 41)
+    out_f, cache_f = fast_layers.gelu_forward(x)
+    out_r, cache_r = layers.gelu_forward(x)
+    assert_twins(out_f, out_r, dtype, "out")
+    assert_twins(cache_f.tanh_out, cache_r.tanh_out, dtype, "tanh_out")
+    dout = normal(rng, x.shape, dtype)
+    assert_twins(fast_layers.gelu_backward(dout, cache_f), layers.gelu_backward(dout, cache_r), dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_softmax(rng, dtype, masked):
+    x = normal(rng, (2, 3, 5, 7), dtype, 3.0)
+    mask = layers.causal_mask(5, 7) if masked else None
+    x_before = x.copy()
+    probs_f, cache_f = fast_layers.softmax_forward(x, mask=mask)
+    probs_r, cache_r = layers.softmax_forward(x, mask=mask)
+    assert_twins(probs_f, probs_r, dtype, "probs")
+    dprobs = normal(rng, x.shape, dtype)
+    dprobs_before = dprobs.copy()
+    assert_twins(fast_layers.softmax_backward(dprobs, cache_f), layers.softmax_backward(dprobs, cache_r), dtype, "dx")
+    # the public fast pair leaves its arguments alone (only attention's internal helpers work in place)
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(dprobs, dprobs_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_fully_masked_row(dtype):
+    x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype)
+    mask = np.array([[True, False, True], [False, False, False]])
+    probs_f, cache_f = fast_layers.softmax_forward(x, mask=mask)
+    probs_r, cache_r = layers.softmax_forward(x, mask=mask)
+    assert_twins(probs_f, probs_r, dtype, "probs")
+    np.testing.assert_array_equal(probs_f[1], 0.0)
+    dprobs = np.ones_like(x)
+    assert_twins(fast_layers.softmax_backward(dprobs, cache_f), layers.softmax_backward(dprobs, cache_r), dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding(rng, dtype):
+    weight = normal(rng, (9, 4), dtype)
+    indices = rng.integers(0, 9, size=(3, 5))
+    indices[0, :3] = 2
+    out_f, cache_f = fast_layers.embedding_forward(weight, indices)
+    out_r, cache_r = layers.embedding_forward(weight, indices)
+    assert_twins(out_f, out_r, dtype, "out")
+    dout = normal(rng, out_r.shape, dtype)
+    assert_twins(fast_layers.embedding_backward(dout, cache_f), layers.embedding_backward(dout, cache_r), dtype,
+                 "dweight")
+    base = normal(rng, weight.shape, dtype)
+    out_f, out_r = base.copy(), base.copy()
+    assert fast_layers.embedding_backward(dout, cache_f, out=out_f) is out_f
+    layers.embedding_backward(dout, cache_r, out=out_r)
+    assert_twins(out_f, out_r, dtype, "dweight added into out")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p, train", [(0.3, True), (0.3, False), (0.0, True)])
+def test_dropout(rng, dtype, p, train):
+    x = normal(rng, (4, 6, 5), dtype)
+    out_f, cache_f = fast_layers.dropout_forward(x, p, train=train, rng=np.random.default_rng(7))
+    out_r, cache_r = layers.dropout_forward(x, p, train=train, rng=np.random.default_rng(7))
+    assert_twins(out_f, out_r, dtype, "out")
+    dout = normal(rng, x.shape, dtype)
+    assert_twins(fast_layers.dropout_backward(dout, cache_f), layers.dropout_backward(dout, cache_r), dtype, "dx")
+
+
+def attention_inputs(rng, B, T, C, dtype):
+    return (normal(rng, (B, T, C), dtype), normal(rng, (C, 3 * C), dtype, 0.5), normal(rng, 3 * C, dtype, 0.1),
+            normal(rng, (C, C), dtype, 0.5), normal(rng, C, dtype, 0.1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("B", "T", "C", "NH", "dropout"),
+                         [(2, 5, 8, 2, 0.0), (2, 6, 12, 3, 0.2), (1, 1, 4, 1, 0.0), (3, 4, 6, 6, 0.5)])
+def test_attention(rng, dtype, B, T, C, NH, dropout):
+    inputs = attention_inputs(rng, B, T, C, dtype)
+    kwargs = dict(dropout=dropout, train=True)
+    out_f, cache_f = fast_layers.attention_forward(*inputs, NH, rng=np.random.default_rng(3), **kwargs)
+    out_r, cache_r = layers.attention_forward(*inputs, NH, rng=np.random.default_rng(3), **kwargs)
+    assert_twins(out_f, out_r, dtype, "out")
+    assert_twins(cache_f.softmax_cache.probs, cache_r.softmax_cache.probs, dtype, "probs")
+    dout = normal(rng, out_r.shape, dtype)
+    grads_f = fast_layers.attention_backward(dout, cache_f)
+    grads_r = layers.attention_backward(dout, cache_r)
+    for name, mine, theirs in zip(grads_r._fields, grads_f, grads_r):
+        assert_twins(mine, theirs, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_with_past(rng, dtype):
+    """Positions in pieces [0, 3), [3, 4), [4, 6) over a key/value cache: the same outputs and buffers."""
+    B, T, C, NH, capacity = 2, 6, 6, 3, 8
+    x, *weights = attention_inputs(rng, B, T, C, dtype)
+    buffers = {}
+    for name, module in (("fast", fast_layers), ("reading", layers)):
+        keys, values = np.zeros((B, NH, capacity, C // NH), dtype), np.zeros((B, NH, capacity, C // NH), dtype)
+        pieces = [module.attention_forward(x[:, a:b], *weights, NH, past=(keys, values, a))[0]
+                  for a, b in [(0, 3), (3, 4), (4, 6)]]
+        buffers[name] = (np.concatenate(pieces, axis=1), keys, values)
+    for what, mine, theirs in zip(("out", "keys", "values"), buffers["fast"], buffers["reading"]):
+        assert_twins(mine, theirs, dtype, what)
+    whole, _ = layers.attention_forward(x, *weights, NH)  # and the pieces are the whole sequence
+    assert_twins(buffers["fast"][0], whole, dtype, "pieces vs whole")
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probabilities
+
+
+def logprob_case(rng, B, T, V, dtype, masked=True):
+    logits = normal(rng, (B, T, V), dtype, 3.0)
+    targets = rng.integers(0, V, size=(B, T))
+    mask = (rng.random((B, T)) > 0.3).astype(dtype) if masked else None
+    return logits, targets, mask
+
+
+# (B, T, V, chunk elements): one row per block; a few rows, less than one sequence; one sequence;
+# several sequences; the whole array in one block
+BLOCKINGS = [(3, 7, 13, 1), (3, 7, 13, 13 * 3), (3, 7, 13, 13 * 7), (5, 7, 13, 13 * 7 * 2), (3, 7, 13, 1 << 22)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("B, T, V, chunk", BLOCKINGS)
+def test_logprobs(rng, monkeypatch, dtype, masked, B, T, V, chunk):
+    monkeypatch.setattr(fast_lp, "_CHUNK_ELEMENTS", chunk)
+    logits, targets, mask = logprob_case(rng, B, T, V, dtype, masked)
+    logits_before = logits.copy()
+    logps_f, cache_f = fast_lp.logprobs_forward(logits, targets, mask)
+    logps_r, cache_r = lp.logprobs_forward(logits, targets, mask)
+    assert_twins(logps_f, logps_r, dtype, "logps")
+    assert_twins(cache_f.logsumexp, cache_r.logsumexp, dtype, "logsumexp")
+    assert_twins(fast_lp.compute_logprobs(logits, targets, mask), lp.compute_logprobs(logits, targets, mask), dtype,
+                 "compute_logprobs")
+    dlogps = normal(rng, B, dtype)
+    assert_twins(fast_lp.logprobs_backward(dlogps, cache_f), lp.logprobs_backward(dlogps, cache_r), dtype, "dlogits")
+    np.testing.assert_array_equal(logits, logits_before)  # only the sequence backward overwrites
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, V, chunk", BLOCKINGS)
+def test_sequence_logprobs_overwrites_the_logits(rng, monkeypatch, dtype, B, T, V, chunk):
+    """The shifted view logits[:, :-1] is not contiguous: the fast room blocks it without a copy and
+    writes dlogits into the logits the forward was given."""
+    monkeypatch.setattr(fast_lp, "_CHUNK_ELEMENTS", chunk)
+    logits, tokens, mask = logprob_case(rng, B, T, V, dtype)
+    owned = logits.copy()
+    logps_f, cache_f = fast_lp.sequence_logprobs_forward(owned, tokens, mask)
+    logps_r, cache_r = lp.sequence_logprobs_forward(logits, tokens, mask)
+    assert_twins(logps_f, logps_r, dtype, "logps")
+    assert_twins(fast_lp.sequence_logprobs(logits, tokens, mask), lp.sequence_logprobs(logits, tokens, mask), dtype,
+                 "sequence_logprobs")
+    dlogps = normal(rng, B, dtype)
+    dlogits_r = lp.sequence_logprobs_backward(dlogps, cache_r)
+    dlogits_f = fast_lp.sequence_logprobs_backward(dlogps, cache_f)
+    assert dlogits_f is owned, "the fast backward returns the logits array it was given, overwritten"
+    assert_twins(dlogits_f, dlogits_r, dtype, "dlogits")
+    assert not np.array_equal(owned, logits)
+    np.testing.assert_array_equal(dlogits_f[:, -1], 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, V", [(2, 4, 70_000), (3, 9, 50)])
+def test_logprobs_at_the_real_block_size(rng, dtype, B, T, V):
+    """Without monkeypatching: a block of 3 rows when V = 70,000 (less than one sequence), and of many
+    whole sequences when V = 50."""
+    logits, tokens, mask = logprob_case(rng, B, T, V, dtype)
+    logps_f, cache_f = fast_lp.sequence_logprobs_forward(logits.copy(), tokens, mask)
+    logps_r, cache_r = lp.sequence_logprobs_forward(logits, tokens, mask)
+    assert_twins(logps_f, logps_r, dtype, "logps")
+    dlogps = normal(rng, B, dtype)
+    assert_twins(fast_lp.sequence_logprobs_backward(dlogps, cache_f), lp.sequence_logprobs_backward(dlogps, cache_r),
+                 dtype, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logprobs_of_other_non_contiguous_views(rng, monkeypatch, dtype):
+    monkeypatch.setattr(fast_lp, "_CHUNK_ELEMENTS", 20)
+    base = normal(rng, (4, 9, 11), dtype, 3.0)
+    for logits in (base[::2, 1::2], base.transpose(1, 0, 2)[:, :3], base[:, :, ::-1]):
+        B, T, V = logits.shape
+        targets = rng.integers(0, V, size=(B, T))
+        mask = (rng.random((B, T)) > 0.3).astype(dtype)
+        logps_f, cache_f = fast_lp.logprobs_forward(logits, targets, mask)
+        logps_r, cache_r = lp.logprobs_forward(logits, targets, mask)
+        assert_twins(logps_f, logps_r, dtype, "logps")
+        dlogps = normal(rng, B, dtype)
+        assert_twins(fast_lp.logprobs_backward(dlogps, cache_f), lp.logprobs_backward(dlogps, cache_r), dtype,
+                     "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_softmax(rng, dtype):
+    logits = normal(rng, (3, 4, 9), dtype, 5.0)
+    for axis in (-1, 0, 1):
+        assert_twins(fast_lp.log_softmax(logits, axis=axis), lp.log_softmax(logits, axis=axis), dtype, f"axis {axis}")
