@@ -1,6 +1,7 @@
-"""The package's two layers: the core (the algorithm, read top to bottom) never imports a tool, and no
-module of the package takes part in an import cycle. Read from the source with `ast`, so an import
-inside a function counts as much as one at the top."""
+"""The package's two layers: the core (the algorithm, read top to bottom, kto_np/fast included) never
+imports a tool, and no module outside kto_np.oracle takes part in an import cycle (the oracle's cycles
+are counted and may not grow). Read from the source with `ast`, so an import inside a function counts as
+much as one at the top, and an import of a submodule counts as an import of each package on the way."""
 
 import ast
 from pathlib import Path
