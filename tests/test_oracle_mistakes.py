@@ -313,6 +313,8 @@ def test_kl_pair_mistake_is_caught_and_named(variant, mistake, candidate):
 @pytest.mark.parametrize("candidate", [trl_rotation, openrlhf_rotation, torch_rotation,
                                        lambda batch_size, block_size: blocks_rotation(batch_size, batch_size)])
 def test_right_kl_pairings_pass(candidate):
+    if candidate is torch_rotation:
+        torch_or_skip()  # inside the candidate, the skip would be caught by the oracle and reported as an error
     report = oracle.verify(candidate, "kl_pairs")
     assert_passed(report)
     assert {c.quantity for c in report.checks} == set(kl_pairs.QUANTITIES)
