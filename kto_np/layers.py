@@ -287,30 +287,23 @@ def _transpose_last(a):
 
 
 def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads: int, *,
-                      dropout: float = 0.0, train: bool = False, rng: np.random.Generator | None = None,
-                      past: tuple | None = None):
+                      dropout: float = 0.0, train: bool = False, rng: np.random.Generator | None = None):
     """Causal multi-head self-attention, GPT-2 style.
 
     q, k, v = split(x @ c_attn_weight + c_attn_bias)             x [B, T, C] -> 3 x [B, NH, T, HS]
-    probs = softmax(q @ k^T / sqrt(HS), causal mask)             [B, NH, T, Tk]
+    probs = softmax(q @ k^T / sqrt(HS), causal mask)             [B, NH, T, T]
     y = dropout(probs) @ v                                       [B, NH, T, HS]
     out = merge(y) @ c_proj_weight + c_proj_bias                 [B, T, C]
 
-    past = (keys, values, start), buffers [B, NH, capacity, HS] of a key/value cache (generation):
-    x holds positions start..start+T-1, its k and v are written into the buffers there, and the
-    queries attend over all Tk = start + T cached keys. Without past, Tk = T and start = 0.
+    (Generation attends over cached keys with its own forward path: kto_np.generate.)
     """
     xp = array_module(x)
     T, C = x.shape[1], x.shape[2]
     qkv, qkv_cache = linear_forward(x, c_attn_weight, c_attn_bias)  # [B, T, 3C]
     q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], num_heads) for i in range(3))  # [B, NH, T, HS] each
-    if past is not None:
-        keys, values, start = past
-        keys[:, :, start:start + T], values[:, :, start:start + T] = k, v
-        k, v = keys[:, :, :start + T], values[:, :, :start + T]  # [B, NH, Tk, HS]
     scale = 1.0 / math.sqrt(C // num_heads)
-    scores = (q @ _transpose_last(k)) * scale  # [B, NH, T, Tk]
-    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, k.shape[2], xp))
+    scores = (q @ _transpose_last(k)) * scale  # [B, NH, T, T]
+    probs, softmax_cache = softmax_forward(scores, mask=causal_mask(T, T, xp))
     probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
     y = probs_dropped @ v  # [B, NH, T, HS]
     out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
@@ -319,7 +312,7 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
 
 
 def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
-    """Backward of attention_forward (without past), read bottom-up. dout [B, T, C] -> AttentionGrads."""
+    """Backward of attention_forward, read bottom-up. dout [B, T, C] -> AttentionGrads."""
     xp = array_module(dout)
     NH = cache.q.shape[1]
     # out = merge(y) @ c_proj_weight + c_proj_bias

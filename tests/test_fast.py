@@ -194,23 +194,6 @@ def test_attention(rng, dtype, B, T, C, NH, dropout):
         assert_twins(mine, theirs, dtype, name)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_with_past(rng, dtype):
-    """Positions in pieces [0, 3), [3, 4), [4, 6) over a key/value cache: the same outputs and buffers."""
-    B, T, C, NH, capacity = 2, 6, 6, 3, 8
-    x, *weights = attention_inputs(rng, B, T, C, dtype)
-    buffers = {}
-    for name, module in (("fast", fast_layers), ("reading", layers)):
-        keys, values = np.zeros((B, NH, capacity, C // NH), dtype), np.zeros((B, NH, capacity, C // NH), dtype)
-        pieces = [module.attention_forward(x[:, a:b], *weights, NH, past=(keys, values, a))[0]
-                  for a, b in [(0, 3), (3, 4), (4, 6)]]
-        buffers[name] = (np.concatenate(pieces, axis=1), keys, values)
-    for what, mine, theirs in zip(("out", "keys", "values"), buffers["fast"], buffers["reading"]):
-        assert_twins(mine, theirs, dtype, what)
-    whole, _ = layers.attention_forward(x, *weights, NH)  # and the pieces are the whole sequence
-    assert_twins(buffers["fast"][0], whole, dtype, "pieces vs whole")
-
-
 # ----------------------------------------------------------------------------------------------
 # log-probabilities
 

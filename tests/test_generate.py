@@ -11,9 +11,10 @@ V, C, NH, L = 13, 12, 3, 2
 MAX_SEQ_LEN = 12
 
 
-def small_model(positional="learned", tie_embeddings=True, dtype="float64"):
+def small_model(positional="learned", tie_embeddings=True, dtype="float64", fast=False):
     return build(hidden_size=C, num_layers=L, num_heads=NH, vocab_size=V, dropout=0.1,
-                 max_seq_len=MAX_SEQ_LEN, dtype=dtype, positional=positional, tie_embeddings=tie_embeddings)
+                 max_seq_len=MAX_SEQ_LEN, dtype=dtype, positional=positional, tie_embeddings=tie_embeddings,
+                 fast=fast)
 
 
 def prompt(seed, batch=3, seq=4):
@@ -29,11 +30,14 @@ def scaled_params(model, seed):
     return params
 
 
-@pytest.mark.parametrize(("positional", "tie_embeddings"),
-                         [("learned", True), ("learned", False), ("sinusoidal", True), ("sinusoidal", False)])
+@pytest.mark.parametrize(("positional", "tie_embeddings", "fast"),
+                         [("learned", True, False), ("learned", False, False), ("sinusoidal", True, False),
+                          ("sinusoidal", False, False), ("learned", True, True)])
 @pytest.mark.parametrize("chunks", [[12], [5, 1, 1, 3, 2], [1] * 12])
-def test_cached_logits_equal_full_forward(positional, tie_embeddings, chunks):
-    model = small_model(positional, tie_embeddings)
+def test_cached_logits_equal_full_forward(positional, tie_embeddings, fast, chunks):
+    """Generation's own forward path (generate.forward_with_cache) against the training forward, on the
+    reading edition's ops and on the fast room's."""
+    model = small_model(positional, tie_embeddings, fast=fast)
     params = model.init(0)
     tokens = prompt(1, batch=2, seq=sum(chunks))
     full, _ = model.forward(params, tokens)

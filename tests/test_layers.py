@@ -283,18 +283,6 @@ def test_causal_mask_with_cached_keys():
     np.testing.assert_array_equal(layers.causal_mask(3, 3), np.tri(3, dtype=bool))
 
 
-def test_attention_over_past_keys_equals_attention_over_the_whole_sequence():
-    """Positions run in pieces [0, 3), [3, 4), [4, 6) with past=(keys, values, start): the same outputs."""
-    rng = np.random.default_rng(14)
-    x, *weights = attention_inputs(rng, 2, 6, 6)
-    whole, _ = layers.attention_forward(x, *weights, 3)
-    keys, values = np.zeros((2, 3, 8, 2)), np.zeros((2, 3, 8, 2))  # room for 8 positions
-    pieces = [layers.attention_forward(x[:, a:b], *weights, 3, past=(keys, values, a))[0]
-              for a, b in [(0, 3), (3, 4), (4, 6)]]
-    np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, rtol=1e-13, atol=1e-15)
-    np.testing.assert_array_equal(keys[:, :, 6:], 0.0)  # nothing written past the last position
-
-
 def test_ops_keep_float32():
     rng = np.random.default_rng(14)
     x = rng.standard_normal((2, 3, 4)).astype(np.float32)

@@ -238,18 +238,15 @@ def _softmax_backward_in_place(dprobs, cache: SoftmaxCache):
 
 
 def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads: int, *,
-                      dropout: float = 0.0, train: bool = False, rng: np.random.Generator | None = None,
-                      past: tuple | None = None):
+                      dropout: float = 0.0, train: bool = False, rng: np.random.Generator | None = None):
     """Causal multi-head self-attention, GPT-2 style.
 
     q, k, v = split(x @ c_attn_weight + c_attn_bias)             x [B, T, C] -> 3 x [B, NH, T, HS]
-    probs = softmax(q @ k^T / sqrt(HS), causal mask)             [B, NH, T, Tk]
+    probs = softmax(q @ k^T / sqrt(HS), causal mask)             [B, NH, T, T]
     y = dropout(probs) @ v                                       [B, NH, T, HS]
     out = merge(y) @ c_proj_weight + c_proj_bias                 [B, T, C]
 
-    past = (keys, values, start), buffers [B, NH, capacity, HS] of a key/value cache (generation):
-    x holds positions start..start+T-1, its k and v are written into the buffers there, and the
-    queries attend over all Tk = start + T cached keys. Without past, Tk = T and start = 0.
+    (Generation attends over cached keys with its own forward path: kto_np.generate.)
     """
     xp = array_module(x)
     B, T, C = x.shape
@@ -258,18 +255,13 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
     # contiguous heads: NumPy's batched matmul falls back to a slow loop on strided views
     qkv_heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, num_heads, HS).transpose(2, 0, 3, 1, 4))
     q, k, v = qkv_heads[0], qkv_heads[1], qkv_heads[2]  # [B, NH, T, HS] each
-    if past is not None:
-        keys, values, start = past
-        keys[:, :, start:start + T], values[:, :, start:start + T] = k, v
-        k, v = keys[:, :, :start + T], values[:, :, :start + T]  # [B, NH, Tk, HS]
-    Tk = k.shape[2]
     scale = 1.0 / math.sqrt(HS)
     # k^T as its own contiguous array: OpenBLAS runs small plain products A @ B on one thread, but
     # sends A @ B.T (a transposed operand) to its threaded path, slow for many small heads
-    k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, Tk]
-    scores = q @ k_t  # [B, NH, T, Tk]
+    k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, T]
+    scores = q @ k_t  # [B, NH, T, T]
     scores *= scale  # scores = q @ k^T * scale, in one buffer
-    probs, softmax_cache = _softmax_in_place(scores, mask=causal_mask(T, Tk, xp))
+    probs, softmax_cache = _softmax_in_place(scores, mask=causal_mask(T, T, xp))
     probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
     y = probs_dropped @ v  # [B, NH, T, HS]
     out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
@@ -278,7 +270,7 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
 
 
 def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
-    """Backward of attention_forward (without past), read bottom-up. dout [B, T, C] -> AttentionGrads."""
+    """Backward of attention_forward, read bottom-up. dout [B, T, C] -> AttentionGrads."""
     xp = array_module(dout)
     B, NH, T, HS = cache.q.shape
     # out = merge(y) @ c_proj_weight + c_proj_bias
