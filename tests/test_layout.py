@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kto_np"
 
-# the core, in reading order (README "Layout": read these)
+# the core, in reading order (README "Where to start")
 CORE = ("backend", "validation", "layers", "model", "edifice", "architectures", "logprobs", "losses", "dpo", "step",
         "optim", "gradcheck", "fast")
 STDLIB_OK = {"__future__", "math", "numbers", "os", "typing", "dataclasses", "collections", "functools",

@@ -137,7 +137,7 @@ for batch in batches[:3]:
 #
 # Measured with `kto-np demo --architecture edifice` (Edifice's network, fixed embedding) and
 # `kto-np demo --architecture edifice --token-embedding learned`, seed 0, the demo's defaults (SFT of
-# the reference for 3000 steps, KTO for 400; README, "Edifice's own network"): the fixed-embedding
+# the reference for 3000 steps, KTO for 400; docs/EDIFICE.md): the fixed-embedding
 # reference ends its SFT at a loss of 1.87 and samples digit strings from per-position frequencies,
 # so 0.0 % of its completions are right, and KTO from thumbs-up/down labels can only reshape those
 # frequencies (0.8 % after). With the learned embedding the same network ends its SFT at 0.37, and KTO
