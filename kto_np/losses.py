@@ -215,9 +215,11 @@ class KTOConfig:
         return self.variant == "kto"
 
     def loss_and_grad(self, policy_logps, ref_logps, labels, kl_policy_logps=None, kl_ref_logps=None):
-        """(loss, dL/dpolicy_logps [n], metrics) of this loss, for arrays the caller made (the training
-        step, which checks ref_logps and kl_ref_logps at its own door): nothing is checked again."""
-        loss, cache = kto_forward(self, policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps)
+        """(loss, dL/dpolicy_logps [n], metrics) of this loss, for arrays the caller made and checked (the
+        training step checks ref_logps and kl_ref_logps at its own door): no argument is checked again.
+        Only an overflow is caught, after the forward: a ValueError naming beta, the weights and the
+        log-ratios (how a training step that diverges names the cause)."""
+        loss, cache = _forward_or_overflow_error(self, policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps)
         return loss, kto_backward(1.0, cache), kto_metrics(cache)
 
 
@@ -269,10 +271,7 @@ def _checked_forward(policy_logps, ref_logps, labels, beta, desirable_weight, un
         ratio = _balance_ratio(num_desirable, num_undesirable, config.desirable_weight, config.undesirable_weight)
         _warn_if_unbalanced(ratio, num_desirable, num_undesirable, config.desirable_weight,
                             config.undesirable_weight, stacklevel=4)  # the caller of kto_loss(_and_grad)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, by name
-        loss, cache = kto_forward(config, policy_logps, ref_logps, desirable, kl_policy_logps, kl_ref_logps)
-    _reject_overflow(config, loss, cache, kl_given=kl_policy_logps is not None)
-    return loss, cache
+    return _forward_or_overflow_error(config, policy_logps, ref_logps, desirable, kl_policy_logps, kl_ref_logps)
 
 
 def _check_arrays(variant, policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps):
@@ -302,25 +301,30 @@ def _check_arrays(variant, policy_logps, ref_logps, labels, kl_policy_logps, kl_
     return policy_logps, ref_logps, desirable, kl_policy_logps, kl_ref_logps
 
 
-def _reject_overflow(config: KTOConfig, loss: float, cache: KTOCache, kl_given: bool) -> None:
-    """Huge-but-finite inputs whose loss, gradient or metrics would not be finite: a ValueError."""
-    xp = array_module(cache.log_ratios)
-    r, beta = cache.log_ratios, config.beta
-    if not bool(xp.isfinite(r).all()):
-        raise ValueError("policy_logps - ref_logps must be finite, got an overflow (log-probabilities near "
-                         "the largest float)")
-    n = r.shape[0]
-    with np.errstate(over="ignore", invalid="ignore"):
-        _check_no_overflow("the KTO loss", r.dtype, {
+def _forward_or_overflow_error(config: KTOConfig, policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps):
+    """kto_forward; huge-but-finite inputs whose loss, gradient or metrics would not be finite are a
+    ValueError that names them, instead of inf, NaN or a RuntimeWarning."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, by name
+        loss, cache = kto_forward(config, policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps)
+        r, beta, n = cache.log_ratios, config.beta, cache.log_ratios.shape[0]
+        xp = array_module(r)
+        if not bool(xp.isfinite(r).all()):
+            raise ValueError("policy_logps - ref_logps must be finite, got an overflow (log-probabilities near "
+                             "the largest float)")
+        quantities = {
             "the loss": loss, "z": cache.z, "dL/du": cache.dloss_du,
             "the gradient": 2.0 * beta * float(xp.max(xp.abs(cache.dloss_du))) / n,
             "the rewards beta * r": float(xp.sum(xp.abs(beta * r))),
             "the mean log-probabilities": float(xp.sum(xp.abs(cache.policy_logps))),
-            **({} if cache.kl_raw is None else {"the KL estimate mean(kl_policy_logps - kl_ref_logps)":
-                                                cache.kl_raw}),
-        }, f"beta={beta:g}, desirable_weight={config.desirable_weight:g}, "
-           f"undesirable_weight={config.undesirable_weight:g}, |policy_logps - ref_logps| up to "
-           f"{float(xp.max(xp.abs(r))):.3g}" + (", z from kl_policy_logps - kl_ref_logps" if kl_given else ""))
+        }
+    if cache.kl_raw is not None:
+        quantities["the KL estimate mean(kl_policy_logps - kl_ref_logps)"] = cache.kl_raw
+    _check_no_overflow("the KTO loss", r.dtype, quantities,
+                       f"beta={beta:g}, desirable_weight={config.desirable_weight:g}, "
+                       f"undesirable_weight={config.undesirable_weight:g}, |policy_logps - ref_logps| up to "
+                       f"{float(xp.max(xp.abs(r))):.3g}"
+                       + ("" if cache.kl_raw is None else ", z from kl_policy_logps - kl_ref_logps"))
+    return loss, cache
 
 
 def _check_no_overflow(what: str, dtype, quantities: dict, arguments: str) -> None:

@@ -763,11 +763,6 @@ def test_dpo_backward_and_check_balance_bad_input():
         check_balance([1, 0], 0.0, 0.0)
 
 
-def test_overflowing_log_ratio_is_an_error_not_a_nan():
-    with pytest.raises(ValueError, match="policy_logps - ref_logps must be finite"):
-        kto_loss(np.array([1e308, -1.0]), np.array([-1e308, -1.0]), [1, 0], variant="kto")
-
-
 def test_dpo_backward_with_a_foreign_cache_is_a_type_error():
     with pytest.raises(TypeError, match="DPOCache"):
         dpo_backward(1.0, (1, 2))
@@ -829,15 +824,25 @@ def test_config_loss_and_grad_checks_nothing_and_equals_the_door(variant, option
     assert grad.dtype == door_grad.dtype and np.array_equal(grad, door_grad)
 
 
-@pytest.mark.parametrize("function", [kto_loss, kto_loss_and_grad])
-def test_overflow_is_rejected_by_name_at_the_door(function):
+def through_config(policy, ref, labels, beta, variant, kl_policy_logps=None, kl_ref_logps=None, **_):
+    """KTOConfig.loss_and_grad (the training step's call) with kto_loss's arguments."""
+    as_array = np.asarray
+    kl = (None, None) if kl_policy_logps is None else (as_array(kl_policy_logps), as_array(kl_ref_logps))
+    return KTOConfig(variant, beta).loss_and_grad(as_array(policy), as_array(ref), as_array(labels), *kl)
+
+
+@pytest.mark.parametrize("function", [kto_loss, kto_loss_and_grad, through_config])
+def test_overflow_is_rejected_by_name(function):
     """Finite inputs whose β r (or its sum) is past the float range: a ValueError naming the inputs,
-    not inf, NaN or a RuntimeWarning (warnings are errors here)."""
+    not inf, NaN or a RuntimeWarning (warnings are errors here), at the doors and in the training
+    step's call (where it names the cause of a divergence)."""
     with pytest.raises(ValueError, match=r"overflows float64 .*beta=1e\+308.*the rewards beta \* r"):
         function([-1.0, 2.0], [-4.0, -4.0], [1, 0], 1e308, variant="kto", warn_balance=False)
     big = np.array([3e38, -3e38], dtype=np.float32)
     with pytest.raises(ValueError, match=r"overflows float32 .*beta=10.*the rewards beta \* r"):
         function(big, np.zeros(2, dtype=np.float32), [1, 0], 10.0, variant="apo_zero_unpaired")
-    with pytest.raises(ValueError, match="KL estimate"):
-        function([-1.0, -2.0], [-1.5, -1.5], [1, 0], variant="kto", kl_policy_logps=[1e308, 1e308],
+    with pytest.raises(ValueError, match="KL estimate mean.kl_policy_logps - kl_ref_logps"):
+        function([-1.0, -2.0], [-1.5, -1.5], [1, 0], 0.1, variant="kto", kl_policy_logps=[1e308, 1e308],
                  kl_ref_logps=[-1e308, -1e308], warn_balance=False)
+    with pytest.raises(ValueError, match="policy_logps - ref_logps must be finite"):
+        function([1e308, -1.0], [-1e308, -1.0], [1, 0], 0.1, variant="kto", warn_balance=False)
