@@ -10,6 +10,8 @@ The three variants:
     "edifice"  the seed's formula (Edifice.Meta.KTO, the Elixir library this project started from):
                z = mean_j β r_j, from the batch itself, not clamped;
                loss_i = -w_i σ(s_i (β r_i - z)).  Gradient flows through z unless stop_z_grad.
+               (The seed's module doc writes σ(-KL - z) for the undesirable case; its function doc
+               and code use σ(-(KL - z)), which is what is implemented, with KL_i = β r_i.)
     "kto"      the KTO paper and TRL: z_ref = max(0, mean_j (kl_policy_logps_j - kl_ref_logps_j)) over
                mismatched (prompt, completion) pairs, detached, and 0 without them;
                loss_i = w_i (1 - σ(s_i β (r_i - z_ref))).
@@ -85,7 +87,7 @@ def kto_forward(config: KTOConfig, policy_logps, ref_logps, labels, kl_policy_lo
         kl = beta * r  # [n] the seed's KL_i
         z = xp.mean(kl)
         u = kl - z  # [n] the seed's reward_i
-        losses = -w * sigmoid(s * u)
+        losses = -w * sigmoid(s * u)  # [n]
     else:
         z = 0.0
         if config.variant == "kto" and kl_policy_logps is not None:
