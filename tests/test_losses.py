@@ -5,6 +5,8 @@ and input validation."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -12,10 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kto_np import validation
 from kto_np.dpo import dpo_backward, dpo_forward, dpo_loss, dpo_loss_and_grad
 from kto_np.gradcheck import check_gradients, format_report, rel_error
 from kto_np.losses import (
     VARIANTS,
+    KTOConfig,
     check_balance,
     default_beta,
     kto_backward,
@@ -68,6 +72,13 @@ def kto_kwargs(variant, options, rng, n, beta):
     if options.get("kl_pairs"):
         kwargs["kl_policy_logps"], kwargs["kl_ref_logps"] = make_kl_pairs(rng, n, beta, positive_mean=True)
     return kwargs
+
+
+def forward(policy, ref, labels, beta, wd=1.0, wu=1.0, *, variant, stop_z_grad=False, kl_policy_logps=None,
+            kl_ref_logps=None, warn_balance=False):
+    """kto_forward (which takes a KTOConfig and checks nothing) called with kto_loss's arguments."""
+    config = KTOConfig(variant, beta, wd, wu, stop_z_grad)
+    return kto_forward(config, np.asarray(policy), np.asarray(ref), np.asarray(labels), kl_policy_logps, kl_ref_logps)
 
 
 def assert_close(name, mine, theirs, rtol, atol=0.0):
@@ -134,7 +145,7 @@ def test_kto_gradient_matches_finite_differences(variant, options, layout):
     kwargs = kto_kwargs(variant, options, rng, len(policy), beta)
     dloss = float(rng.uniform(0.5, 2.0) * rng.choice([-1.0, 1.0]))
 
-    _, cache = kto_forward(policy, ref, labels, beta, wd, wu, **kwargs)
+    _, cache = forward(policy, ref, labels, beta, wd, wu, **kwargs)
     dpolicy = kto_backward(dloss, cache)
     if kwargs["stop_z_grad"]:
         # the stopped gradient is that of the loss with z held at its value: differentiate that
@@ -619,7 +630,7 @@ def test_lists_and_bool_labels_are_accepted():
 @pytest.mark.parametrize(("variant", "options"), KTO_CASES, ids=CASE_IDS)
 def test_backward_is_linear_in_the_upstream_gradient(variant, options, rng):
     policy, ref, labels = make_batch(rng, "mixed", 0.3)
-    _, cache = kto_forward(policy, ref, labels, 0.3, **kto_kwargs(variant, options, rng, len(policy), 0.3))
+    _, cache = forward(policy, ref, labels, 0.3, **kto_kwargs(variant, options, rng, len(policy), 0.3))
     assert_close("dL/dpolicy_logps", kto_backward(-2.5, cache), -2.5 * kto_backward(1.0, cache), rtol=1e-15)
 
 
@@ -714,7 +725,7 @@ BAD_KTO = [
 ]
 
 
-@pytest.mark.parametrize("function", [kto_loss, kto_loss_and_grad, kto_forward])
+@pytest.mark.parametrize("function", [kto_loss, kto_loss_and_grad])
 @pytest.mark.parametrize(("override", "error", "name"), BAD_KTO)
 def test_kto_bad_input_names_the_argument(function, override, error, name):
     with pytest.raises(error, match=name):
@@ -738,10 +749,7 @@ def test_dpo_bad_beta(beta):
         dpo_loss_and_grad(**GOOD_DPO, beta=beta)
 
 
-def test_backward_and_check_balance_bad_input():
-    _, cache = kto_forward(**GOOD)
-    with pytest.raises(ValueError, match="dloss"):
-        kto_backward(float("nan"), cache)
+def test_dpo_backward_and_check_balance_bad_input():
     _, dpo_cache = dpo_forward(**GOOD_DPO)
     with pytest.raises(TypeError, match="dloss"):
         dpo_backward("1", dpo_cache)
@@ -755,14 +763,7 @@ def test_backward_and_check_balance_bad_input():
         check_balance([1, 0], 0.0, 0.0)
 
 
-def test_overflowing_log_ratio_is_an_error_not_a_nan():
-    with pytest.raises(ValueError, match="policy_logps - ref_logps must be finite"):
-        kto_loss(np.array([1e308, -1.0]), np.array([-1e308, -1.0]), [1, 0], variant="kto")
-
-
-def test_backward_with_a_foreign_cache_is_a_type_error():
-    with pytest.raises(TypeError, match="KTOCache"):
-        kto_backward(1.0, None)
+def test_dpo_backward_with_a_foreign_cache_is_a_type_error():
     with pytest.raises(TypeError, match="DPOCache"):
         dpo_backward(1.0, (1, 2))
 
@@ -781,3 +782,67 @@ def test_kl_raw_is_the_estimate_before_the_clamp(shift):
     assert metrics["kl"] == pytest.approx(max(0.0, estimate), rel=1e-12, abs=0.0)
     for variant in ("kto", "edifice", "apo_zero_unpaired"):  # no KL pairs: nothing estimated
         assert kto_loss_and_grad(policy, ref, labels, 0.1, variant=variant)[2]["kl_raw"] is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# checked once, at the door
+
+
+def calls_into_validation(function):
+    """(result of function(), the names of the kto_np.validation functions it called, in order)."""
+    target = os.path.abspath(validation.__file__)
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and os.path.abspath(frame.f_code.co_filename) == target:
+            calls.append(frame.f_code.co_name)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        result = function()
+    finally:
+        sys.setprofile(previous)
+    return result, calls
+
+
+@pytest.mark.parametrize(("variant", "options"), KTO_CASES, ids=CASE_IDS)
+def test_config_loss_and_grad_checks_nothing_and_equals_the_door(variant, options, rng):
+    """KTOConfig.loss_and_grad is what the training step calls with arrays it made and checked: it makes
+    no call into kto_np.validation, and gives bit for bit what the checking door kto_loss_and_grad gives."""
+    beta, wd, wu = 0.3, 1.2, 0.9
+    policy, ref, labels = make_batch(rng, "mixed_large", beta)
+    kwargs = kto_kwargs(variant, options, rng, len(policy), beta)
+    config = KTOConfig(variant, beta, wd, wu, kwargs["stop_z_grad"])
+    kl = (kwargs.get("kl_policy_logps"), kwargs.get("kl_ref_logps"))
+    (loss, grad, metrics), calls = calls_into_validation(lambda: config.loss_and_grad(policy, ref, labels, *kl))
+    assert calls == []
+    (door_loss, door_grad, door_metrics), door_calls = calls_into_validation(
+        lambda: kto_loss_and_grad(policy, ref, labels, beta, wd, wu, **kwargs))
+    assert "as_float_array" in door_calls and "as_labels" in door_calls  # the counter sees the door's checks
+    assert loss == door_loss and metrics == door_metrics
+    assert grad.dtype == door_grad.dtype and np.array_equal(grad, door_grad)
+
+
+def through_config(policy, ref, labels, beta, variant, kl_policy_logps=None, kl_ref_logps=None, **_):
+    """KTOConfig.loss_and_grad (the training step's call) with kto_loss's arguments."""
+    as_array = np.asarray
+    kl = (None, None) if kl_policy_logps is None else (as_array(kl_policy_logps), as_array(kl_ref_logps))
+    return KTOConfig(variant, beta).loss_and_grad(as_array(policy), as_array(ref), as_array(labels), *kl)
+
+
+@pytest.mark.parametrize("function", [kto_loss, kto_loss_and_grad, through_config])
+def test_overflow_is_rejected_by_name(function):
+    """Finite inputs whose β r (or its sum) is past the float range: a ValueError naming the inputs,
+    not inf, NaN or a RuntimeWarning (warnings are errors here), at the doors and in the training
+    step's call (where it names the cause of a divergence)."""
+    with pytest.raises(ValueError, match=r"overflows float64 .*beta=1e\+308.*the rewards beta \* r"):
+        function([-1.0, 2.0], [-4.0, -4.0], [1, 0], 1e308, variant="kto", warn_balance=False)
+    big = np.array([3e38, -3e38], dtype=np.float32)
+    with pytest.raises(ValueError, match=r"overflows float32 .*beta=10.*the rewards beta \* r"):
+        function(big, np.zeros(2, dtype=np.float32), [1, 0], 10.0, variant="apo_zero_unpaired")
+    with pytest.raises(ValueError, match="KL estimate mean.kl_policy_logps - kl_ref_logps"):
+        function([-1.0, -2.0], [-1.5, -1.5], [1, 0], 0.1, variant="kto", kl_policy_logps=[1e308, 1e308],
+                 kl_ref_logps=[-1e308, -1e308], warn_balance=False)
+    with pytest.raises(ValueError, match="policy_logps - ref_logps must be finite"):
+        function([1e308, -1.0], [-1e308, -1.0], [1, 0], 0.1, variant="kto", warn_balance=False)
