@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from kto_np import checkpoint, step, train
+from kto_np.architectures import build, model_from_config
 from kto_np.data import Tokenizer, collate, make_examples, make_task
 from kto_np.gradcheck import check_gradients
 from kto_np.gradcheck_suite import model_checks
 from kto_np.losses import VARIANTS
-from kto_np.architectures import build
 
 TINY = dict(hidden_size=16, num_layers=1, num_heads=2, sft_steps=40, steps=20, batch_size=16, sft_examples=64,
             num_examples=64, eval_prompts=32, eval_every=10, checkpoint_every=10, warmup_steps=2, num_digits=3)
@@ -224,3 +224,74 @@ def test_resume_before_the_first_kto_checkpoint_logs_no_record_twice(tmp_path):
     (tmp_path / "cut/checkpoints/kto.npz").unlink()  # as if stopped before the first KTO checkpoint
     quiet_run(config, tmp_path / "cut", resume=True)
     assert (tmp_path / "whole/metrics.jsonl").read_bytes() == (tmp_path / "cut/metrics.jsonl").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# run(reference=...): KTO from a saved reference, no SFT
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    quiet_run(train.TrainConfig(**TINY), out)
+    return out
+
+
+def test_a_run_from_a_reference_is_the_kto_phase_of_a_full_run(full_run, tmp_path):
+    config = train.TrainConfig(**TINY)
+    whole = checkpoint.load(full_run / "checkpoints/kto.npz")
+    kto_and_eval = [r for r in kto_records(full_run) if r["phase"] != "sft"]
+    for name, reference in (("from_folder", full_run), ("from_file", full_run / "checkpoints/reference.npz")):
+        out = tmp_path / name
+        quiet_run(config, out, reference=reference)
+        assert not (out / "checkpoints/sft.npz").exists()
+        assert kto_records(out) == kto_and_eval  # no SFT record; every KTO and evaluation record the same
+        policy = checkpoint.load(out / "checkpoints/kto.npz")
+        for key, value in whole.params.items():
+            np.testing.assert_array_equal(policy.params[key], value, err_msg=f"{name}: {key}")
+        copied = checkpoint.load(out / "checkpoints/reference.npz")
+        assert copied.extra == {"source": os.path.abspath(full_run / "checkpoints/reference.npz")}
+        assert json.loads((out / "config.json").read_text()) == config.to_dict()
+    # stopped and resumed without naming the reference again: the same bits
+    quiet_run(config, tmp_path / "cut", reference=full_run, stop_after=7)
+    quiet_run(config, tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut/metrics.jsonl").read_bytes() == (tmp_path / "from_folder/metrics.jsonl").read_bytes()
+    with pytest.raises(train.RunError, match="a resume continues from the run folder's own"):
+        quiet_run(config, tmp_path / "cut", resume=True, reference=full_run)
+
+
+def test_a_reference_of_another_model_or_a_missing_or_damaged_one_is_a_clear_error(full_run, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(train.RunError, match=r"different model .*hidden_size 16 \(config: 32\)"):
+        quiet_run(train.TrainConfig(**{**TINY, "hidden_size": 32}), out, reference=full_run)
+    with pytest.raises(train.RunError, match=r"different model .*dtype float32 \(config: float64\)"):
+        quiet_run(train.TrainConfig(**{**TINY, "dtype": "float64"}), out, reference=full_run)
+    with pytest.raises(train.RunError, match="nothing.npz' does not exist"):
+        quiet_run(train.TrainConfig(**TINY), out, reference=tmp_path / "nothing.npz")
+    with pytest.raises(train.RunError, match=r"reference\.npz' does not exist"):
+        quiet_run(train.TrainConfig(**TINY), out, reference=tmp_path)  # a folder that holds no run
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes((full_run / "checkpoints/reference.npz").read_bytes()[:1000])
+    with pytest.raises(train.RunError, match="truncated, corrupt"):
+        quiet_run(train.TrainConfig(**TINY), out, reference=damaged)
+    with pytest.raises(TypeError, match="reference must be"):
+        quiet_run(train.TrainConfig(**TINY), out, reference=3)
+    assert not out.exists()  # refused before the run folder was touched
+
+
+def test_the_command_line_starts_from_a_reference(full_run, tmp_path, capsys):
+    from kto_np import cli  # noqa: PLC0415
+
+    model = model_from_config(train.TrainConfig().model_config())
+    checkpoint.save(tmp_path / "ref.npz", model.init(5), model.config)  # the demo's model, untrained
+    argv = ["demo", "--quiet", "--steps", "1", "--reference", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "b")]
+    assert cli.main(argv) == 0
+    assert not (tmp_path / "b/checkpoints/sft.npz").exists()
+    copied = checkpoint.load(tmp_path / "b/checkpoints/reference.npz")
+    for key, value in model.init(5).items():
+        np.testing.assert_array_equal(copied.params[key], value, err_msg=key)
+    capsys.readouterr()
+    assert cli.main(["demo", "--quiet", "--reference", str(full_run), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert "holds a different model than the config describes: " in err and "hidden_size 16 (config: 64)" in err
