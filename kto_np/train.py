@@ -2,10 +2,12 @@
 
 The run, end to end (`run(config, out_dir)`, `kto-np demo`, `kto-np train`):
   1. SFT: a fresh model learns the synthetic task from a MIX of desirable and undesirable
-     completions, so that, sampled, it produces both. This is the reference model.
+     completions, so that, sampled, it produces both. This is the reference model. (Or
+     `run(..., reference=<checkpoint or run folder>)`: a saved reference, and no SFT.)
   2. KTO: the policy starts as a copy of the reference and learns from thumbs-up / thumbs-down labels
      only. The reference log-probabilities of each epoch's batches (matched rows and KL rows) are
-     computed once, at the start of the epoch, with the frozen reference.
+     computed once, at the start of the epoch, with the frozen reference. Each update is
+     `train_step`: batch -> step.kto_step -> clip -> learning rate -> AdamW.
   3. Evaluation: completions sampled for held-out prompts, judged by the task's rule; the desirable
      rate of the reference ("before") against the policy ("after") on the same prompts and draws.
 
@@ -16,7 +18,8 @@ A run folder holds:
                          rewards/margins, logps/chosen, logps/rejected, grad_norm, learning_rate)
                          and kl_raw, the KL estimate before its clamp at 0 (None when not estimated)
   checkpoints/sft.npz    latest SFT state (params, AdamW state, step): resume point
-  checkpoints/reference.npz   the finished reference
+  checkpoints/reference.npz   the finished reference (a run from reference=: its copy, with extra
+                         {"source": the path it came from}, and no sft.npz)
   checkpoints/kto.npz    latest KTO state: resume point; at the end, the trained policy
   trajectory/kto_step_NNNNNN.npz   the policy's parameters every ceil(steps / TRAJECTORY_POINTS) KTO
                          steps and at the last one (checkpoint.save format, extra {"step": N}): the thin
@@ -530,19 +533,15 @@ def _optimize(phase: str, model: Model, params: dict, examples, config: TrainCon
             extras = prepare_epoch(batches) if prepare_epoch is not None else [None] * len(batches)
             batches_epoch = epoch
         rng = np.random.default_rng([config.seed, phase_id, step])
-
-        def diverged(what: str, step: int = step) -> TrainingDiverged:
-            kept = (f"the last good checkpoint is {ckpt_path!r}" if os.path.exists(ckpt_path)
-                    else f"no {phase} checkpoint was written yet")
-            return TrainingDiverged(f"{phase} step {step + 1}: {what}; stopped there ({kept})")
-
         # Overflow is reported by name (NonFiniteError) instead of warned about on the way.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
             try:
                 loss, metrics, grad_norm, lr = step_fn(params, opt_state, batches[index], extras[index],
                                                        step=step, rng=rng, **update)
             except NonFiniteError as exc:  # the loss, the gradient or the parameters are NaN or infinite
-                raise diverged(str(exc)) from exc
+                kept = (f"the last good checkpoint is {ckpt_path!r}" if os.path.exists(ckpt_path)
+                        else f"no {phase} checkpoint was written yet")
+                raise TrainingDiverged(f"{phase} step {step + 1}: {exc}; stopped there ({kept})") from exc
         record = {"phase": phase, "step": step + 1, "loss": loss}
         record.update({k: _finite_or_none(metrics[k]) for k in METRIC_NAMES if k in metrics})
         record.update(grad_norm=grad_norm, learning_rate=lr)
