@@ -217,6 +217,9 @@ def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last checkpoint (its saved options win)")
+    p.add_argument("--reference", default=None, metavar="PATH",
+                   help="start KTO from this reference (a checkpoint file, or a run folder's "
+                   "checkpoints/reference.npz) instead of training one: no SFT; its model must be this run's")
     p.add_argument("--quiet", action="store_true", help="print only the final table; no progress bar")
 
 
@@ -242,7 +245,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     log = (lambda *a, **k: None) if args.quiet else print
     try:
-        summary = run(config, out, force=args.force, resume=args.resume, progress=not args.quiet, log=log)
+        summary = run(config, out, force=args.force, resume=args.resume, progress=not args.quiet, log=log,
+                      reference=args.reference)
     except (RunError, ImportError) as exc:
         print(f"kto-np {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -2,10 +2,12 @@
 
 The run, end to end (`run(config, out_dir)`, `kto-np demo`, `kto-np train`):
   1. SFT: a fresh model learns the synthetic task from a MIX of desirable and undesirable
-     completions, so that, sampled, it produces both. This is the reference model.
+     completions, so that, sampled, it produces both. This is the reference model. (Or
+     `run(..., reference=<checkpoint or run folder>)`: a saved reference, and no SFT.)
   2. KTO: the policy starts as a copy of the reference and learns from thumbs-up / thumbs-down labels
      only. The reference log-probabilities of each epoch's batches (matched rows and KL rows) are
-     computed once, at the start of the epoch, with the frozen reference.
+     computed once, at the start of the epoch, with the frozen reference. Each update is
+     `train_step`: batch -> step.kto_step -> clip -> learning rate -> AdamW.
   3. Evaluation: completions sampled for held-out prompts, judged by the task's rule; the desirable
      rate of the reference ("before") against the policy ("after") on the same prompts and draws.
 
@@ -16,7 +18,8 @@ A run folder holds:
                          rewards/margins, logps/chosen, logps/rejected, grad_norm, learning_rate)
                          and kl_raw, the KL estimate before its clamp at 0 (None when not estimated)
   checkpoints/sft.npz    latest SFT state (params, AdamW state, step): resume point
-  checkpoints/reference.npz   the finished reference
+  checkpoints/reference.npz   the finished reference (a run from reference=: its copy, with extra
+                         {"source": the path it came from}, and no sft.npz)
   checkpoints/kto.npz    latest KTO state: resume point; at the end, the trained policy
   trajectory/kto_step_NNNNNN.npz   the policy's parameters every ceil(steps / TRAJECTORY_POINTS) KTO
                          steps and at the last one (checkpoint.save format, extra {"step": N}): the thin
@@ -43,6 +46,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from . import backend, checkpoint
+from .architectures import Model, build, model_from_config
 from .backend import to_numpy
 from .data import (
     Tokenizer,
@@ -54,21 +58,20 @@ from .data import (
     make_task,
     prompt_tokens,
 )
+from .fast.optim import adamw_step, clip_grad_norm
 from .files import write_json, write_text
 from .generate import generate
 from .losses import VARIANTS, KTOConfig, check_balance, check_weights_not_both_zero
-from .architectures import build, model_from_config
-from .model import GPT
-from .optim import adamw_init, adamw_step, check_adamw_state, clip_grad_norm, learning_rate
+from .optim import adamw_init, check_adamw_state, learning_rate
 from .step import Batch, forward_logps, kto_dlogits, kto_step, reference_logps, sft_step
-from .step import completion_logps as step_completion_logps
-from .validation import check_bool, check_choice, check_finite_scalar, check_positive_int
-
-try:
-    from .validation import NonFiniteError
-except ImportError:  # pragma: no cover - until validation has it
-    class NonFiniteError(ValueError):
-        pass
+from .validation import (
+    NonFiniteError,
+    check_bool,
+    check_choice,
+    check_finite,
+    check_finite_scalar,
+    check_positive_int,
+)
 
 __all__ = [
     "RunError",
@@ -77,6 +80,8 @@ __all__ = [
     "evaluate",
     "kto_loss_and_param_grads",
     "run",
+    "sft_train_step",
+    "train_step",
 ]
 
 METRIC_NAMES = ("loss", "kl", "kl_raw", "rewards/chosen", "rewards/rejected", "rewards/margins",
@@ -201,30 +206,57 @@ class TrainConfig:
         return cls(**d)
 
 
-# the names these had before the step module (kept so that earlier code keeps working)
-completion_logps = step_completion_logps
-frozen_logps = forward_logps
-sft_loss_and_grads = sft_step
+# ----------------------------------------------------------------------------------------------
+# THE training step: one KTO update, everything it does in order (batch -> kto_step -> clip ->
+# learning rate -> AdamW). _optimize, further down, calls it once per step and keeps resume,
+# progress, evaluation, trajectory snapshots, divergence reports and checkpoints around it.
 
 
-def kto_loss_and_param_grads(model: GPT, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
-                             variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
-                             undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
-                             rng=None, warn_balance: bool = False):
-    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads). The step never
-    warns about the class balance (run checks it once for the whole data); warn_balance is accepted
-    for compatibility with earlier versions and must be False."""
-    if check_bool("warn_balance", warn_balance):
-        raise ValueError("warn_balance must be False: use losses.check_balance(labels, ...) for a batch's balance")
-    config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
-    return kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train=train, rng=rng)
+def train_step(model: Model, params: dict, opt_state: dict, batch: Batch, ref_logps, kl_ref_logps,
+               kto_config: KTOConfig, *, step: int, lr_schedule: dict, max_grad_norm: float,
+               weight_decay: float, train: bool = False, rng=None):
+    """One KTO update of `params` and `opt_state` (both in place): (loss, metrics, grad_norm, lr).
 
+    ref_logps, kl_ref_logps: the frozen reference's log-probs of the batch (step.reference_logps).
+    lr_schedule: the keywords of optim.learning_rate besides `step` (base_lr, warmup_steps, ...).
+    train, rng: dropout on, and the generator of its masks. A NaN or an infinity in the loss, the
+    gradient norm or the updated parameters raises NonFiniteError naming it.
+    """
+    # forward and backward: the KTO loss of the batch and its gradient for every parameter
+    loss, metrics, grads = kto_step(model, params, batch, ref_logps, kl_ref_logps, kto_config,
+                                    train=train, rng=rng)
+    check_finite("the loss", loss)
+    # clip: rescale the gradients so that their global L2 norm is at most max_grad_norm
+    grad_norm = clip_grad_norm(grads, max_grad_norm)
+    check_finite("the gradient norm", grad_norm)
+    # the learning rate of this step: linear warm-up, then cosine decay
+    lr = learning_rate(step, **lr_schedule)
+    # AdamW: moments, bias correction, decoupled weight decay; params and opt_state change in place
+    adamw_step(params, grads, opt_state, lr=lr, weight_decay=weight_decay)
+    for name, value in params.items():  # a step too large for the dtype overflows to infinity
+        check_finite(f"params[{name!r}] after the update with lr={lr:g} (an overflow to infinity)", value)
+    return loss, metrics, grad_norm, lr
+
+
+def sft_train_step(model: Model, params: dict, opt_state: dict, batch: Batch, *, step: int, lr_schedule: dict,
+                   max_grad_norm: float, weight_decay: float, train: bool = False, rng=None):
+    """train_step's sibling for the SFT of the reference: the same update, sft_step's loss (the mean
+    negative log-likelihood of the completion tokens) in place of kto_step's."""
+    loss, metrics, grads = sft_step(model, params, batch, train=train, rng=rng)
+    check_finite("the loss", loss)
+    grad_norm = clip_grad_norm(grads, max_grad_norm)
+    check_finite("the gradient norm", grad_norm)
+    lr = learning_rate(step, **lr_schedule)
+    adamw_step(params, grads, opt_state, lr=lr, weight_decay=weight_decay)
+    for name, value in params.items():
+        check_finite(f"params[{name!r}] after the update with lr={lr:g} (an overflow to infinity)", value)
+    return loss, metrics, grad_norm, lr
 
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
 
-def evaluate(model: GPT, params: dict, task, prompts, *, seed: int = EVAL_SEED,
+def evaluate(model: Model, params: dict, task, prompts, *, seed: int = EVAL_SEED,
              temperature: float = 1.0) -> dict:
     """Sample one completion per prompt and judge it.
 
@@ -321,9 +353,10 @@ class _Run:
     def damaged(self, what: str) -> RunError:
         return RunError(f"run folder {self.out!r} is damaged: {what}; start it again with --force")
 
-    def prepare(self, config: TrainConfig, *, force: bool, resume: bool) -> TrainConfig:
+    def prepare(self, config: TrainConfig, *, force: bool, resume: bool, reference=None) -> TrainConfig:
         """Check the folder before any training: take its lock, refuse to overwrite, load a config to
-        resume, repair a torn last metrics line."""
+        resume, repair a torn last metrics line. reference: (source path, checkpoint) to start from,
+        written as checkpoints/reference.npz before config.json."""
         if resume:
             if not os.path.isfile(self.path("config.json")):
                 raise RunError(f"cannot resume: {self.out!r} has no config.json (start a new run without --resume)")
@@ -360,6 +393,10 @@ class _Run:
             for name in RUN_FILES:
                 if os.path.exists(self.path(name)):
                     os.unlink(self.path(name))
+            if reference is not None:
+                source, saved = reference
+                checkpoint.save(self.path("checkpoints/reference.npz"), saved.params, saved.config,
+                                extra={"source": source})
             write_json(self.path("config.json"), config.to_dict())
         return config
 
@@ -411,7 +448,7 @@ class _Run:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
-    def load_checkpoint(self, name: str, model: GPT, *, training_state: bool):
+    def load_checkpoint(self, name: str, model: Model, *, training_state: bool):
         """checkpoints/<name>.npz, checked against the run: the model of config.json and, for a resume
         point, its training state (step, AdamW state). A damaged file is a RunError naming it."""
         path = self.path(f"checkpoints/{name}.npz")
@@ -442,29 +479,17 @@ class _Run:
 # the optimisation loop, shared by SFT and KTO
 
 
-def _is_non_finite_error(exc: ValueError) -> bool:
-    """The core's check that a quantity (logits, log-probs, the loss, dlogps, dlogits, ...) is finite or
-    does not overflow (its messages say "must be finite", "overflows", "too large", "non-finite")."""
-    text = str(exc)
-    return isinstance(exc, NonFiniteError) or any(
-        words in text for words in ("must be finite", "overflow", "too large", "non-finite"))
-
-
-def _non_finite_names(arrays: dict) -> list[str]:
-    """The names of the arrays holding a NaN or an infinity (the first 5)."""
-    bad = [name for name, a in arrays.items() if not bool(backend.array_module(a).isfinite(a).all())]
-    return bad[:5] + ([f"... {len(bad) - 5} more"] if len(bad) > 5 else [])
-
-
-def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfig, run: _Run, *,
-              steps: int, base_lr: float, batch_loss, prepare_epoch=None, evaluate_fn=None,
+def _optimize(phase: str, model: Model, params: dict, examples, config: TrainConfig, run: _Run, *,
+              steps: int, base_lr: float, step_fn, prepare_epoch=None, evaluate_fn=None,
               initial_eval: dict | None = None, progress: bool = True, stop_after: int | None = None,
               trajectory_every: int | None = None) -> dict:
     """Train params for `steps` AdamW steps; resume from checkpoints/<phase>.npz if it exists.
 
     Each epoch's batches come from iterate_batches(seed, epoch); prepare_epoch(batches) -> one extra
     value per batch (KTO: the reference log-probs), computed once when the epoch starts.
-    batch_loss(params, batch, extra, rng) -> (loss, metrics, grads). Returns the trained params.
+    step_fn(params, opt_state, batch, extra, **update) -> (loss, metrics, grad_norm, lr): one update in
+    place (train_step, sft_train_step; update: step, lr_schedule, max_grad_norm, weight_decay, train,
+    rng). A NonFiniteError from it stops the run as TrainingDiverged. Returns the trained params.
     evaluate_fn(params) -> {"desirable_rate", ...} runs every config.eval_every steps; initial_eval is
     its result for the starting params (logged as step 0). stop_after: stop (with a checkpoint) there.
     trajectory_every: also save the params as trajectory/<phase>_step_NNNNNN.npz every that many steps
@@ -487,6 +512,9 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
         if not any(r["phase"] == "eval" and r["step"] == 0 for r in run.records()):
             run.log({"phase": "eval", "step": 0, "desirable_rate": initial_eval["desirable_rate"]})
 
+    update = dict(lr_schedule=dict(base_lr=base_lr, warmup_steps=min(config.warmup_steps, steps), total_steps=steps,
+                                   schedule="cosine", min_lr_ratio=0.1),
+                  max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, train=config.dropout > 0)
     tokenizer = Tokenizer()
     steps_per_epoch = len(examples) // config.batch_size
     phase_id = PHASES.index(phase)
@@ -505,37 +533,15 @@ def _optimize(phase: str, model: GPT, params: dict, examples, config: TrainConfi
             extras = prepare_epoch(batches) if prepare_epoch is not None else [None] * len(batches)
             batches_epoch = epoch
         rng = np.random.default_rng([config.seed, phase_id, step])
-
-        def diverged(what: str, step: int = step) -> TrainingDiverged:
-            kept = (f"the last good checkpoint is {ckpt_path!r}" if os.path.exists(ckpt_path)
-                    else f"no {phase} checkpoint was written yet")
-            return TrainingDiverged(f"{phase} step {step + 1}: {what}; stopped there ({kept})")
-
-        # Overflow is checked below, by name, instead of warned about on the way.
+        # Overflow is reported by name (NonFiniteError) instead of warned about on the way.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
             try:
-                loss, metrics, grads = batch_loss(params, batches[index], extras[index], rng)
-            except ValueError as exc:
-                if _is_non_finite_error(exc):  # the logits, log-probs or the loss's gradient overflowed
-                    raise diverged(str(exc)) from exc
-                raise
-            grad_norm = clip_grad_norm(grads, config.max_grad_norm)
-            if not math.isfinite(loss):
-                raise diverged(f"the loss is {loss} (gradient norm {grad_norm})")
-            if not math.isfinite(grad_norm):
-                raise diverged(f"the gradient norm is {grad_norm}: gradients of "
-                               f"{_non_finite_names(grads)} are not finite")
-            lr = learning_rate(step, base_lr=base_lr, warmup_steps=min(config.warmup_steps, steps),
-                               total_steps=steps, schedule="cosine", min_lr_ratio=0.1)
-            try:
-                adamw_step(params, grads, opt_state, lr=lr, weight_decay=config.weight_decay)
-            except ValueError as exc:
-                if _is_non_finite_error(exc):  # the update overflowed the parameters
-                    raise diverged(str(exc)) from exc
-                raise
-            bad = _non_finite_names(params)
-            if bad:
-                raise diverged(f"the update (learning rate {lr:g}) made the parameters {bad} non-finite")
+                loss, metrics, grad_norm, lr = step_fn(params, opt_state, batches[index], extras[index],
+                                                       step=step, rng=rng, **update)
+            except NonFiniteError as exc:  # the loss, the gradient or the parameters are NaN or infinite
+                kept = (f"the last good checkpoint is {ckpt_path!r}" if os.path.exists(ckpt_path)
+                        else f"no {phase} checkpoint was written yet")
+                raise TrainingDiverged(f"{phase} step {step + 1}: {exc}; stopped there ({kept})") from exc
         record = {"phase": phase, "step": step + 1, "loss": loss}
         record.update({k: _finite_or_none(metrics[k]) for k in METRIC_NAMES if k in metrics})
         record.update(grad_norm=grad_norm, learning_rate=lr)
@@ -573,44 +579,78 @@ def heldout_prompts(config: TrainConfig, num_prompts: int | None = None) -> list
 
 
 def run(config: TrainConfig, out_dir, *, force: bool = False, resume: bool = False,
-        progress: bool = True, log=print, stop_after: int | None = None) -> dict:
+        progress: bool = True, log=print, stop_after: int | None = None, reference=None) -> dict:
     """SFT the reference, KTO the policy, evaluate both; write the run folder. Returns the summary.
 
+    reference: a checkpoint file, or a run folder (its checkpoints/reference.npz), holding the model
+    of config.model_config(): the new run starts from it instead of training its own (no SFT phase).
+    It is copied into the run folder as checkpoints/reference.npz (extra {"source": its path}), so a
+    later `resume=True` needs no `reference`. A missing or damaged file, or another model, is a
+    RunError naming it; so is `reference` with `resume=True` (a resume keeps the run's reference).
     stop_after: stop the KTO phase after this many steps (the checkpoint at that point lets a later
     `resume=True` call finish the run; used to test exact resumption).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    saved_reference = None
+    if reference is not None:
+        if resume:
+            raise RunError("reference applies to a new run: a resume continues from the run folder's own "
+                           "checkpoints/reference.npz (leave reference out, or start a new run)")
+        saved_reference = _load_reference(reference, config)  # before anything in the folder changes
     run_dir = _Run(out_dir)
     try:
-        config = run_dir.prepare(config, force=force, resume=resume)
+        config = run_dir.prepare(config, force=force, resume=resume, reference=saved_reference)
         return _run(config, run_dir, progress=progress, log=log, stop_after=stop_after)
     finally:
         run_dir.lock.release()
+
+
+def _load_reference(reference, config: TrainConfig) -> tuple[str, checkpoint.Checkpoint]:
+    """run(reference=...): (the checkpoint's path, the loaded checkpoint), its model config.model_config()'s."""
+    if not isinstance(reference, (str, os.PathLike)):
+        raise TypeError(f"reference must be a checkpoint file or a run folder (a path), got "
+                        f"{type(reference).__name__}")
+    path = os.fspath(reference)
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoints", "reference.npz")
+    try:
+        saved = checkpoint.load(path)
+    except checkpoint.CheckpointError as exc:
+        raise RunError(f"cannot start from the reference: {exc}") from None
+    expected = config.model_config()
+    if saved.config != expected:
+        theirs, ours = saved.config.to_dict(), expected.to_dict()
+        differ = [f"{key} {theirs.get(key, 'unset')} (config: {ours.get(key, 'unset')})"
+                  for key in {**theirs, **ours} if theirs.get(key) != ours.get(key)]
+        raise RunError(f"cannot start from the reference {path!r}: it holds a different model than the "
+                       f"config describes: {', '.join(differ)}")
+    return os.path.abspath(path), saved
 
 
 def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after: int | None) -> dict:
     backend.set_backend(config.backend)
     started = time.perf_counter()
     task = make_task(config.task, config.num_digits)
-    model = model_from_config(config.model_config())
+    model = model_from_config(config.model_config(), fast=True)  # training runs on the fast room's ops
     heldout = heldout_prompts(config)
 
-    # 1. the reference: SFT on a mix of good and bad completions
+    # 1. the reference: SFT on a mix of good and bad completions (or run(reference=...)'s, already here)
     reference_path = run_dir.path("checkpoints/reference.npz")
     if os.path.exists(reference_path):
         ref_params = run_dir.load_checkpoint("reference", model, training_state=False)[0].params
+        log(f"reference: {reference_path} (no SFT)")
     else:
         sft_examples = make_examples(task, config.sft_examples, seed=config.seed,
                                      desirable_fraction=config.sft_desirable_fraction)
         log(f"SFT of the reference: {config.sft_steps} steps on {len(sft_examples)} examples "
             f"({model.num_params():,} parameters)")
 
-        def sft_batch_loss(params, batch, extra, rng):
-            return sft_step(model, params, batch, train=config.dropout > 0, rng=rng)
+        def sft_update(params, opt_state, batch, extra, **update):
+            return sft_train_step(model, params, opt_state, batch, **update)
 
         ref_params = _optimize("sft", model, model.init(config.seed), sft_examples, config, run_dir,
-                               steps=config.sft_steps, base_lr=config.sft_lr, batch_loss=sft_batch_loss,
+                               steps=config.sft_steps, base_lr=config.sft_lr, step_fn=sft_update,
                                progress=progress)
         checkpoint.save(reference_path, ref_params, model.config)
 
@@ -628,9 +668,9 @@ def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after:
 
     kto_config = config.kto_config()
 
-    def kto_batch_loss(params, batch, reference, rng):
-        ref, kl_ref = reference
-        return kto_step(model, params, batch, ref, kl_ref, kto_config, train=config.dropout > 0, rng=rng)
+    def kto_update(params, opt_state, batch, reference, **update):
+        ref_logps, kl_ref_logps = reference
+        return train_step(model, params, opt_state, batch, ref_logps, kl_ref_logps, kto_config, **update)
 
     def reference_of_epoch(batches):
         if not kto_config.uses_kl_pairs:  # only "kto" estimates z from the KL rows
@@ -639,7 +679,7 @@ def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after:
 
     policy = {k: v.copy() for k, v in ref_params.items()}
     policy = _optimize("kto", model, policy, examples, config, run_dir, steps=config.steps,
-                       base_lr=config.lr, batch_loss=kto_batch_loss, prepare_epoch=reference_of_epoch,
+                       base_lr=config.lr, step_fn=kto_update, prepare_epoch=reference_of_epoch,
                        evaluate_fn=evaluate_fn, initial_eval=before,
                        progress=progress, stop_after=stop_after,
                        trajectory_every=math.ceil(config.steps / TRAJECTORY_POINTS))
@@ -669,7 +709,7 @@ def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after:
     return summary
 
 
-def token_gradient_norms(model: GPT, params: dict, ref_params: dict, batch: Batch, config: KTOConfig):
+def token_gradient_norms(model: Model, params: dict, ref_params: dict, batch: Batch, config: KTOConfig):
     """|dL/dlogits| per token of the KTO loss of `batch`: [B, T], column t for the logits that score
     token t (the logits at t - 1); 0 where nothing is scored (the prompt, padding, position 0)."""
     ref_logps, kl_ref_logps = reference_logps(model, ref_params, batch)
@@ -704,3 +744,17 @@ def _write_curves(run_dir: _Run) -> None:
     from .plots import plot_training_curves, save_figure  # noqa: PLC0415  (matplotlib only when plotting)
 
     save_figure(plot_training_curves(run_dir.records()), run_dir.path("training_curves.png"))
+
+
+# tutorial 4 still calls the step by this earlier name (step.kto_step with the loss's keywords)
+def kto_loss_and_param_grads(model: Model, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
+                             variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
+                             undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
+                             rng=None, warn_balance: bool = False):
+    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads). The step never
+    warns about the class balance (run checks it once for the whole data); warn_balance is accepted
+    for compatibility with earlier versions and must be False."""
+    if check_bool("warn_balance", warn_balance):
+        raise ValueError("warn_balance must be False: use losses.check_balance(labels, ...) for a batch's balance")
+    config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
+    return kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train=train, rng=rng)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from kto_np import checkpoint, step, train
+from kto_np.architectures import build, model_from_config
 from kto_np.data import Tokenizer, collate, make_examples, make_task
 from kto_np.gradcheck import check_gradients
 from kto_np.gradcheck_suite import model_checks
 from kto_np.losses import VARIANTS
-from kto_np.architectures import build
+from kto_np.validation import NonFiniteError, check_finite
 
 TINY = dict(hidden_size=16, num_layers=1, num_heads=2, sft_steps=40, steps=20, batch_size=16, sft_examples=64,
             num_examples=64, eval_prompts=32, eval_every=10, checkpoint_every=10, warmup_steps=2, num_digits=3)
@@ -135,6 +136,79 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, mo
     assert saved.extra["step"] == 5
 
 
+def test_train_step_is_kto_step_clip_schedule_adamw():
+    # independent: the same update written out with the reading edition's optimiser (kto_np.optim)
+    from kto_np import optim  # noqa: PLC0415
+    from kto_np.losses import KTOConfig  # noqa: PLC0415
+
+    model = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=Tokenizer().vocab_size, dropout=0.0,
+                  max_seq_len=10, dtype="float64")
+    batch = collate(make_examples(make_task("sort", 3), 6, seed=0), Tokenizer(), dtype="float64")
+    ref_params = model.init(1)
+    ref_logps, kl_ref_logps = step.reference_logps(model, ref_params, batch)
+    config = KTOConfig("kto", 0.5, 1.0, 1.0, False)
+    schedule = dict(base_lr=0.05, warmup_steps=2, total_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    params, expected = model.init(0), model.init(0)
+    state, expected_state = optim.adamw_init(params), optim.adamw_init(expected)
+    for k in range(3):
+        loss, metrics, grad_norm, lr = train.train_step(
+            model, params, state, batch, ref_logps, kl_ref_logps, config, step=k, lr_schedule=schedule,
+            max_grad_norm=0.05, weight_decay=0.1)
+        want_loss, _, grads = step.kto_step(model, expected, batch, ref_logps, kl_ref_logps, config)
+        want_norm = optim.clip_grad_norm(grads, 0.05)
+        want_lr = optim.learning_rate(k, **schedule)
+        optim.adamw_step(expected, grads, expected_state, lr=want_lr, weight_decay=0.1)
+        assert (loss, lr) == (want_loss, want_lr) and grad_norm == pytest.approx(want_norm, rel=1e-12)
+        assert grad_norm > 0.05  # the clip acted
+        for name, value in expected.items():
+            np.testing.assert_allclose(params[name], value, rtol=1e-12, atol=1e-15, err_msg=f"step {k}: {name}")
+    assert state["step"] == 3 and lr == 0.05  # warm-up 0, 0.025, then the cosine from its top
+
+
+@pytest.mark.parametrize("poison, match", [
+    ("raise", "kto step 8: the KL estimate must be finite"),
+    ("grads", "kto step 8: the gradient norm must be finite"),
+    ("params", r"kto step 8: params\['wte.weight'\] after the update with lr=[0-9.e+-]+ \(an overflow to infinity\) "
+               "must be finite"),
+])
+def test_non_finite_steps_stop_with_the_step_and_the_quantity(tmp_path, monkeypatch, poison, match):
+    config = train.TrainConfig(**{**TINY, "checkpoint_every": 5})
+    real_step, real_adamw = train.kto_step, train.adamw_step
+    calls = {"n": 0}
+
+    def kto_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8 and poison == "raise":  # as the step reports it
+            check_finite("the KL estimate", float("inf"))
+        loss, metrics, grads = real_step(*args, **kwargs)
+        if calls["n"] == 8 and poison == "grads":
+            grads["wpe.weight"][0, 0] = np.nan
+        return loss, metrics, grads
+
+    def adamw_step(params, *args, **kwargs):
+        real_adamw(params, *args, **kwargs)
+        if calls["n"] == 8 and poison == "params":
+            params["wte.weight"][1, 2] = np.inf
+
+    monkeypatch.setattr(train, "kto_step", kto_step)
+    monkeypatch.setattr(train, "adamw_step", adamw_step)
+    with pytest.raises(train.TrainingDiverged, match=match) as caught:
+        quiet_run(config, tmp_path / "run")
+    assert isinstance(caught.value.__cause__, NonFiniteError)
+    assert "the last good checkpoint is" in str(caught.value)
+    assert checkpoint.load(tmp_path / "run/checkpoints/kto.npz").extra["step"] == 5
+
+
+def test_a_value_error_that_is_not_a_non_finite_one_is_not_divergence(tmp_path, monkeypatch):
+    def kto_step(*args, **kwargs):
+        raise ValueError("tokens must be < vocab_size, and the message says must be finite")
+
+    monkeypatch.setattr(train, "kto_step", kto_step)
+    with pytest.raises(ValueError, match="tokens must be") as caught:
+        quiet_run(train.TrainConfig(**TINY), tmp_path / "run")
+    assert not isinstance(caught.value, train.TrainingDiverged)
+
+
 def test_existing_run_is_not_overwritten_without_force(tmp_path):
     quiet_run(train.TrainConfig(**{**TINY, "steps": 2, "sft_steps": 2}), tmp_path / "run")
     before = (tmp_path / "run/metrics.jsonl").read_bytes()
@@ -224,3 +298,74 @@ def test_resume_before_the_first_kto_checkpoint_logs_no_record_twice(tmp_path):
     (tmp_path / "cut/checkpoints/kto.npz").unlink()  # as if stopped before the first KTO checkpoint
     quiet_run(config, tmp_path / "cut", resume=True)
     assert (tmp_path / "whole/metrics.jsonl").read_bytes() == (tmp_path / "cut/metrics.jsonl").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# run(reference=...): KTO from a saved reference, no SFT
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    quiet_run(train.TrainConfig(**TINY), out)
+    return out
+
+
+def test_a_run_from_a_reference_is_the_kto_phase_of_a_full_run(full_run, tmp_path):
+    config = train.TrainConfig(**TINY)
+    whole = checkpoint.load(full_run / "checkpoints/kto.npz")
+    kto_and_eval = [r for r in kto_records(full_run) if r["phase"] != "sft"]
+    for name, reference in (("from_folder", full_run), ("from_file", full_run / "checkpoints/reference.npz")):
+        out = tmp_path / name
+        quiet_run(config, out, reference=reference)
+        assert not (out / "checkpoints/sft.npz").exists()
+        assert kto_records(out) == kto_and_eval  # no SFT record; every KTO and evaluation record the same
+        policy = checkpoint.load(out / "checkpoints/kto.npz")
+        for key, value in whole.params.items():
+            np.testing.assert_array_equal(policy.params[key], value, err_msg=f"{name}: {key}")
+        copied = checkpoint.load(out / "checkpoints/reference.npz")
+        assert copied.extra == {"source": os.path.abspath(full_run / "checkpoints/reference.npz")}
+        assert json.loads((out / "config.json").read_text()) == config.to_dict()
+    # stopped and resumed without naming the reference again: the same bits
+    quiet_run(config, tmp_path / "cut", reference=full_run, stop_after=7)
+    quiet_run(config, tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut/metrics.jsonl").read_bytes() == (tmp_path / "from_folder/metrics.jsonl").read_bytes()
+    with pytest.raises(train.RunError, match="a resume continues from the run folder's own"):
+        quiet_run(config, tmp_path / "cut", resume=True, reference=full_run)
+
+
+def test_a_reference_of_another_model_or_a_missing_or_damaged_one_is_a_clear_error(full_run, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(train.RunError, match=r"different model .*hidden_size 16 \(config: 32\)"):
+        quiet_run(train.TrainConfig(**{**TINY, "hidden_size": 32}), out, reference=full_run)
+    with pytest.raises(train.RunError, match=r"different model .*dtype float32 \(config: float64\)"):
+        quiet_run(train.TrainConfig(**{**TINY, "dtype": "float64"}), out, reference=full_run)
+    with pytest.raises(train.RunError, match="nothing.npz' does not exist"):
+        quiet_run(train.TrainConfig(**TINY), out, reference=tmp_path / "nothing.npz")
+    with pytest.raises(train.RunError, match=r"reference\.npz' does not exist"):
+        quiet_run(train.TrainConfig(**TINY), out, reference=tmp_path)  # a folder that holds no run
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes((full_run / "checkpoints/reference.npz").read_bytes()[:1000])
+    with pytest.raises(train.RunError, match="truncated, corrupt"):
+        quiet_run(train.TrainConfig(**TINY), out, reference=damaged)
+    with pytest.raises(TypeError, match="reference must be"):
+        quiet_run(train.TrainConfig(**TINY), out, reference=3)
+    assert not out.exists()  # refused before the run folder was touched
+
+
+def test_the_command_line_starts_from_a_reference(full_run, tmp_path, capsys):
+    from kto_np import cli  # noqa: PLC0415
+
+    model = model_from_config(train.TrainConfig().model_config())
+    checkpoint.save(tmp_path / "ref.npz", model.init(5), model.config)  # the demo's model, untrained
+    argv = ["demo", "--quiet", "--steps", "1", "--reference", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "b")]
+    assert cli.main(argv) == 0
+    assert not (tmp_path / "b/checkpoints/sft.npz").exists()
+    copied = checkpoint.load(tmp_path / "b/checkpoints/reference.npz")
+    for key, value in model.init(5).items():
+        np.testing.assert_array_equal(copied.params[key], value, err_msg=key)
+    capsys.readouterr()
+    assert cli.main(["demo", "--quiet", "--reference", str(full_run), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert "holds a different model than the config describes: " in err and "hidden_size 16 (config: 64)" in err

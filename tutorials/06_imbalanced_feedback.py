@@ -24,7 +24,6 @@
 
 # %%
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import replace
@@ -33,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from kto_np import plots
-from kto_np.files import write_json
 from kto_np.plots import load_metrics_records
 from kto_np.train import TrainConfig, run
 
@@ -51,9 +49,10 @@ base = TrainConfig(
 # %% [markdown]
 # ## One reference, several KTO runs
 #
-# `run` with `steps=0` trains and saves the reference only. A folder that holds a config and that
-# reference is then *resumed* by `run(..., resume=True)`: the SFT is skipped and KTO starts from the
-# same π_ref, so the runs below differ only in their KTO settings.
+# `run` with `steps=0` trains and saves the reference only. Each run below starts from it with
+# `run(..., reference=that folder)`: the reference is copied into the new run folder, the SFT is
+# skipped and KTO starts from the same π_ref, so the runs differ only in their KTO settings.
+# (`reference=` checks that the saved model is the one the config describes.)
 
 # %%
 reference_run = OUT / "reference"
@@ -64,11 +63,7 @@ def kto_run(name, **changes):
     """KTO from the reference above, with `changes` to the base config: (summary, metrics records)."""
     config = replace(base, **changes)
     folder = OUT / name
-    shutil.rmtree(folder, ignore_errors=True)
-    (folder / "checkpoints").mkdir(parents=True)
-    shutil.copy(reference_run / "checkpoints" / "reference.npz", folder / "checkpoints" / "reference.npz")
-    write_json(folder / "config.json", config.to_dict())
-    summary = run(config, folder, resume=True, progress=False, log=lambda *_: None)
+    summary = run(config, folder, reference=reference_run, force=True, progress=False, log=lambda *_: None)
     return summary, load_metrics_records(folder / "metrics.jsonl")
 
 

@@ -30,14 +30,12 @@
 
 # %%
 import os
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from kto_np.files import write_json
 from kto_np.plots import load_metrics_records
 from kto_np.train import TrainConfig, run
 
@@ -57,14 +55,10 @@ run(replace(base, steps=0), reference_run, progress=False, force=True, log=lambd
 
 
 def kto_run(name, **changes):
-    """KTO from the reference above (tutorial 6 explains the resume): (summary, KTO records, evaluations)."""
+    """KTO from the reference above (tutorial 6 explains `reference=`): (summary, KTO records, evaluations)."""
     config = replace(base, **changes)
     folder = OUT / name
-    shutil.rmtree(folder, ignore_errors=True)
-    (folder / "checkpoints").mkdir(parents=True)
-    shutil.copy(reference_run / "checkpoints" / "reference.npz", folder / "checkpoints" / "reference.npz")
-    write_json(folder / "config.json", config.to_dict())
-    summary = run(config, folder, resume=True, progress=False, log=lambda *_: None)
+    summary = run(config, folder, reference=reference_run, force=True, progress=False, log=lambda *_: None)
     records = load_metrics_records(folder / "metrics.jsonl")
     return (summary, [r for r in records if r["phase"] == "kto"], [r for r in records if r["phase"] == "eval"])
 

@@ -34,7 +34,6 @@
 
 # %%
 import os
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +42,6 @@ import numpy as np
 
 from kto_np import checkpoint
 from kto_np.data import Tokenizer, collate, make_examples, make_prompts, make_task, prompt_tokens
-from kto_np.files import write_json
 from kto_np.generate import generate
 from kto_np.losses import kto_loss_and_grad
 from kto_np.model import GPT
@@ -66,14 +64,10 @@ run(replace(base, steps=0), reference_run, progress=False, force=True, log=lambd
 
 
 def kto_run(name, **changes):
-    """KTO from the reference above (tutorial 6 explains the resume): (folder, summary, KTO records)."""
+    """KTO from the reference above (tutorial 6 explains `reference=`): (folder, summary, KTO records)."""
     config = replace(base, **changes)
     folder = OUT / name
-    shutil.rmtree(folder, ignore_errors=True)
-    (folder / "checkpoints").mkdir(parents=True)
-    shutil.copy(reference_run / "checkpoints" / "reference.npz", folder / "checkpoints" / "reference.npz")
-    write_json(folder / "config.json", config.to_dict())
-    summary = run(config, folder, resume=True, progress=False, log=lambda *_: None)
+    summary = run(config, folder, reference=reference_run, force=True, progress=False, log=lambda *_: None)
     return folder, summary, [r for r in load_metrics_records(folder / "metrics.jsonl") if r["phase"] == "kto"]
 
 
