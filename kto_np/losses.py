@@ -37,6 +37,7 @@ import numpy as np
 
 from .backend import array_module, to_numpy
 from .validation import (
+    NonFiniteError,
     as_float_array,
     as_labels,
     check_bool,
@@ -330,8 +331,8 @@ def _forward_or_overflow_error(config: KTOConfig, policy_logps, ref_logps, label
 
 
 def _check_no_overflow(what: str, dtype, quantities: dict, arguments: str) -> None:
-    """Every quantity (a float or an array) must be finite in `dtype`, else a ValueError that names the
-    arguments: huge-but-finite inputs are rejected by name instead of giving inf or NaN."""
+    """Every quantity (a float or an array) must be finite in `dtype`, else a NonFiniteError (a ValueError)
+    that names the arguments: huge-but-finite inputs are rejected by name instead of giving inf or NaN."""
     largest = float(np.finfo(dtype).max)
     bad = []
     for name, value in quantities.items():
@@ -342,7 +343,7 @@ def _check_no_overflow(what: str, dtype, quantities: dict, arguments: str) -> No
         if not ok:
             bad.append(name)
     if bad:
-        raise ValueError(f"{what} overflows {np.dtype(dtype).name} for these inputs ({arguments}): "
+        raise NonFiniteError(f"{what} overflows {np.dtype(dtype).name} for these inputs ({arguments}): "
                          f"{', '.join(bad)} would not be finite; use a smaller beta or weights, or "
                          "log-probabilities of a sensible size")
 

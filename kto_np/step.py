@@ -273,8 +273,10 @@ def _kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, con
                                             keep_cache=False)
         logps, (model_cache, logp_cache) = _completion_logps(model, params, batch.tokens, batch.completion_mask,
                                                              keep_cache=True, train=train, rng=rng)
+        check_finite("the policy's log-probabilities (params give non-finite logits)",
+                     {"matched rows": logps, **({} if kl_logps is None else {"KL rows": kl_logps})})
         loss, dlogps, metrics = config.loss_and_grad(logps, ref_logps, batch.labels, kl_logps, kl_ref_logps)
-    check_finite("the KTO loss (params give non-finite logits or log-probabilities)", loss)
+    check_finite("the KTO loss", loss)
     dlogits = _logprob_ops(model).sequence_logprobs_backward(dlogps, logp_cache)
     return loss, metrics, dlogits, model_cache
 
@@ -311,7 +313,7 @@ def sft_step(model, params: dict, batch: Batch, *, train=False, rng=None):
                                                              keep_cache=True, train=train, rng=rng)
         num_tokens = float(batch.completion_mask.sum())
         loss = -float(logps.sum()) / num_tokens
-    check_finite("the SFT loss (params give non-finite logits or log-probabilities)", loss)
+    check_finite("the SFT loss (params give non-finite logits)", loss)
     dlogps = array_module(logps).full(logps.shape, -1.0 / num_tokens, dtype=logps.dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite gradients are reported below, by name
         dlogits = _logprob_ops(model).sequence_logprobs_backward(dlogps, logp_cache)

@@ -122,7 +122,8 @@ def _calls_into(module_file: str, function, *args, **kwargs) -> int:
     calls = []
 
     def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename == module_file:
+        # comprehensions are frames of their own before Python 3.12 (PEP 709 inlines them): not calls
+        if event == "call" and frame.f_code.co_filename == module_file and not frame.f_code.co_name.startswith("<"):
             calls.append(frame.f_code.co_name)
 
     sys.setprofile(profile)

@@ -161,7 +161,9 @@ def test_train_step_is_kto_step_clip_schedule_adamw():
         assert (loss, lr) == (want_loss, want_lr) and grad_norm == pytest.approx(want_norm, rel=1e-12)
         assert grad_norm > 0.05  # the clip acted
         for name, value in expected.items():
-            np.testing.assert_allclose(params[name], value, rtol=1e-12, atol=1e-15, err_msg=f"step {k}: {name}")
+            # atol: the key bias's gradient is 0 in exact arithmetic, rounding noise here, which Adam
+            # turns into updates of ~1e-15 whose last digits depend on the order of the operations
+            np.testing.assert_allclose(params[name], value, rtol=1e-12, atol=1e-13, err_msg=f"step {k}: {name}")
     assert state["step"] == 3 and lr == 0.05  # warm-up 0, 0.025, then the cosine from its top
 
 
