@@ -78,7 +78,6 @@ __all__ = [
     "TrainConfig",
     "TrainingDiverged",
     "evaluate",
-    "kto_loss_and_param_grads",
     "run",
     "sft_train_step",
     "train_step",
@@ -745,16 +744,3 @@ def _write_curves(run_dir: _Run) -> None:
 
     save_figure(plot_training_curves(run_dir.records()), run_dir.path("training_curves.png"))
 
-
-# tutorial 4 still calls the step by this earlier name (step.kto_step with the loss's keywords)
-def kto_loss_and_param_grads(model: Model, params: dict, batch: Batch, ref_logps, kl_ref_logps=None, *,
-                             variant: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
-                             undesirable_weight: float = 1.0, stop_z_grad: bool = False, train: bool = False,
-                             rng=None, warn_balance: bool = False):
-    """step.kto_step with the loss's hyper-parameters as keywords: (loss, metrics, grads). The step never
-    warns about the class balance (run checks it once for the whole data); warn_balance is accepted
-    for compatibility with earlier versions and must be False."""
-    if check_bool("warn_balance", warn_balance):
-        raise ValueError("warn_balance must be False: use losses.check_balance(labels, ...) for a batch's balance")
-    config = KTOConfig(variant, beta, desirable_weight, undesirable_weight, stop_z_grad)
-    return kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train=train, rng=rng)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from kto_np import backend, bench
-from kto_np.gradcheck import rel_error
 from kto_np.architectures import build
+from kto_np.gradcheck import rel_error
 
 CONFIG = bench.CONFIGS["small"]
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4}

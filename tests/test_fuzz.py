@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 
 import kto_np
 from kto_np import checkpoint, optim, step
+from kto_np.architectures import build
 from kto_np.dpo import dpo_loss, dpo_loss_and_grad
 from kto_np.generate import generate
 from kto_np.losses import KTOConfig, check_balance, kto_loss, kto_loss_and_grad
-from kto_np.architectures import build
 from kto_np.model import GPT
 
 try:

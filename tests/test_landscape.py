@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from kto_np import checkpoint, cli, landscape, step, train
+from kto_np.architectures import build
 from kto_np.data import Tokenizer, collate
 from kto_np.dpo import dpo_loss
 from kto_np.logprobs import sequence_logprobs
 from kto_np.losses import KTOConfig, kto_loss, kto_loss_and_grad
-from kto_np.architectures import build
 
 ALL_VARIANTS = landscape.LOSS_VARIANTS
 TINY_RUN = dict(hidden_size=8, num_layers=1, num_heads=2, sft_steps=30, steps=23, batch_size=8, sft_examples=32,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kto_np import torch_reference
-from kto_np.gradcheck import check_gradients, format_report, rel_error
 from kto_np.architectures import build
+from kto_np.gradcheck import check_gradients, format_report, rel_error
 from kto_np.model import GPT, GPTConfig, param_shapes
 
 V, C, NH, L, T, B = 11, 12, 3, 2, 5, 3

@@ -254,8 +254,8 @@ figures["02_kto_vs_dpo.png"]
 
 # %%
 from kto_np import landscape  # noqa: E402  (this section stands on its own)
-from kto_np.data import Tokenizer, collate  # noqa: E402
 from kto_np.architectures import build  # noqa: E402
+from kto_np.data import Tokenizer, collate  # noqa: E402
 
 tiny = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=Tokenizer().vocab_size, dropout=0.0,
              max_seq_len=8, dtype="float64")

@@ -50,9 +50,9 @@ from kto_np.layers import (
     linear_forward,
 )
 from kto_np.logprobs import sequence_logprobs_backward, sequence_logprobs_forward
+from kto_np.losses import KTOConfig
 from kto_np.model import GPT, block_backward, block_forward
-from kto_np.step import completion_logps
-from kto_np.train import kto_loss_and_param_grads
+from kto_np.step import completion_logps, kto_step
 
 rng = np.random.default_rng(0)
 B, T, C, NH, V = 2, 5, 6, 2, 7
@@ -269,7 +269,7 @@ assert not without_residual[0].passed
 # %% [markdown]
 # ## The whole model, and the KTO loss on top
 #
-# `kto_np.train.kto_loss_and_param_grads(model, params, batch, ref_logps, kl_ref_logps)` runs the chain:
+# `kto_np.step.kto_step(model, params, batch, ref_logps, kl_ref_logps, config)` runs the chain:
 #
 #     policy forward          tokens [B, T]          -> logits [B, T, V]
 #     sequence log-probs      logits                 -> logps [B]                 (tutorial 3)
@@ -296,7 +296,7 @@ ref_logps = completion_logps(model, ref_params, batch.tokens, batch.completion_m
 kl_ref_logps = completion_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask)[0] - 2.0
 options = dict(variant="kto", beta=0.5, desirable_weight=1.0, undesirable_weight=1.0)
 
-loss, metrics, grads = kto_loss_and_param_grads(model, params, batch, ref_logps, kl_ref_logps, **options)
+loss, metrics, grads = kto_step(model, params, batch, ref_logps, kl_ref_logps, KTOConfig(**options))
 print(f"loss {loss:.6f}, z_ref = {metrics['kl']:.4f}, {model.num_params(params)} parameters")
 assert metrics["kl"] > 0  # the clamp is inactive: z_ref is the mean KL estimate
 assert list(grads) == list(params)
