@@ -161,7 +161,7 @@ def _logprob_ops(model):
 
 def _completion_logps(model, params: dict, tokens, completion_mask, *, keep_cache: bool, train=False, rng=None):
     """Forward + shifted log-probs of the completion tokens, on checked arguments: [B, T] -> [B], and
-    the caches (model cache, log-prob cache) that the backward needs (None, None when not keep_cache)."""
+    the caches (model cache, log-prob cache) that the backward needs (None when not keep_cache)."""
     logits, model_cache = model.forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache,
                                         check=False)  # [B, T, V]
     logps, logp_cache = _logprob_ops(model).sequence_logprobs_forward(logits, tokens, completion_mask)  # [B]
@@ -190,7 +190,8 @@ def reference_logps(model, ref_params: dict, batch: Batch):
         ref = _completion_logps(model, ref_params, batch.tokens, batch.completion_mask, keep_cache=False)[0]
         kl_ref = _completion_logps(model, ref_params, batch.kl_tokens, batch.kl_completion_mask,
                                    keep_cache=False)[0]
-    check_finite("the reference log-probabilities (ref_params give non-finite logits)", float(ref.sum() + kl_ref.sum()))
+    check_finite("the reference log-probabilities (ref_params give non-finite logits)",
+                 {"matched rows": ref, "KL rows": kl_ref})
     return ref, kl_ref
 
 
