@@ -223,8 +223,7 @@ def train_step(model: Model, params: dict, opt_state: dict, batch: Batch, ref_lo
     """
     # forward and backward: the KTO loss of the batch and its gradient for every parameter
     loss, metrics, grads = kto_step(model, params, batch, ref_logps, kl_ref_logps, kto_config,
-                                    train=train, rng=rng)
-    check_finite("the loss", loss)
+                                    train=train, rng=rng)  # (it checks the loss and the gradients)
     # clip: rescale the gradients so that their global L2 norm is at most max_grad_norm
     grad_norm = clip_grad_norm(grads, max_grad_norm)
     check_finite("the gradient norm", grad_norm)
@@ -232,8 +231,8 @@ def train_step(model: Model, params: dict, opt_state: dict, batch: Batch, ref_lo
     lr = learning_rate(step, **lr_schedule)
     # AdamW: moments, bias correction, decoupled weight decay; params and opt_state change in place
     adamw_step(params, grads, opt_state, lr=lr, weight_decay=weight_decay)
-    for name, value in params.items():  # a step too large for the dtype overflows to infinity
-        check_finite(f"params[{name!r}] after the update with lr={lr:g} (an overflow to infinity)", value)
+    # a step too large for the dtype overflows the parameters to infinity
+    check_finite(f"params after the update with lr={lr:g} (an overflow to infinity)", params)
     return loss, metrics, grad_norm, lr
 
 
@@ -242,14 +241,13 @@ def sft_train_step(model: Model, params: dict, opt_state: dict, batch: Batch, *,
     """train_step's sibling for the SFT of the reference: the same update, sft_step's loss (the mean
     negative log-likelihood of the completion tokens) in place of kto_step's."""
     loss, metrics, grads = sft_step(model, params, batch, train=train, rng=rng)
-    check_finite("the loss", loss)
     grad_norm = clip_grad_norm(grads, max_grad_norm)
     check_finite("the gradient norm", grad_norm)
     lr = learning_rate(step, **lr_schedule)
     adamw_step(params, grads, opt_state, lr=lr, weight_decay=weight_decay)
-    for name, value in params.items():
-        check_finite(f"params[{name!r}] after the update with lr={lr:g} (an overflow to infinity)", value)
+    check_finite(f"params after the update with lr={lr:g} (an overflow to infinity)", params)
     return loss, metrics, grad_norm, lr
+
 
 # ----------------------------------------------------------------------------------------------
 # evaluation
