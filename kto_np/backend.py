@@ -20,6 +20,7 @@ __all__ = [
     "resolve_dtype",
     "scatter_add",
     "set_backend",
+    "to_module",
     "to_numpy",
     "xp",
 ]
@@ -87,6 +88,12 @@ def to_numpy(a: Any) -> np.ndarray:
     if type(a).__module__.split(".")[0] == "cupy":
         return a.get()
     return np.asarray(a)
+
+
+def to_module(a: Any, module: Any) -> Any:
+    """`a` as an array of `module` (numpy or cupy): an explicit copy between host and device when it lives
+    on the other one, else `a` itself."""
+    return to_numpy(a) if module is np else module.asarray(a)
 
 
 def asarray(a: Any, dtype: Any = None) -> Any:
