@@ -572,6 +572,54 @@ cupyx = types.ModuleType("cupyx")
 cupyx.scatter_add = _scatter_add
 
 
+def refused(cupy) -> dict:
+    """Operations that CuPy refuses with TypeError, for a module `cupy` (this stand-in or the real one):
+    implicit conversions to NumPy and NumPy arrays mixed into device operations. The stand-in's tests and
+    tests/test_cupy.py (on a GPU) run the same list, so the stand-in is held to CuPy's behaviour."""
+    x = cupy.asarray(numpy.arange(6.0).reshape(2, 3))
+    host = numpy.ones(3)
+    return {
+        "numpy.asarray(x)": lambda: numpy.asarray(x),
+        "numpy.array(x)": lambda: numpy.array(x),
+        "host + numpy.asarray(x)": lambda: numpy.zeros((2, 3)) + numpy.asarray(x),
+        "range(0-d x)": lambda: range(x[0, 1]),
+        "x + host": lambda: x + host,
+        "host * x": lambda: host * x,
+        "x += host": lambda: x.__iadd__(host),
+        "x - 0-d host": lambda: x - numpy.asarray(1.0),
+        "cupy.exp(host)": lambda: cupy.exp(host),
+        "numpy.maximum(x, host)": lambda: numpy.maximum(x, host),
+        "numpy.exp(x, out=host)": lambda: numpy.exp(x, out=numpy.empty((2, 3))),
+        "cupy.where(x > 1, host, x)": lambda: cupy.where(x > 1, host, x),
+        "numpy.concatenate([x, host])": lambda: numpy.concatenate([x, host[None]]),
+        "x.sum(where=...)": lambda: x.sum(where=x > 0),
+        "a NumPy function CuPy lacks": lambda: numpy.histogram_bin_edges(x),
+    }
+
+
+def allowed(cupy) -> dict:
+    """Operations that CuPy allows between host and device (explicit copies, scalars, one-element
+    conversions, NumPy's dispatch to the device module), each returning True when its result is right."""
+    host = numpy.arange(6.0).reshape(2, 3)
+    x = cupy.asarray(host)
+
+    def is_device(value):
+        return isinstance(value, cupy.ndarray)
+
+    return {
+        "cupy.asarray(host), .get()": lambda: numpy.array_equal(x.get(), host) and type(x.get()) is numpy.ndarray,
+        "cupy.asnumpy(x)": lambda: numpy.array_equal(cupy.asnumpy(x), host),
+        "float, int, bool, item of one element": lambda: (float(x[0, 1]), int(x[1, 2]), bool(x[0, 1]),
+                                                          x.sum().item()) == (1.0, 5, True, 15.0),
+        "a reduction is a 0-d device array": lambda: is_device(x.sum()) and x.sum().shape == (),
+        "NumPy and Python scalars": lambda: is_device(numpy.float32(2.0) * x) and is_device(2 * x),
+        "comparison with a 0-d host array": lambda: is_device(x == numpy.asarray(1.0)),
+        "NumPy ufuncs and functions dispatch": lambda: is_device(numpy.exp(x)) and is_device(numpy.sum(x, 0)),
+        "a host index array": lambda: numpy.array_equal(x[numpy.array([1, 0])].get(), host[[1, 0]]),
+        "f-strings": lambda: f"{x[0, 1]:.1f}" == "1.0",
+    }
+
+
 def install(monkeypatch) -> types.ModuleType:
     """Register this stand-in as the modules `cupy` and `cupyx` for the test (undone by monkeypatch)."""
     module = sys.modules[__name__]
