@@ -57,6 +57,7 @@ def logprobs_forward(logits, targets, mask=None):
     row gives 0. The result has the dtype of logits.
     """
     xp = array_module(logits)
+    targets = xp.asarray(targets)  # the backward compares and indexes with them: on the logits' module
     mask = xp.ones(targets.shape, dtype=logits.dtype) if mask is None else xp.asarray(mask, dtype=logits.dtype)
     row_max = logits.max(axis=-1, keepdims=True)  # [B, T, 1]
     logsumexp = row_max[..., 0] + xp.log(xp.exp(logits - row_max).sum(axis=-1))  # [B, T]

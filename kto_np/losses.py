@@ -283,6 +283,7 @@ def _check_arrays(variant, policy_logps, ref_logps, labels, kl_policy_logps, kl_
     ref_logps = as_float_array("ref_logps", ref_logps, ndim=1)
     check_same_shape("ref_logps", ref_logps, "policy_logps", policy_logps)
     xp = array_module(policy_logps, ref_logps)
+    policy_logps, ref_logps = _on_module(xp, policy_logps), _on_module(xp, ref_logps)  # one module: no mix
     desirable = _on_module(xp, as_labels("labels", labels, policy_logps.shape[0]))
 
     given = [name for name, value in (("kl_policy_logps", kl_policy_logps), ("kl_ref_logps", kl_ref_logps))

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import logprobs
 from .architectures import Model
-from .backend import array_module, asarray, resolve_dtype
+from .backend import array_module, asarray, resolve_dtype, to_module
 from .fast import logprobs as fast_logprobs
 from .losses import KTOConfig
 from .validation import as_float_array, check_bool, check_finite, check_positive_int, check_rng, reject_autograd
@@ -250,12 +250,13 @@ def _check_kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train
     if not isinstance(config, KTOConfig):
         raise TypeError(f"config must be a KTOConfig (from kto_np.losses), got {type(config).__name__}")
     B = batch.tokens.shape[0]
-    ref_logps = _check_reference("ref_logps", ref_logps, B)
+    xp = array_module(*params.values())  # the policy's log-probs live there: the references join them
+    ref_logps = to_module(_check_reference("ref_logps", ref_logps, B), xp)
     if config.uses_kl_pairs and kl_ref_logps is not None:
         if B < 2:
             raise ValueError("a KTO step with KL pairs needs a batch of at least 2 examples (a batch of one "
                              "has no mismatched pair), got 1")
-        kl_ref_logps = _check_reference("kl_ref_logps", kl_ref_logps, B)
+        kl_ref_logps = to_module(_check_reference("kl_ref_logps", kl_ref_logps, B), xp)
     else:
         kl_ref_logps = None  # only "kto" uses the KL rows
     return ref_logps, kl_ref_logps

@@ -1,8 +1,11 @@
-"""NumPy against CuPy on the same weights: forward, backward and a whole KTO training step agree to
-rounding (float64: 1e-9, float32: 1e-4). Skipped, with the reason, where CuPy or a GPU is missing."""
+"""NumPy against CuPy on the same weights: forward, backward (both editions) and a whole KTO training step
+agree to rounding (float64: 1e-9, float32: 1e-4); CuPy refuses and allows what tests/strict_cupy.py, the
+CPU stand-in that every CI run uses, says it does. Skipped, with the reason, where CuPy or a GPU is
+missing."""
 
 import numpy as np
 import pytest
+import strict_cupy
 
 from kto_np import backend, bench
 from kto_np.architectures import build
@@ -31,15 +34,26 @@ def assert_close(name, on_cpu, on_gpu, tol):
                         f" cupy:  {np.ravel(on_gpu)[:4]}")
 
 
-def model_and_params(dtype):
+def model_and_params(dtype, fast=False):
     model = build(hidden_size=CONFIG.hidden_size, num_layers=CONFIG.num_layers, num_heads=CONFIG.num_heads,
-                  vocab_size=CONFIG.vocab_size, dropout=0.0, max_seq_len=CONFIG.max_seq_len, dtype=dtype)
+                  vocab_size=CONFIG.vocab_size, dropout=0.0, max_seq_len=CONFIG.max_seq_len, dtype=dtype, fast=fast)
     return model, model.init(0)
 
 
+def test_the_stand_in_behaves_as_cupy(cupy):
+    """What tests/strict_cupy.py refuses, CuPy refuses (TypeError); what it allows, CuPy allows."""
+    for name, operation in strict_cupy.refused(cupy).items():
+        with pytest.raises(TypeError):
+            operation()
+            pytest.fail(f"{name}: CuPy raised no TypeError; tests/strict_cupy.py must allow it too")
+    failed = [name for name, operation in strict_cupy.allowed(cupy).items() if operation() is not True]
+    assert not failed, f"CuPy does not allow {failed} as tests/strict_cupy.py does"
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reading", "fast"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_forward_and_backward_match_numpy(cupy, dtype):
-    model, params = model_and_params(dtype)  # init draws on the host: the same numbers on both backends
+def test_forward_and_backward_match_numpy(cupy, dtype, fast):
+    model, params = model_and_params(dtype, fast)  # init draws on the host: the same numbers on both backends
     gpu_params = {name: cupy.asarray(p) for name, p in params.items()}
     tokens = bench.synthetic_batch(CONFIG, seed=1).tokens
     logits, cache = model.forward(params, tokens)

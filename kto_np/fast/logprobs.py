@@ -85,6 +85,7 @@ def logprobs_forward(logits, targets, mask=None):
     """Per-sequence log-probabilities, no shift: [B, T, V], [B, T], [B, T] or None -> [B], cache
     (see kto_np.logprobs.logprobs_forward)."""
     xp = array_module(logits)
+    targets = xp.asarray(targets)  # the backward compares and indexes with them: on the logits' module
     mask = xp.ones(targets.shape, dtype=logits.dtype) if mask is None else xp.asarray(mask, dtype=logits.dtype)
     lse = _logsumexp_last(logits)  # [B, T]
     target_logits = xp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
