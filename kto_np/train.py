@@ -626,7 +626,15 @@ def _load_reference(reference, config: TrainConfig) -> tuple[str, checkpoint.Che
 
 
 def _run(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after: int | None) -> dict:
+    previous = backend.get_backend()
     backend.set_backend(config.backend)
+    try:
+        return _run_on_backend(config, run_dir, progress=progress, log=log, stop_after=stop_after)
+    finally:  # the process's backend is the caller's again, however the run ends
+        backend.set_backend(previous)
+
+
+def _run_on_backend(config: TrainConfig, run_dir: _Run, *, progress: bool, log, stop_after: int | None) -> dict:
     started = time.perf_counter()
     task = make_task(config.task, config.num_digits)
     model = model_from_config(config.model_config(), fast=True)  # training runs on the fast room's ops

@@ -287,6 +287,7 @@ def test_a_tiny_training_run(cupy, tmp_path):
     records = {}
     for name in ("numpy", "cupy"):
         train.run(train.TrainConfig(**config, backend=name), tmp_path / name, progress=False, log=lambda *a: None)
+        assert backend.get_backend() == "numpy"  # a run gives the process its backend back
         with open(tmp_path / name / "metrics.jsonl") as f:
             records[name] = [json.loads(line) for line in f]
     assert strict_cupy.syncs > 0  # the cupy run did run on the stand-in
