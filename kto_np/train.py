@@ -223,7 +223,8 @@ def train_step(model: Model, params: dict, opt_state: dict, batch: Batch, ref_lo
     """
     # forward and backward: the KTO loss of the batch and its gradient for every parameter
     loss, metrics, grads = kto_step(model, params, batch, ref_logps, kl_ref_logps, kto_config,
-                                    train=train, rng=rng)  # (it checks the loss and the gradients)
+                                    train=train, rng=rng)
+    check_finite("the loss", loss)
     # clip: rescale the gradients so that their global L2 norm is at most max_grad_norm
     grad_norm = clip_grad_norm(grads, max_grad_norm)
     check_finite("the gradient norm", grad_norm)
@@ -241,6 +242,7 @@ def sft_train_step(model: Model, params: dict, opt_state: dict, batch: Batch, *,
     """train_step's sibling for the SFT of the reference: the same update, sft_step's loss (the mean
     negative log-likelihood of the completion tokens) in place of kto_step's."""
     loss, metrics, grads = sft_step(model, params, batch, train=train, rng=rng)
+    check_finite("the loss", loss)
     grad_norm = clip_grad_norm(grads, max_grad_norm)
     check_finite("the gradient norm", grad_norm)
     lr = learning_rate(step, **lr_schedule)
