@@ -107,7 +107,7 @@ def run_calls(function: Callable, calls: Sequence[Call], timeout: float | None =
     """Run `function` on every call in this process, each on fresh copies of its inputs; every way out of it
     (an exception, sys.exit, the time limit) becomes that call's error."""
     from ..oracle.candidates import short_error  # noqa: PLC0415
-    from ..oracle.isolation import CandidateTimeout, _time_limit, exit_message  # noqa: PLC0415
+    from ..oracle.isolation import CandidateTimeout, _time_limit  # noqa: PLC0415
 
     outcomes = []
     for call in calls:
@@ -123,7 +123,7 @@ def run_calls(function: Callable, calls: Sequence[Call], timeout: float | None =
         except CandidateTimeout:
             outcomes.append(CallOutcome(None, f"was still running after {timeout:g} s"))
         except SystemExit as exc:
-            outcomes.append(CallOutcome(None, exit_message(exc)))
+            outcomes.append(CallOutcome(None, f"called sys.exit({exc.code!r}) (an exit is a failure, not an answer)"))
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - the learner's failure is a finding, not a crash
@@ -139,8 +139,8 @@ def verdict_on(exercise: Exercise, calls: list[Call], outcomes: list[CallOutcome
                               f"with your code. It should compute {exercise.signature}: {exercise.summary}.")
     for call, outcome in zip(calls, outcomes):
         if outcome.error is not None:
-            return Verdict(False, f"{exercise.function} {outcome.error} on {call.label}, so it could not be "
-                                  "checked. Run it on that input yourself to see where.")
+            return Verdict(False, f"{exercise.function} gave no answer on {call.label}: it {outcome.error}. Run it on "
+                                  "that input yourself to see where.")
     return exercise.judge(calls, outcomes)
 
 
@@ -195,8 +195,11 @@ def check_form(names: Sequence[str], calls: list[Call], outcomes: list[CallOutco
                            ), references
         for name, g, e in zip(names, got, expected):
             if g.shape != e.shape:
+                unsummed = g.ndim > e.ndim and g.shape[g.ndim - e.ndim:] == e.shape
                 return Verdict(False, f"{name} has shape {g.shape} on {call.label}; it should have shape "
-                                      f"{e.shape}" + (" (a scalar)" if e.shape == () else "")), references
+                                      f"{e.shape}" + (" (a scalar)" if e.shape == () else "")
+                               + (": sum it over the leading axes (every example and position adds to it)"
+                                  if unsummed else "") + ".", ("not_summed",) if unsummed else ()), references
     return None, references
 
 
@@ -221,9 +224,9 @@ def closed_form(names: Sequence[str], reference: Callable[[Call], tuple], mistak
                 named = name_mistakes(calls, outcomes, mistakes, mistake_rtol)
                 if named:
                     return Verdict(False, text + " " + " ".join(
-                        f"That is what {m.words} gives." for m in named), tuple(m.id for m in named))
+                        f"Your numbers are those of a typical mistake: {m.words}." for m in named), tuple(m.id for m in named))
                 return Verdict(False, text + (" " + hint if hint else ""))
-        return Verdict(True, f"all {len(calls)} checks pass ({', '.join(c.label for c in calls)}).")
+        return Verdict(True, f"right on all {len(calls)} inputs: {'; '.join(c.label for c in calls)}.")
 
     return judge
 
@@ -305,7 +308,7 @@ def oracle_judge(kind: str, variant: str | None, names: Sequence[str], quantitie
         failure = next(c for c in report.failures)
         words = QUANTITY_WORDS.get(failure.quantity, failure.quantity)
         index = where(failure.mismatch_index) if failure.mismatch_index else ""
-        text = (f"{words} is wrong on the oracle's case {failure.case!r}: yours is {fmt(failure.candidate_value)}"
+        text = (f"{words[0].upper() + words[1:]} is wrong on the oracle's case {failure.case!r}: yours is {fmt(failure.candidate_value)}"
                 f"{index}, the right value is {fmt(failure.reference_value)}"
                 f" ({len(report.failures)} of {len(report.checks)} checks fail).")
         ids = report.diagnosis.mistakes
@@ -315,7 +318,7 @@ def oracle_judge(kind: str, variant: str | None, names: Sequence[str], quantitie
             return Verdict(False, text + " " + said, ids)
         named = name_mistakes(calls, outcomes, extra)
         if named:
-            return Verdict(False, text + " " + " ".join(f"That is what {m.words} gives." for m in named),
+            return Verdict(False, text + " " + " ".join(f"Your numbers are those of a typical mistake: {m.words}." for m in named),
                            tuple(m.id for m in named))
         return Verdict(False, text + f" The oracle's diagnosis: {report.diagnosis.message}.")
 

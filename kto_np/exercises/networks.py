@@ -274,7 +274,7 @@ ATTENTION_BACKWARD = Exercise(
     closed_form(("dq", "dk", "dv"), _attention_reference, [
         Mistake("scale_missing", "dq and dk without the 1/√HS of the scores", lambda c: _attention_grad(*c.args,
                                                                                                        scale=False)),
-        Mistake("softmax_backward_rowsum", "the softmax backward without its row-sum term: dS = P · (dP − Σ_j P dP)",
+        Mistake("softmax_backward_rowsum", "the softmax backward without its row-sum term (the right one is dS = P · (dP − Σ_j P dP))",
                 lambda c: _attention_grad(*c.args, rowsum=False)),
         Mistake("dv_not_transposed", "dv = P dout instead of Pᵀ dout", lambda c: _attention_grad(*c.args,
                                                                                               dv_transposed=False)),
