@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exercise = sub.add_parser("exercise", help="the tutorials' graded exercises: list them, check your answer",
                               description="Graded exercises: a function you write for a lesson, checked by a "
-                              "grader that says what is wrong (tutorials/README.md; solutions in tutorials/solutions/).")
+                              "grader that says what is wrong (tutorials/README.md; solutions in "
+                              "tutorials/solutions/).")
     exercise_sub = exercise.add_subparsers(dest="exercise_command", metavar="ACTION", required=True)
     p = exercise_sub.add_parser("list", help="every exercise: id, lesson, the function you write",
                                 description="List the exercises (id, lesson, signature), in lesson order.")

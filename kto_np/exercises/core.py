@@ -155,8 +155,10 @@ def fmt(x: float) -> str:
 def first_difference(value: np.ndarray, reference: np.ndarray, rtol: float, atol: float) -> tuple | None:
     """(index, value, reference) of the first entry outside atol + rtol max|reference|, or None."""
     value, reference = np.asarray(value, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    limit = atol + rtol * (float(np.max(np.abs(reference))) if reference.size else 0.0)
-    bad = ~(np.abs(value - reference) <= limit)  # NaN counts as bad
+    finite = reference[np.isfinite(reference)]
+    limit = atol + rtol * (float(np.max(np.abs(finite))) if finite.size else 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad = ~((value == reference) | (np.abs(value - reference) <= limit))  # NaN counts as bad
     if not bad.any():
         return None
     index = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -223,12 +225,16 @@ def closed_form(names: Sequence[str], reference: Callable[[Call], tuple], mistak
                         f"the right value is {fmt(right)}.")
                 named = name_mistakes(calls, outcomes, mistakes, mistake_rtol)
                 if named:
-                    return Verdict(False, text + " " + " ".join(
-                        f"Your numbers are those of a typical mistake: {m.words}." for m in named), tuple(m.id for m in named))
+                    return Verdict(False, text + " " + typical(named), tuple(m.id for m in named))
                 return Verdict(False, text + (" " + hint if hint else ""))
         return Verdict(True, f"right on all {len(calls)} inputs: {'; '.join(c.label for c in calls)}.")
 
+    judge.mistakes = tuple(mistakes)  # the typical mistakes it names (tests/test_exercises.py tries each)
     return judge
+
+
+def typical(named: Sequence[Mistake]) -> str:
+    return " ".join(f"Your numbers are those of a typical mistake: {m.words}." for m in named)
 
 
 def name_mistakes(calls, outcomes, mistakes: Sequence[Mistake], rtol: float = 1e-6) -> list[Mistake]:
@@ -308,20 +314,20 @@ def oracle_judge(kind: str, variant: str | None, names: Sequence[str], quantitie
         failure = next(c for c in report.failures)
         words = QUANTITY_WORDS.get(failure.quantity, failure.quantity)
         index = where(failure.mismatch_index) if failure.mismatch_index else ""
-        text = (f"{words[0].upper() + words[1:]} is wrong on the oracle's case {failure.case!r}: yours is {fmt(failure.candidate_value)}"
-                f"{index}, the right value is {fmt(failure.reference_value)}"
+        text = (f"{words[0].upper() + words[1:]} is wrong on the oracle's case {failure.case!r}: yours is "
+                f"{fmt(failure.candidate_value)}{index}, the right value is {fmt(failure.reference_value)}"
                 f" ({len(report.failures)} of {len(report.checks)} checks fail).")
         ids = report.diagnosis.mistakes
         if ids:
-            said = " ".join(f"The oracle recognises the mistake: {KNOWN_MISTAKES[i].title}. Fix: {KNOWN_MISTAKES[i].fix}."
-                            for i in ids)
+            said = " ".join(f"The oracle recognises the mistake: {KNOWN_MISTAKES[i].title}. "
+                            f"Fix: {KNOWN_MISTAKES[i].fix}." for i in ids)
             return Verdict(False, text + " " + said, ids)
         named = name_mistakes(calls, outcomes, extra)
         if named:
-            return Verdict(False, text + " " + " ".join(f"Your numbers are those of a typical mistake: {m.words}." for m in named),
-                           tuple(m.id for m in named))
+            return Verdict(False, text + " " + typical(named), tuple(m.id for m in named))
         return Verdict(False, text + f" The oracle's diagnosis: {report.diagnosis.message}.")
 
+    judge.mistakes = tuple(extra)
     return judge
 
 

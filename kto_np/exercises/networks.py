@@ -50,6 +50,7 @@ def _log_softmax_judge():
                                       "log_softmax(x − max x)).", ("not_stable",))
         return inner(calls, outcomes)
 
+    judge.mistakes = inner.mistakes
     return judge
 
 
@@ -74,7 +75,8 @@ def _logprobs_grad(logits, targets, mask, dlogps, *, sign=1.0, upstream=True, so
     onehot = np.zeros_like(probs)
     np.put_along_axis(onehot, np.asarray(targets, dtype=np.int64)[..., None], 1.0, axis=-1)
     d = np.asarray(dlogps, dtype=np.float64) if upstream else np.ones(len(dlogps))
-    return sign * np.asarray(mask, dtype=np.float64)[..., None] * (onehot - (probs if softmax else 0.0)) * d[:, None, None]
+    mask = np.asarray(mask, dtype=np.float64)[..., None]
+    return sign * mask * (onehot - (probs if softmax else 0.0)) * d[:, None, None]
 
 
 def logprobs_backward_stub(logits, targets, mask, dlogps):
@@ -274,7 +276,8 @@ ATTENTION_BACKWARD = Exercise(
     closed_form(("dq", "dk", "dv"), _attention_reference, [
         Mistake("scale_missing", "dq and dk without the 1/√HS of the scores", lambda c: _attention_grad(*c.args,
                                                                                                        scale=False)),
-        Mistake("softmax_backward_rowsum", "the softmax backward without its row-sum term (the right one is dS = P · (dP − Σ_j P dP))",
+        Mistake("softmax_backward_rowsum",
+                "the softmax backward without its row-sum term (the right one is dS = P · (dP − Σ_j P dP))",
                 lambda c: _attention_grad(*c.args, rowsum=False)),
         Mistake("dv_not_transposed", "dv = P dout instead of Pᵀ dout", lambda c: _attention_grad(*c.args,
                                                                                               dv_transposed=False)),
