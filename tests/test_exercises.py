@@ -12,7 +12,7 @@ import pytest
 
 from kto_np.cli import main
 from kto_np.exercises import EXERCISES, LESSONS, exercises, grade
-from kto_np.exercises.core import CallOutcome, as_numbers
+from kto_np.exercises import CallOutcome, as_numbers
 
 REPO = Path(__file__).resolve().parents[1]
 SOLUTIONS = REPO / "tutorials" / "solutions"

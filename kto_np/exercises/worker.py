@@ -20,8 +20,7 @@ def main(argv: list[str]) -> int:
 
     from ..oracle.isolation import encode_array  # noqa: PLC0415
     from ..oracle.loader import load_callable  # noqa: PLC0415
-    from . import get  # noqa: PLC0415
-    from .core import run_calls  # noqa: PLC0415
+    from . import get, run_calls  # noqa: PLC0415
 
     def answer(document: dict) -> int:
         with open(request["result"], "w", encoding="utf-8") as file:
