@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from kto_np.cli import main
-from kto_np.exercises import EXERCISES, LESSONS, exercises, grade
-from kto_np.exercises import CallOutcome, as_numbers
+from kto_np.exercises import EXERCISES, LESSONS, CallOutcome, as_numbers, exercises, grade
 
 REPO = Path(__file__).resolve().parents[1]
 SOLUTIONS = REPO / "tutorials" / "solutions"
