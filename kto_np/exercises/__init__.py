@@ -337,8 +337,9 @@ def oracle_judge(kind: str, variant: str | None, names: Sequence[str], quantitie
                                  f"pass ({kind}{'/' + variant if variant else ''}).")
         failure = next(c for c in report.failures)
         words = QUANTITY_WORDS.get(failure.quantity, failure.quantity)
+        words = "T" + words[1:] if words.startswith("the ") else words
         index = where(failure.mismatch_index) if failure.mismatch_index else ""
-        text = (f"{words[0].upper() + words[1:]} is wrong on the oracle's case {failure.case!r}: yours is "
+        text = (f"{words} is wrong on the oracle's case {failure.case!r}: yours is "
                 f"{fmt(failure.candidate_value)}{index}, the right value is {fmt(failure.reference_value)}"
                 f" ({len(report.failures)} of {len(report.checks)} checks fail).")
         ids = report.diagnosis.mistakes
