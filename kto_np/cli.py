@@ -9,7 +9,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("gradcheck", "figures", "oracle", "bench", "demo", "train")
+COMMANDS = ("gradcheck", "figures", "oracle", "bench", "demo", "train", "exercise")
 # TrainConfig fields that have a command-line option (the rest come from the preset)
 TRAINING_OPTIONS = ("steps", "sft_steps", "variant", "beta", "desirable_weight", "undesirable_weight",
                     "desirable_fraction", "lr", "seed", "dtype", "backend", "architecture", "token_embedding")
@@ -125,6 +125,18 @@ def _cmd_oracle_compare(args: argparse.Namespace) -> int:
     from .oracle import main_compare  # noqa: PLC0415
 
     return main_compare(args.cases_dir, args.results, tolerance=args.tolerance)
+
+
+def _cmd_exercise_list(args: argparse.Namespace) -> int:
+    from .exercises import main_list  # noqa: PLC0415
+
+    return main_list(args.lesson)
+
+
+def _cmd_exercise_check(args: argparse.Namespace) -> int:
+    from .exercises import main_check  # noqa: PLC0415
+
+    return main_check(args.exercise_id, args.spec, timeout=args.timeout)
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
@@ -361,6 +373,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=("all", "loss", "model"), default="all",
                    help="what to check (default: all)")
     p.set_defaults(func=_cmd_oracle_trl)
+
+    exercise = sub.add_parser("exercise", help="the tutorials' graded exercises: list them, check your answer",
+                              description="Graded exercises: a function you write for a lesson, checked by a "
+                              "grader that says what is wrong (tutorials/README.md; solutions in "
+                              "tutorials/solutions/).")
+    exercise_sub = exercise.add_subparsers(dest="exercise_command", metavar="ACTION", required=True)
+    p = exercise_sub.add_parser("list", help="every exercise: id, lesson, the function you write",
+                                description="List the exercises (id, lesson, signature), in lesson order.")
+    p.add_argument("--lesson", default=None, help="only this lesson's (01 ... 11, A1)")
+    p.set_defaults(func=_cmd_exercise_list)
+    p = exercise_sub.add_parser("check", help="grade a function (path/file.py:function) for exercise ID",
+                                description="Load SPEC (path/file.py:function or package.module:function) in a "
+                                "child process, run it on the exercise's inputs and grade the numbers here. Exit "
+                                "status 0 when it passes, 1 when it does not (an exception, exit, crash or timeout "
+                                "included), 2 when it cannot be loaded.")
+    p.add_argument("exercise_id", metavar="ID", help="an exercise id, e.g. 01.kto_loss (kto-np exercise list)")
+    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function or package.module:function")
+    p.add_argument("--timeout", type=_float_in(0.0, low_open=True), default=60.0, metavar="SECONDS",
+                   help="time limit per call of the function (default: 60)")
+    p.set_defaults(func=_cmd_exercise_check)
 
     from . import bench  # noqa: PLC0415
 

@@ -25,8 +25,11 @@
 # - Step 2: the reference point z_ref, from mismatched pairs, clamped and detached;
 # - Step 3: the value function per class (and `kto_loss`'s default, which is *not* this loss);
 # - Step 4: the gradient, by hand and by finite differences; then the class weights λ_D, λ_U;
-# - Step 5: the seed's ("Edifice") formula, where z passes gradient, and what that gradient does;
 # - after the steps: APO-zero, and DPO for contrast.
+#
+# This is the paper's loss, the one TRL implements. The project started from another formula, the
+# seed's (the Elixir library Edifice's `Edifice.Meta.KTO`), which `kto_loss` keeps as its default;
+# lesson 8 takes it apart.
 
 # %%
 import warnings
@@ -180,7 +183,7 @@ print(f"z_ref = {z_ref:.4f} (log-ratio units)")
 # with s_i = +1 for desirable and −1 for undesirable examples. L is the mean over all n examples.
 # A desirable example wants its reward *above* the reference point, an undesirable one *below*.
 #
-# **Careful: `kto_loss` defaults to `variant="edifice"`**, the seed's formula (Step 5), to keep the
+# **Careful: `kto_loss` defaults to `variant="edifice"`**, the seed's formula (lesson 8), to keep the
 # seed's API. The paper's / TRL's loss, this one, needs `variant="kto"`, as below.
 
 # %%
@@ -291,102 +294,6 @@ with warnings.catch_warnings():
     assert check_balance(labels_imbalanced, desirable_weight=2.5, undesirable_weight=1.0) == 1.25
 
 # %% [markdown]
-# ## Step 5: the seed's formula ("Edifice")
-#
-# The seed document (the Elixir library Edifice, `Edifice.Meta.KTO`) writes KTO differently, and this
-# is `kto_loss`'s default `variant="edifice"`:
-#
-# $$ KL_i = \beta r_i, \quad z = \tfrac{1}{n}\sum_i KL_i, \quad \text{reward}_i = KL_i - z, $$
-# $$ \text{loss}_i = -\lambda_D\, \sigma(\text{reward}_i)\ \text{(desirable)}, \qquad
-#    \text{loss}_i = -\lambda_U\, \sigma(-\text{reward}_i)\ \text{(undesirable)} . $$
-#
-# Three differences from the paper: z is the mean of the batch's *own* (matched) rewards, in reward
-# units; it is **not** clamped; and it is **not** detached, so gradient flows through the mean. (The
-# seed's module doc writes σ(−KL − z) for the undesirable case; its function doc and code use
-# σ(−(KL − z)), which is what kto_np implements.) The loss is negative: −λ σ(·) instead of λ(1 − σ(·)).
-
-# %%
-kl_terms = beta * log_ratios
-z_edifice = kl_terms.mean()
-reward = kl_terms - z_edifice
-edifice_losses = np.where(desirable, -desirable_weight * sigmoid(reward), -undesirable_weight * sigmoid(-reward))
-edifice_by_hand = edifice_losses.mean()
-edifice_kto_np = kto_loss(policy_logps, ref_logps, labels, beta)  # the default variant
-print(f"z = mean(β r) = {z_edifice:+.4f} (can be negative)")
-print(f"by hand: {edifice_by_hand:.15f}\nkto_np:  {edifice_kto_np:.15f}")
-assert abs(edifice_by_hand - edifice_kto_np) < 1e-12
-
-# %% [markdown]
-# ### The gradient through z
-#
-# Write g_i = ∂loss_i/∂reward_i / n = −w_i s_i σ(reward_i) σ(−reward_i) / n. Since
-# reward_i = β r_i − (β/n) Σ_j r_j, every r_j moves every reward:
-#
-# $$ \frac{\partial L}{\partial r_j} = \beta\, g_j - \frac{\beta}{n} \sum_i g_i = \beta\,(g_j - \bar g) . $$
-#
-# With a stop-gradient on z (`stop_z_grad=True`) only the first term remains, β g_j.
-
-# %%
-g = -(weights * signs * sigmoid(reward) * sigmoid(-reward)) / n
-grad_through_z_by_hand = beta * (g - g.mean())
-grad_stop_z_by_hand = beta * g
-_, grad_through_z, _ = kto_loss_and_grad(policy_logps, ref_logps, labels, beta)
-_, grad_stop_z, _ = kto_loss_and_grad(policy_logps, ref_logps, labels, beta, stop_z_grad=True)
-assert rel_error(grad_through_z, grad_through_z_by_hand) < 1e-12
-assert rel_error(grad_stop_z, grad_stop_z_by_hand) < 1e-12
-
-policy_for_fd = policy_logps.copy()
-numerical = numerical_gradient(lambda: kto_loss(policy_for_fd, ref_logps, labels, beta), policy_for_fd)
-print(f"through z, analytic vs finite differences: {rel_error(grad_through_z, numerical):.2e}")
-assert rel_error(grad_through_z, numerical) < 1e-7
-
-print("gradient through z:", grad_through_z.round(5), " sum:", f"{grad_through_z.sum():+.1e}")
-print("stop-gradient on z:", grad_stop_z.round(5), " sum:", f"{grad_stop_z.sum():+.1e}")
-
-# %% [markdown]
-# ### What the z gradient does
-#
-# It subtracts the batch mean from every example's gradient, so **the gradients sum to zero**: an
-# update cannot raise (or lower) all log-probabilities together. Equivalently, the loss is invariant
-# to adding the same constant to every policy log-prob (z absorbs it). The stop-gradient version has
-# no such constraint: it pushes desirable examples up and undesirable ones down independently.
-
-# %%
-assert abs(grad_through_z.sum()) < 1e-15
-assert abs(kto_loss(policy_logps + 3.0, ref_logps, labels, beta) - edifice_kto_np) < 1e-12
-assert abs(grad_stop_z.sum()) > 1e-5
-
-# %% [markdown]
-# An extreme case makes the point: a batch of thumbs-up examples only, all at the same log-ratio.
-# Through z, every reward is 0 whatever the log-ratio, so the batch teaches nothing; with z detached,
-# it raises every log-prob.
-
-# %%
-same_ratio_policy = ref_logps[:4] + 2.0
-all_desirable = np.ones(4, dtype=int)
-_, grad_only_thumbs_up, _ = kto_loss_and_grad(same_ratio_policy, ref_logps[:4], all_desirable, beta)
-_, grad_only_thumbs_up_stop, _ = kto_loss_and_grad(same_ratio_policy, ref_logps[:4], all_desirable, beta,
-                                                   stop_z_grad=True)
-print("through z:", grad_only_thumbs_up, "\nstop z:   ", grad_only_thumbs_up_stop)
-assert np.max(np.abs(grad_only_thumbs_up)) < 1e-15 and np.all(grad_only_thumbs_up_stop < 0.0)
-
-# %% [markdown]
-# That example hides the worse half of the story. Give the thumbs-up examples *different*
-# log-ratios: through z the gradients still sum to zero, so if some are pushed up, others must be
-# pushed down, and gradient descent **lowers the log-prob of a desirable completion**. Which ones?
-# Those whose σ(reward)σ(−reward) is below the batch mean: the examples far from the batch's mean
-# reward, here the one the policy already likes most.
-
-# %%
-spread_ratios = np.array([0.0, 1.0, 2.0, 30.0])  # thumbs-up only; the last one well above the mean
-_, grad_spread, _ = kto_loss_and_grad(ref_logps[:4] + spread_ratios, ref_logps[:4], all_desirable, beta)
-_, grad_spread_stop, _ = kto_loss_and_grad(ref_logps[:4] + spread_ratios, ref_logps[:4], all_desirable, beta,
-                                           stop_z_grad=True)
-print("through z:", grad_spread.round(5), "\nstop z:   ", grad_spread_stop.round(5))
-assert grad_spread[-1] > 0.0  # a thumbs-up example pushed down
-assert np.all(grad_spread_stop < 0.0)  # with z detached, every thumbs-up example is pushed up
-
-# %% [markdown]
 # ## APO-zero (unpaired)
 #
 # TRL's APO-zero drops the reference point: desirable loss 1 − σ(β r_i), undesirable σ(β r_i). These
@@ -439,3 +346,39 @@ assert abs(dpo_grad_wrong[0]) > 10 * abs(kto_grad_wrong[0])
 # example: a good completion the model finds very unlikely) is saturated just the same, and KTO
 # ignores it too. Saturation buys robustness to label noise at the price of not learning from the
 # hardest correct examples; β sets where that happens (|β(r − z)| of a few units, tutorial 2).
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (against a closed form or through the
+# gradient oracle's diagnosis). To check a file of your own (run in a separate process): `kto-np exercise
+# check 01.z_ref my_answers.py:z_ref`. `kto-np exercise list` lists every exercise; tutorials/README.md
+# has them per lesson. Reference solutions: `tutorials/solutions/lesson01.py` (try first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 01.z_ref.** `z_ref(kl_policy_logps, kl_ref_logps) -> float`: KTO's reference point from the
+# log-probs of the mismatched (KL) pairs: their mean log-ratio, clamped at 0.
+
+# %%
+def z_ref(kl_policy_logps, kl_ref_logps):
+    raise NotImplementedError  # your code here
+
+
+print(grade("01.z_ref", z_ref).message)
+
+# %% [markdown]
+# **Exercise 01.kto_loss.** `kto_loss_and_grad(policy_logps, ref_logps, labels, kl_policy_logps,
+# kl_ref_logps, beta, desirable_weight, undesirable_weight) -> (loss, dloss_dpolicy_logps)`: the paper's
+# KTO loss (z_ref from the KL pairs, clamped at 0, detached) and its gradient, NumPy in and out.
+
+# %%
+def kto_loss_and_grad(policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, beta, desirable_weight,
+                      undesirable_weight):
+    raise NotImplementedError  # your code here
+
+
+print(grade("01.kto_loss", kto_loss_and_grad).message)

@@ -77,7 +77,7 @@ assert np.all(np.diff(desirable.loss, axis=1) < 0) and np.all(np.diff(undesirabl
 
 # %% [markdown]
 # The seed's Edifice formula has the same surface shifted down by λ (−λσ(u) instead of λ(1 − σ(u))),
-# so the same gradient: the two differ in *where z comes from* (tutorial 1), not in the shape.
+# so the same gradient: the two differ in *where z comes from* (tutorials 1 and 8), not in the shape.
 
 # %%
 edifice = plots.loss_surface("edifice", "log_ratio", "z", label=1, xs=log_ratios, ys=z_values, beta=beta)
@@ -285,3 +285,39 @@ for name in ("edifice", "apo_zero_unpaired"):
     slope = (landscape.loss_value(problems[name], plus) - landscape.loss_value(problems[name], minus)) / (2 * h)
     print(f"{name:<20} slope along the parameter direction that shifts every log-prob: {slope:+.2e}")
     assert (abs(slope) < 1e-9) if name == "edifice" else (abs(slope) > 1e-5)
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (against a closed form). To check a file
+# of your own (run in a separate process): `kto-np exercise check 02.kto_gradient
+# my_answers.py:kto_gradient`. `kto-np exercise list` lists every exercise; tutorials/README.md has them
+# per lesson. Reference solutions: `tutorials/solutions/lesson02.py` (try first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 02.kto_gradient.** `kto_gradient(log_ratios, labels, z_ref, beta, desirable_weight,
+# undesirable_weight) -> dloss_dr`: d loss_i / d r_i for each example, loss_i = λ_i (1 − σ(s_i β (r_i −
+# z_ref))) (not divided by n): the curve whose peak is βλ/4.
+
+# %%
+def kto_gradient(log_ratios, labels, z_ref, beta, desirable_weight, undesirable_weight):
+    raise NotImplementedError  # your code here
+
+
+print(grade("02.kto_gradient", kto_gradient).message)
+
+# %% [markdown]
+# **Exercise 02.desirable_share.** `desirable_gradient_share(labels, desirable_weight, undesirable_weight)
+# -> float`: the desirable class's share of the summed |gradient| at the first step (policy = reference,
+# every u = 0).
+
+# %%
+def desirable_gradient_share(labels, desirable_weight, undesirable_weight):
+    raise NotImplementedError  # your code here
+
+
+print(grade("02.desirable_share", desirable_gradient_share).message)

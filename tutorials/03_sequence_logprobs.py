@@ -241,3 +241,51 @@ for row, text in zip(synthetic.norms, synthetic.tokens_text):
     assert not scored[0] and np.all(np.array(text)[scored] != "")  # never the first token, never padding
 fig = plots.plot_token_gradients(synthetic.norms, synthetic.tokens_text, labels=synthetic.labels)
 fig  # noqa: B018  (shows the figure in a notebook)
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (against a closed form or through the
+# gradient oracle's diagnosis). To check a file of your own (run in a separate process): `kto-np exercise
+# check 03.log_softmax my_answers.py:log_softmax`. `kto-np exercise list` lists every exercise;
+# tutorials/README.md has them per lesson. Reference solutions: `tutorials/solutions/lesson03.py` (try
+# first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 03.log_softmax.** `log_softmax(logits) -> log_probs`: log softmax over the last axis, stable
+# for logits in the thousands.
+
+# %%
+def log_softmax(logits):
+    raise NotImplementedError  # your code here
+
+
+print(grade("03.log_softmax", log_softmax).message)
+
+# %% [markdown]
+# **Exercise 03.logprobs_backward.** `logprobs_backward(logits, targets, mask, dlogps) -> dlogits`: the
+# backward of compute_logprobs (logps[b] = Σ_t mask[b,t] log softmax(logits[b,t])[targets[b,t]], the
+# seed's unshifted contract): dlogits [B, T, V] from dlogps [B].
+
+# %%
+def logprobs_backward(logits, targets, mask, dlogps):
+    raise NotImplementedError  # your code here
+
+
+print(grade("03.logprobs_backward", logprobs_backward).message)
+
+# %% [markdown]
+# **Exercise 03.sequence_logprobs.** `sequence_logprobs(logits, tokens, completion_mask) -> logps`: log
+# π(completion | prompt) per sequence with the language-model shift: logits[:, t] score tokens[:, t + 1],
+# counted where completion_mask[:, t + 1] is 1.
+
+# %%
+def sequence_logprobs(logits, tokens, completion_mask):
+    raise NotImplementedError  # your code here
+
+
+print(grade("03.sequence_logprobs", sequence_logprobs).message)

@@ -339,3 +339,49 @@ _, dlogps, _ = kto_loss_and_grad(logps, ref_logps, batch.labels, options["beta"]
 dlogits = sequence_logprobs_backward(dlogps, logp_cache)
 head_only = dlogits[..., unused].reshape(-1) @ x_final.reshape(-1, x_final.shape[-1])
 assert rel_error(grads["wte.weight"][unused], head_only) < 1e-12
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (against finite differences). To check a
+# file of your own (run in a separate process): `kto-np exercise check 04.gelu_backward
+# my_answers.py:gelu_backward`. `kto-np exercise list` lists every exercise; tutorials/README.md has them
+# per lesson. Reference solutions: `tutorials/solutions/lesson04.py` (try first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 04.gelu_backward.** `gelu_backward(dout, x) -> dx`: the backward of GELU's tanh approximation
+# 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³))).
+
+# %%
+def gelu_backward(dout, x):
+    raise NotImplementedError  # your code here
+
+
+print(grade("04.gelu_backward", gelu_backward).message)
+
+# %% [markdown]
+# **Exercise 04.layernorm_backward.** `layernorm_backward(dout, x, gamma, eps) -> (dx, dgamma, dbeta)`:
+# the backward of LayerNorm over the last axis, out = (x − mean) / √(var + eps) · gamma + beta (biased
+# variance); dgamma and dbeta summed over every leading axis.
+
+# %%
+def layernorm_backward(dout, x, gamma, eps):
+    raise NotImplementedError  # your code here
+
+
+print(grade("04.layernorm_backward", layernorm_backward).message)
+
+# %% [markdown]
+# **Exercise 04.attention_backward.** `attention_backward(dout, q, k, v) -> (dq, dk, dv)`: the backward of
+# causal softmax attention on [B, NH, T, HS]: out = softmax(q kᵀ / √HS, keys after the query masked) v.
+
+# %%
+def attention_backward(dout, q, k, v):
+    raise NotImplementedError  # your code here
+
+
+print(grade("04.attention_backward", attention_backward).message)

@@ -191,3 +191,41 @@ figure_path = save_figure(fig, OUT / "05_training_curves.png")
 print("saved", figure_path)
 assert figure_path.stat().st_size > 0
 fig  # noqa: B018  (shows the figure in a notebook)
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (against finite differences or against a
+# closed form). To check a file of your own (run in a separate process): `kto-np exercise check
+# 05.sft_loss my_answers.py:sft_loss_and_grad`. `kto-np exercise list` lists every exercise;
+# tutorials/README.md has them per lesson. Reference solutions: `tutorials/solutions/lesson05.py` (try
+# first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 05.sft_loss.** `sft_loss_and_grad(logits, targets, mask) -> (loss, dlogits)`: the SFT loss of
+# the reference, the mean negative log-likelihood per counted token (mask 1; logits[b, t] score targets[b,
+# t]), and its gradient with respect to the logits.
+
+# %%
+def sft_loss_and_grad(logits, targets, mask):
+    raise NotImplementedError  # your code here
+
+
+print(grade("05.sft_loss", sft_loss_and_grad).message)
+
+# %% [markdown]
+# **Exercise 05.reward_metrics.** `reward_metrics(policy_logps, ref_logps, labels, beta) ->
+# (rewards_chosen, rewards_rejected, rewards_margins)`: the training metrics of metrics.jsonl (TRL's
+# names): the mean implied reward β r of the thumbs-up and of the thumbs-down examples, and their
+# difference.
+
+# %%
+def reward_metrics(policy_logps, ref_logps, labels, beta):
+    raise NotImplementedError  # your code here
+
+
+print(grade("05.reward_metrics", reward_metrics).message)

@@ -160,3 +160,37 @@ fig = plots.plot_class_balance(weight_settings=((1.0, 1.0), (10.0, 1.0), (2.0, 1
                                desirable_fractions=np.linspace(0.05, 0.95, 19 if FAST else 91))
 plots.save_figure(fig, OUT / "06_class_balance.png")
 fig  # noqa: B018  (shows the figure in a notebook)
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (against a closed form). To check a file
+# of your own (run in a separate process): `kto-np exercise check 06.balance_ratio
+# my_answers.py:balance_ratio`. `kto-np exercise list` lists every exercise; tutorials/README.md has them
+# per lesson. Reference solutions: `tutorials/solutions/lesson06.py` (try first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 06.balance_ratio.** `balance_ratio(labels, desirable_weight, undesirable_weight) -> float`:
+# the paper's ρ = λ_D n_D / (λ_U n_U), which its Eq. 8 asks to keep in [1, 4/3].
+
+# %%
+def balance_ratio(labels, desirable_weight, undesirable_weight):
+    raise NotImplementedError  # your code here
+
+
+print(grade("06.balance_ratio", balance_ratio).message)
+
+# %% [markdown]
+# **Exercise 06.band_weights.** `band_desirable_weights(labels, undesirable_weight) -> (low, high)`: the
+# range of λ_D that puts ρ = λ_D n_D / (λ_U n_U) in the paper's band [1, 4/3].
+
+# %%
+def band_desirable_weights(labels, undesirable_weight):
+    raise NotImplementedError  # your code here
+
+
+print(grade("06.band_weights", band_desirable_weights).message)

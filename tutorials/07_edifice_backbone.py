@@ -142,3 +142,38 @@ for batch in batches[:3]:
 # so 0.0 % of its completions are right, and KTO from thumbs-up/down labels can only reshape those
 # frequencies (0.8 % after). With the learned embedding the same network ends its SFT at 0.37, and KTO
 # takes the desirable rate from 52.3 % to 98.4 % (the GPT-2 demo: 51.2 % to 96.9 %).
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (against a closed form). To check a file
+# of your own (run in a separate process): `kto-np exercise check 07.fixed_embedding
+# my_answers.py:fixed_embedding`. `kto-np exercise list` lists every exercise; tutorials/README.md has
+# them per lesson. Reference solutions: `tutorials/solutions/lesson07.py` (try first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 07.fixed_embedding.** `fixed_embedding(vocab_size, hidden_size) -> E`: Edifice's fixed token
+# embedding, E[t, j] = (t H + j) / √V, a [V, H] array.
+
+# %%
+def fixed_embedding(vocab_size, hidden_size):
+    raise NotImplementedError  # your code here
+
+
+print(grade("07.fixed_embedding", fixed_embedding).message)
+
+# %% [markdown]
+# **Exercise 07.position_entropy.** `position_entropy(tokens) -> float`: H(token | position) in nats for
+# tokens [N, T]: the mean over positions of the entropy of the tokens seen there, the lowest mean NLL a
+# model that ignores the tokens can reach on them.
+
+# %%
+def position_entropy(tokens):
+    raise NotImplementedError  # your code here
+
+
+print(grade("07.position_entropy", position_entropy).message)

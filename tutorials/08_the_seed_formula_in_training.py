@@ -15,12 +15,16 @@
 # %% [markdown]
 # # 8. Why the seed formula fails, in training
 #
-# Tutorial 1 derived two facts about the seed's ("Edifice") formula, where the reference point is
-# the batch's own mean reward, z = mean_i β r_i, not clamped and not detached:
+# The project started from a seed: the documentation of the Elixir library Edifice's module
+# `Edifice.Meta.KTO`, whose KTO formula differs from the paper's (lesson 1): the reference point is
+# the batch's own mean reward, z = mean_i β r_i, not clamped and not detached. This lesson first
+# computes it by hand and derives two facts about it:
 #
 # - through z, the per-example gradients **sum to zero**: an update cannot raise all log-probs;
 # - equivalently, the loss is **invariant** to adding one constant to every log-ratio of the batch:
 #   nothing anchors the *level* of the log-probs, only their differences within a batch.
+#
+# Then it trains with it.
 #
 # A desirable example is rewarded for sitting above the batch mean, not for being likely. Push the
 # thumbs-down completions down and the mean falls; the thumbs-up ones are then "above the reference
@@ -28,16 +32,145 @@
 # seed's, the seed's with a stop-gradient on z (`stop_z_grad=True`), and the paper's (`"kto"`),
 # whose z_ref comes from mismatched pairs, is clamped at 0 and is detached.
 
-# %%
-import os
-import tempfile
-from dataclasses import replace
-from pathlib import Path
+# %% [markdown]
+# Lesson 1's batch: six examples, their summed log-probs under the policy and the reference, β = 0.1
+# and λ_D = λ_U = 1.
 
+# %%
 import numpy as np
 
-from kto_np.plots import load_metrics_records
-from kto_np.train import TrainConfig, run
+from kto_np import default_beta, kto_loss, kto_loss_and_grad
+from kto_np.gradcheck import numerical_gradient, rel_error
+
+
+def sigmoid(x):
+    """σ(x) = 1 / (1 + exp(-x)); fine for the moderate arguments of this lesson."""
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+beta = default_beta()
+labels = np.array([1, 0, 1, 1, 0, 0])
+policy_logps = np.array([-12.0, -15.5, -9.0, -20.0, -11.0, -17.5])
+ref_logps = np.array([-14.5, -13.0, -10.0, -18.5, -16.0, -19.0])
+n = labels.shape[0]
+desirable = labels == 1
+desirable_weight, undesirable_weight = 1.0, 1.0
+weights = np.where(desirable, desirable_weight, undesirable_weight)
+signs = np.where(desirable, 1.0, -1.0)
+log_ratios = policy_logps - ref_logps
+
+# %% [markdown]
+# ## The seed's formula, by hand
+#
+# The seed document (the Elixir library Edifice, `Edifice.Meta.KTO`) writes KTO differently from the
+# paper (lesson 1), and this is `kto_loss`'s default `variant="edifice"`:
+#
+# $$ KL_i = \beta r_i, \quad z = \tfrac{1}{n}\sum_i KL_i, \quad \text{reward}_i = KL_i - z, $$
+# $$ \text{loss}_i = -\lambda_D\, \sigma(\text{reward}_i)\ \text{(desirable)}, \qquad
+#    \text{loss}_i = -\lambda_U\, \sigma(-\text{reward}_i)\ \text{(undesirable)} . $$
+#
+# Three differences from the paper's loss of lesson 1: z is the mean of the batch's *own* (matched)
+# rewards, in reward units; it is **not** clamped; and it is **not** detached, so gradient flows through the mean. (The
+# seed's module doc writes σ(−KL − z) for the undesirable case; its function doc and code use
+# σ(−(KL − z)), which is what kto_np implements.) The loss is negative: −λ σ(·) instead of λ(1 − σ(·)).
+
+# %%
+kl_terms = beta * log_ratios
+z_edifice = kl_terms.mean()
+reward = kl_terms - z_edifice
+edifice_losses = np.where(desirable, -desirable_weight * sigmoid(reward), -undesirable_weight * sigmoid(-reward))
+edifice_by_hand = edifice_losses.mean()
+edifice_kto_np = kto_loss(policy_logps, ref_logps, labels, beta)  # the default variant
+print(f"z = mean(β r) = {z_edifice:+.4f} (can be negative)")
+print(f"by hand: {edifice_by_hand:.15f}\nkto_np:  {edifice_kto_np:.15f}")
+assert abs(edifice_by_hand - edifice_kto_np) < 1e-12
+
+# %% [markdown]
+# ### The gradient through z
+#
+# Write g_i = ∂loss_i/∂reward_i / n = −w_i s_i σ(reward_i) σ(−reward_i) / n. Since
+# reward_i = β r_i − (β/n) Σ_j r_j, every r_j moves every reward:
+#
+# $$ \frac{\partial L}{\partial r_j} = \beta\, g_j - \frac{\beta}{n} \sum_i g_i = \beta\,(g_j - \bar g) . $$
+#
+# With a stop-gradient on z (`stop_z_grad=True`) only the first term remains, β g_j.
+
+# %%
+g = -(weights * signs * sigmoid(reward) * sigmoid(-reward)) / n
+grad_through_z_by_hand = beta * (g - g.mean())
+grad_stop_z_by_hand = beta * g
+_, grad_through_z, _ = kto_loss_and_grad(policy_logps, ref_logps, labels, beta)
+_, grad_stop_z, _ = kto_loss_and_grad(policy_logps, ref_logps, labels, beta, stop_z_grad=True)
+assert rel_error(grad_through_z, grad_through_z_by_hand) < 1e-12
+assert rel_error(grad_stop_z, grad_stop_z_by_hand) < 1e-12
+
+policy_for_fd = policy_logps.copy()
+numerical = numerical_gradient(lambda: kto_loss(policy_for_fd, ref_logps, labels, beta), policy_for_fd)
+print(f"through z, analytic vs finite differences: {rel_error(grad_through_z, numerical):.2e}")
+assert rel_error(grad_through_z, numerical) < 1e-7
+
+print("gradient through z:", grad_through_z.round(5), " sum:", f"{grad_through_z.sum():+.1e}")
+print("stop-gradient on z:", grad_stop_z.round(5), " sum:", f"{grad_stop_z.sum():+.1e}")
+
+# %% [markdown]
+# ### What the z gradient does
+#
+# It subtracts the batch mean from every example's gradient, so **the gradients sum to zero**: an
+# update cannot raise (or lower) all log-probabilities together. Equivalently, the loss is invariant
+# to adding the same constant to every policy log-prob (z absorbs it). The stop-gradient version has
+# no such constraint: it pushes desirable examples up and undesirable ones down independently.
+
+# %%
+assert abs(grad_through_z.sum()) < 1e-15
+assert abs(kto_loss(policy_logps + 3.0, ref_logps, labels, beta) - edifice_kto_np) < 1e-12
+assert abs(grad_stop_z.sum()) > 1e-5
+
+# %% [markdown]
+# An extreme case makes the point: a batch of thumbs-up examples only, all at the same log-ratio.
+# Through z, every reward is 0 whatever the log-ratio, so the batch teaches nothing; with z detached,
+# it raises every log-prob.
+
+# %%
+same_ratio_policy = ref_logps[:4] + 2.0
+all_desirable = np.ones(4, dtype=int)
+_, grad_only_thumbs_up, _ = kto_loss_and_grad(same_ratio_policy, ref_logps[:4], all_desirable, beta)
+_, grad_only_thumbs_up_stop, _ = kto_loss_and_grad(same_ratio_policy, ref_logps[:4], all_desirable, beta,
+                                                   stop_z_grad=True)
+print("through z:", grad_only_thumbs_up, "\nstop z:   ", grad_only_thumbs_up_stop)
+assert np.max(np.abs(grad_only_thumbs_up)) < 1e-15 and np.all(grad_only_thumbs_up_stop < 0.0)
+
+# %% [markdown]
+# That example hides the worse half of the story. Give the thumbs-up examples *different*
+# log-ratios: through z the gradients still sum to zero, so if some are pushed up, others must be
+# pushed down, and gradient descent **lowers the log-prob of a desirable completion**. Which ones?
+# Those whose σ(reward)σ(−reward) is below the batch mean: the examples far from the batch's mean
+# reward, here the one the policy already likes most.
+
+# %%
+spread_ratios = np.array([0.0, 1.0, 2.0, 30.0])  # thumbs-up only; the last one well above the mean
+_, grad_spread, _ = kto_loss_and_grad(ref_logps[:4] + spread_ratios, ref_logps[:4], all_desirable, beta)
+_, grad_spread_stop, _ = kto_loss_and_grad(ref_logps[:4] + spread_ratios, ref_logps[:4], all_desirable, beta,
+                                           stop_z_grad=True)
+print("through z:", grad_spread.round(5), "\nstop z:   ", grad_spread_stop.round(5))
+assert grad_spread[-1] > 0.0  # a thumbs-up example pushed down
+assert np.all(grad_spread_stop < 0.0)  # with z detached, every thumbs-up example is pushed up
+
+# %% [markdown]
+# ## In training: three formulas from one reference
+#
+# Tutorial 5's setting (3-digit sorting, a 2-layer 32-channel GPT-2), trained with the seed's formula,
+# the seed's with `stop_z_grad=True`, and the paper's.
+
+# %%
+import os  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from kto_np.plots import load_metrics_records  # noqa: E402
+from kto_np.train import TrainConfig, run  # noqa: E402
 
 FAST = os.environ.get("KTO_NP_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("KTO_NP_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="kto_np_tutorial_"))
@@ -132,9 +265,45 @@ if not FAST:
 # %% [markdown]
 # ## Why the stop-gradient is not enough
 #
-# `stop_z_grad=True` removes the zero-sum constraint (tutorial 1's gradient β(g_j − ḡ) becomes β g_j),
+# `stop_z_grad=True` removes the zero-sum constraint (the gradient β(g_j − ḡ) derived above becomes β g_j),
 # so for a while the policy can raise the correct answers. But z is still the batch's own mean reward:
 # the reference point still follows the thumbs-down completions down, the thumbs-up examples still
 # saturate without rising, and nothing stops the drift. The anchor that works is the one the paper
 # uses: a reference point that does not depend on the examples being scored (mismatched pairs),
 # carries no gradient, and is never negative.
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (through the gradient oracle's diagnosis).
+# To check a file of your own (run in a separate process): `kto-np exercise check 08.seed_loss
+# my_answers.py:seed_loss_and_grad`. `kto-np exercise list` lists every exercise; tutorials/README.md has
+# them per lesson. Reference solutions: `tutorials/solutions/lesson08.py` (try first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 08.seed_loss.** `seed_loss_and_grad(policy_logps, ref_logps, labels, beta, desirable_weight,
+# undesirable_weight) -> (loss, dloss_dpolicy_logps)`: the seed's formula (z = mean β r of the batch
+# itself, not clamped, not detached: gradient flows through z) and its gradient.
+
+# %%
+def seed_loss_and_grad(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight):
+    raise NotImplementedError  # your code here
+
+
+print(grade("08.seed_loss", seed_loss_and_grad).message)
+
+# %% [markdown]
+# **Exercise 08.seed_loss_stop_z.** `seed_loss_stop_z_and_grad(policy_logps, ref_logps, labels, beta,
+# desirable_weight, undesirable_weight) -> (loss, dloss_dpolicy_logps)`: the seed's formula with a
+# stop-gradient on z (stop_z_grad=True: z is a constant in the gradient).
+
+# %%
+def seed_loss_stop_z_and_grad(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight):
+    raise NotImplementedError  # your code here
+
+
+print(grade("08.seed_loss_stop_z", seed_loss_stop_z_and_grad).message)

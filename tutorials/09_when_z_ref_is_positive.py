@@ -191,3 +191,39 @@ for batch_size in (2, 4, 16, 64):
     print(f"per-step batch {batch_size:3d}: estimate {np.mean(estimates):+7.3f} ± {spread[batch_size]:.3f} "
           f"(std over 32 batches)")
 assert spread[64] < spread[4] < spread[2]
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (against a closed form). To check a file
+# of your own (run in a separate process): `kto-np exercise check 09.kl_completions
+# my_answers.py:kl_completions`. `kto-np exercise list` lists every exercise; tutorials/README.md has them
+# per lesson. Reference solutions: `tutorials/solutions/lesson09.py` (try first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 09.kl_completions.** `kl_completions(completions) -> kl_completions`: the completion each
+# prompt is paired with for the KL estimate: prompt i with completion i − 1 (TRL's rotation by one;
+# completions is [B, T], one row per example).
+
+# %%
+def kl_completions(completions):
+    raise NotImplementedError  # your code here
+
+
+print(grade("09.kl_completions", kl_completions).message)
+
+# %% [markdown]
+# **Exercise 09.sampled_kl.** `sampled_kl(policy_logps, ref_logps) -> (estimate, standard_error)`: KL(π ‖
+# π_ref) from completions sampled from π: the mean of log π − log π_ref over the samples, and its standard
+# error (sample standard deviation, ddof=1, over √n).
+
+# %%
+def sampled_kl(policy_logps, ref_logps):
+    raise NotImplementedError  # your code here
+
+
+print(grade("09.sampled_kl", sampled_kl).message)

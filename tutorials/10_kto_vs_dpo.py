@@ -236,3 +236,41 @@ if not FAST:
 # thumbs-down only, and stays close to its result on the full pairs. That is the case KTO was
 # designed for: feedback does not have to come in pairs to be used. (With λ_D = 1 instead of 9 the
 # lone thumbs-down would swamp the few thumbs-up, as in tutorial 6.)
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (through the gradient oracle's diagnosis
+# or against a closed form). To check a file of your own (run in a separate process): `kto-np exercise
+# check 10.dpo_loss my_answers.py:dpo_loss_and_grad`. `kto-np exercise list` lists every exercise;
+# tutorials/README.md has them per lesson. Reference solutions: `tutorials/solutions/lesson10.py` (try
+# first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 10.dpo_loss.** `dpo_loss_and_grad(policy_chosen_logps, policy_rejected_logps,
+# ref_chosen_logps, ref_rejected_logps, beta) -> (loss, dloss_dpolicy_chosen_logps,
+# dloss_dpolicy_rejected_logps)`: DPO's loss mean_i −log σ(h_i), h_i = β((πc − refc) − (πr − refr)), and
+# its gradient for both sides.
+
+# %%
+def dpo_loss_and_grad(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):  # noqa: F811  (the lesson imported kto_np's own above)
+    raise NotImplementedError  # your code here
+
+
+print(grade("10.dpo_loss", dpo_loss_and_grad).message)
+
+# %% [markdown]
+# **Exercise 10.reward_margins.** `reward_margins(policy_chosen_logps, policy_rejected_logps,
+# ref_chosen_logps, ref_rejected_logps, beta) -> margins`: the implied reward margin of each pair, β[(log
+# π − log π_ref)(chosen) − (log π − log π_ref)(rejected)].
+
+# %%
+def reward_margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    raise NotImplementedError  # your code here
+
+
+print(grade("10.reward_margins", reward_margins).message)

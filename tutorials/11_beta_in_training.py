@@ -179,3 +179,39 @@ if not FAST:
     assert table[0.01]["kl"] > table[0.1]["kl"] > table[1.0]["kl"] > 0.0
     assert table[1.0]["rate"] > table[0.01]["rate"]
     assert all(row["rate"] > runs[0.1][0]["desirable_rate_before"] + 0.15 for row in table.values())
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (against a closed form). To check a file
+# of your own (run in a separate process): `kto-np exercise check 11.adamw_first_step
+# my_answers.py:adamw_first_step`. `kto-np exercise list` lists every exercise; tutorials/README.md has
+# them per lesson. Reference solutions: `tutorials/solutions/lesson11.py` (try first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise 11.adamw_first_step.** `adamw_first_step(grad, lr, eps) -> update`: the change of the
+# parameters in AdamW's first step from zero moments (β1 = 0.9, β2 = 0.999, bias-corrected, no weight
+# decay): what stays of the gradient once Adam has divided it by its own size.
+
+# %%
+def adamw_first_step(grad, lr, eps):
+    raise NotImplementedError  # your code here
+
+
+print(grade("11.adamw_first_step", adamw_first_step).message)
+
+# %% [markdown]
+# **Exercise 11.saturation_log_ratio.** `saturation_log_ratio(beta, fraction) -> r`: the log-ratio r > 0
+# (with z_ref = 0) at which a desirable example's gradient β λ σ(βr) σ(−βr) has fallen to `fraction` of
+# its peak β λ / 4: how far β lets the policy go.
+
+# %%
+def saturation_log_ratio(beta, fraction):
+    raise NotImplementedError  # your code here
+
+
+print(grade("11.saturation_log_ratio", saturation_log_ratio).message)

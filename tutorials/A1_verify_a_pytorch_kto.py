@@ -274,3 +274,40 @@ assert abs(float(expected["metrics/kl"]) - z_ref) < 1e-12
 
 # %%
 assert oracle.verify(kto_numpy, kind="kto_loss", variant="kto", cases=cases_dir).passed
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function below in place of its stub and run its cell: `grade` runs your function on the
+# grader's inputs and says what is wrong, if anything, in words (through the gradient oracle's diagnosis
+# or against a closed form). To check a file of your own (run in a separate process): `kto-np exercise
+# check A1.apo_zero_loss my_answers.py:apo_zero_loss`. `kto-np exercise list` lists every exercise;
+# tutorials/README.md has them per lesson. Reference solutions: `tutorials/solutions/lessonA1.py` (try
+# first).
+
+# %%
+from kto_np.exercises import grade  # noqa: E402
+
+# %% [markdown]
+# **Exercise A1.apo_zero_loss.** `apo_zero_loss(policy_logps, ref_logps, labels, beta, desirable_weight,
+# undesirable_weight) -> loss`: a candidate for the oracle: TRL's unpaired APO-zero loss (desirable λ_D(1
+# − σ(βr)), undesirable λ_U σ(βr), mean over the batch), the loss only.
+
+# %%
+def apo_zero_loss(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight):
+    raise NotImplementedError  # your code here
+
+
+print(grade("A1.apo_zero_loss", apo_zero_loss).message)
+
+# %% [markdown]
+# **Exercise A1.first_mismatch.** `first_mismatch(candidate, reference, rtol, atol) -> int`: the oracle's
+# rule: the flat index of the first entry with |c − r| > atol + rtol · max|r| (NaN never agrees), or −1
+# when every entry agrees.
+
+# %%
+def first_mismatch(candidate, reference, rtol, atol):
+    raise NotImplementedError  # your code here
+
+
+print(grade("A1.first_mismatch", first_mismatch).message)
