@@ -23,6 +23,13 @@ def torch_or_skip():
     return pytest.importorskip("torch", reason="torch not installed (pip install 'kto_np[torch]')")
 
 
+def builtin(kind, variant=None):
+    """kto_np's own candidate; the kto_pair variant's is cases.kto_pair_candidate."""
+    if kind == "kto_loss" and variant == "kto_pair":
+        return oracle.cases.kto_pair_candidate
+    return oracle.builtin_candidate(kind, variant)
+
+
 def assert_passed(report):
     assert report.passed, f"expected every check to pass:\n{report}"
 
@@ -62,6 +69,9 @@ def numpy_kto_loss(variant, mistake=None):
             undesirable_arg = -kl - z if mistake == "undesirable_sign" else -(kl - z)
             losses = np.where(labels, -desirable_weight * np_sigmoid(kl - z), -undesirable_weight
                               * np_sigmoid(undesirable_arg))
+        elif variant == "kto_pair":  # the other class's clamped mean log-ratio (finite differences see through it)
+            z_chosen, z_rejected = max(0.0, r[labels].mean()), max(0.0, r[~labels].mean())
+            losses = w * np.where(labels, 1 - np_sigmoid(b * (r - z_rejected)), 1 - np_sigmoid(b * (z_chosen - r)))
         elif variant == "kto":
             z = 0.0 if kl_policy_logps is None else np.mean(kl_policy_logps - kl_ref_logps)
             if mistake != "z_not_clamped":
@@ -114,8 +124,29 @@ LOSS_FORMULA_MISTAKES = ("z_not_detached", "z_detached", "z_clamped", "z_not_cla
                          "weights_normalise_mean", "weights_ignored")
 
 
+def torch_kto_pair(mistake=None):
+    """TRL <= 0.9's kto_pair form (z of the other class, clamped, attached), with a mistake when asked."""
+    torch = torch_or_skip()
+
+    def candidate(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight):
+        if mistake == "weights_ignored":
+            desirable_weight = undesirable_weight = 1.0
+        b = BETA_MISTAKES.get(mistake, lambda beta: beta)(beta)
+        r = policy_logps - ref_logps
+        chosen_kl, rejected_kl = r[labels].mean().clamp(min=0), r[~labels].mean().clamp(min=0)
+        if mistake == "z_detached":
+            chosen_kl, rejected_kl = chosen_kl.detach(), rejected_kl.detach()
+        losses = torch.where(labels, desirable_weight * (1 - torch.sigmoid(b * (r - rejected_kl))),
+                             undesirable_weight * (1 - torch.sigmoid(b * (chosen_kl - r))))
+        return losses.mean()
+
+    return candidate
+
+
 def torch_kto_loss(variant, mistake=None):
     torch_or_skip()
+    if variant == "kto_pair":
+        return torch_kto_pair(mistake)
     if mistake in LOSS_FORMULA_MISTAKES:
         return torch_kto_loss_mutant(variant, mistake)
     stop_z_grad = variant == "edifice_stop_z_grad"
@@ -248,7 +279,7 @@ def torch_candidate(kind, variant, mistake=None):
 
 @pytest.mark.parametrize("kind,variant", KIND_VARIANTS)
 def test_our_functions_pass_every_case(kind, variant):
-    report = oracle.verify(oracle.builtin_candidate(kind, variant), kind, variant)
+    report = oracle.verify(builtin(kind, variant), kind, variant)
     assert_passed(report)
     assert report.diagnosis.mistakes == ()
     assert {c.source for c in report.checks} == {"returned"} | ({"vjp"} if "logprobs" in kind else set())
@@ -324,6 +355,7 @@ LOSS_MUTANTS = [
         ("kto", ["z_not_detached", "z_not_clamped", "undesirable_sign", "beta_twice", "beta_missing",
                  "weights_normalise_mean", "weights_ignored"]),
         ("apo_zero_unpaired", ["beta_twice", "beta_missing", "weights_normalise_mean", "weights_ignored"]),
+        ("kto_pair", ["z_detached", "beta_twice", "beta_missing", "weights_ignored"]),
     ]
     for mistake in mistakes
 ] + [("dpo_loss", None, "beta_twice"), ("dpo_loss", None, "beta_missing")]
@@ -344,7 +376,8 @@ ALL_MUTANTS = LOSS_MUTANTS + LOGPROB_MUTANTS + MODEL_MUTANTS
 def test_every_builtin_mutant_is_covered_by_a_test_candidate():
     tested = {(kind, variant, LOGPROB_FORMS.get(form, form)) for kind, variant, form in ALL_MUTANTS}
     builtin = {(kind, variant, m.mistake) for kind, variant in KIND_VARIANTS
-               for m in oracle.mistakes.mutants(kind, variant) if m.mistake not in REAL_CODE_MISTAKES}
+               for m in oracle.mistakes.mutants(kind, variant)
+               if not set(oracle.mistakes.mistake_ids(m)) & REAL_CODE_MISTAKES}
     assert builtin == tested
     assert {m for _, _, m in builtin} == set(oracle.MISTAKES) - REAL_CODE_MISTAKES
 
@@ -359,6 +392,7 @@ def test_torch_mutant_fails_with_its_diagnosis(kind, variant, form):
     ("kto_loss", "kto", "beta_twice"), ("kto_loss", "kto", "z_not_clamped"),
     ("kto_loss", "kto", "undesirable_sign"), ("kto_loss", "edifice", "z_clamped"),
     ("kto_loss", "edifice", "undesirable_sign"), ("kto_loss", "apo_zero_unpaired", "weights_normalise_mean"),
+    ("kto_loss", "kto_pair", "beta_twice"), ("kto_loss", "kto_pair", "weights_ignored"),
     ("dpo_loss", None, "beta_missing"), ("logprobs", None, "mask_ignored"), ("logprobs", None, "masked_mean"),
     ("sequence_logprobs", None, "logits_not_shifted"), ("sequence_logprobs", None, "logits_shifted_twice"),
 ])
@@ -731,11 +765,15 @@ def test_main_check_and_main_export_exit_status(tmp_path, capsys):
 
 
 def test_mutant_engine_without_mistakes_is_the_reference():
-    """_kto_family with no mistake switched on reproduces losses.py on every loss-level case."""
+    """_kto_family with no mistake switched on reproduces losses.py on every loss-level case; the other-class
+    formula (_other_class_z, written separately) reproduces the kto_pair variant's reference, which cases.py
+    composes from losses.py."""
     for case in oracle.generate_cases():
         if case.kind != "kto_loss":
             continue
-        outputs = oracle.mistakes._kto_loss_mutant("none", {}).compute(case)
+        engine = (oracle.mistakes._other_class_mutant() if case.variant == "kto_pair"
+                  else oracle.mistakes._kto_loss_mutant("none", {}))
+        outputs = engine.compute(case)
         for quantity, value in outputs.items():
             expected = case.expected[quantity]
             assert np.allclose(value, expected, rtol=1e-12, atol=1e-15), (

@@ -653,8 +653,10 @@ def real_code_mutants(kind: str, variant: str | None) -> list[_Mutant]:
                                            ignore_weights=True))
         if variant in ("kto", "apo_zero_unpaired"):
             out += [_single_class_nan_mutant(False), _single_class_nan_mutant(True)]
-    if kind == "kto_loss":
-        out += [_metric_mutant("logps_metrics_swapped"), _metric_mutant("reward_metrics_zero_for_absent")]
+    if kind == "kto_loss":  # (kto_pair's cases hold both classes: no class is ever absent there)
+        out.append(_metric_mutant("logps_metrics_swapped"))
+        if variant != "kto_pair":
+            out.append(_metric_mutant("reward_metrics_zero_for_absent"))
     elif kind == "model_kto":
         out.append(_model_mutant("prompt_in_mask", "prompt_in_mask", logps_options=dict(prompt_in_mask=True)))
         out += [_model_mutant(mistake, label, reference=form) for mistake, label, form in _REFERENCE_FORMS]

@@ -360,14 +360,14 @@ def diagnose(kind: str, variant: str | None, cases: Sequence[Case], candidate_va
         return Diagnosis((mistake.id,), f"matches known mistake {mistake.id}: {mistake.title}: it raised on the "
                                         f"cases with one class and only there (fix: {mistake.fix})"), not_verified
     if not candidate_values:
-        return Diagnosis((), "no case ran to the end (the ERROR lines above): nothing to compare with the known "
+        return Diagnosis((), "no case ran to the end (the ERROR lines below): nothing to compare with the known "
                              "mistakes"), ()
     if not all_failing and not report.errors and report.cases_identical is False:
         return Diagnosis((), "every number compared matches the reference, but on cases that differ from kto_np's "
                              "export (see 'cases:'): no verdict"), not_verified
     if not all_failing and report.errors:
         return Diagnosis((), f"every number compared matches the reference, but {len(report.errors)} case(s) did "
-                             "not run to the end (the ERROR lines above)"), not_verified
+                             "not run to the end (the ERROR lines below)"), not_verified
     ids = _matching(table, failing, all_failing)
     if ids:
         if all(i.endswith("_convention") for i in ids):  # data_parallel's other unequal-shard convention
