@@ -828,3 +828,68 @@ def test_kl_zero_case_is_exactly_zero_and_z_not_detached_is_still_named():
     report = oracle.verify(torch_kto_loss("kto", "z_not_detached"), "kto_loss", "kto")
     assert any(c.case.endswith("/kl_zero") and not c.passed for c in report.checks), report
     assert report.diagnosis.mistakes == ("z_not_detached",)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a verdict readable at a glance
+
+
+def _beta_twice_module(tmp_path):
+    source = tmp_path / "beta_twice_kto.py"
+    source.write_text(
+        "from kto_np import oracle\n"
+        "ours = oracle.builtin_candidate('kto_loss', 'kto')\n\n\n"
+        "def kto_loss(**inputs):\n"
+        "    return ours(**{**inputs, 'beta': inputs['beta'] ** 2})\n")
+    return source
+
+
+def test_the_first_line_is_the_verdict_and_the_table_shows_the_failing_rows(tmp_path, capsys):
+    source = _beta_twice_module(tmp_path)
+    report = oracle.verify(f"{source}:kto_loss", "kto_loss", "kto")
+    lines = str(report).splitlines()
+    assert lines[0].startswith("FAILED, diagnosis: matches known mistake beta_twice"), lines[0]
+    rows = [line for line in lines if line.endswith(("FAIL", "pass", "skip"))]
+    assert rows and all(line.endswith("FAIL") for line in rows)
+    assert len(rows) == oracle.report.MAX_FAILING_ROWS < len(report.failures)
+    every = report.format(show_all=True).splitlines()
+    assert every[0] == lines[0]
+    assert sum(line.endswith("pass") for line in every) == sum(c.passed for c in report.checks)
+    assert oracle.verify(oracle.builtin_candidate(), "kto_loss").verdict.startswith("PASSED, diagnosis: all checks")
+    status = oracle.main_check(f"{source}:kto_loss")
+    out = capsys.readouterr().out
+    assert status == 1 and out.startswith("FAILED, diagnosis: matches known mistake beta_twice")
+    assert " pass\n" not in out
+    from kto_np.cli import main
+
+    assert main(["oracle", "check", f"{source}:kto_loss", "--all"]) == 1
+    assert " pass\n" in capsys.readouterr().out
+
+
+def test_a_failing_assert_kto_matches_fits_one_screen_in_pytest(tmp_path):
+    """The user's line and the verdict, without assert_kto_matches' own source (__tracebackhide__)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _beta_twice_module(tmp_path)
+    (tmp_path / "test_user.py").write_text(
+        "from beta_twice_kto import kto_loss\n"
+        "from kto_np.testing import assert_kto_matches\n\n\n"
+        "def test_my_kto_loss():\n"
+        "    assert_kto_matches(kto_loss)\n")
+    root = str(Path(oracle.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, str(tmp_path)]), "COLUMNS": "120"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    assert done.returncode == 1, out
+    lines = out.splitlines()
+    assert len(lines) <= 40, out
+    assert "def assert_kto_matches" not in out and "__tracebackhide__" not in out
+    user_line = next(i for i, line in enumerate(lines) if line.startswith(">       assert_kto_matches(kto_loss)"))
+    assert lines[user_line + 1].startswith("E       AssertionError: FAILED, diagnosis: matches known mistake "
+                                           "beta_twice"), out
+    summary = next(line for line in lines if line.startswith("FAILED test_user.py"))
+    assert "AssertionError: FAILED, diagnosis: matches known mistake" in summary

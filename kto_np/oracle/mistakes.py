@@ -692,11 +692,15 @@ def _non_finite(value) -> bool:
 
 def failed_only_on_single_class(cases_by_name: Mapping[str, Case], errors: Mapping[str, str], failing_cases,
                                 candidate_values: Mapping) -> bool:
-    """single_class_nan in any form: every case that failed or raised holds a batch (or shard) of one class, and
-    on each failing one the candidate gave a NaN or inf (loss, gradient or intermediate) or raised."""
+    """single_class_nan in any form: every case that failed or raised holds a batch (or shard) of one class;
+    either it raised on every case with one class and only there, or it gave a NaN or inf (loss, gradient or
+    intermediate) on some of them, and raised or gave a NaN or inf on each of the others that failed."""
+    single = {name for name, case in cases_by_name.items() if has_single_class_batch(case)}
     failing = set(failing_cases) | set(errors)
-    if not failing or not all(name in cases_by_name and has_single_class_batch(cases_by_name[name])
-                              for name in failing):
+    if not failing or not failing <= single:
         return False
-    return all(name in errors or any(_non_finite(value) for value, _, _ in candidate_values.get(name, {}).values())
-               for name in failing)
+    non_finite = {name for name in set(failing_cases)
+                  if any(_non_finite(value) for value, _, _ in candidate_values.get(name, {}).values())}
+    if not non_finite:  # the crash form: it raised on every case with one class
+        return set(errors) == single
+    return failing <= non_finite | set(errors)
