@@ -118,13 +118,14 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
 
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
                       tolerance=args.tolerance, timeout=args.timeout, convention=args.convention,
-                      kl_rotation=args.kl_rotation)
+                      kl_rotation=args.kl_rotation, show_all=args.all)
 
 
 def _cmd_oracle_compare(args: argparse.Namespace) -> int:
     from .oracle import main_compare  # noqa: PLC0415
 
-    return main_compare(args.cases_dir, args.results, tolerance=args.tolerance)
+    every_row = {"show_all": True} if args.all else {}  # main_compare(..., show_all=False) prints the failing rows
+    return main_compare(args.cases_dir, args.results, tolerance=args.tolerance, **every_row)
 
 
 def _cmd_exercise_list(args: argparse.Namespace) -> int:
@@ -351,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-rotation", type=int, choices=(-1, 1), default=-1, metavar="{-1,+1}",
                    help="model_kto: the KL pairs SPEC builds, prompt i with completion i-1 (-1, TRL) or i+1 "
                    "(+1, OpenRLHF, HALOs); the reference is computed for the one declared (default: -1)")
+    p.add_argument("--all", action="store_true", help="print every checked row, not only the failing ones")
     p.set_defaults(func=_cmd_oracle_check)
     p = oracle_sub.add_parser("compare", help="check numbers computed in any language (RESULTS.json) against "
                               "the cases in CASES_DIR",
@@ -362,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", metavar="RESULTS.json")
     p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
                    help="tolerances for numbers computed in float64 or float32 (default: float64)")
+    p.add_argument("--all", action="store_true", help="print every checked row, not only the failing ones")
     p.set_defaults(func=_cmd_oracle_compare)
     p = oracle_sub.add_parser("trl", help="check the installed TRL's own KTOTrainer against the cases",
                               description="Drive the installed TRL's KTOTrainer (offline, nothing downloaded): the "

@@ -23,6 +23,13 @@ def torch_or_skip():
     return pytest.importorskip("torch", reason="torch not installed (pip install 'kto_np[torch]')")
 
 
+def builtin(kind, variant=None):
+    """kto_np's own candidate; the kto_pair variant's is cases.kto_pair_candidate."""
+    if kind == "kto_loss" and variant == "kto_pair":
+        return oracle.cases.kto_pair_candidate
+    return oracle.builtin_candidate(kind, variant)
+
+
 def assert_passed(report):
     assert report.passed, f"expected every check to pass:\n{report}"
 
@@ -62,6 +69,9 @@ def numpy_kto_loss(variant, mistake=None):
             undesirable_arg = -kl - z if mistake == "undesirable_sign" else -(kl - z)
             losses = np.where(labels, -desirable_weight * np_sigmoid(kl - z), -undesirable_weight
                               * np_sigmoid(undesirable_arg))
+        elif variant == "kto_pair":  # the other class's clamped mean log-ratio (finite differences see through it)
+            z_chosen, z_rejected = max(0.0, r[labels].mean()), max(0.0, r[~labels].mean())
+            losses = w * np.where(labels, 1 - np_sigmoid(b * (r - z_rejected)), 1 - np_sigmoid(b * (z_chosen - r)))
         elif variant == "kto":
             z = 0.0 if kl_policy_logps is None else np.mean(kl_policy_logps - kl_ref_logps)
             if mistake != "z_not_clamped":
@@ -114,8 +124,29 @@ LOSS_FORMULA_MISTAKES = ("z_not_detached", "z_detached", "z_clamped", "z_not_cla
                          "weights_normalise_mean", "weights_ignored")
 
 
+def torch_kto_pair(mistake=None):
+    """TRL <= 0.9's kto_pair form (z of the other class, clamped, attached), with a mistake when asked."""
+    torch = torch_or_skip()
+
+    def candidate(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight):
+        if mistake == "weights_ignored":
+            desirable_weight = undesirable_weight = 1.0
+        b = BETA_MISTAKES.get(mistake, lambda beta: beta)(beta)
+        r = policy_logps - ref_logps
+        chosen_kl, rejected_kl = r[labels].mean().clamp(min=0), r[~labels].mean().clamp(min=0)
+        if mistake == "z_detached":
+            chosen_kl, rejected_kl = chosen_kl.detach(), rejected_kl.detach()
+        losses = torch.where(labels, desirable_weight * (1 - torch.sigmoid(b * (r - rejected_kl))),
+                             undesirable_weight * (1 - torch.sigmoid(b * (chosen_kl - r))))
+        return losses.mean()
+
+    return candidate
+
+
 def torch_kto_loss(variant, mistake=None):
     torch_or_skip()
+    if variant == "kto_pair":
+        return torch_kto_pair(mistake)
     if mistake in LOSS_FORMULA_MISTAKES:
         return torch_kto_loss_mutant(variant, mistake)
     stop_z_grad = variant == "edifice_stop_z_grad"
@@ -248,7 +279,7 @@ def torch_candidate(kind, variant, mistake=None):
 
 @pytest.mark.parametrize("kind,variant", KIND_VARIANTS)
 def test_our_functions_pass_every_case(kind, variant):
-    report = oracle.verify(oracle.builtin_candidate(kind, variant), kind, variant)
+    report = oracle.verify(builtin(kind, variant), kind, variant)
     assert_passed(report)
     assert report.diagnosis.mistakes == ()
     assert {c.source for c in report.checks} == {"returned"} | ({"vjp"} if "logprobs" in kind else set())
@@ -324,6 +355,7 @@ LOSS_MUTANTS = [
         ("kto", ["z_not_detached", "z_not_clamped", "undesirable_sign", "beta_twice", "beta_missing",
                  "weights_normalise_mean", "weights_ignored"]),
         ("apo_zero_unpaired", ["beta_twice", "beta_missing", "weights_normalise_mean", "weights_ignored"]),
+        ("kto_pair", ["z_detached", "beta_twice", "beta_missing", "weights_ignored"]),
     ]
     for mistake in mistakes
 ] + [("dpo_loss", None, "beta_twice"), ("dpo_loss", None, "beta_missing")]
@@ -344,7 +376,8 @@ ALL_MUTANTS = LOSS_MUTANTS + LOGPROB_MUTANTS + MODEL_MUTANTS
 def test_every_builtin_mutant_is_covered_by_a_test_candidate():
     tested = {(kind, variant, LOGPROB_FORMS.get(form, form)) for kind, variant, form in ALL_MUTANTS}
     builtin = {(kind, variant, m.mistake) for kind, variant in KIND_VARIANTS
-               for m in oracle.mistakes.mutants(kind, variant) if m.mistake not in REAL_CODE_MISTAKES}
+               for m in oracle.mistakes.mutants(kind, variant)
+               if not set(oracle.mistakes.mistake_ids(m)) & REAL_CODE_MISTAKES}
     assert builtin == tested
     assert {m for _, _, m in builtin} == set(oracle.MISTAKES) - REAL_CODE_MISTAKES
 
@@ -359,6 +392,7 @@ def test_torch_mutant_fails_with_its_diagnosis(kind, variant, form):
     ("kto_loss", "kto", "beta_twice"), ("kto_loss", "kto", "z_not_clamped"),
     ("kto_loss", "kto", "undesirable_sign"), ("kto_loss", "edifice", "z_clamped"),
     ("kto_loss", "edifice", "undesirable_sign"), ("kto_loss", "apo_zero_unpaired", "weights_normalise_mean"),
+    ("kto_loss", "kto_pair", "beta_twice"), ("kto_loss", "kto_pair", "weights_ignored"),
     ("dpo_loss", None, "beta_missing"), ("logprobs", None, "mask_ignored"), ("logprobs", None, "masked_mean"),
     ("sequence_logprobs", None, "logits_not_shifted"), ("sequence_logprobs", None, "logits_shifted_twice"),
 ])
@@ -731,11 +765,15 @@ def test_main_check_and_main_export_exit_status(tmp_path, capsys):
 
 
 def test_mutant_engine_without_mistakes_is_the_reference():
-    """_kto_family with no mistake switched on reproduces losses.py on every loss-level case."""
+    """_kto_family with no mistake switched on reproduces losses.py on every loss-level case; the other-class
+    formula (_other_class_z, written separately) reproduces the kto_pair variant's reference, which cases.py
+    composes from losses.py."""
     for case in oracle.generate_cases():
         if case.kind != "kto_loss":
             continue
-        outputs = oracle.mistakes._kto_loss_mutant("none", {}).compute(case)
+        engine = (oracle.mistakes._other_class_mutant() if case.variant == "kto_pair"
+                  else oracle.mistakes._kto_loss_mutant("none", {}))
+        outputs = engine.compute(case)
         for quantity, value in outputs.items():
             expected = case.expected[quantity]
             assert np.allclose(value, expected, rtol=1e-12, atol=1e-15), (
@@ -790,3 +828,68 @@ def test_kl_zero_case_is_exactly_zero_and_z_not_detached_is_still_named():
     report = oracle.verify(torch_kto_loss("kto", "z_not_detached"), "kto_loss", "kto")
     assert any(c.case.endswith("/kl_zero") and not c.passed for c in report.checks), report
     assert report.diagnosis.mistakes == ("z_not_detached",)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a verdict readable at a glance
+
+
+def _beta_twice_module(tmp_path):
+    source = tmp_path / "beta_twice_kto.py"
+    source.write_text(
+        "from kto_np import oracle\n"
+        "ours = oracle.builtin_candidate('kto_loss', 'kto')\n\n\n"
+        "def kto_loss(**inputs):\n"
+        "    return ours(**{**inputs, 'beta': inputs['beta'] ** 2})\n")
+    return source
+
+
+def test_the_first_line_is_the_verdict_and_the_table_shows_the_failing_rows(tmp_path, capsys):
+    source = _beta_twice_module(tmp_path)
+    report = oracle.verify(f"{source}:kto_loss", "kto_loss", "kto")
+    lines = str(report).splitlines()
+    assert lines[0].startswith("FAILED, diagnosis: matches known mistake beta_twice"), lines[0]
+    rows = [line for line in lines if line.endswith(("FAIL", "pass", "skip"))]
+    assert rows and all(line.endswith("FAIL") for line in rows)
+    assert len(rows) == oracle.report.MAX_FAILING_ROWS < len(report.failures)
+    every = report.format(show_all=True).splitlines()
+    assert every[0] == lines[0]
+    assert sum(line.endswith("pass") for line in every) == sum(c.passed for c in report.checks)
+    assert oracle.verify(oracle.builtin_candidate(), "kto_loss").verdict.startswith("PASSED, diagnosis: all checks")
+    status = oracle.main_check(f"{source}:kto_loss")
+    out = capsys.readouterr().out
+    assert status == 1 and out.startswith("FAILED, diagnosis: matches known mistake beta_twice")
+    assert " pass\n" not in out
+    from kto_np.cli import main
+
+    assert main(["oracle", "check", f"{source}:kto_loss", "--all"]) == 1
+    assert " pass\n" in capsys.readouterr().out
+
+
+def test_a_failing_assert_kto_matches_fits_one_screen_in_pytest(tmp_path):
+    """The user's line and the verdict, without assert_kto_matches' own source (__tracebackhide__)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _beta_twice_module(tmp_path)
+    (tmp_path / "test_user.py").write_text(
+        "from beta_twice_kto import kto_loss\n"
+        "from kto_np.testing import assert_kto_matches\n\n\n"
+        "def test_my_kto_loss():\n"
+        "    assert_kto_matches(kto_loss)\n")
+    root = str(Path(oracle.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, str(tmp_path)]), "COLUMNS": "120"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    assert done.returncode == 1, out
+    lines = out.splitlines()
+    assert len(lines) <= 40, out
+    assert "def assert_kto_matches" not in out and "__tracebackhide__" not in out
+    user_line = next(i for i, line in enumerate(lines) if line.startswith(">       assert_kto_matches(kto_loss)"))
+    assert lines[user_line + 1].startswith("E       AssertionError: FAILED, diagnosis: matches known mistake "
+                                           "beta_twice"), out
+    summary = next(line for line in lines if line.startswith("FAILED test_user.py"))
+    assert "AssertionError: FAILED, diagnosis: matches known mistake" in summary

@@ -107,7 +107,7 @@ def test_patching_the_report_in_the_child_changes_nothing(stand_ins, capsys):
 
 def test_a_hanging_case_times_out_and_the_others_still_run(stand_ins, capsys):
     start = time.monotonic()
-    status, out, _ = check(capsys, f"{stand_ins}:sleeps_on_batch_of_1", "kto_loss", "kto", timeout=2)
+    status, out, _ = check(capsys, f"{stand_ins}:sleeps_on_batch_of_1", "kto_loss", "kto", timeout=2, show_all=True)
     assert time.monotonic() - start < 30
     assert status == 1
     assert "kto_loss/kto/batch_of_1: ERROR, the candidate timed out: still running after 2 s" in out

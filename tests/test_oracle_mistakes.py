@@ -82,7 +82,7 @@ def torch_kto_loss(variant, mistake=None):
 
 
 def metrics_mistake(variant, mistake):
-    ours = oracle.builtin_candidate("kto_loss", variant)
+    ours = oracle.cases.kto_pair_candidate if variant == "kto_pair" else oracle.builtin_candidate("kto_loss", variant)
 
     def candidate(**kwargs):
         loss, grads, metrics = ours(**kwargs)
@@ -126,11 +126,13 @@ def torch_model_prompt_in_mask():
 
 
 FORMULA_STAND_INS = (
-    [("kto_loss", v, m) for v in oracle.VARIANTS["kto_loss"] for m in ("class_means_added", "loss_summed")]
+    [("kto_loss", v, m) for v in oracle.VARIANTS["kto_loss"] if v != "kto_pair"
+     for m in ("class_means_added", "loss_summed")]
     + [("kto_loss", "kto", m) for m in ("z_from_matched_pairs", "z_from_other_class")]
     + [("kto_loss", v, f) for v in ("kto", "apo_zero_unpaired") for f in ("single_class_nan", "single_class_crash")]
-    + [("kto_loss", v, m) for v in oracle.VARIANTS["kto_loss"]
+    + [("kto_loss", v, m) for v in oracle.VARIANTS["kto_loss"] if v != "kto_pair"
        for m in ("logps_metrics_swapped", "reward_metrics_zero_for_absent")]
+    + [("kto_loss", "kto_pair", "logps_metrics_swapped")]
     + [("model_kto", "kto", "prompt_in_mask")]
 )
 FORMS = {"single_class_crash": "single_class_nan"}
@@ -150,7 +152,7 @@ def test_formula_mistake_is_caught_and_named(kind, variant, form):
     assert_diagnosed(report, FORMS.get(form, form))
 
 
-@pytest.mark.parametrize("variant", oracle.VARIANTS["kto_loss"])
+@pytest.mark.parametrize("variant", [v for v in oracle.VARIANTS["kto_loss"] if v != "kto_pair"])
 def test_right_stand_in_passes(variant):
     assert_passed(oracle.verify(torch_kto_loss(variant), "kto_loss", variant))
 
@@ -162,6 +164,7 @@ def test_every_real_code_mutant_has_a_stand_in():
     from test_oracle_distributed import DATA_PARALLEL_TESTED
 
     tested |= DATA_PARALLEL_TESTED
+    tested |= {(k, v, m) for k, v, m, _ in NEW_STAND_INS}
     tested.add(("model_edifice", "edifice", "prompt_in_mask"))  # test_oracle_edifice.MUTANT_CANDIDATES
     builtin = {(k, v, m.mistake) for k in oracle.KINDS for v in oracle.VARIANTS[k] for m in mutants(k, v)
                if m.mistake in REAL_CODE_MISTAKE_IDS}
@@ -493,3 +496,310 @@ def test_assert_kto_matches_for_the_pipeline_kinds():
     assert assert_kto_matches(numpy_accumulation, kind="accumulation").passed
     with pytest.raises(AssertionError, match="kl_pairs_reversed"):
         assert_kto_matches(reversal, kind="kl_pairs")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the mistakes found since (docs/oracle/mistakes.md): NumPy stand-ins, each written as the project's code
+# does it, built on kto_np's own loss (losses.kto_loss_and_grad) or its own model candidate
+
+
+def numpy_reference_mistake(kind, variant, form):
+    """reference_missing (r = log pi: the reference log-probs taken as 0) or reference_is_policy (the policy's
+    log-probs used as the reference's: r = 0), kto_np's own code otherwise."""
+    if kind == "model_edifice":
+        ours = oracle.candidates.edifice_candidate
+
+        def candidate(params, config, tokens, targets, mask, labels, ref_logps, beta, desirable_weight,
+                      undesirable_weight):
+            keywords = dict(params=params, config=config, tokens=tokens, targets=targets, mask=mask, labels=labels,
+                            beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+            if form == "reference_missing":
+                return ours(ref_logps=np.zeros_like(ref_logps), **keywords)
+            return ours(ref_logps=ours(ref_logps=ref_logps, **keywords)["logps"], **keywords)
+
+        return candidate
+    ours = oracle.builtin_candidate(kind, variant)
+    if kind == "model_kto":
+        def candidate(state_dict, config, **inputs):
+            if form == "reference_missing":
+                return ours(state_dict, config, **{**inputs, "ref_logps": np.zeros_like(inputs["ref_logps"])})
+            first = ours(state_dict, config, **inputs)  # the policy's own log-probs, then used as the reference's
+            return ours(state_dict, config, **{**inputs, "ref_logps": first["policy_logps"],
+                                               "kl_ref_logps": first["kl_policy_logps"]})
+
+        return candidate
+
+    def loss_candidate(**inputs):
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        if form == "reference_missing":
+            inputs["ref_logps"] = np.zeros_like(inputs["ref_logps"])
+        else:
+            inputs["ref_logps"] = inputs["policy_logps"].copy()
+            if "kl_policy_logps" in inputs:
+                inputs["kl_ref_logps"] = inputs["kl_policy_logps"].copy()
+        return ours(**inputs)
+
+    return loss_candidate
+
+
+def _subtracted_loss(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                     kl_policy_logps=None, kl_ref_logps=None, *, scale="mean"):
+    """align-anything's loss: the desirable terms minus the undesirable ones, from the core's per-class losses
+    (same z: the same KL pairs); scale "mean" (over all n) or "class_means" (mean_D - mean_U)."""
+    from kto_np.losses import kto_loss_and_grad
+
+    labels = np.asarray(labels, dtype=bool)
+    n = labels.shape[0]
+    loss, grad = 0.0, np.zeros(n)
+    for members, sign in ((labels, 1.0), (~labels, -1.0)):
+        if not members.any():
+            continue
+        part, part_grad, _ = kto_loss_and_grad(policy_logps[members], ref_logps[members], labels[members], beta,
+                                               desirable_weight, undesirable_weight, variant="kto",
+                                               kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps,
+                                               warn_balance=False)
+        share = 1.0 if scale == "class_means" else members.sum() / n
+        loss += sign * share * part
+        grad[members] = sign * share * part_grad
+    return loss, grad
+
+
+def numpy_undesirable_subtracted(scale="mean"):
+    def candidate(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight, kl_policy_logps=None,
+                  kl_ref_logps=None):
+        loss, grad = _subtracted_loss(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                                      kl_policy_logps, kl_ref_logps, scale=scale)
+        grads = {"policy_logps": grad}
+        if kl_policy_logps is not None:
+            grads["kl_policy_logps"] = np.zeros_like(kl_policy_logps)
+        return loss, grads
+
+    return candidate
+
+
+def numpy_model_undesirable_subtracted():
+    """kto_np's GPT-2 (forward, hand-written backward) with align-anything's loss on its log-probs."""
+    from kto_np.logprobs import sequence_logprobs_backward, sequence_logprobs_forward
+    from kto_np.oracle.cases import Case, hf_name, model_case_batch, model_from_case, trainable_names
+
+    def candidate(state_dict, config, prompt_tokens, completion_tokens, completion_mask, labels, ref_logps,
+                  kl_ref_logps, beta, desirable_weight, undesirable_weight):
+        inputs = {**{f"state_dict/{k}": v for k, v in state_dict.items()}, "prompt_tokens": prompt_tokens,
+                  "completion_tokens": completion_tokens, "completion_mask": completion_mask, "labels": labels}
+        case = Case("candidate", "model_kto", "kto", "", inputs, {}, config)
+        model, params = model_from_case(case)
+        batch = model_case_batch(case, -1)
+        logits, cache = model.forward(params, batch.tokens)
+        logps, logps_cache = sequence_logprobs_forward(logits, batch.tokens, batch.completion_mask)
+        kl_logps = sequence_logprobs_forward(model.forward(params, batch.kl_tokens)[0], batch.kl_tokens,
+                                             batch.kl_completion_mask)[0]
+        loss, dlogps = _subtracted_loss(logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                                        kl_logps, kl_ref_logps)
+        grads = model.backward(sequence_logprobs_backward(dlogps, logps_cache), cache)
+        names = set(trainable_names(case))
+        return loss, {hf_name(k): g for k, g in grads.items() if hf_name(k) in names}
+
+    return candidate
+
+
+def numpy_other_class_unweighted(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                                 kl_policy_logps=None, kl_ref_logps=None):
+    """OpenRLHF's VanillaKTOLoss / TRL's kto_pair: z of the other class, clamped, and no class weights (loss
+    only: finite differences see the gradient through z)."""
+    r = policy_logps - ref_logps
+    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    chosen_kl, rejected_kl = _class_kl(r, labels)
+    return np.where(labels, 1 - sigmoid(beta * (r - rejected_kl)), 1 - sigmoid(beta * (chosen_kl - r))).mean()
+
+
+def _class_kl(r, labels):
+    """max(0, mean r) of each class; NaN for an absent class (as torch's mean of an empty tensor)."""
+    with np.errstate(invalid="ignore"):
+        return (np.maximum(0.0, r[labels].sum() / labels.sum()), np.maximum(0.0, r[~labels].sum() / (~labels).sum()))
+
+
+def numpy_easydel_window(policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, beta, desirable_weight,
+                         undesirable_weight, *, micro_step, accumulation_steps, window):
+    """EasyDeL with accumulation: the reference's KL completions rolled by one over the whole window, the
+    policy's within the micro-batch (the kl_policy_logps given)."""
+    n = window["pair_ref_logps"].shape[0]
+    rolled = window["pair_ref_logps"][np.arange(n), (np.arange(n) - 1) % n][window["start"]:window["stop"]]
+    return distributed.builtin_accumulation(policy_logps, ref_logps, labels, kl_policy_logps, rolled, beta,
+                                            desirable_weight, undesirable_weight, micro_step=micro_step,
+                                            accumulation_steps=accumulation_steps)
+
+
+def numpy_window_right(policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, beta, desirable_weight,
+                       undesirable_weight, *, micro_step, accumulation_steps, window):
+    """The same code with its KL pairs built once, within the micro-batch, for both models."""
+    start, stop = window["start"], window["stop"]
+    local = np.arange(stop - start)
+    rows, partners = start + local, start + (local - 1) % (stop - start)
+    return distributed.builtin_accumulation(
+        policy_logps, ref_logps, labels, window["pair_policy_logps"][rows, partners],
+        window["pair_ref_logps"][rows, partners], beta, desirable_weight, undesirable_weight, micro_step=micro_step,
+        accumulation_steps=accumulation_steps)
+
+
+NEW_STAND_INS = (
+    [("kto_loss", v, m, numpy_reference_mistake("kto_loss", v, m))
+     for v in ("kto", "edifice", "edifice_stop_z_grad", "apo_zero_unpaired")
+     for m in ("reference_missing", "reference_is_policy")]
+    + [("model_kto", "kto", m, numpy_reference_mistake("model_kto", "kto", m))
+       for m in ("reference_missing", "reference_is_policy")]
+    + [("model_edifice", "edifice", m, numpy_reference_mistake("model_edifice", "edifice", m))
+       for m in ("reference_missing", "reference_is_policy")]
+    + [("kto_loss", "kto", "undesirable_subtracted", numpy_undesirable_subtracted()),
+       ("model_kto", "kto", "undesirable_subtracted", numpy_model_undesirable_subtracted()),
+       ("kto_loss", "kto", "z_from_other_class+weights_ignored", numpy_other_class_unweighted),
+       ("accumulation", "kto", "accumulation_kl_pairs_window", numpy_easydel_window)]
+)
+# the edifice variants' undesirable term: the stand-in above is written for 'kto'; the mutant is there too
+for _variant in ("edifice", "edifice_stop_z_grad", "apo_zero_unpaired"):
+    NEW_STAND_INS.append(("kto_loss", _variant, "undesirable_subtracted", None))
+
+
+@pytest.mark.parametrize("kind,variant,mistake,candidate", [s for s in NEW_STAND_INS if s[3] is not None],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_mistakes_found_since_are_caught_and_named(kind, variant, mistake, candidate):
+    report = oracle.verify(candidate, kind, variant)
+    assert not report.passed, report
+    assert report.diagnosis.mistakes == tuple(mistake.split("+")), report
+
+
+@pytest.mark.parametrize("variant", ["edifice_stop_z_grad", "apo_zero_unpaired"])
+def test_undesirable_subtracted_mutant_flips_the_undesirable_gradients(variant):
+    """The mutant of the other variants: every undesirable example's gradient has the reference's opposite
+    sign, every desirable one the same (where z passes no gradient; with Edifice's attached z the gradient
+    through z mixes the classes, and the mutant still differs from the reference and every other mistake:
+    test_every_two_mistakes_give_different_numbers)."""
+    mutant = next(m for m in mutants("kto_loss", variant) if m.label == "undesirable_subtracted")
+    for case in (c for c in oracle.generate_cases() if c.kind == "kto_loss" and c.variant == variant):
+        labels = case.inputs["labels"]
+        grad, reference = mutant.compute(case)["grad/policy_logps"], case.expected["grad/policy_logps"]
+        assert np.all(np.sign(grad[labels]) == np.sign(reference[labels])), case.name
+        assert np.all(np.sign(grad[~labels]) == -np.sign(reference[~labels])), case.name
+
+
+def test_undesirable_subtracted_at_another_scale_is_named_by_the_gradient_signs():
+    """align-anything's paired mean is a different scale: no exact mutant, the sign rule names it."""
+    report = oracle.verify(numpy_undesirable_subtracted("class_means"), "kto_loss", "kto")
+    assert report.diagnosis.mistakes == ("undesirable_subtracted",), report
+
+
+def test_the_window_aware_right_candidate_passes_and_old_cases_do_not_list_the_window_mistake():
+    assert_passed(oracle.verify(numpy_window_right, "accumulation"))
+    old = [oracle.cases._case(c.name, c.kind, c.variant, c.formula,
+                              {k: v for k, v in c.inputs.items() if not k.startswith("pair_")}, dict(c.expected))
+           for c in oracle.generate_cases() if c.kind == "accumulation"]
+    report = oracle.verify(distributed.builtin_accumulation, "accumulation", cases=old)
+    assert report.passed and "accumulation_kl_pairs_window" not in report.not_verified, report
+
+
+def test_pair_tables_hold_the_case_s_own_log_probs():
+    for case in (c for c in oracle.generate_cases() if c.kind == "accumulation"):
+        n = case.inputs["policy_logps"].shape[0]
+        rows, partners = np.arange(n), distributed.kl_partners(case.inputs["micro_batch_sizes"])
+        for table, matched, kl in (("pair_policy_logps", "policy_logps", "kl_policy_logps"),
+                                   ("pair_ref_logps", "ref_logps", "kl_ref_logps")):
+            np.testing.assert_array_equal(case.inputs[table][rows, rows], case.inputs[matched])
+            np.testing.assert_array_equal(case.inputs[table][rows, partners], case.inputs[kl])
+        window = (rows - 1) % n
+        assert np.sum(window != partners) == len(case.inputs["micro_batch_sizes"])  # each micro-batch's first
+
+
+def test_kto_pair_is_a_variant_where_the_attached_other_class_z_is_right():
+    """TRL <= 0.9's kto_pair passes its own variant, and is named z_from_other_class under 'kto'."""
+    def kto_pair_weighted(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
+                          kl_policy_logps=None, kl_ref_logps=None):
+        r = policy_logps - ref_logps
+        sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+        chosen_kl, rejected_kl = _class_kl(r, labels)
+        return np.where(labels, desirable_weight * (1 - sigmoid(beta * (r - rejected_kl))),
+                        undesirable_weight * (1 - sigmoid(beta * (chosen_kl - r)))).mean()
+
+    assert_passed(oracle.verify(kto_pair_weighted, "kto_loss", "kto_pair"))
+    assert oracle.verify(kto_pair_weighted, "kto_loss", "kto").diagnosis.mistakes == ("z_from_other_class",)
+    unweighted = oracle.verify(numpy_other_class_unweighted, "kto_loss", "kto_pair")
+    assert unweighted.diagnosis.mistakes == ("weights_ignored",), unweighted
+
+
+def test_new_mistakes_have_their_sources():
+    for mistake in ("reference_missing", "reference_is_policy", "undesirable_subtracted",
+                    "accumulation_kl_pairs_window"):
+        assert oracle.MISTAKES[mistake].seen_in, mistake
+
+
+# ---------------------------------------------------------------------------------------------------
+# names that are right: one class, two causes, a weak resemblance, what could not be shown
+
+
+def test_nan_only_on_single_class_batches_is_single_class_nan():
+    """TRL #1386's symptom as a candidate returns it: a NaN loss where a class is absent, finite gradients."""
+    ours = oracle.builtin_candidate("kto_loss", "kto")
+
+    def nan_when_a_class_is_absent(**inputs):
+        loss, grads, metrics = ours(**inputs)
+        labels = inputs["labels"]
+        return (float("nan") if labels.all() or not labels.any() else loss), grads
+
+    report = oracle.verify(nan_when_a_class_is_absent, "kto_loss", "kto")
+    assert report.diagnosis.mistakes == ("single_class_nan",), report
+    assert "z_from_other_class" not in report.diagnosis.message
+
+
+def test_nan_on_a_one_class_micro_batch_is_single_class_nan():
+    def nan_on_one_class(policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, beta, desirable_weight,
+                         undesirable_weight, *, micro_step, accumulation_steps):
+        loss, grads = distributed.builtin_accumulation(
+            policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, beta, desirable_weight,
+            undesirable_weight, micro_step=micro_step, accumulation_steps=accumulation_steps)
+        return (float("nan") if labels.all() or not labels.any() else loss), grads
+
+    report = oracle.verify(nan_on_one_class, "accumulation")
+    assert report.diagnosis.mistakes == ("single_class_nan",), report
+
+
+def test_float32_rounding_and_weights_ignored_are_named_together():
+    """Liger's KTO at float64: no class weights, and float32 inside."""
+    ours = oracle.builtin_candidate("kto_loss", "kto")
+
+    def float32_without_weights(**inputs):
+        loss, grads, _ = ours(**{**inputs, "desirable_weight": 1.0, "undesirable_weight": 1.0})
+        return (np.float64(np.float32(loss)), {k: v.astype(np.float32).astype(np.float64) for k, v in grads.items()})
+
+    report = oracle.verify(float32_without_weights, "kto_loss", "kto")
+    assert report.diagnosis.mistakes == ("weights_ignored",), report
+    assert "float32" in report.diagnosis.message and "two causes together" in report.diagnosis.message
+    assert oracle.verify(float32_without_weights, "kto_loss", "kto", tolerance="float32").diagnosis.mistakes == (
+        "weights_ignored",)
+
+
+def test_a_weak_resemblance_is_said_to_be_weak():
+    """beta_twice on one case, a 1% loss error everywhere else: beta_twice reproduces 2 of the failing checks."""
+    ours = oracle.builtin_candidate("kto_loss", "kto")
+
+    def mostly_unknown(**inputs):
+        labels = inputs["labels"]
+        if labels.shape[0] == 8 and inputs.get("kl_policy_logps") is None:  # the no_kl_pairs case
+            return ours(**{**inputs, "beta": inputs["beta"] ** 2})[:2]
+        loss, grads, _ = ours(**inputs)
+        return loss * 1.01, grads
+
+    report = oracle.verify(mostly_unknown, "kto_loss", "kto")
+    assert report.diagnosis.mistakes == ()
+    assert "weak resemblance" in report.diagnosis.message and "closest:" not in report.diagnosis.message, report
+    assert report.diagnosis.closest == "beta_twice"
+
+
+def test_metrics_a_candidate_does_not_return_are_not_listed_as_not_verified():
+    """TRL's kto_loss returns rewards and the KL, no log-prob metrics: logps_metrics_swapped cannot happen."""
+    ours = oracle.builtin_candidate("kto_loss", "kto")
+
+    def without_logps_metrics(**inputs):
+        loss, grads, metrics = ours(**inputs)
+        return loss, grads, {k: v for k, v in metrics.items() if not k.startswith("logps/")}
+
+    report = oracle.verify(without_logps_metrics, "kto_loss", "kto")
+    assert report.passed and "logps_metrics_swapped" not in report.not_verified, report
+    assert "not verified" not in str(report)

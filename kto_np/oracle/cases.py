@@ -34,7 +34,7 @@ from ..validation import check_choice
 KINDS = ("kto_loss", "dpo_loss", "logprobs", "sequence_logprobs", "model_kto", "model_edifice")
 MODEL_KINDS = ("model_kto", "model_edifice")  # a candidate gets a whole model's weights; grads for every one
 VARIANTS = {
-    "kto_loss": ("kto", "edifice", "edifice_stop_z_grad", "apo_zero_unpaired"),
+    "kto_loss": ("kto", "edifice", "edifice_stop_z_grad", "apo_zero_unpaired", "kto_pair"),
     "dpo_loss": (None,),
     "logprobs": (None,),
     "sequence_logprobs": (None,),
@@ -117,6 +117,13 @@ VARIANT_FORMULAS = {
         "APO-zero, unpaired (TRL): loss_i = desirable_weight (1 - sigma(beta r_i)) if labels_i else "
         "undesirable_weight sigma(beta r_i); no z; L = mean_i loss_i."
     ),
+    "kto_pair": (
+        "kto_pair (TRL <= 0.9 DPOTrainer loss_type='kto_pair', a variant, not KTO): z_D = max(0, mean r over the "
+        "desirable examples), z_U = max(0, mean r over the undesirable ones), NOT detached (gradient flows through "
+        "them into the other class); loss_i = desirable_weight (1 - sigma(beta (r_i - z_U))) if labels_i else "
+        "undesirable_weight (1 - sigma(beta (z_D - r_i))); L = mean over all n (TRL's form has unit weights). "
+        "Both classes present (each case holds both). metrics: rewards/ and logps/ per class, as for 'kto'."
+    ),
 }
 DPO_FORMULA = (
     "DPO: h_i = beta ((policy_chosen_logps_i - ref_chosen_logps_i) - (policy_rejected_logps_i - "
@@ -191,6 +198,53 @@ KTO_CASES_PER_VARIANT = {
                           "imbalanced_weights", "unit_weights"),
 }
 KTO_CASES_PER_VARIANT["edifice_stop_z_grad"] = KTO_CASES_PER_VARIANT["edifice"]
+KTO_CASES_PER_VARIANT["kto_pair"] = ("basic", "negative_mean_log_ratio", "extreme_log_ratios", "imbalanced_weights",
+                                     "unit_weights")
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "count/chosen", "count/rejected")
+
+
+def kto_pair_loss_and_grad(policy_logps, ref_logps, labels, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    """The kto_pair variant from the core's KTO loss: (loss, dL/dpolicy_logps [n], metrics).
+
+    Each class is the core's 'kto' loss with the other class's z as its one KL pair (so z enters as max(0, z)),
+    weighted by its share n_c / n; the gradient through z_U (into the undesirable examples) is
+    dL/dz_U dz_U/dr_k = (-sum_{i in D} dL/dr_i) [mean_U r > 0] / n_U, since a desirable loss depends on
+    r_i - z_U only; the same for z_D. Both classes must be present."""
+    desirable = np.asarray(labels, dtype=bool)
+    policy_logps = np.asarray(policy_logps, dtype=np.float64)
+    ref_logps = np.asarray(ref_logps, dtype=np.float64)
+    if desirable.all() or not desirable.any():
+        raise ValueError("labels must hold both classes for variant 'kto_pair' (its z comes from the other class)")
+    r = policy_logps - ref_logps  # [n]
+    n = r.shape[0]
+    means = {True: float(r[desirable].mean()), False: float(r[~desirable].mean())}
+    grad = np.zeros(n)
+    loss = 0.0
+    for label in (True, False):
+        members = desirable == label
+        part_loss, part_grad, _ = kto_loss_and_grad(
+            policy_logps[members], ref_logps[members], desirable[members], beta, desirable_weight,
+            undesirable_weight, variant="kto", kl_policy_logps=np.array([means[not label]]),
+            kl_ref_logps=np.zeros(1), warn_balance=False)
+        share = members.sum() / n
+        loss += share * part_loss
+        grad[members] += share * part_grad
+    direct = grad.copy()
+    for label in (True, False):  # through z of class `label` (max(0, mean r over it)), used by the other class
+        users, owners = desirable != label, desirable == label
+        if means[label] > 0:
+            grad[owners] -= float(direct[users].sum()) / int(owners.sum())
+    _, _, metrics = kto_loss_and_grad(policy_logps, ref_logps, desirable, beta, desirable_weight, undesirable_weight,
+                                      variant="kto", warn_balance=False)
+    return float(loss), grad, {k: metrics[k] for k in PAIR_METRICS}
+
+
+def kto_pair_candidate(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight):
+    """kto_np's kto_pair as a kto_loss candidate (variant 'kto_pair'): (loss, gradients, metrics)."""
+    loss, grad, metrics = kto_pair_loss_and_grad(policy_logps, ref_logps, labels, beta, desirable_weight,
+                                                 undesirable_weight)
+    return loss, {"policy_logps": grad}, metrics
 
 
 def _kto_inputs(spec: _KTOSpec) -> dict[str, np.ndarray]:
@@ -254,7 +308,12 @@ def _kto_loss_cases() -> list[Case]:
             inputs = _kto_inputs(spec)
             if variant != "kto":
                 inputs = {k: v for k, v in inputs.items() if not k.startswith("kl_")}
-            loss, grad, metrics = kto_loss_and_grad(**kto_keywords(inputs, variant))
+            if variant == "kto_pair":
+                loss, grad, metrics = kto_pair_loss_and_grad(
+                    inputs["policy_logps"], inputs["ref_logps"], inputs["labels"], float(inputs["beta"]),
+                    float(inputs["desirable_weight"]), float(inputs["undesirable_weight"]))
+            else:
+                loss, grad, metrics = kto_loss_and_grad(**kto_keywords(inputs, variant))
             expected = {"loss": np.float64(loss), "grad/policy_logps": grad}
             if "kl_policy_logps" in inputs:
                 expected["grad/kl_policy_logps"] = np.zeros_like(inputs["kl_policy_logps"])
@@ -286,7 +345,11 @@ def make_kto_case(policy_logps, ref_logps, labels, *, beta: float, desirable_wei
     if kl_policy_logps is not None:
         inputs.update(kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps)
     options = dict(variant="edifice", stop_z_grad=True) if variant == "edifice_stop_z_grad" else dict(variant=variant)
-    loss, grad, metrics = kto_loss_and_grad(**inputs, **options, warn_balance=False)  # validates every argument
+    loss, grad, metrics = kto_loss_and_grad(**inputs, **({"variant": "kto"} if variant == "kto_pair" else options),
+                                            warn_balance=False)  # validates every argument
+    if variant == "kto_pair":
+        loss, grad, metrics = kto_pair_loss_and_grad(*(to_numpy(inputs[k]) for k in ("policy_logps", "ref_logps")),
+                                                     to_numpy(labels), beta, desirable_weight, undesirable_weight)
     inputs = {k: np.array(to_numpy(v), dtype=np.float64) for k, v in inputs.items() if k != "labels"}
     inputs["labels"] = np.asarray(to_numpy(labels)).astype(bool)
     expected = {"loss": np.float64(loss), "grad/policy_logps": np.asarray(to_numpy(grad), dtype=np.float64)}

@@ -187,17 +187,17 @@ def _run_ranks(candidate, selected: list[Case], tolerance: str, timeout: float |
 
 def main_check(spec: str, kind: str = "kto_loss", variant: str | None = None, cases_dir=None,
                tolerance: str = "float64", *, timeout: float | None = DEFAULT_TIMEOUT,
-               convention: str | None = None, kl_rotation: int = KL_ROTATION) -> int:
-    """`kto-np oracle check`: verify the candidate a spec names in a child process, print the report.
-    Exit status 0 passed, 1 failed (any abnormal end of the candidate included), 2 when the candidate or the
-    cases cannot be loaded."""
+               convention: str | None = None, kl_rotation: int = KL_ROTATION, show_all: bool = False) -> int:
+    """`kto-np oracle check`: verify the candidate a spec names in a child process, print the report (its
+    failing rows; show_all: every row). Exit status 0 passed, 1 failed (any abnormal end of the candidate
+    included), 2 when the candidate or the cases cannot be loaded."""
     try:
         report = verify(spec, kind, variant, cases_dir, tolerance=tolerance, timeout=timeout, isolate=True,
                         convention=convention, kl_rotation=kl_rotation)
     except (LoadError, ValueError, TypeError, ImportError, AttributeError) as exc:
         print(f"kto-np oracle check: {exc}", file=sys.stderr)
         return 2
-    print(report)
+    print(report.format(show_all=show_all))
     if report.cases_identical is False:
         print(f"kto-np oracle check: the cases in {cases_dir} differ from kto_np {__version__}'s export; "
               "re-export them (kto-np oracle export)", file=sys.stderr)

@@ -25,6 +25,7 @@ References (computed by the core's losses.kto_loss_and_grad, one call per shard)
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -54,7 +55,11 @@ ACCUMULATION_FORMULA = (
     "candidate is called once per micro-batch k (micro_step=k, accumulation_steps=A) and returns the loss "
     "back-propagated for it. z_k = max(0, mean over micro-batch k of kl_policy_logps - kl_ref_logps) (z per "
     "micro-batch, detached); L_k = the KTO mean over micro-batch k; the reference returns L_k / A, so loss = "
-    "sum_k L_k / A and grad/policy_logps_i = d L_k / d policy_logps_i / A (accumulated gradients)."
+    "sum_k L_k / A and grad/policy_logps_i = d L_k / d policy_logps_i / A (accumulated gradients). The KL pairs: "
+    "prompt i with completion i - 1 within its micro-batch (start + (i - start - 1) mod size). pair_policy_logps and "
+    "pair_ref_logps [N, N]: the log-probs of completion j after prompt i over the whole window (the diagonal is "
+    "policy_logps / ref_logps, entry (i, its KL partner) kl_policy_logps / kl_ref_logps), for code that builds its "
+    "own KL pairs: a candidate with a keyword 'window' gets {pair_policy_logps, pair_ref_logps, start, stop}."
 )
 
 
@@ -107,6 +112,29 @@ def _shard_inputs(spec: _ShardSpec) -> dict[str, np.ndarray]:
     return {"policy_logps": ref_logps + log_ratios, "ref_logps": ref_logps, "labels": labels,
             "kl_policy_logps": kl_ref_logps + kl_gap, "kl_ref_logps": kl_ref_logps, "beta": np.float64(BETA),
             "desirable_weight": np.float64(DESIRABLE_WEIGHT), "undesirable_weight": np.float64(UNDESIRABLE_WEIGHT)}
+
+
+def kl_partners(sizes) -> np.ndarray:
+    """[N]: the KL partner of each prompt, completion i - 1 within its micro-batch (or shard)."""
+    out = []
+    start = 0
+    for size in sizes:
+        out += [start + (i - 1) % size for i in range(size)]
+        start += size
+    return np.array(out, dtype=np.int64)
+
+
+def _pair_tables(spec: _ShardSpec, inputs: dict) -> dict[str, np.ndarray]:
+    """Seeded log-probs of every (prompt i, completion j) pair of the window, consistent with the case's
+    matched and KL log-probs."""
+    rng = np.random.default_rng([spec.seed, 1])
+    n = sum(spec.sizes)
+    ref = -22.0 + 4.0 * rng.standard_normal((n, n))
+    policy = ref + 0.2 + 0.3 * rng.standard_normal((n, n))
+    rows, partners = np.arange(n), kl_partners(spec.sizes)
+    policy[rows, rows], ref[rows, rows] = inputs["policy_logps"], inputs["ref_logps"]
+    policy[rows, partners], ref[rows, partners] = inputs["kl_policy_logps"], inputs["kl_ref_logps"]
+    return {"pair_policy_logps": policy, "pair_ref_logps": ref}
 
 
 def shard_sizes(case: Case) -> list[int]:
@@ -176,6 +204,7 @@ def cases() -> list[Case]:
                              reference_outputs(provisional)))
     for spec in ACCUMULATION_SPECS:
         inputs = {**_shard_inputs(spec), "micro_batch_sizes": np.array(spec.sizes, dtype=np.int64)}
+        inputs.update(_pair_tables(spec, inputs))
         formula = f"{ACCUMULATION_FORMULA} Case: {spec.description}."
         provisional = Case(f"accumulation/kto/{spec.case_id}", "accumulation", "kto", formula, inputs, {})
         out.append(_case(provisional.name, "accumulation", "kto", formula, inputs, reference_outputs(provisional)))
@@ -221,7 +250,7 @@ def _shard_terms(shard: dict, z: float, *, reduction: str = "mean", undesirable_
 class Setting(NamedTuple):
     """How a mutant computes z and each shard's loss, and how the shards combine."""
 
-    z_mode: str = "reference"  # reference | own | clamp_per_rank | global | rank_means
+    z_mode: str = "reference"  # reference | own | clamp_per_rank | global | rank_means | window_ref
     clamp: bool = True
     z_grad: bool = False
     shard_factor: float = 1.0  # x R: losses summed over ranks; x A: not divided by the accumulation steps
@@ -240,6 +269,12 @@ def _z_values(case: Case, shards: list[dict], setting: Setting) -> tuple[list[fl
         mode = "own" if case.kind == "accumulation" else ("rank_means" if case.variant == "rank_means" else "global")
     clamp = (lambda x: max(0.0, x)) if setting.clamp else (lambda x: x)
     active = (lambda x: 1.0 if x > 0 else 0.0) if setting.clamp else (lambda x: 1.0)
+    if mode == "window_ref":  # EasyDeL: the reference's KL completions rotated over the window
+        n = sum(sizes)
+        window_ref = np.asarray(case.inputs["pair_ref_logps"])[np.arange(n), (np.arange(n) - 1) % n]
+        means = [float(np.mean(shard["kl_policy_logps"] - window_ref[part]))
+                 for shard, part in zip(shards, shard_slices(case))]
+        mode = "own"
     if mode == "own":
         return [clamp(m) for m in means], [active(m) / s for m, s in zip(means, sizes)]
     if mode == "clamp_per_rank":
@@ -287,7 +322,8 @@ _FORMULA_SETTINGS = (
 
 def _settings(kind: str, variant: str | None) -> list[tuple[str, Setting]]:
     if kind == "accumulation":
-        return [("accumulation_not_divided", Setting(shard_factor=math.nan)), *_FORMULA_SETTINGS]
+        return [("accumulation_not_divided", Setting(shard_factor=math.nan)),
+                ("accumulation_kl_pairs_window", Setting(z_mode="window_ref")), *_FORMULA_SETTINGS]
     out = [("dp_z_not_all_reduced", Setting(z_mode="own")), ("dp_z_clamped_per_rank", Setting(z_mode="clamp_per_rank")),
            ("dp_losses_summed", Setting(shard_factor=math.nan))]
     if variant == "rank_means":
@@ -299,6 +335,8 @@ def _settings(kind: str, variant: str | None) -> list[tuple[str, Setting]]:
 
 def _mutant_compute(mistake: str, setting: Setting) -> Callable[[Case], dict]:
     def compute(case: Case) -> dict:
+        if setting.z_mode == "window_ref" and "pair_ref_logps" not in case.inputs:
+            return {}  # cases exported before format version 4 have no pair tables: nothing to compare
         resolved = setting
         if math.isnan(setting.shard_factor):  # x R (summed over ranks) or x A (not divided)
             resolved = setting._replace(shard_factor=float(len(shard_sizes(case))))
@@ -331,15 +369,30 @@ def _micro_batch_case(case: Case, index: int) -> Case:
     return Case(f"{case.name}/micro_step_{index}", "kto_loss", "kto", "", inputs, {})
 
 
+def _takes_window(candidate) -> bool:
+    try:
+        parameters = inspect.signature(candidate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "window" in parameters
+
+
 def _evaluate_accumulation(candidate, case: Case, tolerance: str):
     steps = len(shard_sizes(case))
     values: dict[str, list] = {}
     notes: list[str] = []
-    for index in range(steps):
+    window = _takes_window(candidate) and "pair_ref_logps" in case.inputs
+    for index, part in enumerate(shard_slices(case)):
+        extra = {}
+        if window:  # fresh copies: the whole window's pair log-probs and where this micro-batch lies in it
+            extra["window"] = {"pair_policy_logps": np.array(case.inputs["pair_policy_logps"]),
+                               "pair_ref_logps": np.array(case.inputs["pair_ref_logps"]),
+                               "start": int(part.start), "stop": int(part.stop)}
+
         def micro_candidate(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight,
-                            kl_policy_logps=None, kl_ref_logps=None, _index=index):
+                            kl_policy_logps=None, kl_ref_logps=None, _index=index, _extra=extra):
             return candidate(policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, beta, desirable_weight,
-                             undesirable_weight, micro_step=_index, accumulation_steps=steps)
+                             undesirable_weight, micro_step=_index, accumulation_steps=steps, **_extra)
 
         evaluation = candidates.evaluate(micro_candidate, _micro_batch_case(case, index), tolerance)
         notes += [note.replace(f"{case.name}/micro_step_{index}", f"{case.name} (micro-step {index})")

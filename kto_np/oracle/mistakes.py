@@ -35,8 +35,10 @@ class Mistake:
 KNOWN_MISTAKES = {m.id: m for m in (
     Mistake("z_not_detached", "z (the KL estimate / reference point) is not detached: gradient flows through it",
             "detach z (TRL: kl = kl.detach()); with z_ref from KL pairs, kl_policy_logps get no gradient"),
-    Mistake("z_detached", "z is detached, but the Edifice formula passes gradient through z = mean(beta r)",
-            "keep z in the graph (dL/dr_j = beta (g_j - mean_i g_i)), or use stop_z_grad on purpose"),
+    Mistake("z_detached", "z is detached, but the variant's formula passes gradient through z (Edifice: "
+            "z = mean(beta r); kto_pair: the other class's clamped mean log-ratio)",
+            "keep z in the graph (Edifice: dL/dr_j = beta (g_j - mean_i g_i)), or use stop_z_grad (Edifice) or "
+            "variant kto (detached z from KL pairs) on purpose"),
     Mistake("z_not_clamped", "z_ref is not clamped at 0", "z_ref = max(0, mean(kl_policy_logps - kl_ref_logps))"),
     Mistake("z_clamped", "z is clamped at 0, but the Edifice formula uses the raw batch mean",
             "z = mean_i(beta r_i), negative values included"),
@@ -88,14 +90,15 @@ _VARIANT_KNOBS = {
 
 def _kto_family(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight, *, form, z_source,
                 clamp, z_grad, kl_policy_logps=None, kl_ref_logps=None, beta_power=1, undesirable_z_sign=1.0,
-                normalise_by_weights=False, ignore_weights=False):
+                normalise_by_weights=False, ignore_weights=False, undesirable_loss_sign=1.0):
     """The KTO family with switches for the known mistakes: (loss, dL/dpolicy_logps [n], dL/dkl_policy_logps).
 
     In log-ratio units: u_i = b (r_i - o_i), b = beta ** beta_power, o_i = zr (desirable) or
     undesirable_z_sign * zr (undesirable); zr = mean(r) (z_source "batch", Edifice: z = b zr),
     mean(kl_policy - kl_ref) ("kl_pairs"; 0 without them) or 0, clamped at 0 when clamp.
     loss_i = -w_i sigma(s_i u_i) (form "edifice") or w_i sigma(-s_i u_i) ("kto"; APO-zero is "kto" with
-    zr = 0); L = sum_i loss_i / D with D = n, or sum_i w_i when normalise_by_weights.
+    zr = 0); an undesirable loss_i times undesirable_loss_sign (-1: subtracted, not added); L = sum_i loss_i / D
+    with D = n, or sum_i w_i when normalise_by_weights.
     """
     labels = np.asarray(labels, dtype=bool)
     r = np.asarray(policy_logps, dtype=np.float64) - np.asarray(ref_logps, dtype=np.float64)  # [n]
@@ -103,6 +106,7 @@ def _kto_family(policy_logps, ref_logps, labels, beta, desirable_weight, undesir
     b = beta ** beta_power
     signs = np.where(labels, 1.0, -1.0)  # [n] s
     weights = np.ones(n) if ignore_weights else np.where(labels, desirable_weight, undesirable_weight)  # [n] w
+    weights = weights * np.where(labels, 1.0, undesirable_loss_sign)  # a subtracted undesirable term: w_U < 0
     has_kl = kl_policy_logps is not None
     if z_source == "batch":
         raw = float(np.mean(r))
@@ -115,7 +119,7 @@ def _kto_family(policy_logps, ref_logps, labels, beta, desirable_weight, undesir
     offset_sign = np.where(labels, 1.0, undesirable_z_sign)  # [n]
     u = b * (r - offset_sign * z)  # [n]
     per_example = -weights * sigmoid(signs * u) if form == "edifice" else weights * sigmoid(-signs * u)
-    denominator = float(weights.sum()) if normalise_by_weights else float(n)
+    denominator = float(np.abs(weights).sum()) if normalise_by_weights else float(n)
     loss = float(per_example.sum() / denominator)
     dloss_du = -weights * signs * sigmoid(u) * sigmoid(-u) / denominator  # [n] dL/du_i
     dpolicy = b * dloss_du
@@ -157,11 +161,26 @@ def _token_logps(logits, tokens, mask, *, shift: int = 1, reduction: str = "sum"
     return logps, backward
 
 
+def _references(reference: str | None, ref_logps, kl_ref_logps, policy_logps, kl_policy_logps):
+    """(ref_logps, kl_ref_logps) as a code with a missing reference sees them: None (as given), "missing"
+    (r = log pi: the reference log-probs taken as 0; the KL pairs' kept), "missing_kl" (both taken as 0) or
+    "policy" (the policy is the reference: r = 0 and every KL log-ratio 0)."""
+    if reference in ("missing", "missing_kl"):
+        ref_logps = np.zeros(np.shape(ref_logps))
+        if reference == "missing_kl" and kl_ref_logps is not None:
+            kl_ref_logps = np.zeros(np.shape(kl_ref_logps))
+    elif reference == "policy":
+        ref_logps = np.array(policy_logps, dtype=np.float64)
+        kl_ref_logps = None if kl_ref_logps is None else np.array(kl_policy_logps, dtype=np.float64)
+    return ref_logps, kl_ref_logps
+
+
 def _model_mutant_outputs(case: Case, *, pairs: str = "declared", logps_options: Mapping | None = None,
-                          loss_mistakes: Mapping | None = None) -> dict[str, np.ndarray]:
+                          loss_mistakes: Mapping | None = None, reference: str | None = None
+                          ) -> dict[str, np.ndarray]:
     """Loss, intermediates and every parameter's gradient of a model case computed with a known mistake:
     KL rows built otherwise (pairs "matched", or "reversed": the other rotation than the case declares),
-    logps_options (for _token_logps) or loss_mistakes (for _kto_family)."""
+    logps_options (for _token_logps), loss_mistakes (for _kto_family) or a missing reference (_references)."""
     inputs = case.inputs
     model, params = model_from_case(case)
     rotation = {"declared": case.kl_rotation, "matched": 0, "reversed": -case.kl_rotation}[pairs]
@@ -171,10 +190,12 @@ def _model_mutant_outputs(case: Case, *, pairs: str = "declared", logps_options:
     options = dict(logps_options or {})
     policy_logps, policy_backward = _token_logps(logits, batch.tokens, batch.completion_mask, **options)
     kl_policy_logps, kl_backward = _token_logps(kl_logits, batch.kl_tokens, batch.kl_completion_mask, **options)
+    ref_logps, kl_ref_logps = _references(reference, np.asarray(inputs["ref_logps"]),
+                                          np.asarray(inputs["kl_ref_logps"]), policy_logps, kl_policy_logps)
     loss, dpolicy, dkl = _kto_family(
-        policy_logps, np.asarray(inputs["ref_logps"]), batch.labels, float(inputs["beta"]),
+        policy_logps, ref_logps, batch.labels, float(inputs["beta"]),
         float(inputs["desirable_weight"]), float(inputs["undesirable_weight"]),
-        kl_policy_logps=kl_policy_logps, kl_ref_logps=np.asarray(inputs["kl_ref_logps"]),
+        kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps,
         **{**_VARIANT_KNOBS["kto"], **(loss_mistakes or {})})
     grads = model.backward(policy_backward(dpolicy), cache)
     if np.any(dkl != 0):
@@ -190,7 +211,8 @@ def _model_mutant_outputs(case: Case, *, pairs: str = "declared", logps_options:
 
 
 def _edifice_mutant_outputs(case: Case, *, logps_options: Mapping | None = None,
-                            loss_mistakes: Mapping | None = None) -> dict[str, np.ndarray]:
+                            loss_mistakes: Mapping | None = None, reference: str | None = None
+                            ) -> dict[str, np.ndarray]:
     """Loss, logits, logps and every parameter's gradient of a model_edifice case computed with a known
     mistake: in the log-probs (logps_options for _token_logps; shift 0 is the seed's contract) or in the
     'edifice' loss (loss_mistakes for _kto_family)."""
@@ -201,8 +223,9 @@ def _edifice_mutant_outputs(case: Case, *, logps_options: Mapping | None = None,
     options = {"shift": 0, **(logps_options or {})}
     logps, logps_backward = _token_logps(logits, np.asarray(inputs["targets"]), np.asarray(inputs["mask"]),
                                          **options)
+    ref_logps, _ = _references(reference, np.asarray(inputs["ref_logps"]), None, logps, None)
     loss, dlogps, _ = _kto_family(
-        logps, np.asarray(inputs["ref_logps"]), inputs["labels"], float(inputs["beta"]),
+        logps, ref_logps, inputs["labels"], float(inputs["beta"]),
         float(inputs["desirable_weight"]), float(inputs["undesirable_weight"]),
         **{**_VARIANT_KNOBS["edifice"], **(loss_mistakes or {})})
     grads = model.backward(logps_backward(dlogps), cache)
@@ -215,14 +238,17 @@ def _edifice_mutant(mistake: str, label: str, **settings) -> _Mutant:
     return _Mutant(mistake, label, lambda case: _edifice_mutant_outputs(case, **settings))
 
 
-def _kto_loss_mutant(mistake: str, knobs: dict) -> _Mutant:
+def _kto_loss_mutant(mistake: str, knobs: dict, *, label: str | None = None, reference: str | None = None
+                     ) -> _Mutant:
     def compute(case: Case) -> dict:
         inputs = case.inputs
         has_kl = "kl_policy_logps" in inputs
+        ref_logps, kl_ref_logps = _references(reference, inputs["ref_logps"], inputs.get("kl_ref_logps"),
+                                              inputs["policy_logps"], inputs.get("kl_policy_logps"))
         loss, dpolicy, dkl = _kto_family(
-            inputs["policy_logps"], inputs["ref_logps"], inputs["labels"], float(inputs["beta"]),
+            inputs["policy_logps"], ref_logps, inputs["labels"], float(inputs["beta"]),
             float(inputs["desirable_weight"]), float(inputs["undesirable_weight"]),
-            kl_policy_logps=inputs.get("kl_policy_logps"), kl_ref_logps=inputs.get("kl_ref_logps"),
+            kl_policy_logps=inputs.get("kl_policy_logps"), kl_ref_logps=kl_ref_logps,
             **{**_VARIANT_KNOBS[case.variant], **knobs})
         out = {"loss": np.float64(loss), "grad/policy_logps": dpolicy}
         if has_kl:
@@ -233,7 +259,7 @@ def _kto_loss_mutant(mistake: str, knobs: dict) -> _Mutant:
             out["grad/kl_policy_logps"] = None if corner else dkl
         return out
 
-    return _Mutant(mistake, mistake, compute)
+    return _Mutant(mistake, label or mistake, compute)
 
 
 _LOSS_MISTAKE_KNOBS = {
@@ -297,6 +323,8 @@ def mutants(kind: str, variant: str | None) -> list[_Mutant]:
 def _builtin_mutants(kind: str, variant: str | None) -> list[_Mutant]:
     if kind in PIPELINE_KINDS:
         return []
+    if kind == "kto_loss" and variant == "kto_pair":
+        return [_other_class_mutant(m, m, **knobs) for m, knobs in _KTO_PAIR_KNOBS.items()]
     if kind == "kto_loss":
         return [_kto_loss_mutant(m, _LOSS_MISTAKE_KNOBS[m]) for m in _KTO_VARIANT_MISTAKES[variant]]
     if kind == "dpo_loss":
@@ -351,7 +379,8 @@ REAL_CODE_MISTAKES = (
             "with one example per process (6)"),
     Mistake("z_from_other_class", "z of one class used for the other (the old SimpleKTO / kto_pair form): "
             "desirable losses use max(0, mean r_U), undesirable ones max(0, mean r_D), not detached",
-            "one z_ref for every example, from the KL pairs, detached",
+            "one z_ref for every example, from the KL pairs, detached (if TRL's paired kto_pair loss is meant, it "
+            "is that variant's z: check with --variant kto_pair)",
             "HALOs early SimpleKTOTrainer; TRL DPOTrainer loss_type='kto_pair' (#1075, removed #1734); "
             "OpenRLHF VanillaKTOLoss (7)"),
     Mistake("single_class_nan", "NaN loss (or a crash) for a batch with only one class",
@@ -368,6 +397,23 @@ REAL_CODE_MISTAKES = (
     Mistake("prompt_in_mask", "prompt tokens inside the completion mask: r and z include the prompt's log-ratio",
             "score only the completion tokens: the sequence mask is 0 on the prompt (and the padding)",
             "OpenRLHF _get_batch_logps, mask attention_mask[:, 1:] (fixed 2024-07 'fix kto loss mask') (20)"),
+    Mistake("reference_missing", "no reference model: r = log pi (the policy's log-prob), not log pi - log pi_ref; "
+            "rewards of the size of beta log pi, and r != 0 at theta = theta_ref",
+            "pass the reference log-probs (a frozen copy of the initial policy, or the adapter-disabled base under "
+            "PEFT): r = log pi_theta - log pi_ref",
+            "TRL fused (Liger) path under PEFT, use_ref_model=(ref_model is not None) (#7063, fixed PR #7075) (34); "
+            "Liger-Kernel's KTO with use_ref_model=False, its default; TRL + Liger + PEFT (18)"),
+    Mistake("reference_is_policy", "the policy used as its own reference: r = 0 and z = 0 for every example "
+            "(rewards and KL 0), whatever the policy learned",
+            "compute the reference log-probs with the reference model (precompute them before training, or disable "
+            "the adapter), never with the policy being trained or evaluated",
+            "TRL precompute_ref_log_probs=True without a reference model: eval reference log-probs from the trained "
+            "policy (PR #6443) (19); TRL pretrained LoRA with target_parameters (PR #6591) (33)"),
+    Mistake("undesirable_subtracted", "the undesirable term subtracted instead of added: L = w_D (1 - sigma(...)) "
+            "- w_U (1 - sigma(...)); minimising it raises the undesirable completions' log-probs",
+            "add both classes' terms: loss_i = w_U (1 - sigma(beta (z - r_i))) for an undesirable example; its "
+            "gradient dL/dr_i is positive (an undesirable log-prob is pushed down)",
+            "PKU-Alignment align-anything align_anything/trainers/text_to_text/kto.py loss() (31)"),
     # kind kl_pairs (kl_pairs.py)
     Mistake("kl_pairs_reversed", "KL completions reversed (completion[::-1]): for an odd block the middle example "
             "is paired with itself", "rotate by one within the block: prompt i with completion (i - 1) mod b",
@@ -404,6 +450,12 @@ REAL_CODE_MISTAKES = (
             "logged loss x A)", "return loss / accumulation_steps for each micro-batch",
             "TRL #2617, #2626 (fixed #2648) (14); HALOs before its sum/mean fix (15); ColossalAI "
             "coati/trainer/kto.py (16)"),
+    Mistake("accumulation_kl_pairs_window", "the reference's KL pairs rotated over the whole accumulation window, "
+            "the policy's within each micro-batch: the first prompt of a micro-batch gets different completions "
+            "in the two, so z_k = mean(log pi(y'|x) - log pi_ref(y''|x)) is not a KL estimate",
+            "build the KL pairs once (prompt i with completion i - 1 within the micro-batch) and score the same "
+            "pairs with the policy and the reference",
+            "EasyDeL easydel/trainers/kto_trainer/_fn.py training_step with gradient accumulation > 1 (35)"),
 )
 KNOWN_MISTAKES.update({m.id: m for m in REAL_CODE_MISTAKES})
 REAL_CODE_MISTAKE_IDS = frozenset(m.id for m in REAL_CODE_MISTAKES)
@@ -460,15 +512,20 @@ def _reduction_mutant(mistake: str) -> _Mutant:
     return _Mutant(mistake, mistake, compute)
 
 
-def _other_class_z(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight):
-    """kto_pair / SimpleKTO: (loss, dL/dpolicy_logps). Desirable i: w_D (1 - sigma(beta (r_i - z_U))),
-    undesirable k: w_U (1 - sigma(beta (z_D - r_k))), z_c = max(0, mean_{c} r), not detached; mean over n.
-    NaN (loss and gradient) when a class is absent, as mean() of an empty tensor is."""
+def _other_class_z(policy_logps, ref_logps, labels, beta, desirable_weight, undesirable_weight, *,
+                   beta_power: int = 1, ignore_weights: bool = False, z_grad: bool = True):
+    """kto_pair / SimpleKTO: (loss, dL/dpolicy_logps). Desirable i: w_D (1 - sigma(b (r_i - z_U))),
+    undesirable k: w_U (1 - sigma(b (z_D - r_k))), z_c = max(0, mean_{c} r), not detached (z_grad); mean over n;
+    b = beta ** beta_power; w = 1 with ignore_weights. NaN (loss and gradient) when a class is absent, as mean()
+    of an empty tensor is."""
     labels = np.asarray(labels, dtype=bool)
     r = np.asarray(policy_logps, dtype=np.float64) - np.asarray(ref_logps, dtype=np.float64)  # [n]
     n = r.shape[0]
     if labels.all() or not labels.any():
         return math.nan, np.full(n, math.nan)
+    beta = beta ** beta_power
+    if ignore_weights:
+        desirable_weight = undesirable_weight = 1.0
     mean_d, mean_u = float(r[labels].mean()), float(r[~labels].mean())
     z_d, z_u = max(0.0, mean_d), max(0.0, mean_u)
     a = beta * (r - z_u)  # [n] desirable arguments
@@ -477,24 +534,30 @@ def _other_class_z(policy_logps, ref_logps, labels, beta, desirable_weight, unde
     slope_d = desirable_weight * beta * sigmoid(a) * sigmoid(-a) / n  # [n] |dloss_i/da_i| beta / n
     slope_u = undesirable_weight * beta * sigmoid(b) * sigmoid(-b) / n
     grad = np.where(labels, -slope_d, slope_u)  # direct terms
-    through_z_d = -float(slope_u[~labels].sum()) * (mean_d > 0) / int(labels.sum())  # dL/dz_D dz_D/dr_i
-    through_z_u = float(slope_d[labels].sum()) * (mean_u > 0) / int((~labels).sum())
-    grad = grad + np.where(labels, through_z_d, through_z_u)
+    if z_grad:
+        through_z_d = -float(slope_u[~labels].sum()) * (mean_d > 0) / int(labels.sum())  # dL/dz_D dz_D/dr_i
+        through_z_u = float(slope_d[labels].sum()) * (mean_u > 0) / int((~labels).sum())
+        grad = grad + np.where(labels, through_z_d, through_z_u)
     return float(losses.mean()), grad
 
 
-def _other_class_mutant() -> _Mutant:
+def _other_class_mutant(label: str = "z_from_other_class", mistake: str = "z_from_other_class", **knobs) -> _Mutant:
     def compute(case: Case) -> dict:
         inputs = case.inputs
         loss, grad = _other_class_z(inputs["policy_logps"], inputs["ref_logps"], inputs["labels"],
                                     float(inputs["beta"]), float(inputs["desirable_weight"]),
-                                    float(inputs["undesirable_weight"]))
+                                    float(inputs["undesirable_weight"]), **knobs)
         out = {"loss": np.float64(loss), "grad/policy_logps": grad}
         if "kl_policy_logps" in inputs:
             out["grad/kl_policy_logps"] = np.zeros_like(inputs["kl_policy_logps"])
         return out
 
-    return _Mutant("z_from_other_class", "z_from_other_class", compute)
+    return _Mutant(mistake, label, compute)
+
+
+# the kto_pair variant's own mistakes (its reference is _other_class_z with the defaults)
+_KTO_PAIR_KNOBS = {"z_detached": dict(z_grad=False), "beta_twice": dict(beta_power=2),
+                   "beta_missing": dict(beta_power=0), "weights_ignored": dict(ignore_weights=True)}
 
 
 def _single_class_nan_mutant(placeholder: bool) -> _Mutant:
@@ -539,35 +602,105 @@ _MATCHED_PAIR_FORMS = (("z_from_matched_pairs", dict(z_source="batch")),
                        ("z_from_matched_pairs (not detached)", dict(z_source="batch", z_grad=True)))
 
 
+_REFERENCE_FORMS = (("reference_missing", "reference_missing", "missing"),
+                    ("reference_missing", "reference_missing (the KL pairs' reference too)", "missing_kl"),
+                    ("reference_is_policy", "reference_is_policy", "policy"))
+
+
+def _undesirable_gradient_sign_rule(candidate_values: Mapping, cases_by_name: Mapping) -> bool:
+    """undesirable_subtracted at any scale (a mean over pairs, per-class means): on every case with both classes
+    the undesirable examples' gradients have the opposite sign of the reference's, the desirable ones the same."""
+    seen = False
+    for case_name, quantities in candidate_values.items():
+        case = cases_by_name[case_name]
+        value = quantities.get("grad/policy_logps", (None,))[0]
+        reference = case.expected.get("grad/policy_logps")
+        labels = np.asarray(case.inputs.get("labels", ()), dtype=bool)
+        if value is None or reference is None or labels.all() or not labels.any():
+            continue
+        value, reference = np.asarray(value, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+        if value.shape != reference.shape or not np.all(np.isfinite(value)):
+            return False
+        decided = np.abs(reference) > 1e-12 * max(1.0, float(np.max(np.abs(reference))))
+        desirable, undesirable = decided & labels, decided & ~labels
+        if not undesirable.any():
+            continue
+        if (np.any(np.sign(value[desirable]) != np.sign(reference[desirable]))
+                or np.any(np.sign(value[undesirable]) != -np.sign(reference[undesirable]))):
+            return False
+        seen = True
+    return seen
+
+
 def real_code_mutants(kind: str, variant: str | None) -> list[_Mutant]:
     """The mutants of the mistakes found in real code, for a kind and variant."""
     if kind in PIPELINE_MUTANTS:
         return PIPELINE_MUTANTS[kind](kind, variant)
     out: list[_Mutant] = []
-    if kind == "kto_loss":
+    if kind == "kto_loss" and variant != "kto_pair":
         out += [_reduction_mutant("class_means_added"), _reduction_mutant("loss_summed")]
+        out += [_kto_loss_mutant(mistake, {}, label=label, reference=form) for mistake, label, form in _REFERENCE_FORMS
+                if variant == "kto" or form != "missing_kl"]
+        out += [_kto_loss_mutant("undesirable_subtracted", dict(undesirable_loss_sign=-1.0)),
+                _Mutant("undesirable_subtracted", "undesirable_subtracted (gradient signs)", lambda case: {},
+                        match=_undesirable_gradient_sign_rule)]
         if variant == "kto":
             out += [_Mutant("z_from_matched_pairs", label, _kto_loss_mutant(label, knobs).compute)
                     for label, knobs in _MATCHED_PAIR_FORMS]
             out.append(_other_class_mutant())
+            out.append(_other_class_mutant("z_from_other_class+weights_ignored (kto_pair / VanillaKTOLoss: no "
+                                           "class weights)", "z_from_other_class+weights_ignored",
+                                           ignore_weights=True))
         if variant in ("kto", "apo_zero_unpaired"):
             out += [_single_class_nan_mutant(False), _single_class_nan_mutant(True)]
-        out += [_metric_mutant("logps_metrics_swapped"), _metric_mutant("reward_metrics_zero_for_absent")]
+    if kind == "kto_loss":  # (kto_pair's cases hold both classes: no class is ever absent there)
+        out.append(_metric_mutant("logps_metrics_swapped"))
+        if variant != "kto_pair":
+            out.append(_metric_mutant("reward_metrics_zero_for_absent"))
     elif kind == "model_kto":
         out.append(_model_mutant("prompt_in_mask", "prompt_in_mask", logps_options=dict(prompt_in_mask=True)))
+        out += [_model_mutant(mistake, label, reference=form) for mistake, label, form in _REFERENCE_FORMS]
+        out.append(_model_mutant("undesirable_subtracted", "undesirable_subtracted",
+                                 loss_mistakes=dict(undesirable_loss_sign=-1.0)))
     elif kind == "model_edifice":
         out.append(_edifice_mutant("prompt_in_mask", "prompt_in_mask", logps_options=dict(prompt_in_mask=True)))
+        out += [_edifice_mutant(mistake, label, reference=form) for mistake, label, form in _REFERENCE_FORMS
+                if form != "missing_kl"]
     return out
 
 
-def _is_single_class(case: Case) -> bool:
+def mistake_ids(mutant: _Mutant) -> tuple[str, ...]:
+    """The catalogue ids a mutant stands for: one, or several joined by '+' (two mistakes together)."""
+    return tuple(mutant.mistake.split("+"))
+
+
+def has_single_class_batch(case: Case) -> bool:
+    """Whether a case (or one of its shards or micro-batches) holds examples of one class only."""
     labels = case.inputs.get("labels")
-    return labels is not None and (bool(np.all(labels)) or not bool(np.any(labels)))
-
-
-def raised_only_on_single_class(kind: str, cases_by_name: Mapping[str, Case], errors: Mapping[str, str]) -> bool:
-    """The crash form of single_class_nan: the candidate raised on every case with one class, and only there."""
-    if kind != "kto_loss" or not errors:
+    if labels is None:
         return False
-    single = {name for name, case in cases_by_name.items() if _is_single_class(case)}
-    return set(errors) == single
+    labels = np.asarray(labels, dtype=bool)
+    sizes = next((case.inputs[k] for k in ("shard_sizes", "micro_batch_sizes") if k in case.inputs), None)
+    bounds = np.cumsum([0] + [int(s) for s in sizes]) if sizes is not None else np.array([0, labels.shape[0]])
+    parts = [labels[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return any(bool(part.all()) or not bool(part.any()) for part in parts)
+
+
+def _non_finite(value) -> bool:
+    return value is not None and not bool(np.all(np.isfinite(np.asarray(value, dtype=np.float64))))
+
+
+def failed_only_on_single_class(cases_by_name: Mapping[str, Case], errors: Mapping[str, str], failing_cases,
+                                candidate_values: Mapping) -> bool:
+    """single_class_nan in any form: every case that failed or raised holds a batch (or shard) of one class;
+    either it raised on every case with one class and only there, or it gave a NaN or inf (loss, gradient or
+    intermediate) on some of them, and raised or gave a NaN or inf on each of the others that failed."""
+    single = {name for name, case in cases_by_name.items() if has_single_class_batch(case)}
+    failing = set(failing_cases) | set(errors)
+    if not failing or not failing <= single:
+        return False
+    non_finite = {name for name in set(failing_cases)
+                  if any(_non_finite(value) for value, _, _ in candidate_values.get(name, {}).values())}
+    if not non_finite:  # the crash form: it raised on every case with one class
+        return set(errors) == single
+    return failing <= non_finite | set(errors)

@@ -25,8 +25,10 @@ from .cases import KINDS, MODEL_CONFIG, VARIANTS, Case, _case, edifice_params_fr
 from .report import TOLERANCES
 
 FORMAT_NAME = "kto_np-oracle-cases"
-FORMAT_VERSION = 3  # 3: the model_edifice kind (Axon-named params/, an EdificeConfig config); 2: unit_weights,
-# kl_zero and kl_rotation +1 model cases (1: 37 cases). The files of the older cases are unchanged.
+FORMAT_VERSION = 4  # 4: the kto_pair variant's cases, and the accumulation cases' pair_policy_logps /
+# pair_ref_logps tables (those three files change; read without them, the window mistake is not compared);
+# 3: the model_edifice kind (Axon-named params/, an EdificeConfig config); 2: unit_weights, kl_zero and
+# kl_rotation +1 model cases (1: 37 cases). Otherwise the files of the older cases are unchanged.
 MANIFEST_NAME = "manifest.json"
 # bounds on what a case folder may make the reader do (the built-in cases are a few KiB each)
 MAX_MANIFEST_BYTES = 16 * 2**20
