@@ -124,8 +124,7 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
 def _cmd_oracle_compare(args: argparse.Namespace) -> int:
     from .oracle import main_compare  # noqa: PLC0415
 
-    every_row = {"show_all": True} if args.all else {}  # main_compare(..., show_all=False) prints the failing rows
-    return main_compare(args.cases_dir, args.results, tolerance=args.tolerance, **every_row)
+    return main_compare(args.cases_dir, args.results, tolerance=args.tolerance, show_all=args.all)
 
 
 def _cmd_exercise_list(args: argparse.Namespace) -> int:

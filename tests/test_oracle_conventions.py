@@ -111,7 +111,7 @@ def check(capsys, *args, **kwargs):
     ("per_example", None),
 ])
 def test_each_convention_and_form_passes(spec, capsys, name, how):
-    status, out, _ = check(capsys, spec(name), "kto_loss", "kto")
+    status, out, _ = check(capsys, spec(name), "kto_loss", "kto", show_all=True)
     assert status == 0, out
     if how:
         assert how in out
@@ -123,7 +123,7 @@ def test_each_convention_and_form_passes(spec, capsys, name, how):
 
 def test_a_method_on_a_bare_instance_is_called_and_its_mistake_named(spec, capsys):
     pytest.importorskip("torch", reason="torch not installed (pip install 'kto_np[torch]')")
-    status, out, _ = check(capsys, spec("Trainer.kto_loss"), "kto_loss", "kto")
+    status, out, _ = check(capsys, spec("Trainer.kto_loss"), "kto_loss", "kto", show_all=True)
     assert status == 1, out
     assert "split convention, a method" in out
     assert "matches known mistake z_not_detached" in out

@@ -167,7 +167,9 @@ def test_every_mistake_fails_and_is_named(label):
 def test_every_builtin_mutant_has_a_candidate_above():
     from kto_np.oracle.mistakes import mutants
 
-    assert {m.label for m in mutants(KIND, VARIANT)} == set(MUTANT_CANDIDATES)
+    # the two reference mistakes' candidates are written in test_oracle_mistakes, for every model kind
+    labels = {m.label for m in mutants(KIND, VARIANT)} - {"reference_missing", "reference_is_policy"}
+    assert labels == set(MUTANT_CANDIDATES)
 
 
 def test_the_handwritten_loss_passes_without_the_mistake():

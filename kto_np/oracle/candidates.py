@@ -35,6 +35,7 @@ from .cases import (
     Case,
     edifice_params_from_inputs,
     kto_keywords,
+    kto_pair_candidate,
     model_reference_outputs,
     resolve_variant,
     trainable_names,
@@ -490,6 +491,8 @@ def builtin_candidate(kind: str = "kto_loss", variant: str | None = None, *, kl_
     variant = resolve_variant(kind, variant)
     if kind in PIPELINE_KINDS:
         return PIPELINE_BUILTINS[kind](variant)
+    if kind == "kto_loss" and variant == "kto_pair":
+        return kto_pair_candidate
     if kind == "kto_loss":
         def kto_candidate(**kwargs):
             inputs = {k: v for k, v in kwargs.items() if v is not None}

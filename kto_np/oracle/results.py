@@ -227,7 +227,7 @@ def write_results(path, document: dict) -> Path:
     return Path(path)
 
 
-def main_compare(cases_dir, results_path, tolerance: str = "float64") -> int:
+def main_compare(cases_dir, results_path, tolerance: str = "float64", show_all: bool = False) -> int:
     """`kto-np oracle compare`: print the report for a results file. Exit status 0 passed, 1 failed, 2 when
     the cases or the results cannot be read (or the cases are not kto_np's)."""
     try:
@@ -235,7 +235,7 @@ def main_compare(cases_dir, results_path, tolerance: str = "float64") -> int:
     except (ValueError, TypeError) as exc:
         print(f"kto-np oracle compare: {exc}", file=sys.stderr)
         return 2
-    print(report)
+    print(report.format(show_all=show_all))
     if report.cases_identical is False:
         print(f"kto-np oracle compare: the cases in {cases_dir} differ from this kto_np's export; re-export them",
               file=sys.stderr)
