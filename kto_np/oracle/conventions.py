@@ -214,10 +214,11 @@ def detect(form: CandidateForm, kind: str) -> Convention:
     if set(KTO_NP_PARAMETERS[kind]) <= names:
         return CONVENTIONS["kto_np"]
     for convention in CONVENTIONS.values():
-        if kind in convention.kinds and convention.name != "kto_np" and set(convention.parameters) <= names:
+        if (kind in convention.kinds and convention.name != "kto_np" and convention.detect is None
+                and set(convention.parameters) <= names):
             return convention
     known = "; ".join(f"{c.name} ({', '.join(KTO_NP_PARAMETERS[kind] if c.name == 'kto_np' else c.parameters)})"
-                      for c in CONVENTIONS.values() if kind in c.kinds)
+                      for c in CONVENTIONS.values() if kind in c.kinds and c.detect is None)
     found = ", ".join(form.parameters) or "none"
     other = next((k for k, wanted in KTO_NP_PARAMETERS.items() if k != kind and set(wanted) <= names), None)
     hint = f" (those are {other}'s parameters: check it with --kind {other})" if other else ""
