@@ -116,9 +116,23 @@ def _cmd_oracle_export(args: argparse.Namespace) -> int:
 def _cmd_oracle_check(args: argparse.Namespace) -> int:
     from .oracle import main_check  # noqa: PLC0415
 
+    if args.ecosystem and args.convention:
+        print("kto-np oracle check: give --ecosystem or --convention, not both", file=sys.stderr)
+        return 2
+    tolerance = args.tolerance
+    if tolerance is None:  # an ecosystem whose code computes in float32 is checked at float32
+        from .oracle.ecosystems import ECOSYSTEMS  # noqa: PLC0415
+
+        tolerance = ECOSYSTEMS[args.ecosystem].tolerance if args.ecosystem else "float64"
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
-                      tolerance=args.tolerance, timeout=args.timeout, convention=args.convention,
+                      tolerance=tolerance, timeout=args.timeout, convention=args.ecosystem or args.convention,
                       kl_rotation=args.kl_rotation, show_all=args.all)
+
+
+def _cmd_oracle_liger(args: argparse.Namespace) -> int:
+    from .oracle.liger import main_liger  # noqa: PLC0415
+
+    return main_liger(args.tolerance)
 
 
 def _cmd_oracle_compare(args: argparse.Namespace) -> int:
@@ -340,14 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: kto); model_kto: kto; model_edifice: edifice; kl_pairs: whole_batch (default) or blocks; "
                    "data_parallel: rank_means (TRL, default) or global_mean")
     p.add_argument("--cases", default=None, help="a folder written by 'oracle export' (default: generate in memory)")
-    p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float64",
-                   help="tolerances for a float64 or a float32 implementation (default: float64)")
+    p.add_argument("--tolerance", choices=tuple(TOLERANCES), default=None,
+                   help="tolerances for a float64 or a float32 implementation (default: float64; with --ecosystem, "
+                   "float32 for halos and liger, whose code computes in float32)")
     p.add_argument("--timeout", type=_float_in(0.0, low_open=True), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time limit per case; a case still running then fails as timed out "
                    f"(default: {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--convention", choices=tuple(CONVENTIONS), default=None,
+    p.add_argument("--convention", choices=tuple(c.name for c in CONVENTIONS.values() if c.detect is None),
+                   default=None,
                    help="how SPEC is called: kto_np (the oracle's keywords) or split (policy_chosen_logps, ..., "
                    "reference_KL_logps -> losses, rewards, kl); default: detected from its parameter names")
+    from .oracle.ecosystems import ECOSYSTEMS  # noqa: PLC0415
+
+    p.add_argument("--ecosystem", choices=tuple(ECOSYSTEMS), default=None,
+                   help="the project whose own source SPEC is, run as it sits in its file with what its code "
+                   "reads around the loss (stand-in self, config, accelerator, one-rank torch.distributed): "
+                   + "; ".join(f"{e.name}: {e.takes}" for e in ECOSYSTEMS.values())
+                   + " (default: detected from the code's shape; docs/oracle/ecosystems.md)")
     p.add_argument("--kl-rotation", type=int, choices=(-1, 1), default=-1, metavar="{-1,+1}",
                    help="model_kto: the KL pairs SPEC builds, prompt i with completion i-1 (-1, TRL) or i+1 "
                    "(+1, OpenRLHF, HALOs); the reference is computed for the one declared (default: -1)")
@@ -375,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=("all", "loss", "model"), default="all",
                    help="what to check (default: all)")
     p.set_defaults(func=_cmd_oracle_trl)
+    p = oracle_sub.add_parser("liger", help="check the installed Liger-Kernel's KTO loss against the cases",
+                              description="Run the installed Liger-Kernel's LigerFusedLinearKTOLoss (a vocabulary of "
+                              "two and one hidden unit whose log-probs are the cases') on the kto cases in a child "
+                              "process. Exit status 0 when it passes, 1 when it does not, 2 when liger-kernel or "
+                              "torch is absent (pip install liger-kernel).")
+    p.add_argument("--tolerance", choices=tuple(TOLERANCES), default="float32",
+                   help="float32 (default: Liger computes its log-probs in float32) or float64")
+    p.set_defaults(func=_cmd_oracle_liger)
 
     exercise = sub.add_parser("exercise", help="the tutorials' graded exercises: list them, check your answer",
                               description="Graded exercises: a function you write for a lesson, checked by a "

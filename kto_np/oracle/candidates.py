@@ -290,13 +290,28 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+class CandidateUnrunnable(Exception):
+    """The candidate cannot be run here (a library it needs is not installed): a usage error (exit status 2),
+    not a failed check."""
+
+
 def _call(candidate, case: Case, mode: str, notes: list, overrides=None, requires_grad=False):
     arguments = _call_arguments(case, mode, overrides, requires_grad)
+    kwargs = arguments.kwargs
+    if getattr(candidate, "takes_variant", False):  # a project's code (ecosystems.py) is told the loss variant
+        kwargs = {**kwargs, "variant": case.variant}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = candidate(*arguments.args, **arguments.kwargs)
+        try:
+            out = candidate(*arguments.args, **kwargs)
+        except ModuleNotFoundError as exc:
+            raise CandidateUnrunnable(f"the candidate imports {exc.name!r}, which is not installed here "
+                                      f"({short_error(exc)}): it cannot be run") from exc
     for w in caught:
         message = f"{case.name}: candidate warned ({mode} inputs): {w.category.__name__}: {w.message}"
+        if message not in notes:
+            notes.append(message)
+    for message in getattr(candidate, "oracle_notes", ()):  # what an adapter recognised (conventions)
         if message not in notes:
             notes.append(message)
     return out, arguments
@@ -318,17 +333,24 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
     if kind in PIPELINE_KINDS:
         values, notes = PIPELINE_EVALUATORS[kind](candidate, case, tolerance)
         return Evaluation(values, notes)
-    numpy_error = None
-    try:
-        out, arguments = _call(candidate, case, "numpy", notes)
-        mode = "torch" if _holds_torch(out) else "jax" if holds_jax(out) else "numpy"
-    except Exception as exc:  # noqa: BLE001 - any failure on NumPy input means: try torch
-        numpy_error, mode = exc, "torch"
+    numpy_error, mode = None, getattr(candidate, "array_library", None)  # a project's code says which it takes
+    if mode != "torch":
+        try:
+            out, arguments = _call(candidate, case, "numpy", notes)
+            mode = "torch" if _holds_torch(out) else "jax" if holds_jax(out) else "numpy"
+        except CandidateUnrunnable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure on NumPy input means: try torch
+            numpy_error, mode = exc, "torch"
     if mode == "torch":
         if _import_torch() is None:
+            if numpy_error is None:
+                raise CandidateUnrunnable("the candidate computes with torch, which is not installed here")
             raise CandidateError(f"raised on NumPy input ({short_error(numpy_error)}) and torch is not installed")
         try:
             out, arguments = _call(candidate, case, "torch", notes, requires_grad=True)
+        except CandidateUnrunnable:
+            raise
         except Exception as exc:  # noqa: BLE001
             first = f"on NumPy input: {short_error(numpy_error)}; " if numpy_error else ""
             raise CandidateError(f"raised {first}on torch input: {short_error(exc)}") from exc

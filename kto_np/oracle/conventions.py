@@ -11,9 +11,12 @@ Known conventions (CONVENTIONS; a new one is one Convention entry and its adapte
           policy_rejected_logps, policy_KL_logps, reference_chosen_logps, reference_rejected_logps,
           reference_KL_logps) -> (losses, chosen_rewards, rejected_rewards, kl); beta and the weights are
           keywords of the function, arguments of the class's constructor, or attributes of the instance.
+  and one convention per project (ecosystems.py: trl, llamafactory, halos, openrlhf, easydel, liger), each
+  detected from the code's shape and giving the project's code what it reads around its loss.
 Candidate forms: a function, a class (constructed per case with the hyper-parameters its constructor
 accepts by name, world_size=1 where asked, then called: forward for a torch module), a class's method
-(called on a bare instance with those attributes set).
+(called on a bare instance with those attributes set), and a function whose first parameter is `self`
+(a method copied out of its class: called on a stand-in object with those attributes).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class Convention(NamedTuple):
     kinds: tuple[str, ...]  # the kinds it applies to
     parameters: tuple[str, ...]  # the parameter names that identify it (all of them present)
     adapt: Callable  # (form: CandidateForm, kind) -> a callable in the kto_np convention
+    detect: Callable | None = None  # (form) -> bool: recognises the code by more than parameter names
+    takes: str = ""  # what code it is for (a project's), said in the report
 
 
 class CandidateForm(NamedTuple):
@@ -44,7 +49,7 @@ class CandidateForm(NamedTuple):
 
     form: str  # "function", "class" or "method"
     target: Any  # the function, the class, or the method's function
-    owner: type | None  # the class of a method
+    owner: type | None  # the class of a method (None: a function whose first parameter is self)
     parameters: tuple[str, ...]  # the call's parameter names (self dropped)
     accepts_any: bool  # has **kwargs: any keyword fits
     label: str
@@ -73,6 +78,8 @@ def candidate_form(target, owner=None, label: str = "") -> CandidateForm:
         names, variadic = _parameters(target)
         return CandidateForm("method", target, owner, names[1:], variadic, label)
     names, variadic = _parameters(target)
+    if names[:1] == ("self",) and inspect.isfunction(target):  # a method, whichever class it came from
+        return CandidateForm("method", target, None, names[1:], variadic, label)
     return CandidateForm("function", target, None, names, variadic, label)
 
 
@@ -80,17 +87,23 @@ def _settings(names, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in names}
 
 
-def _instance(form: CandidateForm, hyper: dict):
-    """The object to call for one case: a class constructed with the hyper-parameters it accepts, or a
-    bare instance of a method's class with them set as attributes."""
+class StandInSelf:
+    """The `self` of a method with no class at hand: only the attributes the oracle sets."""
+
+
+def _instance(form: CandidateForm, attributes: dict):
+    """The object to call for one case: a class constructed with the hyper-parameters (and world_size,
+    device) it accepts, or a bare instance of a method's class with `attributes` set."""
     if form.form == "class":
+        hyper = {k: attributes[k] for k in HYPER_PARAMETERS if k in attributes}
         names, variadic = _parameters(form.target.__init__)
-        settings = _settings(names, {**CONSTRUCTOR_DEFAULTS, **hyper})
+        settings = _settings(names, {**CONSTRUCTOR_DEFAULTS, **{k: attributes[k] for k in CONSTRUCTOR_DEFAULTS
+                                                                if k in attributes}, **hyper})
         if variadic:  # **kwargs: the hyper-parameters by name, nothing else guessed
             settings = {**hyper, **settings}
         return form.target(**settings)
-    instance = form.owner.__new__(form.owner)
-    for name, value in {**CONSTRUCTOR_DEFAULTS, **hyper}.items():
+    instance = StandInSelf() if form.owner is None else form.owner.__new__(form.owner)
+    for name, value in {**CONSTRUCTOR_DEFAULTS, **attributes}.items():
         try:
             setattr(instance, name, value)
         except (AttributeError, TypeError):  # a read-only property: the method reads its own
@@ -98,13 +111,18 @@ def _instance(form: CandidateForm, hyper: dict):
     return instance
 
 
-def _bound(form: CandidateForm, hyper: dict) -> Callable:
+def instance_for(form: CandidateForm, attributes: dict) -> Callable:
+    """What to call for one case: the function itself, the constructed class, or the method bound to an
+    instance (of its class, or a StandInSelf) with `attributes` set."""
     if form.form == "function":
         return form.target
-    instance = _instance(form, hyper)
+    instance = _instance(form, attributes)
     if form.form == "method":
-        return form.target.__get__(instance, form.owner)
+        return form.target.__get__(instance, form.owner or StandInSelf)
     return instance
+
+
+_bound = instance_for
 
 
 def _adapt_kto_np(form: CandidateForm, kind: str) -> Callable:
@@ -185,17 +203,22 @@ KTO_NP_PARAMETERS = {"kto_loss": ("policy_logps", "ref_logps", "labels"),
 
 
 def detect(form: CandidateForm, kind: str) -> Convention:
-    """The convention whose parameter names the candidate has (kto_np for positional kinds and **kwargs)."""
+    """A project's convention recognised by the code's shape (ecosystems.py), else the convention whose
+    parameter names the candidate has (kto_np for positional kinds and **kwargs)."""
+    for convention in CONVENTIONS.values():
+        if convention.detect is not None and kind in convention.kinds and convention.detect(form):
+            return convention
     names = set(form.parameters)
     if kind not in KTO_NP_PARAMETERS or (form.accepts_any and not names & set(SPLIT_PARAMETERS)):
         return CONVENTIONS["kto_np"]
     if set(KTO_NP_PARAMETERS[kind]) <= names:
         return CONVENTIONS["kto_np"]
     for convention in CONVENTIONS.values():
-        if kind in convention.kinds and convention.name != "kto_np" and set(convention.parameters) <= names:
+        if (kind in convention.kinds and convention.name != "kto_np" and convention.detect is None
+                and set(convention.parameters) <= names):
             return convention
     known = "; ".join(f"{c.name} ({', '.join(KTO_NP_PARAMETERS[kind] if c.name == 'kto_np' else c.parameters)})"
-                      for c in CONVENTIONS.values() if kind in c.kinds)
+                      for c in CONVENTIONS.values() if kind in c.kinds and c.detect is None)
     found = ", ".join(form.parameters) or "none"
     other = next((k for k, wanted in KTO_NP_PARAMETERS.items() if k != kind and set(wanted) <= names), None)
     hint = f" (those are {other}'s parameters: check it with --kind {other})" if other else ""
@@ -215,6 +238,10 @@ def adapt(form: CandidateForm, kind: str, convention: str | None = None) -> tupl
             raise ConventionError(f"convention {convention!r} applies to kinds {chosen.kinds}, not {kind!r}")
     how = {"function": "a function", "class": "a class, constructed per case with the hyper-parameters it accepts",
            "method": "a method, on a bare instance with beta and the weights set"}[form.form]
+    if chosen.detect is not None:  # a project's code
+        how = {"function": "a function", "class": "a class, constructed per case",
+               "method": "a method, on a stand-in self with what the project's trainer holds"}[form.form]
+        return chosen.adapt(form, kind), f"{form.label}: {chosen.name} ecosystem ({chosen.takes}), {how}"
     if chosen.name == "kto_np" and form.form == "function":
         return chosen.adapt(form, kind), ""  # the plain case: nothing to say
     said = "; loss = the mean of the returned per-example losses" if chosen.name == "split" else ""

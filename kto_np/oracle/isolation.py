@@ -33,6 +33,7 @@ import numpy as np
 
 from .candidates import (
     CandidateError,
+    CandidateUnrunnable,
     DirectionalProjection,
     evaluate,
     fd_directions,
@@ -226,6 +227,8 @@ def evaluate_case(candidate, case: Case, tolerance: str, timeout: float | None =
             return evaluate(candidate, case, tolerance), None
     except CandidateError as exc:
         return None, str(exc)
+    except CandidateUnrunnable:
+        raise  # not a finding about the candidate: the caller reports it as a load error (exit status 2)
     except CandidateTimeout:
         return None, f"timed out: still running after {timeout:g} s (--timeout)"
     except SystemExit as exc:
@@ -238,9 +241,14 @@ def evaluate_case(candidate, case: Case, tolerance: str, timeout: float | None =
 
 def run_in_process(candidate: Callable, cases: Sequence[Case], tolerance: str, timeout: float | None,
                    reason: str, how: str) -> Outcome:
+    from .loader import LoadError  # noqa: PLC0415
+
     evaluations, errors = {}, {}
     for case in cases:
-        evaluation, error = evaluate_case(candidate, case, tolerance, timeout)
+        try:
+            evaluation, error = evaluate_case(candidate, case, tolerance, timeout)
+        except CandidateUnrunnable as exc:
+            raise LoadError(str(exc)) from exc
         if error is None:
             evaluations[case.name] = evaluation
         else:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from . import ecosystems  # noqa: F401  (importing it registers the projects' conventions)
 from .candidates import short_error
 from .conventions import ConventionError, adapt, candidate_form
 
@@ -40,6 +41,9 @@ def _import_file(spec: str, module_name: str):
             sys.modules.pop(path.stem, None)
         if isinstance(exc, (SystemExit, KeyboardInterrupt)):
             raise
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            raise LoadError(f"spec {spec!r}: cannot run {module_name!r} here: it imports {exc.name!r}, which is not "
+                            f"installed ({short_error(exc)})") from exc
         raise LoadError(f"spec {spec!r}: importing {module_name!r} raised {short_error(exc)}") from exc
     return module
 

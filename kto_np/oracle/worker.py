@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     sys.path[:] = request["sys_path"]
     os.chdir(request["cwd"])
 
+    from .candidates import CandidateUnrunnable  # noqa: PLC0415
     from .isolation import encode_values, evaluate_case, exit_message, summarise_notes  # noqa: PLC0415
     from .loader import LoadError, load_candidate  # noqa: PLC0415
     from .store import load_cases  # noqa: PLC0415
@@ -44,7 +45,12 @@ def main(argv: list[str]) -> int:
     cases = {case.name: case for case in load_cases(request["cases_dir"]) if case.name in wanted}
     for name in wanted:
         send(event="start", case=name)
-        evaluation, error = evaluate_case(candidate, cases[name], request["tolerance"])
+        try:
+            evaluation, error = evaluate_case(candidate, cases[name], request["tolerance"])
+        except CandidateUnrunnable as exc:  # cannot be run here: a load error (exit status 2), not a finding
+            send(event="load_error", message=f"spec {request['spec']!r}: {exc}")
+            channel.close()
+            return 0
         if error is not None:
             send(event="error", case=name, message=error)
             continue
