@@ -277,23 +277,8 @@ def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[t
             distinguishable = True
         if not applicable:  # the cases hold nothing this mutant can be computed on (an older export)
             distinguishable = True
-        if mutant.metrics and not distinguishable and not _returns_what_it_changes(mutant, by_name, candidate_values):
-            distinguishable = True  # it changes only metrics the candidate does not return: not "not verified"
         table.append((mutant, agree, distinguishable, explained, compared))
     return table
-
-
-def _returns_what_it_changes(mutant, by_name, candidate_values) -> bool:
-    """Whether the candidate returns (on some case) a metric that this metrics mutant changes (on some case):
-    only then could its outputs have shown the mistake."""
-    returned = {quantity for quantities in candidate_values.values() for quantity in quantities}
-    rtol, atol = TOLERANCES["float64"]["metric"]
-    for case in by_name.values():
-        outputs = mutant.compute(case)
-        if any(q in returned and not _agrees_or_absent(outputs[q], case.expected.get(q), rtol, atol)
-               for q in outputs if q.startswith("metrics/")):
-            return True
-    return False
 
 
 def _agrees_or_absent(value, other, rtol: float, atol: float) -> bool:
