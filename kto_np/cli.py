@@ -389,12 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="print every checked row, not only the failing ones")
     p.set_defaults(func=_cmd_oracle_compare)
     p = oracle_sub.add_parser("trl", help="check the installed TRL's own KTOTrainer against the cases",
-                              description="Drive the installed TRL's KTOTrainer (offline, nothing downloaded): the "
-                              "loss level (loss_type kto and apo_zero_unpaired, through compute_loss on TRL >= 1.6 "
-                              "or kto_loss on TRL <= 1.5) and the model level (the GPT-2 case through TRL's dataset "
-                              "preparation, collator, log-prob head, KL pairs and loss; float32 tolerance where TRL "
-                              "computes in float32). Exit status 0 when it passes, 1 when it does not, 2 when TRL is "
-                              "absent or a version this check cannot drive (pip install \"kto_np[oracle-trl]\").")
+                              description="Drive the installed TRL's KTOTrainer (offline, nothing downloaded; TRL "
+                              "1.0 to 1.16 measured, docs/oracle/trl.md): the loss level (loss_type kto and "
+                              "apo_zero_unpaired, through kto_loss on TRL <= 1.5 or compute_loss with the batch keys "
+                              "of the release's own collator on TRL >= 1.6) and the model level (the GPT-2 case "
+                              "through TRL's dataset preparation, collator, log-prob head, KL pairs and loss; float32 "
+                              "tolerance where TRL computes in float32). Exit status 0 when it passes, 1 when TRL's "
+                              "numbers are wrong, 2 when TRL is absent or cannot be driven here (one line each "
+                              "saying why; pip install \"kto_np[oracle-trl]\").")
     p.add_argument("--level", choices=("all", "loss", "model"), default="all",
                    help="what to check (default: all)")
     p.set_defaults(func=_cmd_oracle_trl)
