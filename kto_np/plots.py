@@ -840,8 +840,8 @@ def plot_curves(panels, axes=None, *, xlabel: str = "KTO step", smooth: int = 1,
     return fig
 
 
-def plot_bars(values, ax=None, *, title: str, xlabel: str, ylabel: str = "", log: bool = False, threshold: float | None = None,
-              threshold_label: str = "tolerance") -> Figure:
+def plot_bars(values, ax=None, *, title: str, xlabel: str, ylabel: str = "", log: bool = False,
+              threshold: float | None = None, threshold_label: str = "tolerance") -> Figure:
     """Horizontal bars, one per (name, value) of `values` (top to bottom in its order). With a
     threshold: a dashed line there, and bars coloured by their side of it (below: blue, above: orange)."""
     if not isinstance(values, Mapping) or not values:
