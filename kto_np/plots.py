@@ -807,11 +807,15 @@ def plot_curves(panels, axes=None, *, xlabel: str = "KTO step", smooth: int = 1,
     """One panel per (panel title, y label, {series name: (x, y)}) in `panels`, side by side.
 
     Every series of a name has the same colour in every panel (`colors`: name -> colour, else the
-    Okabe–Ito cycle). smooth > 1: the raw values are drawn faint and their trailing moving average
-    (`moving_average`, that window) on top, the line the eye should follow in noisy per-batch metrics."""
+    Okabe–Ito cycle). smooth (one int, or one per panel) > 1: the raw values are drawn faint and their
+    trailing moving average (`moving_average`, that window) on top, the line the eye should follow in
+    noisy per-batch metrics."""
     if isinstance(panels, Mapping) or not isinstance(panels, Sequence) or not panels:
         raise TypeError("panels must be a non-empty list of (title, ylabel, {name: (x, y)}) tuples")
-    smooth = check_positive_int("smooth", smooth)
+    windows = [smooth] * len(panels) if isinstance(smooth, (int, np.integer)) else list(smooth)
+    if len(windows) != len(panels):
+        raise ValueError(f"smooth must be one int or one per panel ({len(panels)}), got {smooth!r}")
+    windows = [check_positive_int(f"smooth[{index}]", window) for index, window in enumerate(windows)]
     names: list[str] = []
     for index, panel in enumerate(panels):
         if not isinstance(panel, Sequence) or len(panel) != 3 or not isinstance(panel[2], Mapping) or not panel[2]:
@@ -821,7 +825,7 @@ def plot_curves(panels, axes=None, *, xlabel: str = "KTO step", smooth: int = 1,
     palette = iter(color for color in SETTING_COLORS + ("#D55E00", "#0072B2") if color not in colors.values())
     colors = {name: colors[name] if name in colors else next(palette) for name in names}
     fig, flat_axes = _prepare_axes(axes, (1, len(panels)), (max(6.0, 5.6 * len(panels)), 4.6))
-    for ax, (panel_title, ylabel, series) in zip(flat_axes, panels):
+    for ax, (panel_title, ylabel, series), smooth in zip(flat_axes, panels, windows):
         for name, pair in series.items():
             x, y = _series_pair(f"panel {panel_title!r} series {name!r}", pair)
             if smooth > 1:

@@ -480,6 +480,8 @@ def test_make_all_figures_is_deterministic(two_runs):
     (lambda: plots.plot_token_gradients([1.0, 2.0], ["ab"]), ValueError, "dlogits_norms"),
     (lambda: plots.plot_token_gradients([[1.0, 2.0]], ["ab"], labels=[1, 0]), ValueError, "labels"),
     (lambda: plots.moving_average([1.0, 2.0], 0), ValueError, "window"),
+    (lambda: plots.plot_curves([("t", "y", {"a": ([0], [1.0])})], smooth=(1, 2)), ValueError, "smooth"),
+    (lambda: plots.plot_curves([("t", "y", {"a": ([0], [1.0])})], smooth=0), ValueError, r"smooth\[0\]"),
     (lambda: plots.plot_curves([]), TypeError, "panels"),
     (lambda: plots.plot_curves([("t", "y", {})]), ValueError, r"panels\[0\]"),
     (lambda: plots.plot_curves([("t", "y", {"a": ([0, 1], [1.0])})]), ValueError, "'a'"),
