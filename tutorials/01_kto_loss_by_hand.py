@@ -106,7 +106,8 @@ fig  # noqa: B018  (shows the figure in a notebook)
 # opposite. The two are about different things. Loss aversion is the shape of *one* outcome's value;
 # the band is a rule for the *classes' total weight* at the start of training (an empirical
 # recommendation of the paper; tutorial 2 restates it as the desirable class getting between 1/2 and
-# 4/7 of the first step's gradient, tutorial 6 shows what happens outside it). Followed on balanced data, the band makes KTO weakly gain-seeking, not loss-averse;
+# 4/7 of the first step's gradient, tutorial 6 shows what happens outside it).
+# Followed on balanced data, the band makes KTO weakly gain-seeking, not loss-averse;
 # the loss-averse λ_U = 1.5 λ_D of the figure fits the band only when desirable examples are 1.5
 # to 2 times as many as undesirable ones:
 

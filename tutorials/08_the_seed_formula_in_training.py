@@ -181,7 +181,7 @@ if not FAST:
 # so for a while the policy can raise the correct answers. But z is still the batch's own mean reward:
 # the reference point still follows the thumbs-down completions down, the thumbs-up examples still
 # saturate without rising, and nothing stops the drift. What worked here is narrower than "the
-# paper's z_ref": in this run z_ref was 0 on 199 of the 200 steps (0.20 on the other), so the paper's
-# formula trained as KTO with a reference point fixed at 0 (APO-zero's loss, tutorial 1). The evidence is for an anchor that does not
-# follow the examples being scored and carries no gradient; whether the mismatched-pair estimate
-# helps when it is positive is tutorial 9's question.
+# paper's z_ref": in this run z_ref was 0 on 199 of the 200 steps (0.20 on the other), so the
+# paper's formula trained as KTO with a reference point fixed at 0 (APO-zero's loss, tutorial 1).
+# The evidence is for an anchor that does not follow the examples being scored and carries no
+# gradient; whether the mismatched-pair estimate helps when it is positive is tutorial 9's question.

@@ -40,12 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kto_np import checkpoint
+from kto_np import checkpoint, plots
 from kto_np.data import Tokenizer, collate, make_examples, make_prompts, make_task, prompt_tokens
 from kto_np.generate import generate
 from kto_np.losses import kto_loss_and_grad
 from kto_np.model import GPT
-from kto_np import plots
 from kto_np.plots import load_metrics_records
 from kto_np.step import forward_logps
 from kto_np.train import TrainConfig, run
@@ -169,7 +168,8 @@ fig = plots.plot_curves([
     ("The reference point used, β z_ref = β max(0, kl_raw)", "reward units",
      {name: ([r["step"] for r in records], [beta * r["kl"] for r in records]) for name, records in runs_09.items()}),
 ], colors={"half thumbs-up, half thumbs-down": "#0072B2", "thumbs-up only": "#009E73"},
-    title="The estimate is negative once the policy moves away from the dataset; positive, briefly, when it moves towards it")
+    title="The estimate is negative once the policy moves away from the dataset; "
+          "positive, briefly, while it moves towards it")
 plots.save_figure(fig, OUT / "09_kl_estimate.png")
 fig  # noqa: B018  (shows the figure in a notebook)
 

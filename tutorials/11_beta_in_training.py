@@ -32,14 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kto_np import checkpoint
+from kto_np import checkpoint, plots
 from kto_np.data import Tokenizer, collate, make_examples, make_prompts, make_task, prompt_tokens
 from kto_np.files import write_json
 from kto_np.generate import generate
 from kto_np.losses import KTOConfig
 from kto_np.model import GPT
 from kto_np.optim import adamw_init, adamw_step
-from kto_np import plots
 from kto_np.plots import load_metrics_records
 from kto_np.step import forward_logps, kto_step, reference_logps
 from kto_np.train import TrainConfig, run
