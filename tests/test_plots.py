@@ -351,6 +351,21 @@ def test_inline_shows_any_figure_as_a_notebook_png():
     assert plots.NOTEBOOK_DPI >= 100
 
 
+def test_inline_png_is_a_palette_image_close_to_the_full_colour_one():
+    from PIL import Image
+
+    fig = plots.plot_loss_surface("kto", "z", **SMALL)
+    inline = Image.open(io.BytesIO(fig._repr_png_()))
+    assert inline.mode == "P"
+    full = io.BytesIO()
+    fig.savefig(full, format="png", dpi=plots.NOTEBOOK_DPI)
+    full_rgb = np.asarray(Image.open(full).convert("RGB"), dtype=np.float64)
+    inline_rgb = np.asarray(inline.convert("RGB"), dtype=np.float64)
+    assert inline_rgb.shape == full_rgb.shape
+    assert np.abs(inline_rgb - full_rgb).mean() < 2.0  # on a 0-255 scale: the same picture
+    assert fig._repr_png_() == fig._repr_png_()  # deterministic
+
+
 def test_training_curves_skip_none_values():
     records = metrics_records()
     fig = plots.plot_training_curves(records)
