@@ -129,6 +129,10 @@ class InlineFigure:
     def _repr_png_(self) -> bytes:
         return _notebook_png(self.figure)
 
+    def __repr__(self) -> str:
+        width, height = self.figure.bbox.width, self.figure.bbox.height
+        return f"<InlineFigure size {width:g}x{height:g} with {len(self.figure.axes)} Axes>"
+
 
 def inline(figure: Figure) -> InlineFigure:
     """`figure` wrapped so that a notebook cell ending with it shows it as a PNG (no pyplot needed)."""

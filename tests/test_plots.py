@@ -345,6 +345,7 @@ def test_bars_are_coloured_by_their_side_of_the_threshold():
 def test_inline_shows_any_figure_as_a_notebook_png():
     figure = Figure(figsize=(2.0, 1.0))
     figure.add_subplot().plot([0, 1], [1, 0])
+    assert repr(plots.inline(figure)) == "<InlineFigure size 200x100 with 1 Axes>"
     png = plots.inline(figure)._repr_png_()
     assert png[:8] == PNG_SIGNATURE
     assert imread(io.BytesIO(png)).shape[1] == round(2.0 * plots.NOTEBOOK_DPI)

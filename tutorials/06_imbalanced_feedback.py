@@ -159,7 +159,6 @@ fig = plots.plot_curves([
 ], smooth=(1, 10), colors={"λ_D = 1 (ρ ≈ 0.11)": "#D55E00", "λ_D = 10 (in the band)": "#0072B2"},
     title="10 % thumbs-up, same reference and data: only λ_D differs")
 fig.axes[0].set_ylim(0.0, 1.0)
-plots.save_figure(fig, OUT / "06_desirable_rate.png")
 fig  # noqa: B018  (shows the figure in a notebook)
 
 # %% [markdown]

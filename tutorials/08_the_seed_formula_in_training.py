@@ -131,7 +131,6 @@ fig = plots.plot_curves([
      {name: (steps[name], [r["logps/chosen"] for r in records]) for name, (_, records, _) in runs.items()}),
 ], smooth=10, colors={"edifice": "#D55E00", "edifice, stop_z_grad": "#E69F00", "kto (paper)": "#009E73"},
     title="Three formulas from one reference: where z goes, and what happens to the thumbs-up")
-plots.save_figure(fig, OUT / "08_z_and_thumbs_up.png")
 fig  # noqa: B018  (shows the figure in a notebook)
 
 # %% [markdown]

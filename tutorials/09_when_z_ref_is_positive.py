@@ -170,7 +170,6 @@ fig = plots.plot_curves([
 ], colors={"half thumbs-up, half thumbs-down": "#0072B2", "thumbs-up only": "#009E73"},
     title="The estimate is negative once the policy moves away from the dataset; "
           "positive, briefly, while it moves towards it")
-plots.save_figure(fig, OUT / "09_kl_estimate.png")
 fig  # noqa: B018  (shows the figure in a notebook)
 
 # %% [markdown]

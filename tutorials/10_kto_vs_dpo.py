@@ -232,7 +232,6 @@ fig = plots.plot_curves([
      {method: ([step for step, _ in rows], [row["margin"] for _, row in rows]) for method, rows in history.items()}),
 ], xlabel="training step", colors={"DPO": "#CC79A7", "KTO": "#009E73"}, title="The same pairs, both methods")
 fig.axes[0].set_ylim(0.0, 1.0)
-plots.save_figure(fig, OUT / "10_kto_vs_dpo_training.png")
 late = {method: (rows[-1][1]["margin"] - rows[len(rows) * 7 // 10][1]["margin"], rows[len(rows) * 7 // 10][0])
         for method, rows in history.items()}
 for method, (growth, since) in late.items():

@@ -187,7 +187,6 @@ for beta in BETAS:
 fig = plots.plot_curves([("How far the policy moves: KL(π ‖ π_ref) on its samples", "nats",
                           {f"β = {beta:g}": kl_steps[beta] for beta in BETAS})],
                         colors={"β = 0.01": "#D55E00", "β = 0.1": "#009E73", "β = 1": "#0072B2"})
-plots.save_figure(fig, OUT / "11_kl_against_step.png")
 if not FAST:
     assert kl_steps[0.01][1][-1] > kl_steps[0.1][1][-1] > kl_steps[1.0][1][-1] > 0.0
 fig  # noqa: B018  (shows the figure in a notebook)
