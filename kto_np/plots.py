@@ -868,7 +868,7 @@ def plot_bars(values, ax=None, *, title: str, xlabel: str, ylabel: str = "", log
         raise ValueError(f"values must be > 0 on a log scale, got minimum {numbers.min()}")
     if threshold is not None:
         threshold = check_finite_scalar("threshold", threshold, positive=log)
-    fig, (ax,) = _prepare_axes(ax, (1, 1), (9.0, 0.42 * len(names) + 1.8))
+    fig, (ax,) = _prepare_axes(ax, (1, 1), (11.5, 0.42 * len(names) + 1.8))
     positions = np.arange(len(names))[::-1]
     if threshold is None:
         colors = ["0.35"] * len(names)
@@ -881,7 +881,8 @@ def plot_bars(values, ax=None, *, title: str, xlabel: str, ylabel: str = "", log
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"{threshold_label} {threshold:g}")
         ax.legend(handles=[ax.lines[-1], Patch(color=DESIRABLE_COLOR, label="within it"),
-                           Patch(color=UNDESIRABLE_COLOR, label="beyond it")], loc="lower right")
+                           Patch(color=UNDESIRABLE_COLOR, label="beyond it")],
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     return fig
 

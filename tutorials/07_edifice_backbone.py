@@ -136,7 +136,7 @@ for batch in batches[:3]:
 
 # %% [markdown]
 # The two training runs, step by step, against the bound of each step's batch: the fixed embedding
-# flattens out above it, the learned one goes through it.
+# approaches it from above and never gets below it, the learned one goes through it.
 
 # %%
 bounds = [position_only_bound(batches[step % len(batches)]) for step in range(steps)]
