@@ -40,6 +40,7 @@ __all__ = [
     "FIGURE_NAMES",
     "NOTEBOOK_DPI",
     "UNDESIRABLE_COLOR",
+    "InlineFigure",
     "KTOFigure",
     "LossSurface",
     "MethodCurves",
@@ -50,9 +51,15 @@ __all__ = [
     "class_balance_shares",
     "kto_vs_dpo_curves",
     "load_metrics_records",
+    "moving_average",
     "loss_surface",
     "make_all_figures",
+    "dpo_implied_value",
+    "inline",
+    "kahneman_tversky_value",
+    "plot_bars",
     "plot_class_balance",
+    "plot_curves",
     "plot_kto_vs_dpo",
     "plot_loss_surface",
     "plot_token_gradients",
@@ -77,7 +84,7 @@ METHOD_STYLES = {  # method -> (legend name, colour, line style)
 SETTING_COLORS = ("#000000", "#56B4E9", "#009E73", "#CC79A7", "#E69F00", "#F0E442")
 
 FIGURE_DPI = 110
-NOTEBOOK_DPI = 60  # the inline PNG of a figure in a notebook: small files, still readable
+NOTEBOOK_DPI = 100  # the inline PNG of a figure in a notebook: legends and contour labels readable
 FIGURE_NAMES = (
     "value_functions.png", "loss_surface_z.png", "loss_surface_beta.png", "kto_vs_dpo.png",
     "z_gradient.png", "class_balance.png", "token_gradients.png", "training_curves.png",
@@ -89,14 +96,47 @@ TRAINING_PHASES = ("sft", "kto", "eval")
 # shared pieces
 
 
+def _notebook_png(fig: Figure) -> bytes:
+    """The inline PNG: NOTEBOOK_DPI, reduced to a 256-colour palette (no dithering), which keeps a
+    figure's look and cuts a heatmap's bytes about three times: notebooks with many figures stay small."""
+    from PIL import Image  # noqa: PLC0415  (Pillow comes with matplotlib)
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=NOTEBOOK_DPI, metadata={"Software": None})
+    image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    palette = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    palette.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
 class KTOFigure(Figure):
     """A Figure that Jupyter displays inline (IPython calls `_repr_png_`), with no pyplot involved:
     a cell ending in a figure shows it in a fresh kernel, whatever the matplotlib backend."""
 
     def _repr_png_(self) -> bytes:
-        buffer = io.BytesIO()
-        self.savefig(buffer, format="png", dpi=NOTEBOOK_DPI, metadata={"Software": None})
-        return buffer.getvalue()
+        return _notebook_png(self)
+
+
+class InlineFigure:
+    """Any matplotlib Figure (e.g. one of kto_np.landscape's), displayed inline like a KTOFigure."""
+
+    def __init__(self, figure: Figure):
+        if not isinstance(figure, Figure):
+            raise TypeError(f"figure must be a matplotlib Figure, got {type(figure).__name__}")
+        self.figure = figure
+
+    def _repr_png_(self) -> bytes:
+        return _notebook_png(self.figure)
+
+    def __repr__(self) -> str:
+        width, height = self.figure.bbox.width, self.figure.bbox.height
+        return f"<InlineFigure size {width:g}x{height:g} with {len(self.figure.axes)} Axes>"
+
+
+def inline(figure: Figure) -> InlineFigure:
+    """`figure` wrapped so that a notebook cell ending with it shows it as a PNG (no pyplot needed)."""
+    return InlineFigure(figure)
 
 
 def _prepare_axes(axes, shape: tuple[int, int], figsize: tuple[float, float]) -> tuple[Figure, list[Axes]]:
@@ -175,66 +215,104 @@ def save_figure(fig: Figure, path) -> Path:
 
 
 class ValueCurves(NamedTuple):
-    rewards: np.ndarray  # [N] x = β(r − z)
+    rewards: np.ndarray  # [N] x = β(r − z): the reward β r relative to the reference point β z
     desirable: np.ndarray  # [N] v_D(x) = λ_D σ(x), what KTO rewards for a desirable example
     undesirable: np.ndarray  # [N] v_U(x) = λ_U σ(−x), what KTO rewards for an undesirable example
-    implied: np.ndarray  # [N] λ_D (σ(x) − ½) for x >= 0 (gains), λ_U (σ(x) − ½) for x < 0 (losses)
+    implied: np.ndarray  # [N] λ_D (σ(x) − ½) for x >= 0, λ_U (σ(x) − ½) for x < 0: the two curves below, spliced
+    desirable_centred: np.ndarray  # [N] λ_D (σ(x) − ½): a desirable example's value, 0 at the reference point
+    undesirable_centred: np.ndarray  # [N] λ_U (σ(x) − ½): an undesirable example's, the same S scaled by λ_U
 
 
 def value_curves(rewards, desirable_weight: float = 1.0, undesirable_weight: float = 1.5) -> ValueCurves:
-    """KTO's value functions over the reward x = β(r − z), from the "kto" loss: v = λ − loss.
+    """KTO's value functions over x = β(r − z), from the "kto" loss: v = λ − loss.
 
-    v_D(x) = λ_D σ(x), v_U(x) = λ_U σ(−x). The implied value of an outcome relative to the reference
-    point is v_D(x) − λ_D/2 for gains (x >= 0) and λ_U/2 − v_U(x) for losses: concave gains, convex
-    losses, losses steeper by λ_U/λ_D (loss aversion), the Kahneman–Tversky shape.
+    v_D(x) = λ_D σ(x), v_U(x) = λ_U σ(−x). Centred at the reference point, a desirable example's value
+    is v_D(x) − λ_D/2 = λ_D(σ(x) − ½) and an undesirable one's λ_U/2 − v_U(x) = λ_U(σ(x) − ½): one S
+    (concave above the reference point, convex below), scaled by the *label's* weight on both sides.
+    `implied` splices them (the desirable curve for gains x >= 0, the undesirable one for losses): the
+    Kahneman–Tversky reading in which a gain is a desirable outcome and a loss an undesirable one, with
+    loss aversion λ_U / λ_D.
     """
     rewards = np.asarray(as_float_array("rewards", rewards, ndim=1), dtype=np.float64)
     desirable_weight = check_finite_scalar("desirable_weight", desirable_weight, positive=True)
     undesirable_weight = check_finite_scalar("undesirable_weight", undesirable_weight, positive=True)
     weights = {True: desirable_weight, False: undesirable_weight}
     values = {}
-    for desirable in (True, False):  # β = 1 and z = 0, so the log-ratio is the reward itself
+    for desirable in (True, False):  # β = 1 and z = 0, so the log-ratio is x itself
         losses = [_example_loss_and_slope("kto", x, desirable, beta=1.0, z=0.0, weight=weights[desirable])[0]
                   for x in rewards]
         values[desirable] = weights[desirable] - np.array(losses)
-    implied = np.where(rewards >= 0, values[True] - desirable_weight / 2,
-                       undesirable_weight / 2 - values[False])
-    return ValueCurves(rewards, values[True], values[False], implied)
+    desirable_centred = values[True] - desirable_weight / 2
+    undesirable_centred = undesirable_weight / 2 - values[False]
+    implied = np.where(rewards >= 0, desirable_centred, undesirable_centred)
+    return ValueCurves(rewards, values[True], values[False], implied, desirable_centred, undesirable_centred)
+
+
+def kahneman_tversky_value(x, *, alpha: float = 0.88, loss_aversion: float = 2.25) -> np.ndarray:
+    """Tversky and Kahneman's (1992) fitted value function: x^α for gains, −λ(−x)^α for losses."""
+    x = np.asarray(as_float_array("x", x, ndim=1), dtype=np.float64)
+    alpha = check_finite_scalar("alpha", alpha, positive=True)
+    loss_aversion = check_finite_scalar("loss_aversion", loss_aversion, positive=True)
+    return np.where(x >= 0, np.abs(x) ** alpha, -loss_aversion * np.abs(x) ** alpha)
+
+
+def dpo_implied_value(x) -> np.ndarray:
+    """DPO's implied value of a margin x, relative to x = 0: log σ(x) + log 2 = log 2 − (DPO loss),
+    computed with dpo_loss_and_grad (chosen at log-ratio x, β = 1, rejected at 0)."""
+    x = np.asarray(as_float_array("x", x, ndim=1), dtype=np.float64)
+    zero = np.zeros(1)
+    return np.array([np.log(2.0) - dpo_loss_and_grad(np.array([m]), zero, zero, zero, 1.0)[0] for m in x])
 
 
 def plot_value_functions(axes=None, *, rewards=None, desirable_weight: float = 1.0,
                          undesirable_weight: float = 1.5) -> Figure:
-    """Two panels: KTO's per-class values v_D, v_U against x = β(r − z); the implied value with loss
-    aversion (λ_U > λ_D) next to the symmetric one (λ_U = λ_D)."""
+    """Three panels against x = β(r − z). Left: KTO's per-class values v_D, v_U. Middle: each
+    class's value centred at the reference point, λ_y(σ(x) − ½), drawn on both sides of it (the
+    weight follows the label, not the sign of x). Right: the implied value functions of the paper's
+    comparison, Kahneman–Tversky's, KTO's (λ = 1) and DPO's, all 0 at the reference point."""
     rewards = np.linspace(-6.0, 6.0, 241) if rewards is None else rewards
     curves = value_curves(rewards, desirable_weight, undesirable_weight)
-    symmetric = value_curves(curves.rewards, desirable_weight, desirable_weight)
-    fig, (ax_class, ax_implied) = _prepare_axes(axes, (1, 2), (11.0, 4.4))
+    fig, (ax_class, ax_centred, ax_compare) = _prepare_axes(axes, (1, 3), (16.0, 4.8))
     x = curves.rewards
+    x_label = r"$x = \beta(r - z)$: reward $\beta r$ minus $\beta z$"
 
-    ax_class.plot(x, curves.desirable, color=DESIRABLE_COLOR,
-                  label=rf"desirable: $\lambda_D\,\sigma(x)$, $\lambda_D$={desirable_weight:g}")
-    ax_class.plot(x, curves.undesirable, color=UNDESIRABLE_COLOR,
-                  label=rf"undesirable: $\lambda_U\,\sigma(-x)$, $\lambda_U$={undesirable_weight:g}")
+    ax_class.plot(x, curves.desirable, color=DESIRABLE_COLOR, linewidth=2.0,
+                  label=rf"desirable: $\lambda_D\,\sigma(x)$, $\lambda_D$ = {desirable_weight:g}")
+    ax_class.plot(x, curves.undesirable, color=UNDESIRABLE_COLOR, linewidth=2.0,
+                  label=rf"undesirable: $\lambda_U\,\sigma(-x)$, $\lambda_U$ = {undesirable_weight:g}")
     ax_class.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--")
-    ax_class.set(title="KTO value of each class (loss = λ − value)",
-                 xlabel=r"reward $x = \beta\,(r - z)$", ylabel="value v(x)")
-    ax_class.set_ylim(-0.05, 1.3 * max(desirable_weight, undesirable_weight))  # room for the legend
-    ax_class.legend(loc="upper center", fontsize="small")
+    ax_class.set(title="KTO's value of each class (loss = λ − value)", xlabel=x_label, ylabel="value v(x)")
+    ax_class.set_ylim(-0.05, 1.4 * max(desirable_weight, undesirable_weight))  # room for the legend
+    ax_class.legend(loc="upper center")
 
-    gains, losses = x >= 0, x <= 0
-    ax_implied.plot(x, symmetric.implied, color="0.55", linestyle="--", linewidth=1.2,
-                    label=rf"no loss aversion ($\lambda_U = \lambda_D$ = {desirable_weight:g})")
-    ax_implied.plot(x[gains], curves.implied[gains], color=DESIRABLE_COLOR, linewidth=2.2,
-                    label=r"gains: $\lambda_D(\sigma(x) - \frac{1}{2})$, concave")
-    ax_implied.plot(x[losses], curves.implied[losses], color=UNDESIRABLE_COLOR, linewidth=2.2,
-                    label=rf"losses: $\lambda_U(\sigma(x) - \frac{{1}}{{2}})$, convex, "
-                          rf"$\lambda_U/\lambda_D$ = {undesirable_weight / desirable_weight:.3g}")
-    ax_implied.axhline(0.0, color="0.6", linewidth=0.8)
-    ax_implied.axvline(0.0, color="0.6", linewidth=0.8)
-    ax_implied.set(title="Implied value: the Kahneman–Tversky shape",
-                   xlabel=r"reward $x = \beta\,(r - z)$", ylabel="value relative to the reference point")
-    ax_implied.legend(loc="lower right", fontsize="small")
+    ax_centred.plot(x, curves.desirable_centred, color=DESIRABLE_COLOR, linewidth=2.0,
+                    label=r"desirable example: $\lambda_D(\sigma(x) - \frac{1}{2})$")
+    ax_centred.plot(x, curves.undesirable_centred, color=UNDESIRABLE_COLOR, linewidth=2.0, linestyle="--",
+                    label=r"undesirable example: $\lambda_U(\sigma(x) - \frac{1}{2})$")
+    ax_centred.axhline(0.0, color="0.6", linewidth=0.8)
+    ax_centred.axvline(0.0, color="0.6", linewidth=0.8)
+    ratio = undesirable_weight / desirable_weight
+    ax_centred.text(0.98, 0.04, "each class: one S, concave above the\nreference point, convex below; the weight\n"
+                    rf"follows the label: $\lambda_U / \lambda_D$ = {ratio:.3g}",
+                    transform=ax_centred.transAxes, ha="right", va="bottom", fontsize="small")
+    ax_centred.set(title="Value relative to the reference point, per class",
+                   xlabel=x_label, ylabel="value − value at the reference point")
+    ax_centred.legend(loc="upper left")
+
+    compare = np.linspace(-3.0, 3.0, 241)
+    kto = value_curves(compare, 1.0, 1.0).desirable_centred
+    ax_compare.plot(compare, kahneman_tversky_value(compare), color="0.2", linewidth=2.0,
+                    label=r"Kahneman–Tversky: $x^{0.88}$, $-2.25(-x)^{0.88}$")
+    ax_compare.plot(compare, kto, color=METHOD_STYLES["kto"][1], linewidth=2.0,
+                    label=r"KTO: $\sigma(x) - \frac{1}{2}$ (bounded both ways)")
+    ax_compare.plot(compare, dpo_implied_value(compare), color=METHOD_STYLES["dpo"][1], linewidth=2.0,
+                    linestyle=":", label=r"DPO: $\log\sigma(x) + \log 2$ (unbounded below)")
+    ax_compare.axhline(0.0, color="0.6", linewidth=0.8)
+    ax_compare.axvline(0.0, color="0.6", linewidth=0.8)
+    ax_compare.set(title="Implied value functions (the paper's comparison)",
+                   xlabel="x: outcome relative to the reference point (DPO: the margin)",
+                   ylabel="implied value")
+    ax_compare.legend(loc="lower right")
     return fig
 
 
@@ -292,57 +370,79 @@ def loss_surface(variant: str = "kto", x: str = "log_ratio", y: str = "z", *, la
 
 
 def _draw_heatmap(ax: Axes, xs, ys, values, *, cmap: str, colorbar_label: str, levels=None,
-                  vmin=None, vmax=None) -> None:
-    """pcolormesh + colorbar + a few labelled white contours (at `levels`, default 3 evenly spaced)."""
+                  level_names=None, vmin=None, vmax=None) -> None:
+    """pcolormesh + colorbar + labelled white contours at `levels` (default 3 evenly spaced), each
+    labelled with its entry of `level_names` (default: its value)."""
     mesh = ax.pcolormesh(xs, ys, values, cmap=cmap, shading="nearest", vmin=vmin, vmax=vmax)
     colorbar = ax.get_figure(root=True).colorbar(mesh, ax=ax)
     colorbar.set_label(colorbar_label)
     low, high = float(values.min()), float(values.max())
     if levels is None:
         levels = np.linspace(low, high, 5)[1:-1]
+    names = dict(zip(levels, level_names)) if level_names is not None else {}
     levels = [level for level in levels if low < level < high]
     if levels and high - low > 1e-12 * max(1.0, abs(high)):
-        contours = ax.contour(xs, ys, values, levels=levels, colors="white", linewidths=0.8, alpha=0.9)
-        ax.clabel(contours, fontsize=7, fmt="%.3g", inline_spacing=2)
+        contours = ax.contour(xs, ys, values, levels=levels, colors="white", linewidths=1.0)
+        texts = ax.clabel(contours, fontsize=9, inline_spacing=3,
+                          fmt={level: names.get(level, f"{level:.3g}") for level in contours.levels})
+        for text in texts:  # readable on a bright background too
+            text.set_bbox({"facecolor": "black", "alpha": 0.55, "edgecolor": "none", "pad": 1.0})
+
+
+PEAK_FRACTIONS = (0.1, 0.5, 0.9)  # the gradient contours: these fractions of the peak βλ/4
 
 
 def plot_loss_surface(variant: str = "kto", y: str = "z", axes=None, *, xs=None, ys=None, beta: float = 0.1,
                       z: float = 0.0, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Figure:
-    """2x2 heatmaps with contours: rows desirable / undesirable, columns loss / |∂loss/∂r| (z fixed),
-    over (log-ratio, z) for y="z" or (log-ratio, β) for y="beta"; data from loss_surface.
+    """Heatmaps with labelled contours over (log-ratio, z) for y="z" or (log-ratio, β) for y="beta",
+    data from loss_surface: the loss of a desirable and of an undesirable example, and |∂loss/∂r| (z
+    fixed). That gradient, βλσ(u)σ(−u), is the same for both classes when λ_D = λ_U: then one panel
+    draws it for both (1x3); otherwise each class has its own (2x2: losses on top, gradients below).
 
-    y="beta": the gradient is drawn divided by its row's peak βλ/4 (one colour scale for β = 1 would
-    leave every β <= 0.1 row dark), so each row shows the *width* of its peak, ∝ 1/β; the contour at
-    ½ is the half height, at |r − z| = 1.763/β."""
-    fig, flat_axes = _prepare_axes(axes, (2, 2), (11.5, 8.5))
+    Contours: the loss at 0.1, 0.5 and 0.9 of λ (0.5 λ: the reference point r = z); the gradient at
+    0.1, 0.5 and 0.9 of its peak βλ/4. y="beta": the gradient is divided by its row's peak βλ/4 (one
+    colour scale for β = 1 would leave every β <= 0.1 row dark), so each row shows the *width* of its
+    peak, ∝ 1/β; the contour at ½ is the half height, at |r − z| = 1.763/β."""
+    same_gradient = desirable_weight == undesirable_weight
+    fig, flat_axes = _prepare_axes(axes, (1, 3) if same_gradient else (2, 2),
+                                   (17.0, 4.8) if same_gradient else (12.0, 8.5))
     y_label = r"reference point $z$ (log-ratio units)" if y == "z" else r"$\beta$ (log scale)"
-    for row, desirable in enumerate((True, False)):
+    gradient_axes = flat_axes[2:] if not same_gradient else flat_axes[2:3]
+    for column, desirable in enumerate((True, False)):
         surface = loss_surface(variant, "log_ratio", y, label=int(desirable), xs=xs, ys=ys, beta=beta, z=z,
                                desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
         weight = desirable_weight if desirable else undesirable_weight
-        loss_levels = [weight * f for f in (0.1, 0.5, 0.9)] if variant != "edifice" else \
-            [-weight * f for f in (0.9, 0.5, 0.1)]
-        if y == "beta":
-            peak = surface.grad_norm.max(axis=1, keepdims=True)  # [NY, 1] βλ/4 when r = z is on the grid
-            grad_values, grad_what = surface.grad_norm / peak, "|∂loss/∂r| ÷ its row's peak"
-            grad_levels, grad_range = [0.5], (0.0, 1.0)
-        else:
-            grad_values, grad_what, grad_levels, grad_range = surface.grad_norm, "|∂loss/∂r|", None, (None, None)
-        for col, (values, cmap, what, levels, (vmin, vmax)) in enumerate((
-                (surface.loss, "viridis", "loss", loss_levels, (None, None)),
-                (grad_values, "magma", grad_what, grad_levels, grad_range))):
-            ax = flat_axes[2 * row + col]
+        fractions = (0.1, 0.5, 0.9) if variant != "edifice" else (-0.9, -0.5, -0.1)
+        loss_levels = [weight * f for f in fractions]
+        panels = [(flat_axes[column], surface.loss, "viridis", "loss", loss_levels,
+                   [f"loss {level:.3g}" for level in loss_levels], (None, None))]
+        if column < len(gradient_axes):
+            who = CLASS_NAMES[desirable] if not same_gradient else "both classes"
+            if y == "beta":
+                peak = surface.grad_norm.max(axis=1, keepdims=True)  # [NY, 1] βλ/4 when r = z is on the grid
+                panels.append((gradient_axes[column], surface.grad_norm / peak, "magma",
+                               f"|∂loss/∂r| ÷ its row's peak βλ/4 ({who})", [0.5],
+                               ["½ peak: |r − z| = 1.763/β"], (0.0, 1.0)))
+            else:
+                peak = beta * weight / 4
+                panels.append((gradient_axes[column], surface.grad_norm, "magma",
+                               f"|∂loss/∂r| ({who}); peak βλ/4 = {peak:.3g}",
+                               [f * peak for f in PEAK_FRACTIONS], [f"{f:g} × peak" for f in PEAK_FRACTIONS],
+                               (0.0, None)))
+        for ax, values, cmap, what, levels, names, (vmin, vmax) in panels:
             _draw_heatmap(ax, surface.xs, surface.ys, values, cmap=cmap, colorbar_label=what, levels=levels,
-                          vmin=vmin, vmax=vmax)
+                          level_names=names, vmin=vmin, vmax=vmax)
             if y == "z":
                 reference = np.maximum(surface.ys, 0.0) if variant == "kto" else surface.ys
-                ax.plot(reference, surface.ys, color="cyan", linestyle="--", linewidth=1.0,
+                ax.plot(reference, surface.ys, color="cyan", linestyle="--", linewidth=1.2,
                         label="reward 0 (r = z)")
                 ax.set_xlim(surface.xs[0], surface.xs[-1])
             else:
                 ax.set_yscale("log")
-                ax.axvline(z, color="cyan", linestyle="--", linewidth=1.0, label=f"reward 0 (r = z = {z:g})")
-            ax.set_title(f"{CLASS_NAMES[desirable]} example: {what}", color=CLASS_COLORS[desirable])
+                ax.axvline(z, color="cyan", linestyle="--", linewidth=1.2, label=f"reward 0 (r = z = {z:g})")
+            title = what.split(" (")[0] if ax is not panels[0][0] else "loss"
+            name = CLASS_NAMES[desirable] + " example" if ax is panels[0][0] or not same_gradient else "either example"
+            ax.set_title(f"{name}: {title}", color=CLASS_COLORS[desirable] if name != "either example" else "black")
             ax.set(xlabel=r"log-ratio $r = \log \pi - \log \pi_{ref}$", ylabel=y_label)
     fixed = rf"$\beta$ = {beta:g}" if y == "z" else f"z = {z:g}"
     note = "" if y == "z" else "; gradient normalised per row: the peak widens as 1/β"
@@ -457,30 +557,38 @@ def z_gradient_batch(*, seed: int = 0, batch_size: int = 12, beta: float = 0.1, 
     return ZGradientBatch(labels, log_ratios, np.asarray(grads[False]), np.asarray(grads[True]))
 
 
-def plot_z_gradient_effect(ax=None, *, seed: int = 0, batch_size: int = 12, beta: float = 0.1,
+def plot_z_gradient_effect(axes=None, *, seed: int = 0, batch_size: int = 12, beta: float = 0.1,
                            desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Figure:
-    """Side-by-side bars of each example's gradient with the gradient through z (filled) and with
-    stop-gradient on z (hatched); bar colour is the example's class. Sums are in the legend."""
+    """Two panels on one scale, the same batch under the seed's (edifice) formula: left, each example's
+    gradient with the gradient through z = mean(β r); right, with z detached (stop_z_grad). Bar colour
+    is the example's class; the last bar (black) is the sum over the batch, 0 on the left."""
     batch = z_gradient_batch(seed=seed, batch_size=batch_size, beta=beta, desirable_weight=desirable_weight,
                              undesirable_weight=undesirable_weight)
-    fig, (ax,) = _prepare_axes(ax, (1, 1), (10.0, 4.8))
-    positions = np.arange(batch.labels.shape[0])
-    colors = [CLASS_COLORS[bool(d)] for d in batch.labels]
-    ax.bar(positions - 0.2, batch.grad_through_z, width=0.4, color=colors, edgecolor=colors)
-    ax.bar(positions + 0.2, batch.grad_stop_z, width=0.4, color="white", edgecolor=colors, hatch="///")
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    handles = [
-        Patch(facecolor="0.4", edgecolor="0.4",
-              label=f"gradient through z: sum = {batch.grad_through_z.sum():+.2e}"),
-        Patch(facecolor="white", edgecolor="0.4", hatch="///",
-              label=f"stop-gradient on z: sum = {batch.grad_stop_z.sum():+.2e}"),
-        Patch(color=DESIRABLE_COLOR, label="desirable example"),
-        Patch(color=UNDESIRABLE_COLOR, label="undesirable example"),
-    ]
-    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_xticks(positions, [f"{i}\nr={r:.1f}" for i, r in enumerate(batch.log_ratios)], fontsize=7)
-    ax.set(title=r"Edifice KTO, z = mean($\beta r$): with z's gradient the per-example gradients sum to 0",
-           xlabel="example in the batch (log-ratio r)", ylabel=r"$\partial L / \partial \log \pi(y_i|x_i)$")
+    fig, (ax_through, ax_stop) = _prepare_axes(axes, (1, 2), (14.0, 5.0))
+    positions = np.arange(batch.labels.shape[0] + 1)  # the examples, then their sum
+    colors = [CLASS_COLORS[bool(d)] for d in batch.labels] + ["black"]
+    ticks = [f"{i}\nr={r:.1f}" for i, r in enumerate(batch.log_ratios)] + ["sum"]
+    limit = 1.15 * float(np.abs(np.concatenate([batch.grad_through_z, batch.grad_stop_z,
+                                                [batch.grad_through_z.sum(), batch.grad_stop_z.sum()]])).max())
+    for ax, grads, title in (
+            (ax_through, batch.grad_through_z, "gradient through z (the seed's formula)"),
+            (ax_stop, batch.grad_stop_z, "z detached (stop_z_grad=True)")):
+        total = float(grads.sum())
+        ax.bar(positions, np.append(grads, total), width=0.7, color=colors)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.axvline(positions[-1] - 0.5, color="0.6", linewidth=0.8, linestyle=":")
+        ax.set_xticks(positions, ticks, fontsize=8)
+        ax.set_ylim(-limit, limit)
+        ax.annotate(f"{total:+.1e}", (positions[-1], total), textcoords="offset points",
+                    xytext=(0, 4 if total >= 0 else -12), ha="center", fontsize=8)
+        ax.set_title(f"{title}\nsum over the batch = {total:+.2e}")
+        ax.set(xlabel="example in the batch (its log-ratio r)",
+               ylabel=r"$\partial L / \partial \log \pi(y_i|x_i)$")
+    ax_through.legend(handles=[Patch(color=DESIRABLE_COLOR, label="desirable example"),
+                               Patch(color=UNDESIRABLE_COLOR, label="undesirable example"),
+                               Patch(color="black", label="sum of the batch's gradients")], loc="upper left")
+    fig.suptitle(r"Seed formula, z = mean($\beta r$): through z the per-example gradients sum to 0, so no "
+                 "update can raise every log-probability; with z detached they do not")
     return fig
 
 
@@ -679,6 +787,103 @@ def plot_training_curves(records, axes=None) -> Figure:
     if ax_rate.lines:
         ax_rate.set_ylim(0.0, 1.0)
     fig.suptitle("Training curves")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# curves and bars of what a lesson measured
+
+
+def moving_average(values, window: int) -> np.ndarray:
+    """The trailing mean of the last `window` values at each point (fewer at the start), shape kept."""
+    values = np.asarray(as_float_array("values", values, ndim=1), dtype=np.float64)
+    window = check_positive_int("window", window)
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, values.shape[0] + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def _series_pair(where: str, series) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(series, Sequence) or len(series) != 2:
+        raise ValueError(f"{where} must be an (x, y) pair of 1-D arrays, got {type(series).__name__}")
+    x = np.asarray(as_float_array(f"{where} x", series[0], ndim=1), dtype=np.float64)
+    y = np.asarray(as_float_array(f"{where} y", series[1], ndim=1), dtype=np.float64)
+    if x.shape != y.shape or x.shape[0] == 0:
+        raise ValueError(f"{where}: x and y must have the same non-zero length, got {x.shape} and {y.shape}")
+    return x, y
+
+
+def plot_curves(panels, axes=None, *, xlabel: str = "KTO step", smooth: int = 1, colors=None,
+                title: str | None = None, zero_line: bool = True) -> Figure:
+    """One panel per (panel title, y label, {series name: (x, y)}) in `panels`, side by side.
+
+    Every series of a name has the same colour in every panel (`colors`: name -> colour, else the
+    Okabe–Ito cycle). smooth (one int, or one per panel) > 1: the raw values are drawn faint and their
+    trailing moving average (`moving_average`, that window) on top, the line the eye should follow in
+    noisy per-batch metrics."""
+    if isinstance(panels, Mapping) or not isinstance(panels, Sequence) or not panels:
+        raise TypeError("panels must be a non-empty list of (title, ylabel, {name: (x, y)}) tuples")
+    windows = [smooth] * len(panels) if isinstance(smooth, (int, np.integer)) else list(smooth)
+    if len(windows) != len(panels):
+        raise ValueError(f"smooth must be one int or one per panel ({len(panels)}), got {smooth!r}")
+    windows = [check_positive_int(f"smooth[{index}]", window) for index, window in enumerate(windows)]
+    names: list[str] = []
+    for index, panel in enumerate(panels):
+        if not isinstance(panel, Sequence) or len(panel) != 3 or not isinstance(panel[2], Mapping) or not panel[2]:
+            raise ValueError(f"panels[{index}] must be (title, ylabel, {{name: (x, y)}}) with at least one series")
+        names += [name for name in panel[2] if name not in names]
+    colors = dict(colors or {})
+    palette = iter(color for color in SETTING_COLORS + ("#D55E00", "#0072B2") if color not in colors.values())
+    colors = {name: colors[name] if name in colors else next(palette) for name in names}
+    fig, flat_axes = _prepare_axes(axes, (1, len(panels)), (max(6.0, 5.6 * len(panels)), 4.6))
+    for ax, (panel_title, ylabel, series), smooth in zip(flat_axes, panels, windows):
+        for name, pair in series.items():
+            x, y = _series_pair(f"panel {panel_title!r} series {name!r}", pair)
+            if smooth > 1:
+                ax.plot(x, y, color=colors[name], linewidth=0.8, alpha=0.3)
+                ax.plot(x, moving_average(y, smooth), color=colors[name], linewidth=2.0, label=name)
+            else:
+                ax.plot(x, y, color=colors[name], linewidth=2.0, marker="o" if x.shape[0] <= 25 else None,
+                        markersize=4, label=name)
+        if zero_line:
+            ax.axhline(0.0, color="0.6", linewidth=0.8)
+        note = f" (faint: per step; line: mean of the last {smooth})" if smooth > 1 else ""
+        ax.set(title=panel_title, xlabel=xlabel + note, ylabel=ylabel)
+        _add_legend_if_several(ax)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_bars(values, ax=None, *, title: str, xlabel: str, ylabel: str = "", log: bool = False,
+              threshold: float | None = None, threshold_label: str = "tolerance") -> Figure:
+    """Horizontal bars, one per (name, value) of `values` (top to bottom in its order). With a
+    threshold: a dashed line there, and bars coloured by their side of it (below: blue, above: orange)."""
+    if not isinstance(values, Mapping) or not values:
+        raise TypeError("values must be a non-empty dict of name -> number")
+    names = [str(name) for name in values]
+    numbers = np.array([check_finite_scalar(f"values[{name!r}]", value) for name, value in values.items()])
+    if log and not bool(np.all(numbers > 0)):
+        raise ValueError(f"values must be > 0 on a log scale, got minimum {numbers.min()}")
+    if threshold is not None:
+        threshold = check_finite_scalar("threshold", threshold, positive=log)
+    fig, (ax,) = _prepare_axes(ax, (1, 1), (11.5, 0.42 * len(names) + 1.8))
+    positions = np.arange(len(names))[::-1]
+    if threshold is None:
+        colors = ["0.35"] * len(names)
+    else:
+        colors = [DESIRABLE_COLOR if value <= threshold else UNDESIRABLE_COLOR for value in numbers]
+    ax.barh(positions, numbers, color=colors, height=0.7)
+    ax.set_yticks(positions, names)
+    if log:
+        ax.set_xscale("log")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"{threshold_label} {threshold:g}")
+        ax.legend(handles=[ax.lines[-1], Patch(color=DESIRABLE_COLOR, label="within it"),
+                           Patch(color=UNDESIRABLE_COLOR, label="beyond it")],
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     return fig
 
 

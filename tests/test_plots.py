@@ -99,6 +99,24 @@ def test_value_curves_match_closed_form():
     assert_close("v_U", curves.undesirable, 1.7 * logistic(-rewards))
     expected_implied = np.where(rewards >= 0, 0.8, 1.7) * (logistic(rewards) - 0.5)
     assert_close("implied value", curves.implied, expected_implied)
+    # each class's value centred at the reference point: the label's weight on both sides of it
+    assert_close("desirable, centred", curves.desirable_centred, 0.8 * (logistic(rewards) - 0.5))
+    assert_close("undesirable, centred", curves.undesirable_centred, 1.7 * (logistic(rewards) - 0.5))
+
+
+def test_comparison_value_functions_match_closed_form():
+    x = np.array([-3.0, -0.5, 0.0, 0.7, 2.0])
+    assert_close("Kahneman-Tversky", plots.kahneman_tversky_value(x),
+                 np.where(x >= 0, 1.0, -2.25) * np.abs(x) ** 0.88)
+    assert_close("DPO implied value", plots.dpo_implied_value(x), np.log(logistic(x)) + np.log(2.0))
+    assert plots.dpo_implied_value([0.0])[0] == 0.0
+
+
+def test_moving_average_is_the_trailing_mean():
+    values = np.array([1.0, 4.0, -2.0, 8.0, 0.5, 3.0])
+    expected = [np.mean(values[max(0, i - 2):i + 1]) for i in range(values.size)]
+    assert_close("moving average", plots.moving_average(values, 3), expected)
+    assert_close("window 1", plots.moving_average(values, 1), values)
 
 
 def test_implied_value_has_the_kahneman_tversky_shape():
@@ -223,7 +241,13 @@ PLOT_CASES = {
     "loss_surface_beta": lambda: plots.plot_loss_surface("edifice", "beta", xs=SMALL["xs"],
                                                          ys=np.geomspace(0.01, 1.0, 5)),
     "kto_vs_dpo": lambda: plots.plot_kto_vs_dpo(rewards=np.linspace(-6, 6, 25)),
+    "loss_surface_unequal_weights": lambda: plots.plot_loss_surface("kto", "z", undesirable_weight=1.5, **SMALL),
     "z_gradient": lambda: plots.plot_z_gradient_effect(seed=1, batch_size=6),
+    "curves": lambda: plots.plot_curves([("loss", "loss", {"a": ([0, 1, 2], [1.0, 0.5, 0.2]),
+                                                           "b": ([0, 1, 2], [1.0, 0.8, 0.7])}),
+                                         ("rate", "fraction", {"a": ([0, 2], [0.1, 0.9])})], smooth=2),
+    "bars": lambda: plots.plot_bars({"ok": 1e-10, "bug": 0.3}, title="errors", xlabel="relative error", ylabel="check",
+                                    log=True, threshold=1e-6),
     "class_balance": lambda: plots.plot_class_balance(desirable_fractions=np.linspace(0.1, 0.9, 9),
                                                       batch_size=20),
     "token_gradients": lambda: plots.plot_token_gradients(np.array([[0.0, 0.5, 1.0], [0.2, 0.0, 0.3]]),
@@ -249,7 +273,12 @@ def test_every_plot_is_a_labelled_figure(name):
 
 
 @pytest.mark.parametrize("shape, draw", [
-    ((1, 2), lambda axes: plots.plot_value_functions(axes, rewards=np.linspace(-2, 2, 5))),
+    ((1, 3), lambda axes: plots.plot_value_functions(axes, rewards=np.linspace(-2, 2, 5))),
+    ((1, 2), lambda axes: plots.plot_z_gradient_effect(axes, seed=1, batch_size=4)),
+    ((1, 3), lambda axes: plots.plot_loss_surface("kto", "z", axes, **SMALL)),
+    ((2, 2), lambda axes: plots.plot_loss_surface("kto", "z", axes, undesirable_weight=2.0, **SMALL)),
+    ((1, 2), lambda axes: plots.plot_curves([("a", "y", {"s": ([0, 1], [0, 1])}),
+                                             ("b", "y", {"s": ([0, 1], [1, 0])})], axes)),
     ((2, 2), lambda axes: plots.plot_kto_vs_dpo(axes, rewards=np.linspace(-2, 2, 5))),
     ((1, 1), lambda axes: plots.plot_class_balance(axes[0, 0], desirable_fractions=[0.3, 0.5], batch_size=10)),
     ((2, 4), lambda axes: plots.plot_training_curves(metrics_records(), axes)),
@@ -267,6 +296,75 @@ def test_wrong_axes_are_rejected():
         plots.plot_kto_vs_dpo(fig.subplots(1, 3), rewards=[0.0, 1.0])
     with pytest.raises(ValueError, match="axes"):
         plots.plot_value_functions([fig.add_subplot(), Figure().add_subplot()], rewards=[0.0, 1.0])
+
+
+def test_loss_surface_draws_one_gradient_panel_when_the_classes_share_it():
+    """|∂loss/∂r| = βλσ(u)σ(−u) is the same for both classes when λ_D = λ_U: one panel, not two copies;
+    with λ_D ≠ λ_U each class gets its own. The contours are named by what they mean."""
+    wide = {"xs": np.linspace(-40.0, 40.0, 33), "ys": np.linspace(0.0, 8.0, 5)}
+    same = axes_with_content(plots.plot_loss_surface("kto", "z", **wide))
+    assert [ax.get_title() for ax in same] == ["desirable example: loss", "undesirable example: loss",
+                                               "either example: |∂loss/∂r|"]
+    labels = {text.get_text() for ax in same for text in ax.texts}
+    assert {"loss 0.1", "loss 0.5", "loss 0.9", "0.5 × peak"} <= labels, labels
+    unequal = axes_with_content(plots.plot_loss_surface("kto", "z", undesirable_weight=2.0, **wide))
+    assert len(unequal) == 4 and {"loss 1.8", "loss 0.9"} <= {t.get_text() for ax in unequal for t in ax.texts}
+
+
+def test_z_gradient_figure_draws_each_batch_sum():
+    batch = plots.z_gradient_batch(seed=2, batch_size=6)
+    through, stopped = axes_with_content(plots.plot_z_gradient_effect(seed=2, batch_size=6))
+    for ax, grads in ((through, batch.grad_through_z), (stopped, batch.grad_stop_z)):
+        heights = [patch.get_height() for patch in ax.patches]
+        assert_close(ax.get_title(), heights, np.append(grads, grads.sum()))
+    assert "sum over the batch = " in through.get_title()
+    assert abs(through.patches[-1].get_height()) < 1e-15 < abs(stopped.patches[-1].get_height())
+
+
+def test_curves_keep_one_colour_per_series_and_smooth_on_request():
+    fig = plots.plot_curves([("p1", "y", {"a": ([0, 1, 2, 3], [4.0, 0.0, 2.0, 2.0]), "b": ([0, 1], [1.0, 1.0])}),
+                             ("p2", "y", {"b": ([0, 1], [0.0, 0.0]), "a": ([0, 1], [1.0, 1.0])})], smooth=2)
+    first, second = axes_with_content(fig)
+    named = [{line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+             for ax in (first, second)]
+    assert named[0]["a"].get_color() == named[1]["a"].get_color() != named[0]["b"].get_color()
+    assert_close("smoothed a", named[0]["a"].get_ydata(), [4.0, 2.0, 1.0, 2.0])
+    raw = [line for line in first.lines if line.get_label().startswith("_") and len(line.get_ydata()) == 4]
+    assert_close("raw a", raw[0].get_ydata(), [4.0, 0.0, 2.0, 2.0])
+
+
+def test_bars_are_coloured_by_their_side_of_the_threshold():
+    fig = plots.plot_bars({"ok": 1e-10, "bug": 0.3, "edge": 1e-6}, title="t", xlabel="x", log=True, threshold=1e-6)
+    (ax,) = axes_with_content(fig)
+    colours = [tuple(patch.get_facecolor()) for patch in ax.patches]
+    assert colours[0] == colours[2] != colours[1]
+    assert [patch.get_width() for patch in ax.patches] == [1e-10, 0.3, 1e-6]
+    assert ax.get_xscale() == "log"
+
+
+def test_inline_shows_any_figure_as_a_notebook_png():
+    figure = Figure(figsize=(2.0, 1.0))
+    figure.add_subplot().plot([0, 1], [1, 0])
+    assert repr(plots.inline(figure)) == "<InlineFigure size 200x100 with 1 Axes>"
+    png = plots.inline(figure)._repr_png_()
+    assert png[:8] == PNG_SIGNATURE
+    assert imread(io.BytesIO(png)).shape[1] == round(2.0 * plots.NOTEBOOK_DPI)
+    assert plots.NOTEBOOK_DPI >= 100
+
+
+def test_inline_png_is_a_palette_image_close_to_the_full_colour_one():
+    from PIL import Image
+
+    fig = plots.plot_loss_surface("kto", "z", **SMALL)
+    inline = Image.open(io.BytesIO(fig._repr_png_()))
+    assert inline.mode == "P"
+    full = io.BytesIO()
+    fig.savefig(full, format="png", dpi=plots.NOTEBOOK_DPI)
+    full_rgb = np.asarray(Image.open(full).convert("RGB"), dtype=np.float64)
+    inline_rgb = np.asarray(inline.convert("RGB"), dtype=np.float64)
+    assert inline_rgb.shape == full_rgb.shape
+    assert np.abs(inline_rgb - full_rgb).mean() < 2.0  # on a 0-255 scale: the same picture
+    assert fig._repr_png_() == fig._repr_png_()  # deterministic
 
 
 def test_training_curves_skip_none_values():
@@ -397,6 +495,15 @@ def test_make_all_figures_is_deterministic(two_runs):
     (lambda: plots.plot_token_gradients([[1.0, -2.0]], ["ab"]), ValueError, "dlogits_norms"),
     (lambda: plots.plot_token_gradients([1.0, 2.0], ["ab"]), ValueError, "dlogits_norms"),
     (lambda: plots.plot_token_gradients([[1.0, 2.0]], ["ab"], labels=[1, 0]), ValueError, "labels"),
+    (lambda: plots.moving_average([1.0, 2.0], 0), ValueError, "window"),
+    (lambda: plots.plot_curves([("t", "y", {"a": ([0], [1.0])})], smooth=(1, 2)), ValueError, "smooth"),
+    (lambda: plots.plot_curves([("t", "y", {"a": ([0], [1.0])})], smooth=0), ValueError, r"smooth\[0\]"),
+    (lambda: plots.plot_curves([]), TypeError, "panels"),
+    (lambda: plots.plot_curves([("t", "y", {})]), ValueError, r"panels\[0\]"),
+    (lambda: plots.plot_curves([("t", "y", {"a": ([0, 1], [1.0])})]), ValueError, "'a'"),
+    (lambda: plots.plot_bars({}, title="t", xlabel="x"), TypeError, "values"),
+    (lambda: plots.plot_bars({"a": 0.0}, title="t", xlabel="x", log=True), ValueError, "log"),
+    (lambda: plots.inline("not a figure"), TypeError, "figure"),
     (lambda: plots.make_all_figures(None), TypeError, "out_dir"),
     (lambda: plots.make_all_figures("/nonexistent-never", seed=-1), ValueError, "seed"),
     (lambda: plots.make_all_figures("/nonexistent-never", metrics_records=[]), ValueError, "records"),

@@ -61,7 +61,7 @@ def sigmoid(x):
 #
 # Tversky and Kahneman's fitted form is v(x) = x^α for gains and −λ(−x)^α for losses, α ≈ 0.88,
 # λ ≈ 2.25. KTO ("Kahneman-Tversky Optimization") keeps the three properties and swaps the
-# ingredients: the outcome is the implied reward r = log π(y|x) − log π_ref(y|x) of a completion;
+# ingredients: the outcome is the implied reward β r of a completion, r = log π(y|x) − log π_ref(y|x);
 # the reference point is z_ref ≈ KL(π ‖ π_ref) (Step 2); the value is a logistic, σ(β(r − z_ref))
 # for a desirable completion. The logistic has the same S shape (concave above the reference point,
 # convex below), but it is bounded and smooth at the reference point, where x^α has an infinite
@@ -89,10 +89,14 @@ print(f"KTO's slope at the reference point: {slope_at_reference:.4f} (λ_D/4 = 0
 assert abs(slope_at_reference - 0.25) < 1e-3
 
 # %% [markdown]
-# `plots.plot_value_functions` draws KTO's two per-class values and the implied value function
-# (left: σ(x) and σ(−x) per class; right: the gains and losses around the reference point, with
-# λ_U = 1.5 > λ_D = 1, i.e. loss aversion, against the symmetric λ_U = λ_D). It is
-# `figures/value_functions.png`.
+# `plots.plot_value_functions` draws KTO's value functions against x = β(r − z), the reward β r
+# relative to the reference point β z (left: σ(x) and σ(−x) per class; middle: each class's value
+# around the reference point, λ_D(σ(x) − ½) and λ_U(σ(x) − ½), with λ_U = 1.5 > λ_D = 1; right: the
+# paper's comparison of the implied value functions of Kahneman-Tversky, KTO and DPO). In KTO the
+# weight follows the *label*: an undesirable example is weighted λ_U on both sides of the reference
+# point. The `implied` curve checked above splices the two classes (the desirable one for gains, the
+# undesirable one for losses): the paper's reading of λ_U > λ_D as loss aversion, in which a gain is a
+# desirable outcome and a loss an undesirable one. It is `figures/value_functions.png`.
 
 # %%
 fig = plots.plot_value_functions()
@@ -103,9 +107,10 @@ fig  # noqa: B018  (shows the figure in a notebook)
 # aversion would mean for KTO. But the paper's practical recommendation (its Eq. 8, used below) is
 # λ_D n_D / (λ_U n_U) ∈ [1, 4/3], which on balanced data (n_D = n_U) asks for λ_D ≥ λ_U: the
 # opposite. The two are about different things. Loss aversion is the shape of *one* outcome's value;
-# the band is a rule for the *classes' total weight* at the start of training (tutorial 2 derives it
-# as the desirable class getting between 1/2 and 4/7 of the gradient, tutorial 6 shows what happens
-# outside it). Followed on balanced data, the band makes KTO weakly gain-seeking, not loss-averse;
+# the band is a rule for the *classes' total weight* at the start of training (an empirical
+# recommendation of the paper; tutorial 2 restates it as the desirable class getting between 1/2 and
+# 4/7 of the first step's gradient, tutorial 6 shows what happens outside it).
+# Followed on balanced data, the band makes KTO weakly gain-seeking, not loss-averse;
 # the loss-averse λ_U = 1.5 λ_D of the figure fits the band only when desirable examples are 1.5
 # to 2 times as many as undesirable ones:
 

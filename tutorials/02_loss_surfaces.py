@@ -27,7 +27,8 @@
 # - the gradient peaks where the reward sits at the reference point, β(r − z) = 0, at βλ/4;
 # - β sets both the height (βλ/4) and the width (∝ 1/β) of that peak;
 # - far from the reference point the loss saturates and the gradient vanishes (unlike DPO);
-# - λ_D / λ_U set how the gradient is shared between the classes, hence the recommended band.
+# - λ_D / λ_U set how the gradient is shared between the classes, which is how the paper's
+#   recommended band (an empirical rule, not derived here) reads as a share of the first step's push.
 
 # %%
 import os
@@ -193,8 +194,10 @@ for (desirable_weight, undesirable_weight), row in zip(weight_settings, shares):
 # notebook), saved here into `KTO_NP_TUTORIAL_OUT` (a temporary folder by default). `kto-np figures`
 # writes the same figures into `figures/`:
 #
-# - `value_functions.png`: KTO's value per class and its Kahneman-Tversky shape (tutorial 1);
-# - `loss_surface_z.png`: loss and |gradient| over (r, z), β = 0.1: the peak follows r = z;
+# - `value_functions.png`: KTO's value per class, each class's value around the reference point, and
+#   the paper's comparison of the implied value functions of Kahneman-Tversky, KTO and DPO (tutorial 1);
+# - `loss_surface_z.png`: loss and |gradient| over (r, z), β = 0.1: the peak follows r = z (one
+#   gradient panel: with λ_D = λ_U both classes have the same |gradient|);
 # - `loss_surface_beta.png`: the same over (r, β), the gradient divided by each row's peak βλ/4 so
 #   that every β is visible: the bright band, and the contour at half height, widen as 1/β;
 # - `kto_vs_dpo.png`: saturation against DPO's unbounded loss (above);
@@ -220,6 +223,23 @@ for name, fig in figures.items():
 print("saved", sorted(p.name for p in OUT.glob("02_*.png")))
 
 # %% [markdown]
+# Each figure in turn. The value functions: left, what KTO's loss rewards for each class; middle,
+# each class's value relative to the reference point, an S scaled by that class's weight on both
+# sides of it (the weight follows the label, not the sign of r − z); right, the paper's comparison:
+# KTO's value is bounded both ways, DPO's log σ is unbounded below, Kahneman-Tversky's steeper for losses.
+
+# %%
+figures["02_value_functions.png"]
+
+# %% [markdown]
+# The loss and |gradient| over (r, z). The contours are named: the loss at 0.1, 0.5 and 0.9 (0.5 on
+# the dashed line r = z), the gradient at fractions of its peak βλ/4 = 0.025. Every contour is a
+# straight line parallel to r = z: moving the reference point moves the surface, it does not reshape it.
+
+# %%
+figures["02_loss_surface_kto.png"]
+
+# %% [markdown]
 # The loss over (r, β): the contours at loss 0.1, 0.5 and 0.9 sit at β r = 2.2, 0 and −2.2, so they
 # bend as 1/β on the log-β axis; the normalised gradient shows the same widening directly.
 
@@ -231,6 +251,20 @@ figures["02_loss_surface_beta.png"]
 
 # %%
 figures["02_kto_vs_dpo.png"]
+
+# %% [markdown]
+# The seed's formula on one batch: through z = mean(β r) the per-example gradients sum to 0 (the
+# black bar), so no update can raise every log-probability; with z detached they do not.
+
+# %%
+figures["02_z_gradient.png"]
+
+# %% [markdown]
+# The desirable share of the first step's |gradient|, ρ/(1 + ρ), against the desirable fraction; the
+# thick segments are the fractions inside the paper's band.
+
+# %%
+figures["02_class_balance.png"]
 
 # %% [markdown]
 # ## The landscape of a trained model: the seed formula's flat valley
@@ -270,6 +304,17 @@ along_c = landscape.shift_losses(problems, reference, policy, [1.0], shifts)  # 
 for name, losses in along_c.items():
     print(f"{name:<20} loss along c at the policy: max - min = {np.ptp(losses):.2e}")
 assert np.ptp(along_c["edifice"]) < 1e-12 and np.ptp(along_c["apo_zero_unpaired"]) > 1e-3
+
+# %% [markdown]
+# The landscape itself: the four losses over (t, c), t along the segment from the reference (t = 0)
+# to this policy (t = 1), c the shift of every log-probability (`landscape.plot_variant_comparison`,
+# the figure `kto-np landscape` draws for a trained run). The seed formula's row along c is flat.
+
+# %%
+ts = np.linspace(-0.5, 1.5, 5 if FAST else 9)
+plane = landscape.shift_losses(problems, reference, policy, ts, shifts)  # {variant: [len(ts), len(shifts)]}
+assert np.allclose(plane["edifice"], plane["edifice"][:, :1], rtol=0, atol=1e-12)  # flat along c at every t
+plots.inline(landscape.plot_variant_comparison(ts, shifts, plane, beta=problems["edifice"].config.beta))
 
 # %% [markdown]
 # The same in parameter space: `logprob_shift_direction` is the smallest parameter step d whose

@@ -143,6 +143,25 @@ for a, b in zip(rates_equal, rates_weighted):
     print(f"{a['step']:>5}  {a['desirable_rate']:>8.1%}  {b['desirable_rate']:>8.1%}")
 
 # %% [markdown]
+# Drawn, with the log-prob of the thumbs-up completions at every step next to it (the line is the
+# mean of the last 10 steps): with λ_D = 1 it falls by tens of nats along with the rate; with
+# λ_D = 10 it stays near the reference's and ends higher than it started.
+
+# %%
+runs_06 = {"λ_D = 1 (ρ ≈ 0.11)": equal_records, "λ_D = 10 (in the band)": weighted_records}
+fig = plots.plot_curves([
+    ("Desirable rate of sampled completions", "fraction desirable",
+     {name: ([r["step"] for r in records if r["phase"] == "eval"],
+             [r["desirable_rate"] for r in records if r["phase"] == "eval"]) for name, records in runs_06.items()}),
+    ("log π of the thumbs-up completions", "mean log π(y|x), thumbs-up (nats)",
+     {name: ([r["step"] for r in kto_records(records)], [r["logps/chosen"] for r in kto_records(records)])
+      for name, records in runs_06.items()}),
+], smooth=(1, 10), colors={"λ_D = 1 (ρ ≈ 0.11)": "#D55E00", "λ_D = 10 (in the band)": "#0072B2"},
+    title="10 % thumbs-up, same reference and data: only λ_D differs")
+fig.axes[0].set_ylim(0.0, 1.0)
+fig  # noqa: B018  (shows the figure in a notebook)
+
+# %% [markdown]
 # ## The figure: the band as a gradient share
 #
 # `plots.plot_class_balance` draws the desirable class's share of the summed |gradient| at the

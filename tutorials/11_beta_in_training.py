@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kto_np import checkpoint
+from kto_np import checkpoint, plots
 from kto_np.data import Tokenizer, collate, make_examples, make_prompts, make_task, prompt_tokens
 from kto_np.files import write_json
 from kto_np.generate import generate
@@ -93,8 +93,10 @@ assert max(relative_differences.values()) < 0.03
 # A 100-fold range of β gives gradients 100 times apart and the same AdamW step, to within about a
 # percent (the difference is ε = 1e-8, which matters only for the entries whose gradient is itself
 # near ε, and there are more of those when β is small). So under AdamW,
-# "a larger β means larger steps" is false. (`run` also clips the gradient norm at 1: another
-# rescaling that AdamW ignores.)
+# "a larger β means larger steps" is false. (`run` also clips the gradient norm at 1. That is not a
+# constant factor, so AdamW does not simply ignore it: a step whose norm exceeds 1 is scaled by
+# 1/norm, a factor that changes from step to step and enters Adam's moment estimates. Below it
+# touches only the large β, whose gradients are large: the runs count the clipped steps.)
 #
 # ## Three runs
 #
@@ -145,6 +147,11 @@ for beta, (summary, records, policy) in runs.items():
     row = table[beta]
     print(f"{beta:>6g} {row['rate']:>15.1%} {row['kl']:>12.3f} {r_up:>23.2f} {r_down:>12.2f} {row['loss']:>7.3f}")
 print(f"reference desirable rate: {runs[0.1][0]['desirable_rate_before']:.1%}")
+clipped = {beta: float(np.mean([r["grad_norm"] > base.max_grad_norm for r in records]))
+           for beta, (_, records, _) in runs.items()}
+print("steps whose gradient norm was clipped:", {beta: f"{share:.0%}" for beta, share in clipped.items()})
+if not FAST:
+    assert clipped[0.01] == clipped[0.1] == 0.0 < clipped[1.0]  # the clip touched only β = 1
 
 # %% [markdown]
 # The early steps are the same for every β, as the one-step check predicts: the log-probs after
@@ -166,6 +173,25 @@ assert np.ptp(early, axis=0).max() < 0.05
 # and DPO are derived from, max E[reward] − β KL(π ‖ π_ref). The measured KL(π ‖ π_ref) in the
 # table falls as β grows.
 #
+# How the policy gets there: `run` saves the policy every 5 steps (`trajectory/`), and the same
+# sampled KL(π ‖ π_ref) of each saved policy, every 10 steps, draws the distance against the step.
+
+# %%
+kl_steps = {}
+for beta in BETAS:
+    snapshots = sorted((OUT / f"beta_{beta:g}" / "trajectory").glob("kto_step_*.npz"))[1::2]
+    steps = [0] + [int(path.stem.rsplit("_", 1)[1]) for path in snapshots]
+    kls = [0.0] + [sampled_kl(checkpoint.load(path).params) for path in snapshots]
+    kl_steps[beta] = (steps, kls)
+    print(f"β = {beta:<5g} KL(π ‖ π_ref) at steps {steps[1::2]}: {np.round(kls[1::2], 3)}")
+fig = plots.plot_curves([("How far the policy moves: KL(π ‖ π_ref) on its samples", "nats",
+                          {f"β = {beta:g}": kl_steps[beta] for beta in BETAS})],
+                        colors={"β = 0.01": "#D55E00", "β = 0.1": "#009E73", "β = 1": "#0072B2"})
+if not FAST:
+    assert kl_steps[0.01][1][-1] > kl_steps[0.1][1][-1] > kl_steps[1.0][1][-1] > 0.0
+fig  # noqa: B018  (shows the figure in a notebook)
+
+# %% [markdown]
 # On this task the policy that moved least is also the one with the best desirable rate: pushing
 # the mistakes ever further down (β = 0.01) does not make the right answer more likely, and the
 # mass taken from the mistakes partly lands on malformed strings (tutorial 6). This is also why

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kto_np import oracle
+from kto_np import oracle, plots
 
 OUT = Path(os.environ.get("KTO_NP_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="kto_np_tutorial_"))
 OUT.mkdir(parents=True, exist_ok=True)
@@ -78,6 +78,8 @@ def kto_numpy(policy_logps, ref_logps, labels, beta, desirable_weight, undesirab
 report = oracle.verify(kto_numpy, kind="kto_loss", variant="kto")
 print(report)
 assert report.passed
+largest_error = {"kto_numpy (correct)": max(check.rel_error for check in report.checks)}
+float64_rtol = max(check.rtol for check in report.checks)  # the oracle's relative tolerance in float64
 
 # %% [markdown]
 # The `source` column says where each number came from: `returned` by the candidate here. The
@@ -114,6 +116,7 @@ for check in report.failures[:4]:
 print(f"... {len(report.failures)} failing checks in all\ndiagnosis: {report.diagnosis}")
 assert not report.passed
 assert report.diagnosis.mistakes == ("weights_normalise_mean",)
+largest_error["weights normalised"] = max(check.rel_error for check in report.checks)
 
 # %% [markdown]
 # The oracle's cases use unequal weights on purpose (λ_U = 1.5, λ_D = 3 with λ_U = 0.5, ...), so every
@@ -142,6 +145,23 @@ def sequence_logps_without_shift(logits, tokens, completion_mask):
 report = oracle.verify(sequence_logps_without_shift, kind="sequence_logprobs")
 print("passed:", report.passed, "\ndiagnosis:", report.diagnosis)
 assert report.diagnosis.mistakes == ("logits_not_shifted",)
+largest_error["logits not shifted"] = max(check.rel_error for check in report.checks)
+
+# %% [markdown]
+# The three NumPy candidates side by side: the largest relative error over all of each one's checks
+# (log scale; an exact match, 0, is drawn at 1e-18). The correct one agrees with the float64
+# reference to rounding; each bug is off by orders of magnitude more than the oracle's float64
+# relative tolerance (dashed), so a pass and a fail are never a matter of a few ulps.
+
+# %%
+for name, error in largest_error.items():
+    print(f"{name:22s} largest relative error {error:.2e}")
+assert largest_error["kto_numpy (correct)"] < float64_rtol
+assert min(largest_error["weights normalised"], largest_error["logits not shifted"]) > 1000 * float64_rtol
+plots.plot_bars({name: max(error, 1e-18) for name, error in largest_error.items()},
+                title="The oracle's verdicts: largest relative error over every check", log=True,
+                xlabel="max |candidate − reference| / max |reference|", ylabel="candidate",
+                threshold=float64_rtol, threshold_label="the oracle's float64 rtol")
 
 # %% [markdown]
 # ## PyTorch candidates
