@@ -65,9 +65,12 @@ log_ratios = policy_logps - ref_logps
 # The seed document (the Elixir library Edifice, `Edifice.Meta.KTO`) writes KTO differently from the
 # paper (lesson 1), and this is `kto_loss`'s default `variant="edifice"`:
 #
-# $$ KL_i = \beta r_i, \quad z = \tfrac{1}{n}\sum_i KL_i, \quad \text{reward}_i = KL_i - z, $$
-# $$ \text{loss}_i = -\lambda_D\, \sigma(\text{reward}_i)\ \text{(desirable)}, \qquad
-#    \text{loss}_i = -\lambda_U\, \sigma(-\text{reward}_i)\ \text{(undesirable)} . $$
+# $$ KL_i = \beta r_i, \quad z = \tfrac{1}{n}\sum_i KL_i, \quad u_i = KL_i - z, $$
+# $$ \text{loss}_i = -\lambda_D\, \sigma(u_i)\ \text{(desirable)}, \qquad
+#    \text{loss}_i = -\lambda_U\, \sigma(-u_i)\ \text{(undesirable)} . $$
+#
+# KL_i = β r_i is the reward (the seed calls u_i the reward; in these lessons the reward is always
+# β r, and u_i is the sigmoid's argument, the reward measured from the reference point z).
 #
 # Three differences from the paper's loss of lesson 1: z is the mean of the batch's *own* (matched)
 # rewards, in reward units; it is **not** clamped; and it is **not** detached, so gradient flows through the mean. (The
@@ -77,8 +80,8 @@ log_ratios = policy_logps - ref_logps
 # %%
 kl_terms = beta * log_ratios
 z_edifice = kl_terms.mean()
-reward = kl_terms - z_edifice
-edifice_losses = np.where(desirable, -desirable_weight * sigmoid(reward), -undesirable_weight * sigmoid(-reward))
+u = kl_terms - z_edifice  # the reward β r measured from z
+edifice_losses = np.where(desirable, -desirable_weight * sigmoid(u), -undesirable_weight * sigmoid(-u))
 edifice_by_hand = edifice_losses.mean()
 edifice_kto_np = kto_loss(policy_logps, ref_logps, labels, beta)  # the default variant
 print(f"z = mean(β r) = {z_edifice:+.4f} (can be negative)")
@@ -88,15 +91,15 @@ assert abs(edifice_by_hand - edifice_kto_np) < 1e-12
 # %% [markdown]
 # ### The gradient through z
 #
-# Write g_i = ∂loss_i/∂reward_i / n = −w_i s_i σ(reward_i) σ(−reward_i) / n. Since
-# reward_i = β r_i − (β/n) Σ_j r_j, every r_j moves every reward:
+# Write g_i = ∂loss_i/∂u_i / n = −w_i s_i σ(u_i) σ(−u_i) / n. Since
+# u_i = β r_i − (β/n) Σ_j r_j, every r_j moves every u_i:
 #
 # $$ \frac{\partial L}{\partial r_j} = \beta\, g_j - \frac{\beta}{n} \sum_i g_i = \beta\,(g_j - \bar g) . $$
 #
 # With a stop-gradient on z (`stop_z_grad=True`) only the first term remains, β g_j.
 
 # %%
-g = -(weights * signs * sigmoid(reward) * sigmoid(-reward)) / n
+g = -(weights * signs * sigmoid(u) * sigmoid(-u)) / n
 grad_through_z_by_hand = beta * (g - g.mean())
 grad_stop_z_by_hand = beta * g
 _, grad_through_z, _ = kto_loss_and_grad(policy_logps, ref_logps, labels, beta)
@@ -127,7 +130,7 @@ assert abs(grad_stop_z.sum()) > 1e-5
 
 # %% [markdown]
 # An extreme case makes the point: a batch of thumbs-up examples only, all at the same log-ratio.
-# Through z, every reward is 0 whatever the log-ratio, so the batch teaches nothing; with z detached,
+# Through z, every u_i is 0 whatever the log-ratio, so the batch teaches nothing; with z detached,
 # it raises every log-prob.
 
 # %%
@@ -143,7 +146,7 @@ assert np.max(np.abs(grad_only_thumbs_up)) < 1e-15 and np.all(grad_only_thumbs_u
 # That example hides the worse half of the story. Give the thumbs-up examples *different*
 # log-ratios: through z the gradients still sum to zero, so if some are pushed up, others must be
 # pushed down, and gradient descent **lowers the log-prob of a desirable completion**. Which ones?
-# Those whose σ(reward)σ(−reward) is below the batch mean: the examples far from the batch's mean
+# Those whose σ(u)σ(−u) is below the batch mean: the examples far from the batch's mean
 # reward, here the one the policy already likes most.
 
 # %%
