@@ -352,7 +352,7 @@ def test_trl_right_passes_apo_zero_unpaired(tmp_path, capsys, torch_needed):
 
 def test_halos_conventions_are_reported_not_failed(tmp_path, capsys, torch_needed):
     status, out, _ = check(capsys, _write(tmp_path, "trainers.py", HALOS_RIGHT) + ":KTOTrainer.loss",
-                           tolerance="float32")
+                           tolerance="float32", show_all=True)
     assert status == 0, out
     assert "convention (halos): HALOs returns rewards as r" in out
     assert "metrics/rewards/chosen" in out and "metrics/kl" in out  # rewards compared, as beta r

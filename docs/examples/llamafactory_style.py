@@ -7,7 +7,10 @@ import torch
 class CustomKTOTrainer:
     def kto_loss(self, policy_chosen_logps, policy_rejected_logps, policy_KL_logps, reference_chosen_logps,
                  reference_rejected_logps, reference_KL_logps):
-        kl = (policy_KL_logps - reference_KL_logps).mean().clamp(min=0).detach()
+        if self.calculate_KL:  # the trainer's switch: False when the batch has no KL rows
+            kl = (policy_KL_logps - reference_KL_logps).mean().clamp(min=0).detach()
+        else:
+            kl = torch.zeros(1).to(policy_chosen_logps.device)
         chosen = policy_chosen_logps - reference_chosen_logps
         rejected = policy_rejected_logps - reference_rejected_logps
         losses = torch.cat([self.desirable_weight * (1 - torch.sigmoid(self.beta * (chosen - kl))),
