@@ -121,7 +121,7 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
         return 2
     tolerance = args.tolerance
     if tolerance is None:  # an ecosystem whose code computes in float32 is checked at float32
-        from .oracle.ecosystems import ECOSYSTEMS  # noqa: PLC0415
+        from .oracle.integrations.ecosystems import ECOSYSTEMS  # noqa: PLC0415
 
         tolerance = ECOSYSTEMS[args.ecosystem].tolerance if args.ecosystem else "float64"
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
@@ -130,7 +130,7 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_oracle_liger(args: argparse.Namespace) -> int:
-    from .oracle.liger import main_liger  # noqa: PLC0415
+    from .oracle.integrations.liger import main_liger  # noqa: PLC0415
 
     return main_liger(args.tolerance)
 
@@ -171,7 +171,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
 
 
 def _cmd_oracle_trl(args: argparse.Namespace) -> int:
-    from .oracle.trl import main_trl  # noqa: PLC0415
+    from .oracle.integrations.trl import main_trl  # noqa: PLC0415
 
     return main_trl(args.level)
 
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None,
                    help="how SPEC is called: kto_np (the oracle's keywords) or split (policy_chosen_logps, ..., "
                    "reference_KL_logps -> losses, rewards, kl); default: detected from its parameter names")
-    from .oracle.ecosystems import ECOSYSTEMS  # noqa: PLC0415
+    from .oracle.integrations.ecosystems import ECOSYSTEMS  # noqa: PLC0415
 
     p.add_argument("--ecosystem", choices=tuple(ECOSYSTEMS), default=None,
                    help="the project whose own source SPEC is, run as it sits in its file with what its code "

@@ -26,10 +26,10 @@ from kto_np.edifice import (
     softmax_eps_backward,
     softmax_eps_forward,
 )
-from kto_np.edifice_case import edifice_model_case_arrays
 from kto_np.generate import generate
 from kto_np.gradcheck import check_gradients, rel_error
 from kto_np.gradcheck_suite import model_checks
+from kto_np.oracle.cases.edifice_case import edifice_model_case_arrays
 
 SMALL = dict(vocab_size=11, hidden_size=12, num_heads=3, num_layers=2, max_seq_len=8, dropout=0.0,
              dtype="float64")

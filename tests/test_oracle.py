@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 
 from kto_np import files, oracle, torch_reference
+from kto_np.oracle.cases import mistakes
+from kto_np.oracle.cases.reference import kto_pair_candidate
+from kto_np.oracle.compare.report import MAX_FAILING_ROWS
 
 # the formula kinds; the pipeline kinds (kl_pairs, data_parallel, accumulation) and the mistakes found in real
 # code are tested in test_oracle_mistakes.py and test_oracle_distributed.py
 KIND_VARIANTS = [(kind, variant) for kind in oracle.KINDS if kind not in oracle.PIPELINE_KINDS
                  and kind != "model_edifice"  # its candidates and mutants: tests/test_oracle_edifice.py
                  for variant in oracle.VARIANTS[kind]]
-REAL_CODE_MISTAKES = oracle.mistakes.REAL_CODE_MISTAKE_IDS
+REAL_CODE_MISTAKES = mistakes.REAL_CODE_MISTAKE_IDS
 
 
 def torch_or_skip():
@@ -27,7 +30,7 @@ def builtin(kind, variant=None):
     """kto_np's own candidate (the kto_pair variant's is cases.kto_pair_candidate)."""
     candidate = oracle.builtin_candidate(kind, variant)
     if kind == "kto_loss" and variant == "kto_pair":
-        assert candidate is oracle.cases.kto_pair_candidate
+        assert candidate is kto_pair_candidate
     return candidate
 
 
@@ -377,8 +380,8 @@ ALL_MUTANTS = LOSS_MUTANTS + LOGPROB_MUTANTS + MODEL_MUTANTS
 def test_every_builtin_mutant_is_covered_by_a_test_candidate():
     tested = {(kind, variant, LOGPROB_FORMS.get(form, form)) for kind, variant, form in ALL_MUTANTS}
     builtin = {(kind, variant, m.mistake) for kind, variant in KIND_VARIANTS
-               for m in oracle.mistakes.mutants(kind, variant)
-               if not set(oracle.mistakes.mistake_ids(m)) & REAL_CODE_MISTAKES}
+               for m in mistakes.mutants(kind, variant)
+               if not set(mistakes.mistake_ids(m)) & REAL_CODE_MISTAKES}
     assert builtin == tested
     assert {m for _, _, m in builtin} == set(oracle.MISTAKES) - REAL_CODE_MISTAKES
 
@@ -772,8 +775,8 @@ def test_mutant_engine_without_mistakes_is_the_reference():
     for case in oracle.generate_cases():
         if case.kind != "kto_loss":
             continue
-        engine = (oracle.mistakes._other_class_mutant() if case.variant == "kto_pair"
-                  else oracle.mistakes._kto_loss_mutant("none", {}))
+        engine = (mistakes._other_class_mutant() if case.variant == "kto_pair"
+                  else mistakes._kto_loss_mutant("none", {}))
         outputs = engine.compute(case)
         for quantity, value in outputs.items():
             expected = case.expected[quantity]
@@ -801,7 +804,7 @@ def test_a_consistent_kl_rotation_passes_and_the_other_is_named(roll, kl_rotatio
 
 
 def test_the_cases_of_each_rotation_hold_reference_values_for_it():
-    from kto_np.oracle.cases import kl_partner_indices
+    from kto_np.oracle.cases.reference import kl_partner_indices
 
     by_name = {c.name: c for c in oracle.generate_cases() if c.kind == "model_kto"}
     for name, case in by_name.items():
@@ -852,7 +855,7 @@ def test_the_first_line_is_the_verdict_and_the_table_shows_the_failing_rows(tmp_
     assert lines[0].startswith("FAILED, diagnosis: matches known mistake beta_twice"), lines[0]
     rows = [line for line in lines if line.endswith(("FAIL", "pass", "skip"))]
     assert rows and all(line.endswith("FAIL") for line in rows)
-    assert len(rows) == oracle.report.MAX_FAILING_ROWS < len(report.failures)
+    assert len(rows) == MAX_FAILING_ROWS < len(report.failures)
     every = report.format(show_all=True).splitlines()
     assert every[0] == lines[0]
     assert sum(line.endswith("pass") for line in every) == sum(c.passed for c in report.checks)

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from kto_np import __version__, oracle
+from kto_np.oracle.cases.store import compare_with_installed
 
 UNDESIRABLE_SIGN = '''
 import numpy as np
@@ -79,7 +80,7 @@ def test_an_edited_valid_config_is_named_and_not_blamed_on_the_candidate(exporte
                 entry["config"]["n_head"] = 4  # still a valid GPT-2 config, but not the model of these numbers
 
     folder = edited_copy(exported, tmp_path, edit)
-    identical, line = oracle.store.compare_with_installed(folder)
+    identical, line = compare_with_installed(folder)
     assert not identical
     assert "edited: model_kto/kto/kl_negative (config); model_kto/kto/kl_negative_rotation_plus_1 (config)" in line
     assert oracle.main_check(f"{candidates}:good_model", "model_kto", None, folder) == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kto_np import oracle
-from kto_np.oracle import dp_launch
+from kto_np.oracle.run import runner
 
 # what the tests below cover (test_oracle_mistakes checks that every data-parallel mutant is covered)
 DATA_PARALLEL_TESTED = {("data_parallel", "rank_means", m) for m in (
@@ -23,7 +23,7 @@ DATA_PARALLEL_TESTED = {("data_parallel", "rank_means", m) for m in (
 @pytest.fixture(scope="module", autouse=True)
 def launcher():
     """One launcher (torch imported once) for the module's checks; each check still gets fresh ranks."""
-    with dp_launch.data_parallel_session():
+    with runner.data_parallel_session():
         yield
 
 
@@ -229,7 +229,7 @@ def test_a_rank_that_never_joins_ends_the_check_in_bounded_time(tmp_path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     import late_rank
 
-    monkeypatch.setattr(dp_launch, "JOIN_TIMEOUT", 4.0)
+    monkeypatch.setattr(runner, "JOIN_TIMEOUT", 4.0)
     before = _descendants()
     started = time.monotonic()
     report = oracle.verify(late_rank.candidate, "data_parallel", cases=cases_named("R2_unequal"), timeout=5)
@@ -242,7 +242,7 @@ def test_a_rank_that_never_joins_ends_the_check_in_bounded_time(tmp_path, monkey
 
 
 def test_without_torch_the_kind_says_why(monkeypatch):
-    monkeypatch.setattr(dp_launch.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="torch is not installed"):
         oracle.verify(numpy_right, "data_parallel")
     assert oracle.main_check("test_oracle_distributed:numpy_right", "data_parallel") == 2

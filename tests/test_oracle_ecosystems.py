@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from kto_np import oracle
-from kto_np.oracle import conventions, ecosystems
+from kto_np.oracle.integrations import ecosystems
+from kto_np.oracle.run import conventions
 
 # TRL <= 1.5: KTOTrainer.kto_loss reads calculate_KL, loss_type, beta, the weights and the accelerator.
 TRL = '''
@@ -250,7 +251,7 @@ def torch_needed():
 
 
 def _form(tmp_path, text, attribute, name="code.py"):
-    from kto_np.oracle.loader import resolve_spec
+    from kto_np.oracle.run.loader import resolve_spec
 
     target, owner = resolve_spec(f"{_write(tmp_path, name, text)}:{attribute}")
     return conventions.candidate_form(target, owner)
@@ -309,7 +310,7 @@ def test_an_ecosystem_whose_library_is_absent_exits_2(tmp_path, capsys, monkeypa
     spec = _write(tmp_path, "halos_like.py", HALOS_RIGHT.replace("import torch\n", "").replace(
         "import torch.nn.functional as F\n", "")) + ":KTOTrainer.loss"
     from kto_np.oracle.check import verify
-    from kto_np.oracle.loader import LoadError
+    from kto_np.oracle.run.loader import LoadError
 
     with pytest.raises(LoadError, match="needs torch, which is not installed"):
         verify(spec, "kto_loss", "kto", convention="halos", isolate=False)

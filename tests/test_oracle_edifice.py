@@ -13,8 +13,8 @@ import pytest
 import kto_np
 from kto_np import oracle
 from kto_np.checkpoint import params_to_axon
-from kto_np.oracle.cases import generate_cases
-from kto_np.oracle.results import ResultsError, compare_results, results_document, write_results
+from kto_np.oracle.cases.reference import generate_cases
+from kto_np.oracle.compare.results import ResultsError, compare_results, results_document, write_results
 
 KIND, VARIANT = "model_edifice", "edifice"
 BUILTIN = oracle.builtin_candidate(KIND)
@@ -118,7 +118,7 @@ def test_builtin_candidate_passes_every_case_in_process_and_isolated(capsys):
     quantities = {c.quantity for c in report.checks}
     assert {"loss", "logits", "logps", "grad/block_1_attn_q.kernel", "grad/lm_head.bias",
             "grad/token_embed.kernel"} <= quantities
-    assert oracle.main_check("kto_np.oracle.candidates:edifice_candidate", KIND) == 0
+    assert oracle.main_check("kto_np.oracle.run.candidates:edifice_candidate", KIND) == 0
     out = capsys.readouterr().out
     assert "kind=model_edifice variant=edifice, 2 cases" in out and "PASSED: 79/79" in out
 
@@ -165,7 +165,7 @@ def test_every_mistake_fails_and_is_named(label):
 
 
 def test_every_builtin_mutant_has_a_candidate_above():
-    from kto_np.oracle.mistakes import mutants
+    from kto_np.oracle.cases.mistakes import mutants
 
     # the two reference mistakes' candidates are written in test_oracle_mistakes, for every model kind
     labels = {m.label for m in mutants(KIND, VARIANT)} - {"reference_missing", "reference_is_policy"}
@@ -267,7 +267,7 @@ def test_compare_results_file_from_another_language(tmp_path):
 
 
 def test_every_mutant_differs_from_the_reference():
-    from kto_np.oracle.mistakes import mutants
+    from kto_np.oracle.cases.mistakes import mutants
 
     found = set()
     for mutant in mutants(KIND, VARIANT):

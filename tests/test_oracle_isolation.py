@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kto_np import oracle
-from kto_np.oracle import isolation
+from kto_np.oracle.run import runner
 
 STAND_INS = '''
 import os, signal, sys, time, warnings
@@ -36,7 +36,7 @@ def sleeps_on_batch_of_1(**kwargs):
     return good(**kwargs)
 
 def patches_report(**kwargs):
-    from kto_np.oracle import report
+    from kto_np.oracle.compare import report
     report.Report.passed = property(lambda self: True)
     kwargs["beta"] = kwargs["beta"] ** 2
     return good(**kwargs)
@@ -129,7 +129,7 @@ def module_level_exit(*args, **kwargs):
 
 
 def test_verify_isolates_module_level_functions_and_specs(stand_ins):
-    assert isolation.candidate_spec(module_level_exit) == f"{__name__}:module_level_exit"
+    assert runner.candidate_spec(module_level_exit) == f"{__name__}:module_level_exit"
     report = oracle.verify(module_level_exit, "dpo_loss")
     assert not report.passed
     assert all("called sys.exit(0)" in message for message in report.errors.values())
@@ -178,15 +178,15 @@ def test_verify_rejects_bad_isolation_arguments():
 
 def test_wire_format_round_trips_exactly_and_refuses_garbage():
     values = np.array([[1.0, -0.0, np.nan], [np.inf, 1e-310, 0.1]])
-    decoded = isolation.decode_array(isolation.encode_array(values))
+    decoded = runner.decode_array(runner.encode_array(values))
     assert decoded.tobytes() == values.tobytes()
     with pytest.raises(ValueError, match="does not fit"):
-        isolation.decode_array({"shape": [2, 2], "data": [1.0]})
+        runner.decode_array({"shape": [2, 2], "data": [1.0]})
     case = oracle.generate_cases()[0]
     with pytest.raises(ValueError, match="unknown quantity"):
-        isolation.decode_values(case, {"no_such": {"value": None, "source": "returned"}})
+        runner.decode_values(case, {"no_such": {"value": None, "source": "returned"}})
     with pytest.raises(ValueError, match="not checked"):
-        isolation.decode_values(case, {"grad/policy_logps": {"value": None, "source": "not checked"}})
+        runner.decode_values(case, {"grad/policy_logps": {"value": None, "source": "not checked"}})
 
 
 def test_cli_timeout_option(stand_ins, capsys):
@@ -200,4 +200,4 @@ def test_cli_timeout_option(stand_ins, capsys):
 
 
 def test_child_environment_finds_this_kto_np():
-    assert os.path.isdir(os.path.join(isolation._package_root(), "kto_np", "oracle"))
+    assert os.path.isdir(os.path.join(runner._package_root(), "kto_np", "oracle"))

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from kto_np import oracle
-from kto_np.oracle import distributed, kl_pairs
-from kto_np.oracle.mistakes import REAL_CODE_MISTAKE_IDS, mutants
-from kto_np.oracle.report import TOLERANCES, _agrees_or_absent, quantity_class
+from kto_np.oracle.cases import distributed, kl_pairs
+from kto_np.oracle.cases.mistakes import REAL_CODE_MISTAKE_IDS, mutants
+from kto_np.oracle.cases.reference import _case, kto_pair_candidate
+from kto_np.oracle.compare.report import TOLERANCES, _agrees_or_absent, quantity_class
+from kto_np.oracle.run.candidates import edifice_candidate
 
 
 def torch_or_skip():
@@ -82,7 +84,7 @@ def torch_kto_loss(variant, mistake=None):
 
 
 def metrics_mistake(variant, mistake):
-    ours = oracle.cases.kto_pair_candidate if variant == "kto_pair" else oracle.builtin_candidate("kto_loss", variant)
+    ours = kto_pair_candidate if variant == "kto_pair" else oracle.builtin_candidate("kto_loss", variant)
 
     def candidate(**kwargs):
         loss, grads, metrics = ours(**kwargs)
@@ -451,7 +453,7 @@ def test_builtin_pipeline_candidates_pass(kind, variant):
                                           ("accumulation", "kto"), ("data_parallel", "rank_means"),
                                           ("data_parallel", "global_mean")])
 def test_pipeline_results_round_trip_and_a_mutated_file_is_named(kind, variant, tmp_path):
-    from kto_np.oracle import results
+    from kto_np.oracle.compare import results
 
     document = results.results_document(oracle.builtin_candidate(kind, variant), kind, variant)
     path = results.write_results(tmp_path / "results.json", document)
@@ -476,7 +478,7 @@ def test_pipeline_results_round_trip_and_a_mutated_file_is_named(kind, variant, 
 
 
 def test_a_pipeline_results_entry_that_does_not_fit_is_refused():
-    from kto_np.oracle import results
+    from kto_np.oracle.compare import results
 
     document = results.results_document(distributed.builtin_accumulation, "accumulation")
     name = next(iter(document["results"]))
@@ -507,7 +509,7 @@ def numpy_reference_mistake(kind, variant, form):
     """reference_missing (r = log pi: the reference log-probs taken as 0) or reference_is_policy (the policy's
     log-probs used as the reference's: r = 0), kto_np's own code otherwise."""
     if kind == "model_edifice":
-        ours = oracle.candidates.edifice_candidate
+        ours = edifice_candidate
 
         def candidate(params, config, tokens, targets, mask, labels, ref_logps, beta, desirable_weight,
                       undesirable_weight):
@@ -580,7 +582,7 @@ def numpy_undesirable_subtracted(scale="mean"):
 def numpy_model_undesirable_subtracted():
     """kto_np's GPT-2 (forward, hand-written backward) with align-anything's loss on its log-probs."""
     from kto_np.logprobs import sequence_logprobs_backward, sequence_logprobs_forward
-    from kto_np.oracle.cases import Case, hf_name, model_case_batch, model_from_case, trainable_names
+    from kto_np.oracle.cases.reference import Case, hf_name, model_case_batch, model_from_case, trainable_names
 
     def candidate(state_dict, config, prompt_tokens, completion_tokens, completion_mask, labels, ref_logps,
                   kl_ref_logps, beta, desirable_weight, undesirable_weight):
@@ -689,7 +691,7 @@ def test_undesirable_subtracted_at_another_scale_is_named_by_the_gradient_signs(
 
 def test_the_window_aware_right_candidate_passes_and_old_cases_do_not_list_the_window_mistake():
     assert_passed(oracle.verify(numpy_window_right, "accumulation"))
-    old = [oracle.cases._case(c.name, c.kind, c.variant, c.formula,
+    old = [_case(c.name, c.kind, c.variant, c.formula,
                               {k: v for k, v in c.inputs.items() if not k.startswith("pair_")}, dict(c.expected))
            for c in oracle.generate_cases() if c.kind == "accumulation"]
     report = oracle.verify(distributed.builtin_accumulation, "accumulation", cases=old)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kto_np import oracle
-from kto_np.oracle import results as results_module
+from kto_np.oracle.compare import results as results_module
 from kto_np.testing import assert_kto_matches
 
 SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "oracle-results.schema.json"

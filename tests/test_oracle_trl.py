@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from kto_np.oracle import trl as oracle_trl
+from kto_np.oracle.integrations import trl as oracle_trl
 
 
 @pytest.fixture(autouse=True)

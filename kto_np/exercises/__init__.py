@@ -24,12 +24,10 @@ returned numbers come back to `judge(calls, outcomes)`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -130,8 +128,8 @@ def as_numbers(out) -> tuple:
 def run_calls(function: Callable, calls: Sequence[Call], timeout: float | None = DEFAULT_TIMEOUT) -> list[CallOutcome]:
     """Run `function` on every call in this process, each on fresh copies of its inputs; every way out of it
     (an exception, sys.exit, the time limit) becomes that call's error."""
-    from ..oracle.candidates import short_error  # noqa: PLC0415
-    from ..oracle.isolation import CandidateTimeout, _time_limit  # noqa: PLC0415
+    from ..oracle.run.candidates import short_error  # noqa: PLC0415
+    from ..oracle.run.runner import CandidateTimeout, _time_limit  # noqa: PLC0415
 
     outcomes = []
     for call in calls:
@@ -307,10 +305,10 @@ def oracle_judge(kind: str, variant: str | None, names: Sequence[str], quantitie
     its comparison and its diagnosis, which names the known mistake the numbers reproduce. `names` are the
     returned values in words, `quantities` the oracle's names for them; `extra` are typical mistakes the
     oracle's catalogue does not hold, tried when it names none."""
-    from ..oracle.candidates import Evaluation  # noqa: PLC0415
+    from ..oracle.cases.mistakes import KNOWN_MISTAKES  # noqa: PLC0415
     from ..oracle.check import build_report  # noqa: PLC0415
-    from ..oracle.isolation import Outcome  # noqa: PLC0415
-    from ..oracle.mistakes import KNOWN_MISTAKES  # noqa: PLC0415
+    from ..oracle.run.candidates import Evaluation  # noqa: PLC0415
+    from ..oracle.run.runner import Outcome  # noqa: PLC0415
 
     def judge(calls: list[Call], outcomes: list[CallOutcome]) -> Verdict:
         selected = cases()
@@ -386,7 +384,8 @@ def fd_vjp(forward: Callable, inputs: Sequence[np.ndarray], dout: np.ndarray, wh
 # ===================================================================================================
 
 
-# Running the learner's function in a child process, as the oracle runs its candidates (oracle/isolation.py).
+# Running the learner's function in a child process, as the oracle runs its candidates (oracle/run/runner.py:
+# its child's environment and its stop).
 #
 # The parent writes the request (exercise id, spec, time limit) and starts `python -m kto_np.exercises.worker`.
 # The child loads the function with the oracle's loader (kto_np.oracle.load_callable), runs it on the
@@ -401,7 +400,7 @@ def run_isolated(exercise_id: str, spec: str, calls: list[Call], timeout: float 
                  ) -> tuple[list[CallOutcome], tuple[str, ...]]:
     """(one outcome per call, notes) from a child process. ImportError / AttributeError / TypeError when the
     spec cannot be loaded there (the loader's own message)."""
-    from ..oracle.isolation import WORKER_ENV, _describe_end, _package_root, decode_array, summarise_output  # noqa: PLC0415
+    from ..oracle.run.runner import _describe_end, child_env, decode_array, stop_child, summarise_output  # noqa: PLC0415
 
     limit = (timeout if timeout and math.isfinite(timeout) else 1e9) * max(1, len(calls)) + IMPORT_TIMEOUT
     with tempfile.TemporaryDirectory(prefix="kto_np-exercise-") as tmp:
@@ -410,14 +409,10 @@ def run_isolated(exercise_id: str, spec: str, calls: list[Call], timeout: float 
         request.write_text(json.dumps({"exercise": exercise_id, "spec": spec, "timeout": timeout,
                                        "cwd": os.getcwd(), "result": str(result_path),
                                        "sys_path": [p for p in sys.path if isinstance(p, str)]}), encoding="utf-8")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_package_root()] + [p for p in [env.get("PYTHONPATH")] if p])
-        env.setdefault("PYTHONWARNINGS", "default")
-        env[WORKER_ENV] = "1"
         stdout, stderr = folder / "stdout.txt", folder / "stderr.txt"
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
             process = subprocess.Popen([sys.executable, "-m", "kto_np.exercises.worker", str(request)],
-                                       stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                                       stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=child_env(),
                                        start_new_session=True)
         try:
             returncode = process.wait(timeout=limit)
@@ -425,9 +420,7 @@ def run_isolated(exercise_id: str, spec: str, calls: list[Call], timeout: float 
         except subprocess.TimeoutExpired:
             returncode, timed_out = None, True
         finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            stop_child(process)
         notes = tuple(n for n in (summarise_output("stdout", stdout), summarise_output("stderr", stderr)) if n)
         try:
             answer = json.loads(result_path.read_text(encoding="utf-8"))
@@ -1539,8 +1532,8 @@ def grade(exercise_id: str, function: Callable | str, *, isolate: bool = False,
     raises, exits or runs past `timeout` seconds fails with a message saying so; a spec that cannot be loaded
     raises ImportError, AttributeError or TypeError (exit status 2 of `kto-np exercise check`).
     """
-    from ..oracle.isolation import candidate_spec  # noqa: PLC0415
-    from ..oracle.loader import load_callable  # noqa: PLC0415
+    from ..oracle.run.loader import load_callable  # noqa: PLC0415
+    from ..oracle.run.runner import candidate_spec  # noqa: PLC0415
 
     exercise = get(exercise_id)
     if not isinstance(function, str) and not callable(function):

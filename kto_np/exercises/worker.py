@@ -18,8 +18,8 @@ def main(argv: list[str]) -> int:
     sys.path[:] = request["sys_path"]
     os.chdir(request["cwd"])
 
-    from ..oracle.isolation import encode_array  # noqa: PLC0415
-    from ..oracle.loader import load_callable  # noqa: PLC0415
+    from ..oracle.run.loader import load_callable  # noqa: PLC0415
+    from ..oracle.run.runner import encode_array  # noqa: PLC0415
     from . import get, run_calls  # noqa: PLC0415
 
     def answer(document: dict) -> int:

@@ -11,12 +11,20 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..validation import check_choice
-from . import report as report_module
-from .cases import KL_ROTATION, KL_ROTATIONS, MODEL_KINDS, Case, generate_cases, resolve_variant
-from .isolation import DEFAULT_TIMEOUT, Outcome, candidate_spec, run_in_child, run_in_process, summarise_notes
-from .loader import LoadError, adapt_candidate, load_candidate
-from .report import TOLERANCES, Check, Diagnosis, Report, compare, diagnose
-from .store import FORMAT_VERSION, compare_with_installed, export, load_cases
+from .cases.reference import KL_ROTATION, KL_ROTATIONS, MODEL_KINDS, Case, generate_cases, resolve_variant
+from .cases.store import FORMAT_VERSION, compare_with_installed, export, load_cases
+from .compare import report as report_module
+from .compare.report import TOLERANCES, Check, Diagnosis, Report, compare, diagnose
+from .run.loader import LoadError, adapt_candidate, load_candidate
+from .run.runner import (
+    DEFAULT_TIMEOUT,
+    Outcome,
+    candidate_spec,
+    run_data_parallel,
+    run_in_child,
+    run_in_process,
+    summarise_notes,
+)
 
 
 def _select_cases(cases, kind: str, variant: str | None, kl_rotation: int | None = None
@@ -176,9 +184,7 @@ def build_report(kind: str, variant: str | None, tolerance: str, selected: Seque
 
 
 def _run_ranks(candidate, selected: list[Case], tolerance: str, timeout: float | None) -> Outcome:
-    """data_parallel: every case of every world size in one go (dp_launch)."""
-    from .dp_launch import run_data_parallel  # noqa: PLC0415
-
+    """data_parallel: every case of every world size in one go (the runner's ranks)."""
     results = run_data_parallel(candidate, selected, tolerance, timeout=timeout)
     evaluations = {name: r for name, r in results.items() if not isinstance(r, str)}
     errors = {name: r for name, r in results.items() if isinstance(r, str)}

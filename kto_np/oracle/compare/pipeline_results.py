@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import kl_pairs
-from .cases import Case
-from .distributed import shard_inputs, shard_sizes
+from ..cases import kl_pairs
+from ..cases.distributed import shard_inputs, shard_sizes
+from ..cases.reference import Case
 
 GRADIENTS = ("policy_logps", "kl_policy_logps")
 

@@ -10,26 +10,27 @@ sequences, T time, V vocabulary.
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..backend import to_numpy
-from ..checkpoint import HF_PREFIX, params_from_hf_gpt2, params_to_hf_gpt2
-from ..dpo import dpo_loss_and_grad
-from ..edifice_case import edifice_model_case_arrays
-from ..logprobs import (
+from ...backend import to_numpy
+from ...checkpoint import HF_PREFIX, params_from_hf_gpt2, params_to_hf_gpt2
+from ...dpo import dpo_loss_and_grad
+from ...logprobs import (
     logprobs_backward,
     logprobs_forward,
     sequence_logprobs_backward,
     sequence_logprobs_forward,
 )
-from ..losses import KTOConfig, kto_loss_and_grad
-from ..model import GPT, GPTConfig, param_shapes
-from ..step import KL_ROTATION, Batch, kl_partner_indices, kto_step
-from ..validation import check_choice
+from ...losses import KTOConfig, kto_loss_and_grad
+from ...model import GPT, GPTConfig, param_shapes
+from ...step import KL_ROTATION, Batch, kl_partner_indices, kto_step
+from ...validation import check_choice
+from .edifice_case import edifice_model_case_arrays
 
 KINDS = ("kto_loss", "dpo_loss", "logprobs", "sequence_logprobs", "model_kto", "model_edifice")
 MODEL_KINDS = ("model_kto", "model_edifice")  # a candidate gets a whole model's weights; grads for every one
@@ -41,10 +42,15 @@ VARIANTS = {
     "model_kto": ("kto",),
     "model_edifice": ("edifice",),
 }
-# kinds that check a piece of the training pipeline (kl_pairs.py, distributed.py)
+# kinds that check a piece of the training pipeline, each with a module of its own; those modules build on
+# this one (and on the catalogue of mistakes and the candidates' calls), so they are named here, not imported,
+# and imported where one of their parts is first asked for (pipeline_part). Each defines cases(),
+# mutants(kind, variant), evaluate(candidate, case, tolerance) and builtin(kind, variant).
 PIPELINE_KINDS = ("kl_pairs", "data_parallel", "accumulation")
 KINDS += PIPELINE_KINDS
-PIPELINE_CASE_BUILDERS: list = []  # () -> list[Case]; kl_pairs.py and distributed.py add theirs on import
+PIPELINE_MODULES = {"data_parallel": "kto_np.oracle.cases.distributed",
+                    "accumulation": "kto_np.oracle.cases.distributed",
+                    "kl_pairs": "kto_np.oracle.cases.kl_pairs"}
 VARIANTS.update({"kl_pairs": ("whole_batch", "blocks"), "data_parallel": ("rank_means", "global_mean"),
                  "accumulation": ("kto",)})
 
@@ -638,9 +644,15 @@ def resolve_variant(kind: str, variant: str | None) -> str | None:
 
 
 
+def pipeline_part(kind: str, part: str):
+    """One part (cases, mutants, evaluate, builtin) of a pipeline kind's module, imported on first use."""
+    return getattr(importlib.import_module(PIPELINE_MODULES[kind]), part)
+
+
 @functools.lru_cache(maxsize=1)
 def _cached_cases() -> tuple[Case, ...]:
-    pipeline = [case for build in PIPELINE_CASE_BUILDERS for case in build()]
+    modules = dict.fromkeys(PIPELINE_MODULES.values())
+    pipeline = [case for module in modules for case in importlib.import_module(module).cases()]
     return tuple(_kto_loss_cases() + _dpo_cases() + _logprobs_cases() + _sequence_logprobs_cases()
                  + _model_cases() + _edifice_cases() + pipeline)
 

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import candidates, mistakes
-from .cases import PIPELINE_CASE_BUILDERS, Case, _case
+from ..run import candidates
 from .mistakes import _Mutant
+from .reference import Case, _case
 
 MAX_BATCH_SIZE = 64
 BLOCK_SIZES = (2, 3, 4, 8)
@@ -259,8 +259,7 @@ def builtin_kl_pairs(batch_size: int, block_size: int | None = None) -> np.ndarr
     return pairing
 
 
-# the kind's registrations (the registries live in cases, mistakes and candidates)
-PIPELINE_CASE_BUILDERS.append(cases)
-mistakes.PIPELINE_MUTANTS["kl_pairs"] = mutants
-candidates.PIPELINE_EVALUATORS["kl_pairs"] = evaluate
-candidates.PIPELINE_BUILTINS["kl_pairs"] = lambda variant: builtin_kl_pairs
+
+def builtin(kind: str, variant: str | None) -> Callable:
+    """kto_np's own pairing, as the kind's built-in candidate (every variant)."""
+    return builtin_kl_pairs

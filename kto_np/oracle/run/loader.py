@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import ecosystems  # noqa: F401  (importing it registers the projects' conventions)
+from ..integrations import ecosystems  # noqa: F401  (importing it registers the projects' conventions)
 from .candidates import short_error
 from .conventions import ConventionError, adapt, candidate_form
 

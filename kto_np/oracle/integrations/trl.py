@@ -454,7 +454,7 @@ class _Output:
 @functools.lru_cache(maxsize=4)
 def _loss_trainer(loss_type: str):
     """A real KTOTrainer for the loss level, built once on the first model case's GPT-2 and its four rows."""
-    from .cases import generate_cases, state_dict_from_inputs  # noqa: PLC0415
+    from ..cases.reference import generate_cases, state_dict_from_inputs  # noqa: PLC0415
 
     api = trl_api()
     case = next(c for c in generate_cases() if c.kind == "model_kto")
@@ -588,7 +588,7 @@ LEVELS = {
 
 def _first_case(kind: str, variant: str):
     """The level's first case, one with KL pairs where there is one (it exercises the most of TRL's path)."""
-    from .cases import generate_cases  # noqa: PLC0415
+    from ..cases.reference import generate_cases  # noqa: PLC0415
 
     cases = [c for c in generate_cases() if c.kind == kind and c.variant == variant]
     return next((c for c in cases if "kl_policy_logps" in c.inputs), cases[0])
@@ -600,7 +600,7 @@ def _preflight(level: Level) -> None:
     case = _first_case(level.kind, level.variant)
     arguments = dict(case.inputs)
     if level.kind == "model_kto":
-        from .cases import state_dict_from_inputs  # noqa: PLC0415
+        from ..cases.reference import state_dict_from_inputs  # noqa: PLC0415
 
         names = ("config", "prompt_tokens", "completion_tokens", "completion_mask", "labels", "ref_logps",
                  "kl_ref_logps", "beta", "desirable_weight", "undesirable_weight")
@@ -634,7 +634,7 @@ def _undriven(report) -> str | None:
 def run_trl(levels=("loss", "model"), *, out=None) -> int:
     """Check the installed TRL at the given levels, print each report; 0 pass, 1 fail, 2 TRL cannot be driven
     (the cause on one line of standard error per level not driven)."""
-    from .check import verify  # noqa: PLC0415
+    from ..check import verify  # noqa: PLC0415
 
     out = out or sys.stdout
     try:

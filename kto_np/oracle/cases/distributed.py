@@ -32,10 +32,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..losses import kto_loss_and_grad
-from . import candidates, mistakes
-from .cases import PIPELINE_CASE_BUILDERS, Case, _case
+from ...losses import kto_loss_and_grad
+from ..run import candidates
 from .mistakes import _Mutant
+from .reference import Case, _case
 
 DP_FORMULA = (
     "Data-parallel KTO: the batch (policy_logps, ref_logps, labels, kl_policy_logps, kl_ref_logps, all [N]) is cut "
@@ -444,12 +444,18 @@ def builtin_data_parallel_global_mean(policy_logps, ref_logps, labels, kl_policy
     return scale * loss, scale * grad
 
 
-# the kinds' registrations (the registries live in cases, mistakes and candidates; dp_launch registers the
-# data_parallel evaluator)
-PIPELINE_CASE_BUILDERS.append(cases)
-mistakes.PIPELINE_MUTANTS["data_parallel"] = mutants
-mistakes.PIPELINE_MUTANTS["accumulation"] = mutants
-candidates.PIPELINE_EVALUATORS["accumulation"] = _evaluate_accumulation
-candidates.PIPELINE_BUILTINS["accumulation"] = lambda variant: builtin_accumulation
-candidates.PIPELINE_BUILTINS["data_parallel"] = (
-    lambda variant: builtin_data_parallel if variant == "rank_means" else builtin_data_parallel_global_mean)
+
+def evaluate(candidate, case: Case, tolerance: str):
+    """(values, notes) of one case: accumulation's micro-batches here, data_parallel's ranks by the runner."""
+    if case.kind == "accumulation":
+        return _evaluate_accumulation(candidate, case, tolerance)
+    from ..run.runner import evaluate_data_parallel  # noqa: PLC0415  (the runner starts processes: on use only)
+
+    return evaluate_data_parallel(candidate, case, tolerance)
+
+
+def builtin(kind: str, variant: str | None) -> Callable:
+    """kto_np's own candidate of the kind and variant."""
+    if kind == "accumulation":
+        return builtin_accumulation
+    return builtin_data_parallel if variant == "rank_means" else builtin_data_parallel_global_mean

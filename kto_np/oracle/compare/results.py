@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import HF_PREFIX
-from ..files import atomic_write
-from ..validation import check_choice
-from .candidates import Evaluation, evaluate
-from .cases import KINDS, KL_ROTATION, KL_ROTATIONS, MODEL_KINDS, VARIANTS, resolve_variant
-from .check import _select_cases, build_report
-from .isolation import Outcome
+from ...checkpoint import HF_PREFIX
+from ...files import atomic_write
+from ...validation import check_choice
+from ..cases.reference import KINDS, KL_ROTATION, KL_ROTATIONS, MODEL_KINDS, VARIANTS, resolve_variant
+from ..check import _select_cases, build_report
+from ..run.candidates import Evaluation, evaluate
+from ..run.runner import Outcome
 from .pipeline_results import ResultsError as PipelineResultsError
 from .pipeline_results import entry_from_candidate, values_from_entry
 from .report import TOLERANCES, Report

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import to_numpy
-from .edifice import Edifice, EdificeConfig
-from .logprobs import logprobs_backward, logprobs_forward
-from .losses import kto_loss_and_grad
-from .validation import check_choice, check_positive_int
+from ...backend import to_numpy
+from ...edifice import Edifice, EdificeConfig
+from ...logprobs import logprobs_backward, logprobs_forward
+from ...losses import kto_loss_and_grad
+from ...validation import check_choice, check_positive_int
 
 __all__ = ["edifice_model_case_arrays"]
 

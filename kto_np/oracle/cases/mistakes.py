@@ -14,11 +14,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..dpo import dpo_loss_and_grad
-from ..edifice import Edifice, EdificeConfig
-from ..logprobs import logprobs_backward, logprobs_forward, sequence_logprobs_backward, sequence_logprobs_forward
-from ..losses import sigmoid
-from .cases import KINDS, PIPELINE_KINDS, Case, edifice_params_from_inputs, hf_name, model_case_batch, model_from_case
+from ...dpo import dpo_loss_and_grad
+from ...edifice import Edifice, EdificeConfig
+from ...logprobs import logprobs_backward, logprobs_forward, sequence_logprobs_backward, sequence_logprobs_forward
+from ...losses import sigmoid
+from .reference import (
+    KINDS,
+    PIPELINE_KINDS,
+    Case,
+    edifice_params_from_inputs,
+    hf_name,
+    model_case_batch,
+    model_from_case,
+    pipeline_part,
+)
 
 
 @dataclass(frozen=True)
@@ -478,7 +487,6 @@ for _id, _where in _SEEN_IN.items():
         KNOWN_MISTAKES[_id] = replace(KNOWN_MISTAKES[_id], seen_in=_where)
 
 # kinds that check a piece of the training pipeline rather than a formula: their mutants live in their modules
-PIPELINE_MUTANTS: dict = {}  # kind -> (kind, variant) -> mutants; kl_pairs.py and distributed.py add theirs
 
 
 def _class_mean_weights(labels, desirable_weight, undesirable_weight) -> tuple[float, float]:
@@ -634,8 +642,8 @@ def _undesirable_gradient_sign_rule(candidate_values: Mapping, cases_by_name: Ma
 
 def real_code_mutants(kind: str, variant: str | None) -> list[_Mutant]:
     """The mutants of the mistakes found in real code, for a kind and variant."""
-    if kind in PIPELINE_MUTANTS:
-        return PIPELINE_MUTANTS[kind](kind, variant)
+    if kind in PIPELINE_KINDS:
+        return pipeline_part(kind, "mutants")(kind, variant)
     out: list[_Mutant] = []
     if kind == "kto_loss" and variant != "kto_pair":
         out += [_reduction_mutant("class_means_added"), _reduction_mutant("loss_summed")]

@@ -18,18 +18,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..checkpoint import HF_PREFIX, params_from_axon
-from ..dpo import dpo_loss_and_grad
-from ..edifice import Edifice
-from ..gradcheck import directional_derivatives, numerical_gradient
-from ..logprobs import (
+from ...checkpoint import HF_PREFIX, params_from_axon
+from ...dpo import dpo_loss_and_grad
+from ...edifice import Edifice
+from ...gradcheck import directional_derivatives, numerical_gradient
+from ...logprobs import (
     logprobs_backward,
     logprobs_forward,
     sequence_logprobs_backward,
     sequence_logprobs_forward,
 )
-from ..losses import kto_loss_and_grad
-from .cases import (
+from ...losses import kto_loss_and_grad
+from ..cases.reference import (
     MODEL_KINDS,
     PIPELINE_KINDS,
     Case,
@@ -37,14 +37,12 @@ from .cases import (
     kto_keywords,
     kto_pair_candidate,
     model_reference_outputs,
+    pipeline_part,
     resolve_variant,
     trainable_names,
 )
-from .jax_support import holds_jax, holds_library, jax_gradients
+from ..integrations.jax_support import holds_jax, holds_library, jax_gradients
 
-# the pipeline kinds' modules (kl_pairs.py, distributed.py, dp_launch.py) add theirs on import:
-PIPELINE_EVALUATORS: dict = {}  # kind -> (candidate, case, tolerance) -> (values, notes)
-PIPELINE_BUILTINS: dict = {}  # kind -> (variant) -> kto_np's own candidate
 FD_STEP = {"float64": 1e-5, "float32": 1e-2}  # by tolerance
 FD_STEP_BY_DTYPE = {"float32": 1e-2, "float16": 1e-1, "bfloat16": 1e-1}  # at least this for a candidate's dtype
 FD_FULL_MAX_ENTRIES = 512  # larger tensors, and model parameters, are checked along random directions
@@ -331,7 +329,7 @@ def evaluate(candidate, case: Case, tolerance: str) -> Evaluation:
     """Call the candidate on one case and collect every quantity it yields, with where it came from."""
     kind, notes = case.kind, []
     if kind in PIPELINE_KINDS:
-        values, notes = PIPELINE_EVALUATORS[kind](candidate, case, tolerance)
+        values, notes = pipeline_part(kind, "evaluate")(candidate, case, tolerance)
         return Evaluation(values, notes)
     numpy_error, mode = None, getattr(candidate, "array_library", None)  # a project's code says which it takes
     if mode != "torch":
@@ -512,7 +510,7 @@ def builtin_candidate(kind: str = "kto_loss", variant: str | None = None, *, kl_
     builds its KL pairs with kl_rotation; model_edifice's is edifice_candidate, kto_np's Edifice)."""
     variant = resolve_variant(kind, variant)
     if kind in PIPELINE_KINDS:
-        return PIPELINE_BUILTINS[kind](variant)
+        return pipeline_part(kind, "builtin")(kind, variant)
     if kind == "kto_loss" and variant == "kto_pair":
         return kto_pair_candidate
     if kind == "kto_loss":

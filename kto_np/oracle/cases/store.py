@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..edifice import EdificeConfig
-from ..edifice import param_shapes as edifice_param_shapes
-from ..files import ArchiveError, NpzArchive, atomic_write, write_npy_entry
-from ..validation import check_bool
-from .cases import KINDS, MODEL_CONFIG, VARIANTS, Case, _case, edifice_params_from_inputs, generate_cases
-from .report import TOLERANCES
+from ... import __version__
+from ...edifice import EdificeConfig
+from ...edifice import param_shapes as edifice_param_shapes
+from ...files import ArchiveError, NpzArchive, atomic_write, write_npy_entry
+from ...validation import check_bool
+from ..compare.report import TOLERANCES
+from .reference import KINDS, MODEL_CONFIG, VARIANTS, Case, _case, edifice_params_from_inputs, generate_cases
 
 FORMAT_NAME = "kto_np-oracle-cases"
 FORMAT_VERSION = 4  # 4: the kto_pair variant's cases, and the accumulation cases' pair_policy_logps /

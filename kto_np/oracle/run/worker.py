@@ -1,14 +1,24 @@
-"""One rank of a data_parallel check: `python -m kto_np.oracle.dp_worker REQUEST.json EVENTS.jsonl`.
+"""The child side of the runner (runner.py): `python -m kto_np.oracle.run.worker MODE ...`.
 
-Started by dp_launch with the torchrun environment (MASTER_ADDR=127.0.0.1, MASTER_PORT, RANK, WORLD_SIZE,
-LOCAL_RANK); rank 0 also gets the loopback socket to serve the rendezvous store on. Imports the candidate,
-joins the gloo process group, calls the candidate on its shard of each case and writes one JSON line per
-event (plain numbers, never a pickle). It decides nothing: the parent combines and compares.
+  check REQUEST.json FD       one isolated check: imports the candidate named in the request, evaluates it
+                              on each case and writes one JSON line per event to file descriptor FD:
+                              loaded | load_error | import_exit, then start / done | error per case, finished.
+  rank REQUEST.json EVENTS    one rank of a data_parallel check, with the torchrun environment (MASTER_ADDR=
+                              127.0.0.1, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK; rank 0 also gets the
+                              loopback socket to serve the rendezvous store on): imports the candidate, joins
+                              the gloo process group, calls the candidate on its shard of each case and
+                              appends one JSON line per event to EVENTS: importing | load_error, joining,
+                              joined, start / done | error per case, finished.
+  launcher FD                 imports torch once, then forks the ranks of each plan the parent sends on the
+                              socket FD (and records "forked" and "exit" in each rank's events).
 
-The candidate is called with NumPy arrays first; when it raises or returns torch tensors (on any rank: the
-ranks agree through an all-reduce), with torch float64 tensors, gradients by autograd. A NumPy candidate
-that returns no gradient gets central differences of its own loss, every rank calling it in lockstep (so
-its collectives stay matched), each perturbing one entry of its shard at a time.
+Every event is one JSON line of plain numbers (never a pickle), with the time it was sent. The worker
+decides nothing: the parent compares (and, for the ranks, combines) the numbers and gives the verdict.
+
+A rank calls the candidate with NumPy arrays first; when it raises or returns torch tensors (on any rank:
+the ranks agree through an all-reduce), with torch float64 tensors, gradients by autograd. A NumPy candidate
+that returns no gradient gets central differences of its own loss, every rank calling it in lockstep (so its
+collectives stay matched), each perturbing one entry of its shard at a time.
 """
 
 from __future__ import annotations
@@ -21,19 +31,82 @@ import sys
 import time
 
 
-def main(argv: list[str]) -> int:
-    request_path, events_path = argv
-    events = open(events_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the whole run
-
+def _channel(file):
+    """send(**message): one JSON line, with the time it was sent, written and flushed at once."""
     def send(**message) -> None:
-        events.write(json.dumps({**message, "time": time.time()}) + "\n")
-        events.flush()
+        file.write(json.dumps({**message, "time": time.time()}) + "\n")
+        file.flush()
+    return send
 
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+def _read_request(request_path: str) -> dict:
+    """The request the parent wrote; the child takes on the parent's sys.path and working directory."""
     with open(request_path, encoding="utf-8") as file:
         request = json.load(file)
     sys.path[:] = request["sys_path"]
     os.chdir(request["cwd"])
+    return request
+
+
+# ---------------------------------------------------------------------------------------------------
+# one isolated check (runner.run_in_child)
+
+
+def check(request_path: str, fd: str) -> int:
+    channel = os.fdopen(int(fd), "w", buffering=1, encoding="utf-8")
+    send = _channel(channel)
+    request = _read_request(request_path)
+
+    from ..cases.store import load_cases  # noqa: PLC0415
+    from .candidates import CandidateUnrunnable  # noqa: PLC0415
+    from .loader import LoadError, load_candidate  # noqa: PLC0415
+    from .runner import encode_values, evaluate_case, exit_message, summarise_notes  # noqa: PLC0415
+
+    try:
+        candidate, how = load_candidate(request["spec"], kind=request["kind"], convention=request.get("convention"))
+    except SystemExit as exc:
+        send(event="import_exit", code=repr(exc.code))
+        channel.close()
+        return 0
+    except LoadError as exc:
+        send(event="load_error", message=str(exc))
+        channel.close()
+        return 0
+    send(event="loaded", how=how)
+    wanted = request["case_names"]
+    cases = {case.name: case for case in load_cases(request["cases_dir"]) if case.name in wanted}
+    for name in wanted:
+        send(event="start", case=name)
+        try:
+            evaluation, error = evaluate_case(candidate, cases[name], request["tolerance"])
+        except CandidateUnrunnable as exc:  # cannot be run here: a load error (exit status 2), not a finding
+            send(event="load_error", message=f"spec {request['spec']!r}: {exc}")
+            channel.close()
+            return 0
+        if error is not None:
+            send(event="error", case=name, message=error)
+            continue
+        try:
+            send(event="done", case=name, values=encode_values(evaluation.values),
+                 notes=summarise_notes(evaluation.notes))
+        except (TypeError, ValueError) as exc:
+            send(event="error", case=name, message=f"returned something the oracle cannot read: {exc}")
+        except SystemExit as exc:  # pragma: no cover - an array's __array__ calling sys.exit
+            send(event="error", case=name, message=exit_message(exc))
+    send(event="finished")
+    channel.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# the data-parallel ranks (runner.run_data_parallel)
+
+
+def run_rank(request_path: str, events_path: str) -> int:
+    events = open(events_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the whole run
+    send = _channel(events)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    request = _read_request(request_path)
     send(event="importing")
     from .candidates import short_error  # noqa: PLC0415
     from .loader import load_callable  # noqa: PLC0415
@@ -222,7 +295,7 @@ def _rank_child(rank_spec: dict, listen_fds: list[int]) -> None:
         os.dup2(output, 1)
         os.dup2(output, 2)
         os.close(output)
-        code = main([rank_spec["request"], rank_spec["events"]])
+        code = run_rank(rank_spec["request"], rank_spec["events"])
     except BaseException:  # noqa: BLE001 - anything escaping main ends the rank, named by its exit status
         import traceback  # noqa: PLC0415
 
@@ -264,7 +337,7 @@ def _run_plan(plan_path: str, fds: list[int]) -> int:
     return 0
 
 
-def zygote(channel_fd: int) -> int:
+def launcher(channel_fd: int) -> int:
     """The launcher: import torch once, then for each plan the parent sends (a path, with the listening
     sockets as file descriptors) fork a process that forks that plan's ranks. Forking after the import saves
     each rank the seconds torch takes. Ends on "quit", or when the parent is gone."""
@@ -301,10 +374,16 @@ def zygote(channel_fd: int) -> int:
             os.close(fd)
 
 
+MODES = {"check": check, "rank": run_rank, "launcher": launcher}
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--zygote"]:
-        sys.exit(zygote(int(sys.argv[2])))
-    code = main(sys.argv[1:])
+    mode, arguments = sys.argv[1], sys.argv[2:]
+    if mode == "launcher":
+        sys.exit(launcher(int(arguments[0])))
+    code = MODES[mode](*arguments)
+    if mode == "check":
+        sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown: a process group torn down at exit can block
+    os._exit(code)  # a rank: no interpreter teardown, a process group torn down at exit can block

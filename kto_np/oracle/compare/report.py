@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import __version__
-from ..gradcheck import reference_error
-from .cases import Case
-from .mistakes import KNOWN_MISTAKES, failed_only_on_single_class, mistake_ids, mutants
+from ... import __version__
+from ...gradcheck import reference_error
+from ..cases.mistakes import KNOWN_MISTAKES, failed_only_on_single_class, mistake_ids, mutants
+from ..cases.reference import Case
 
 # (rtol, atol) per quantity class; a quantity passes when max|c - r| <= atol + rtol * max|r|.
 TOLERANCES = {
