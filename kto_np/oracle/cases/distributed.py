@@ -10,7 +10,8 @@ MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK in the environment), each calling
 on its shard. all_reduce(x, op="mean"|"sum") is the oracle's convenience on the same group. Each rank
 returns its loss and dL/dpolicy_logps for its shard (or lets autograd take it); the oracle combines them
 as data-parallel training does: loss = mean_r loss_r, gradient of example i (on rank r) = dloss_r/dp_i / R
-(DDP averages gradients over ranks). The process work is in dp_launch.py and dp_worker.py.
+(DDP averages gradients over ranks). The processes are started by run/runner.py (run_data_parallel), each
+rank a run/worker.py.
 
 accumulation: A micro-batches in sequence on one rank, candidate(..., *, micro_step, accumulation_steps)
 returns the loss the trainer back-propagates for micro-batch k; the oracle sums them (and their gradients)

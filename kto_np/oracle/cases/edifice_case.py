@@ -8,7 +8,7 @@ edifice_model_case_arrays(seed) builds one deterministic case, as Edifice/Axon u
     loss   = kto_loss(logps, ref_logps, labels, beta: 0.5, desirable_weight: 1.0, undesirable_weight: 1.2)
     grads  = dloss / d every parameter (Axon's "<layer>.<param>" names)
 
-The oracle's kind model_edifice (oracle/cases.py) stores these arrays as its two cases (seed 0 fixed,
+The oracle's kind model_edifice (oracle/cases/reference.py) stores these arrays as its two cases (seed 0 fixed,
 seed 1 learned); docs/ORACLE.md "Edifice / Axon users" describes them.
 
 The weights are Axon's default initialisation plus 0.1 N(0, 1) noise (so biases and betas are not

@@ -8,7 +8,8 @@ a_i = lp_i - log(1 - exp(lp_i)) makes it exactly the case's log-prob lp_i (< 0),
 lp_i through a_i. The reference model is the same construction on ref_logps (use_ref_model=True); the KL
 estimate is passed as TRL's trainer computes it (kl = max(0, mean(kl_policy - kl_ref)), detached), or None
 without KL pairs. Liger returns the loss and reward sums per class; it has no class weights, which the
-report shows (weights_ignored) where a case's weights are not 1.
+report shows (weights_ignored) where a case's weights are not 1. The call itself is ecosystems.liger_call,
+shared with `--ecosystem liger` (a class with Liger's interface in a project's own source).
 
 Exit status: 0 passed, 1 failed, 2 when liger-kernel or torch is absent (pip install liger-kernel).
 """

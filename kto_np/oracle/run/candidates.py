@@ -119,7 +119,7 @@ def _call_arguments(case: Case, mode: str, overrides: Mapping[str, np.ndarray] |
 
 # ---------------------------------------------------------------------------------------------------
 # the kinds: how each one's candidate is called. A new kind adds one function here (its arguments), its
-# cases (cases.py), its mutants (mistakes.mutants) and, where its return value differs, a parser below.
+# cases (cases/reference.py), its mutants (mistakes.mutants) and, where its return value differs, a parser below.
 
 
 def _hyper_parameters(inputs) -> dict:
