@@ -23,7 +23,7 @@
 #     report = oracle.verify(candidate, kind="kto_loss", variant="kto")
 #
 # runs your function on every case, compares every number, and, when something fails, tries the
-# known mistakes to name yours. The full reference is docs/ORACLE.md; this tutorial:
+# known mistakes to name yours. docs/ORACLE.md is the quickstart, docs/oracle/ the reference; this tutorial:
 #
 # 1. a NumPy candidate (no torch needed): a correct one, then one with a subtle weighting bug;
 # 2. a log-prob candidate that forgets the language-model shift;
@@ -254,7 +254,7 @@ if torch is not None:
 # From the shell the same check is `kto-np oracle check my_module:kto_torch --kind kto_loss
 # --variant kto` (exit status 0 when it passes, 1 when it fails). The `model_kto` kind goes further: it
 # hands your code the weights of a small GPT-2 and checks the gradient of every parameter through the
-# whole pipeline, including building the KL pairs (docs/ORACLE.md has a Hugging Face example).
+# whole pipeline, including building the KL pairs (docs/oracle/kinds.md has a Hugging Face example).
 #
 # ## Exporting the cases, and reading them without kto_np
 #

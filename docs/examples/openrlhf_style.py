@@ -1,6 +1,7 @@
 """A stand-in in OpenRLHF's convention (our words, not its code): a torch module KTOLoss(beta,
 desirable_weight, undesirable_weight, world_size, device) whose forward takes the batch split by label and
-returns (losses, chosen_rewards, rejected_rewards, kl). Its KL estimate is the detached, clamped mean."""
+returns (loss, chosen_rewards, rejected_rewards, kl), the loss already averaged over the batch. Its KL
+estimate is the detached, clamped mean (one rank here: OpenRLHF's own all-reduces it over the ranks)."""
 
 import torch
 
@@ -19,4 +20,4 @@ class KTOLoss(torch.nn.Module):
         rejected = policy_rejected_logps - reference_rejected_logps
         losses = torch.cat([self.desirable_weight * (1 - torch.sigmoid(self.beta * (chosen - kl))),
                             self.undesirable_weight * (1 - torch.sigmoid(self.beta * (kl - rejected)))])
-        return losses, self.beta * chosen.detach(), self.beta * rejected.detach(), kl
+        return losses.mean(), self.beta * chosen.detach(), self.beta * rejected.detach(), kl
