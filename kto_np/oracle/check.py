@@ -92,7 +92,7 @@ def verify(candidate, kind: str = "kto_loss", variant: str | None = None, cases=
     Edifice's network, Axon names, the unshifted compute_logprobs contract), and the pipeline kinds "kl_pairs"
     ("whole_batch", "blocks"), "data_parallel" ("rank_means", "global_mean"; R real ranks in a gloo process group,
     whatever isolate says) and "accumulation" ("kto"); candidate signatures in
-    docs/ORACLE.md. cases: None (generated in memory), a path to exported cases, or Cases.
+    docs/oracle/kinds.md. cases: None (generated in memory), a path to exported cases, or Cases.
     tolerance: "float64" or "float32" (see TOLERANCES). timeout: seconds per case (None: no limit).
     isolate: None runs the candidate in a child process when it can be named there (a spec, a module-level
     function or class) and in this process otherwise; True demands the child process; False this process.

@@ -9,7 +9,7 @@ edifice_model_case_arrays(seed) builds one deterministic case, as Edifice/Axon u
     grads  = dloss / d every parameter (Axon's "<layer>.<param>" names)
 
 The oracle's kind model_edifice (oracle/cases/reference.py) stores these arrays as its two cases (seed 0 fixed,
-seed 1 learned); docs/ORACLE.md "Edifice / Axon users" describes them.
+seed 1 learned); docs/oracle/kinds.md ("model_edifice") describes them.
 
 The weights are Axon's default initialisation plus 0.1 N(0, 1) noise (so biases and betas are not
 zero and every path carries gradient); dropout is off (inference mode).

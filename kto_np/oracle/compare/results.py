@@ -1,7 +1,7 @@
 """Results from any language: `kto-np oracle compare CASES_DIR RESULTS.json`.
 
 A user exports the cases, computes their numbers in any language and writes them to a JSON results file
-(the format is docs/oracle-results.schema.json; docs/ORACLE.md shows it):
+(the format is docs/oracle-results.schema.json; docs/oracle/format.md shows it):
 
     {"format": "kto_np-oracle-results", "version": 1, "kind": "kto_loss", "variant": "kto",
      "results": {"kto_loss/kto/kl_pairs": {"loss": 0.63, "grad": {"policy_logps": [...]},

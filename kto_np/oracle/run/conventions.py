@@ -5,7 +5,7 @@ is an adapter between that call and the candidate's own: it turns the kto_np arg
 candidate's, and the candidate's return value back into what candidates._parse_output reads.
 
 Known conventions (CONVENTIONS; a new one is one Convention entry and its adapter function):
-  kto_np  the oracle's own call (docs/ORACLE.md); every kind (model_edifice: params, config, tokens,
+  kto_np  the oracle's own call (docs/oracle/kinds.md); every kind (model_edifice: params, config, tokens,
           targets, mask, labels, ref_logps, beta, desirable_weight, undesirable_weight)
   split   kto_loss as TRL <= 1.5, OpenRLHF and LLaMA-Factory write it: (policy_chosen_logps,
           policy_rejected_logps, policy_KL_logps, reference_chosen_logps, reference_rejected_logps,
