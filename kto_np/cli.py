@@ -351,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=KINDS, default="kto_loss", help="what the function computes (default: kto_loss)")
     p.add_argument("--variant", default=None,
                    help="loss variant for --kind kto_loss (kto, kto_pair, edifice, edifice_stop_z_grad, "
-                   "apo_zero_unpaired; default: kto); model_kto: kto; model_edifice: edifice; kl_pairs: whole_batch (default) or blocks; "
-                   "data_parallel: rank_means (TRL, default) or global_mean")
+                   "apo_zero_unpaired; default: kto); model_kto: kto; model_edifice: edifice; kl_pairs: whole_batch "
+                   "(default) or blocks; data_parallel: rank_means (TRL, default) or global_mean")
     p.add_argument("--cases", default=None, help="a folder written by 'oracle export' (default: generate in memory)")
     p.add_argument("--tolerance", choices=tuple(TOLERANCES), default=None,
                    help="tolerances for a float64 or a float32 implementation (default: float64; with --ecosystem, "
