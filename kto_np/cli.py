@@ -120,10 +120,12 @@ def _cmd_oracle_check(args: argparse.Namespace) -> int:
         print("kto-np oracle check: give --ecosystem or --convention, not both", file=sys.stderr)
         return 2
     tolerance = args.tolerance
-    if tolerance is None:  # an ecosystem whose code computes in float32 is checked at float32
-        from .oracle.integrations.ecosystems import ECOSYSTEMS  # noqa: PLC0415
+    if tolerance is None:  # an ecosystem whose code computes in float32 (given, or detected) is checked so
+        from .oracle.integrations.ecosystems import ECOSYSTEMS, detect_from_file  # noqa: PLC0415
 
-        tolerance = ECOSYSTEMS[args.ecosystem].tolerance if args.ecosystem else "float64"
+        ecosystem = ECOSYSTEMS[args.ecosystem] if args.ecosystem else (
+            None if args.convention else detect_from_file(args.spec))
+        tolerance = ecosystem.tolerance if ecosystem is not None else "float64"
     return main_check(args.spec, kind=args.kind, variant=args.variant, cases_dir=args.cases,
                       tolerance=tolerance, timeout=args.timeout, convention=args.ecosystem or args.convention,
                       kl_rotation=args.kl_rotation, show_all=args.all)

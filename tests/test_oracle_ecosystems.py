@@ -281,6 +281,28 @@ def test_each_projects_code_is_recognised_by_its_shape(tmp_path):
                      "openrlhf_vanilla": "openrlhf", "easydel": "easydel", "liger": "liger"}
 
 
+@pytest.mark.parametrize("label, text, attribute", [
+    ("trl", TRL_RIGHT, "KTOTrainer.kto_loss"), ("llamafactory", LLAMAFACTORY, "CustomKTOTrainer.kto_loss"),
+    ("halos", HALOS_RIGHT, "KTOTrainer.loss"), ("openrlhf", OPENRLHF_RIGHT, "KTOLoss"),
+    ("easydel", EASYDEL_RIGHT, "kto_objective"), ("liger", LIGER_WRONG, "LigerFusedLinearKTOLoss")])
+def test_the_file_alone_names_the_ecosystem_the_child_would_detect(tmp_path, label, text, attribute):
+    """The parent picks a detected ecosystem's tolerance (float32 for HALOs and Liger) from the file, read
+    with ast: nothing is imported (these files import torch or JAX, which this check does not need)."""
+    path = tmp_path / f"{label}_code.py"
+    path.write_text(text)
+    assert ecosystems.detect_from_file(f"{path}:{attribute}").name == label
+    assert ecosystems.detect_from_file(f"{path}:NoSuchName") is None
+    assert ecosystems.detect_from_file("kto_np.losses:kto_loss") is None  # a module spec: not read
+
+
+def test_an_undeclared_halos_file_is_checked_at_its_float32_tolerance(tmp_path, capsys, torch_needed):
+    from kto_np import cli  # noqa: PLC0415
+
+    spec = _write(tmp_path, "trainers.py", HALOS_RIGHT) + ":KTOTrainer.loss"
+    assert cli.main(["oracle", "check", spec, "--kind", "kto_loss", "--variant", "kto"]) == 0
+    assert "tolerance float32" in capsys.readouterr().out
+
+
 def test_a_function_whose_first_parameter_is_self_is_a_method(tmp_path):
     text = "def kto_loss(self, policy_chosen_logps, policy_rejected_logps, policy_KL_logps, " \
            "reference_chosen_logps, reference_rejected_logps, reference_KL_logps):\n    return self.beta\n"

@@ -26,6 +26,7 @@ here (torch or JAX not installed) loading fails with one line (exit status 2), n
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import inspect
@@ -450,3 +451,62 @@ def _convention_detector(ecosystem: Ecosystem):
 for _ecosystem in ECOSYSTEMS.values():
     CONVENTIONS[_ecosystem.name] = Convention(_ecosystem.name, ("kto_loss",), (), _convention_adapter(_ecosystem),
                                               _convention_detector(_ecosystem), _ecosystem.takes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# detection from the file alone (the parent process never imports a candidate)
+
+
+def _named(name: str):
+    """A stand-in for a class or function found in the source: the detectors read only its __name__."""
+    return types.SimpleNamespace(__name__=name)
+
+
+def detect_from_file(spec: str) -> Ecosystem | None:
+    """The ecosystem a `path/file.py:Name` or `path/file.py:Class.method` spec's code has the shape of, read
+    with ast from the file (nothing is imported or run): what the child process would detect, so that the
+    parent can choose the ecosystem's tolerance before it starts. None for anything else (a module spec, a
+    file that does not parse, a name not found)."""
+    path, _, name = spec.rpartition(":")
+    if not path.endswith(".py") or not name:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+    def lookup(scope_class, part, seen=()):
+        """`part` in a class body, or in the bodies of its bases defined in the same file (inherited)."""
+        found = next((n for n in scope_class.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                      and n.name == part), None)
+        for base in scope_class.bases if found is None else ():
+            if isinstance(base, ast.Name) and base.id in classes and base.id not in seen:
+                found = found or lookup(classes[base.id], part, (*seen, scope_class.name))
+        return found
+
+    parts = name.split(".")
+    owner = None
+    node = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == parts[0]),
+                None)
+    for part in parts[1:]:
+        if not isinstance(node, ast.ClassDef):
+            return None
+        owner, node = node, lookup(node, part)
+    if node is None:
+        return None
+    if isinstance(node, ast.ClassDef):
+        init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "forward"), None)
+        if init is None:
+            init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__call__"), None)
+        parameters = [a.arg for a in init.args.args[1:] + init.args.kwonlyargs] if init is not None else []
+        form = CandidateForm("class", _named(node.name), None, tuple(parameters), False, spec)
+    else:
+        arguments = [a.arg for a in node.args.args + node.args.kwonlyargs]
+        is_method = owner is not None or (arguments[:1] == ["self"])
+        parameters = arguments[1:] if is_method else arguments
+        form = CandidateForm("method" if is_method else "function", _named(node.name),
+                             _named(owner.name) if owner is not None else None, tuple(parameters), False, spec)
+    return next((e for e in ECOSYSTEMS.values() if e.detect(form, source)), None)
