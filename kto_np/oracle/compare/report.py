@@ -237,9 +237,9 @@ def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[t
     """Per mutant: (mutant, agrees with the candidate everywhere, differs from the reference somewhere among
     the numbers compared, the (case, quantity) pairs it reproduces, how many numbers were compared).
 
-    A metrics mutant whose changed metrics the candidate never returns counts as told apart: the candidate
-    cannot have that mistake (a function that reports no log-prob metrics cannot swap them)."""
-    returned_metrics = {q for quantities in candidate_values.values() for q in quantities if q.startswith("metrics/")}
+    A metrics mutant that changes no metric the candidate returned, case by case, counts as told apart: its
+    outputs could not have shown the mistake (a function that reports no log-prob metrics cannot swap them;
+    one that leaves out an absent class's rewards cannot report them as 0)."""
     table = []
     for mutant in mutants(kind, variant):
         if mutant.match is not None:  # a mistake without fixed numbers (a random pairing): a rule decides
@@ -251,9 +251,9 @@ def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[t
         for case_name, quantities in candidate_values.items():
             outputs = mutant.compute(by_name[case_name])
             applicable |= bool(outputs)
-            if mutant.metrics:
-                changed_metrics |= {q for q, v in outputs.items() if q.startswith("metrics/") and not
-                                    _agrees_or_absent(v, by_name[case_name].expected.get(q), 0.0, 0.0)}
+            if mutant.metrics:  # the metrics it changes on this case that the candidate returned on this case
+                changed_metrics |= {q for q, v in outputs.items() if q.startswith("metrics/") and q in quantities
+                                    and not _agrees_or_absent(v, by_name[case_name].expected.get(q), 0.0, 0.0)}
             for quantity, (value, source, projection) in quantities.items():
                 is_metric = quantity.startswith("metrics/")  # compared only for the mutants about metrics
                 if quantity not in outputs or is_metric != mutant.metrics or (value is None and not is_metric):
@@ -273,7 +273,7 @@ def _mutant_table(kind, variant, by_name, candidate_values, tolerance) -> list[t
                     agree = False
                 if not _agrees_or_absent(mutated, reference, rtol, atol):
                     distinguishable = True
-        if mutant.metrics and not (changed_metrics & returned_metrics):  # nothing the candidate returns shows it
+        if mutant.metrics and not changed_metrics:  # nothing the candidate returned shows it
             distinguishable = True
         if not applicable:  # the cases hold nothing this mutant can be computed on (an older export)
             distinguishable = True
