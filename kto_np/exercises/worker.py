@@ -20,7 +20,8 @@ def main(argv: list[str]) -> int:
 
     from ..oracle.run.loader import load_callable  # noqa: PLC0415
     from ..oracle.run.runner import encode_array  # noqa: PLC0415
-    from . import get, run_calls  # noqa: PLC0415
+    from .kit import run_calls  # noqa: PLC0415
+    from .registry import get  # noqa: PLC0415
 
     def answer(document: dict) -> int:
         with open(request["result"], "w", encoding="utf-8") as file:
