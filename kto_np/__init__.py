@@ -9,7 +9,7 @@ before its Ctrl-C handler is in place; `from kto_np import build` works as usual
 
 from __future__ import annotations
 
-import importlib
+from ._facade import lazy_facade
 
 __version__ = "0.1.0"
 
@@ -35,19 +35,4 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    else:  # a submodule not imported yet: kto_np.losses, kto_np.train, ...
-        try:
-            value = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_facade(__name__, globals(), _EXPORTS)

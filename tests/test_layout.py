@@ -166,9 +166,13 @@ def test_no_import_cycle_anywhere():
     assert _cycles(graph) == []  # the two finders agree
 
 
-def test_the_oracle_facade_imports_none_of_its_parts():
-    ours, _ = _imports("kto_np.oracle", _modules()["kto_np.oracle"])
-    assert ours == set(), f"kto_np/oracle/__init__.py imports {sorted(ours)}: it should import its parts on first use"
+@pytest.mark.parametrize("package", ["kto_np.oracle", "kto_np.exercises"])
+def test_a_facade_imports_none_of_its_parts(package):
+    """The oracle's and the exercises' __init__ import only the lazy-facade helper, never their own parts."""
+    ours, _ = _imports(package, _modules()[package])
+    parts = sorted(m for m in ours if m.startswith(package + "."))
+    assert ours <= {"kto_np._facade"} and not parts, f"{package}/__init__.py imports {sorted(ours)}: it should " \
+                                                     "import its parts on first use"
 
 
 def test_every_name_of_the_oracle_facade_resolves():

@@ -22,7 +22,7 @@ The names below are imported on first use (PEP 562), so this file imports none o
 
 from __future__ import annotations
 
-import importlib
+from .._facade import lazy_facade
 
 # exported name -> the module (below kto_np.exercises) that defines it
 _EXPORTS = {
@@ -47,19 +47,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    else:  # a submodule not imported yet: kto_np.exercises.kit, kto_np.exercises.lesson01, ...
-        try:
-            value = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_facade(__name__, globals(), _EXPORTS)

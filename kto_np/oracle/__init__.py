@@ -29,7 +29,7 @@ each package building only on those before it:
 
 from __future__ import annotations
 
-import importlib
+from .._facade import lazy_facade
 
 # exported name -> the module (below kto_np.oracle) that defines it
 _EXPORTS = {
@@ -77,20 +77,4 @@ _ALIASES = {"MISTAKES": "KNOWN_MISTAKES"}  # the old name (data.MISTAKES is the 
 __all__ = sorted([*_EXPORTS, *_ALIASES])
 
 
-def __getattr__(name: str):
-    exported = _ALIASES.get(name, name)
-    if exported in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[exported]}", __name__), exported)
-    else:  # a part not imported yet: kto_np.oracle.cases, kto_np.oracle.check, ...
-        try:
-            value = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_ALIASES})
+__getattr__, __dir__ = lazy_facade(__name__, globals(), _EXPORTS, _ALIASES)
