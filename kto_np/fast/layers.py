@@ -47,6 +47,7 @@ from ..layers import (
     merge_heads,
     split_heads,
 )
+from . import threads
 
 __all__ = [
     "AttentionCache",
@@ -110,82 +111,153 @@ def linear_backward(dout, cache: LinearCache):
 def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
     """out = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance).
 
-    x [..., C], weight [C], bias [C] -> out [..., C].
+    x [..., C], weight [C], bias [C] -> out [..., C]. NumPy: in blocks of rows, over the threads.
     """
     xp = array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    centered = x - mean
-    var = (centered * centered).mean(axis=-1, keepdims=True)
-    rstd = 1.0 / xp.sqrt(var + eps)
-    out = centered  # out = centered * rstd * weight + bias, in one buffer
-    out *= rstd
+    C = x.shape[-1]
+    out = xp.empty(x.shape, dtype=x.dtype)
+    mean = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)
+    rstd = xp.empty_like(mean)
+    if not threads.numpy_only(x) or x.size == 0:
+        _layernorm_block(x, weight, bias, eps, out, mean, rstd, xp.empty_like(x))
+    else:
+        x_rows, out_rows = x.reshape(-1, C), out.reshape(-1, C)
+        mean_rows, rstd_rows = mean.reshape(-1, 1), rstd.reshape(-1, 1)
+
+        def block(start, stop):
+            squares = threads.scratch((stop - start) * C, x.dtype).reshape(stop - start, C)
+            _layernorm_block(x_rows[start:stop], weight, bias, eps, out_rows[start:stop], mean_rows[start:stop],
+                             rstd_rows[start:stop], squares)
+
+        threads.run(block, threads.blocks(x_rows.shape[0], C))
+    return out, LayerNormCache(x, weight, mean, rstd)
+
+
+def _layernorm_block(x, weight, bias, eps, out, mean, rstd, squares):
+    """layernorm_forward of rows x [n, C] into out [n, C], mean and rstd [n, 1]; squares: scratch [n, C]."""
+    xp = array_module(x)
+    xp.mean(x, axis=-1, keepdims=True, out=mean)
+    centered = xp.subtract(x, mean, out=out)
+    var = xp.mean(xp.multiply(centered, centered, out=squares), axis=-1, keepdims=True, out=rstd)
+    var += eps
+    xp.sqrt(var, out=rstd)
+    xp.divide(1.0, rstd, out=rstd)  # rstd = 1 / sqrt(var + eps)
+    out *= rstd  # out = centered * rstd * weight + bias, in one buffer
     out *= weight
     out += bias
-    return out, LayerNormCache(x, weight, mean, rstd)
 
 
 def layernorm_backward(dout, cache: LayerNormCache):
     """With x_hat = (x - mean) * rstd and g = dout * weight:
     dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), dweight = sum(dout * x_hat), dbias = sum(dout).
 
-    Returns (dx [..., C], dweight [C], dbias [C]).
+    Returns (dx [..., C], dweight [C], dbias [C]). NumPy: in blocks of rows over the threads, the sums
+    over rows (dweight, dbias) one per block, added in block order.
     """
-    C = cache.x.shape[-1]
-    x_hat = cache.x - cache.mean
-    x_hat *= cache.rstd
-    dbias = dout.reshape(-1, C).sum(axis=0)
-    dout_x_hat = dout * x_hat
-    dweight = dout_x_hat.reshape(-1, C).sum(axis=0)
-    # the formula above with three [..., C] buffers instead of eight temporaries: LayerNorm runs 2L + 1
-    # times per pass, and the expression form cost ~3 % of a small training step (kto-np bench, measured)
-    g_x_hat = dout_x_hat
-    g_x_hat *= cache.weight  # g * x_hat
-    dx = dout * cache.weight  # g
+    x = cache.x
+    xp = array_module(x)
+    C = x.shape[-1]
+    dx = xp.empty(x.shape, dtype=x.dtype)
+    if not threads.numpy_only(x, dout) or x.size == 0:
+        sums = xp.empty((1, 2, C), dtype=x.dtype)
+        _layernorm_backward_block(dout, x, cache.mean, cache.rstd, cache.weight, dx, sums[0],
+                                  xp.empty_like(x), xp.empty_like(x))
+    else:
+        rows = threads.blocks(x.size // C, C)
+        x_rows, dout_rows, dx_rows = x.reshape(-1, C), dout.reshape(-1, C), dx.reshape(-1, C)
+        mean_rows, rstd_rows = cache.mean.reshape(-1, 1), cache.rstd.reshape(-1, 1)
+        sums = np.empty((len(rows), 2, C), dtype=x.dtype)  # per block: dbias, dweight
+
+        def block(index, start, stop):
+            buffer = threads.scratch(2 * (stop - start) * C, x.dtype).reshape(2, stop - start, C)
+            _layernorm_backward_block(dout_rows[start:stop], x_rows[start:stop], mean_rows[start:stop],
+                                      rstd_rows[start:stop], cache.weight, dx_rows[start:stop], sums[index],
+                                      buffer[0], buffer[1])
+
+        threads.run(block, [(i, start, stop) for i, (start, stop) in enumerate(rows)])
+    dbias, dweight = sums.sum(axis=0) if sums.shape[0] > 1 else sums[0]
+    return dx, dweight, dbias
+
+
+def _layernorm_backward_block(dout, x, mean, rstd, weight, dx, sums, x_hat, g_x_hat):
+    """layernorm_backward of rows [..., C] into dx; sums [2, C] gets (sum of dout, sum of dout * x_hat)
+    over the rows. x_hat and g_x_hat: scratch of x's shape. Three buffers instead of the formula's eight
+    temporaries (LayerNorm runs 2L + 1 times per pass)."""
+    xp = array_module(x)
+    C = x.shape[-1]
+    xp.subtract(x, mean, out=x_hat)
+    x_hat *= rstd
+    xp.sum(dout.reshape(-1, C), axis=0, out=sums[0])  # dbias
+    xp.multiply(dout, x_hat, out=g_x_hat)
+    xp.sum(g_x_hat.reshape(-1, C), axis=0, out=sums[1])  # dweight
+    g_x_hat *= weight  # g * x_hat
+    xp.multiply(dout, weight, out=dx)  # g
     dx -= dx.mean(axis=-1, keepdims=True)
     x_hat *= g_x_hat.mean(axis=-1, keepdims=True)
     dx -= x_hat
-    dx *= cache.rstd
-    return dx, dweight, dbias
+    dx *= rstd
 
 
 # ----------------------------------------------------------------------------------------------
 # GELU, tanh approximation ("gelu_new")
 
 
+def _elementwise(kernel, out_arrays, in_arrays):
+    """kernel(*outs, *ins) on the whole arrays (CuPy), or on matching flat blocks over the threads (NumPy;
+    every array C-contiguous and of one shape). Each block's scratch: threads.scratch."""
+    if not threads.numpy_only(*in_arrays) or not all(a.flags.c_contiguous for a in in_arrays):
+        kernel(*out_arrays, *in_arrays)
+        return
+    flat = [a.reshape(-1) for a in (*out_arrays, *in_arrays)]
+    threads.run(lambda start, stop: kernel(*(a[start:stop] for a in flat)), threads.blocks(flat[0].size, 1))
+
+
 def gelu_forward(x):
     """out = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715 x^3)) = tanh(x (a + b x^2)),
     a = sqrt(2/pi), b = sqrt(2/pi) 0.044715.
 
-    Computed in place in two buffers (t and out): the formula as one expression makes four [B, T, 4C]
-    temporaries, which `kto-np bench` measured at about 5 % of a medium step."""
+    Computed in place in two buffers (t and out), a cache-sized block at a time over the threads: the
+    formula as one expression makes four [B, T, 4C] temporaries (about 5 % of a medium step)."""
     xp = array_module(x)
-    tanh_out = x * x
+    tanh_out, out = xp.empty(x.shape, dtype=x.dtype), xp.empty(x.shape, dtype=x.dtype)
+    _elementwise(_gelu_forward_block, (tanh_out, out), (x,))
+    return out, GeluCache(x, tanh_out)
+
+
+def _gelu_forward_block(tanh_out, out, x):
+    xp = array_module(x)
+    xp.multiply(x, x, out=tanh_out)
     tanh_out *= SQRT_2_OVER_PI * GELU_COEFF
     tanh_out += SQRT_2_OVER_PI
     tanh_out *= x
     xp.tanh(tanh_out, out=tanh_out)  # t
-    out = tanh_out + 1.0
+    xp.add(tanh_out, 1.0, out=out)
     out *= x
     out *= 0.5
-    return out, GeluCache(x, tanh_out)
 
 
 def gelu_backward(dout, cache: GeluCache):
     """dx = dout * 0.5 ((1 - t^2) x (a + 3 b x^2) + t + 1): the derivative of 0.5 x (1 + tanh(x (a + b x^2))).
-    In place in two buffers, as the forward."""
-    x, t = cache.x, cache.tanh_out
-    dtanh_arg = x * x  # d(x (a + b x^2))/dx = a + 3 b x^2
-    dtanh_arg *= SQRT_2_OVER_PI * 3.0 * GELU_COEFF
+    In place in two buffers, in blocks, as the forward."""
+    xp = array_module(dout)
+    dx = xp.empty(dout.shape, dtype=dout.dtype)
+    _elementwise(_gelu_backward_block, (dx,), (cache.x, cache.tanh_out, dout))
+    return dx
+
+
+def _gelu_backward_block(dx, x, t, dout):
+    xp = array_module(x)
+    dtanh_arg = xp.multiply(x, x, out=threads.scratch(x.size, x.dtype).reshape(x.shape)) if xp is np else x * x
+    dtanh_arg *= SQRT_2_OVER_PI * 3.0 * GELU_COEFF  # d(x (a + b x^2))/dx = a + 3 b x^2
     dtanh_arg += SQRT_2_OVER_PI
-    dx = t * t
-    array_module(dx).subtract(1.0, dx, out=dx)  # 1 - t^2
+    xp.multiply(t, t, out=dx)
+    xp.subtract(1.0, dx, out=dx)  # 1 - t^2
     dx *= x
     dx *= dtanh_arg
     dx += t
     dx += 1.0
     dx *= 0.5
     dx *= dout
-    return dx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,33 +276,71 @@ def softmax_backward(dprobs, cache: SoftmaxCache):
     return _softmax_backward_in_place(dprobs.copy(), cache)
 
 
-def _softmax_in_place(x, mask=None):
-    """softmax_forward computed in x's own buffer: x becomes probs (and is the cache's probs).
-    Attention's scores are needed for nothing else, so no second [B, NH, T, T] array is made."""
-    xp = array_module(x)
-    probs = x
-    if mask is not None:
-        xp.copyto(probs, x.dtype.type(-np.inf), where=~mask)
+def _matrix_blocks(x, mask):
+    """x as [N, rows, K] row groups that a 2-D mask [rows, K] (or no mask) fits, with their blocks; None
+    when the blocks cannot be views (CuPy, a non-contiguous x, a mask of another shape)."""
+    if not threads.numpy_only(x) or not x.flags.c_contiguous or x.ndim == 0 or x.size == 0:
+        return None
+    if mask is None:
+        groups = x.reshape(-1, 1, x.shape[-1])
+    elif x.ndim >= 2 and mask.ndim == 2 and tuple(mask.shape) == tuple(x.shape[-2:]):
+        groups = x.reshape(-1, *x.shape[-2:])
+    else:
+        return None
+    return groups, threads.blocks(groups.shape[0], groups.shape[1] * groups.shape[2])
+
+
+def _softmax_in_place(x, mask=None, scale=None):
+    """softmax_forward(x * scale) computed in x's own buffer: x becomes probs (and is the cache's probs).
+    Attention's scores are needed for nothing else, so no second [B, NH, T, T] array is made. NumPy: a
+    block of whole [T, T] matrices at a time, over the threads."""
+    excluded = None if mask is None else ~mask
+    found = _matrix_blocks(x, mask)
+    if found is None:
+        _softmax_block(x, excluded, scale)
+    else:
+        groups, rows = found
+        threads.run(lambda start, stop: _softmax_block(groups[start:stop], excluded, scale), rows)
+    return x, SoftmaxCache(x)
+
+
+def _softmax_block(probs, excluded, scale):
+    xp = array_module(probs)
+    if scale is not None:
+        probs *= scale
+    if excluded is not None:
+        xp.copyto(probs, probs.dtype.type(-np.inf), where=excluded)
     row_max = probs.max(axis=-1, keepdims=True)
-    if mask is not None:
+    if excluded is not None:
         row_max[~xp.isfinite(row_max)] = 0  # a fully masked row
     probs -= row_max
     xp.exp(probs, out=probs)
     total = probs.sum(axis=-1, keepdims=True)
-    if mask is not None:
+    if excluded is not None:
         total[total == 0] = 1  # a fully masked row stays all zeros
-    probs *= 1.0 / total
-    return probs, SoftmaxCache(probs)
+    probs *= xp.divide(1.0, total, out=total)
 
 
-def _softmax_backward_in_place(dprobs, cache: SoftmaxCache):
-    """softmax_backward computed in dprobs' own buffer: dprobs becomes dx."""
+def _softmax_backward_in_place(dprobs, cache: SoftmaxCache, scale=None):
+    """softmax_backward computed in dprobs' own buffer: dprobs becomes dx (times scale, when given)."""
     probs = cache.probs
-    row_dot = array_module(dprobs).einsum("...j,...j->...", dprobs, probs)[..., None]  # sum_j dprobs_j probs_j
-    dx = dprobs
+    found = _matrix_blocks(dprobs, None) if dprobs.shape == probs.shape else None
+    if found is None:
+        _softmax_backward_block(dprobs, probs, scale)
+    else:
+        groups, rows = found
+        probs_groups = probs.reshape(groups.shape)
+        threads.run(lambda start, stop: _softmax_backward_block(groups[start:stop], probs_groups[start:stop], scale),
+                    rows)
+    return dprobs
+
+
+def _softmax_backward_block(dx, probs, scale):
+    row_dot = array_module(dx).einsum("...j,...j->...", dx, probs)[..., None]  # sum_j dprobs_j probs_j
     dx -= row_dot
     dx *= probs
-    return dx
+    if scale is not None:
+        dx *= scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,8 +370,8 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
     # sends A @ B.T (a transposed operand) to its threaded path, slow for many small heads
     k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, T]
     scores = q @ k_t  # [B, NH, T, T]
-    scores *= scale  # scores = q @ k^T * scale, in one buffer
-    probs, softmax_cache = _softmax_in_place(scores, mask=causal_mask(T, T, xp))
+    # scores = q @ k^T * scale, and softmax, in one buffer
+    probs, softmax_cache = _softmax_in_place(scores, mask=causal_mask(T, T, xp), scale=scale)
     probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
     y = probs_dropped @ v  # [B, NH, T, HS]
     out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
@@ -283,9 +393,8 @@ def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
     dprobs = dropout_backward(dprobs_dropped, cache.dropout_cache)
     # the [B, NH, T, T] gradients are computed in one buffer (dprobs is a new array here, or
     # dprobs_dropped itself without dropout: needed for nothing else either way)
-    dscores = _softmax_backward_in_place(dprobs, cache.softmax_cache)  # masked entries get 0
-    # scores = q @ k^T * scale
-    dscores *= cache.scale
+    # scores = q @ k^T * scale: dscores gets the scale in the same pass (masked entries get 0)
+    dscores = _softmax_backward_in_place(dprobs, cache.softmax_cache, scale=cache.scale)
     dq = dscores @ cache.k  # [B, NH, T, HS]
     dk = dscores.transpose(0, 1, 3, 2) @ cache.q  # [B, NH, T, HS]
     dqkv = xp.empty((B, T, 3, NH, HS), dtype=dout.dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from ..backend import array_module
 from ..logprobs import LogprobsCache, SequenceLogprobsCache
+from . import threads
 
 __all__ = [
     "LogprobsCache",
@@ -65,20 +66,33 @@ def _row_blocks(shape):
 
 
 def _logsumexp_last(logits):
-    """logsumexp over the last axis, [B, T, V] -> [B, T], one block of rows at a time:
-    lse = max + log(sum(exp(logits - max))), with one block-sized buffer for logits - max."""
+    """logsumexp over the last axis, [B, T, V] -> [B, T], one block of rows at a time (over the threads,
+    for NumPy): lse = max + log(sum(exp(logits - max))), with one block-sized buffer per thread."""
     xp = array_module(logits)
     B, T, V = logits.shape
     lse = xp.empty((B, T), dtype=logits.dtype)
-    buffer = xp.empty(min(logits.size, max(_CHUNK_ELEMENTS, V)), dtype=logits.dtype)
-    for index in _row_blocks(logits.shape):
-        block = logits[index]  # [rows, V] or [b, T, V], a view
-        shifted = buffer[:block.size].reshape(block.shape)
-        row_max = xp.max(block, axis=-1, keepdims=True)
-        xp.subtract(block, row_max, out=shifted)
-        xp.exp(shifted, out=shifted)
-        lse[index] = row_max[..., 0] + xp.log(xp.sum(shifted, axis=-1))
+    blocks = [(index,) for index in _row_blocks(logits.shape)]
+    if not threads.numpy_only(logits):  # CuPy: the blocks one after the other, through one buffer
+        buffer = xp.empty(min(logits.size, max(_CHUNK_ELEMENTS, V)), dtype=logits.dtype)
+        for (index,) in blocks:
+            piece = logits[index]
+            _logsumexp_block(piece, lse[index], buffer[:piece.size].reshape(piece.shape))
+        return lse
+
+    def block(index):
+        piece = logits[index]  # [rows, V] or [b, T, V], a view
+        _logsumexp_block(piece, lse[index], threads.scratch(piece.size, logits.dtype).reshape(piece.shape))
+
+    threads.run(block, blocks)
     return lse
+
+
+def _logsumexp_block(block, lse, shifted):
+    xp = array_module(block)
+    row_max = xp.max(block, axis=-1, keepdims=True)
+    xp.subtract(block, row_max, out=shifted)
+    xp.exp(shifted, out=shifted)
+    lse[...] = row_max[..., 0] + xp.log(xp.sum(shifted, axis=-1))
 
 
 def logprobs_forward(logits, targets, mask=None):
@@ -100,12 +114,19 @@ def _logprobs_backward_into(dlogps, cache: LogprobsCache, out):
     xp = array_module(logits)
     scale = mask * xp.asarray(dlogps, dtype=logits.dtype)[:, None]  # [B, T]
     # -scale * softmax = -scale * exp(logits - lse), computed in the output buffer itself, a block of
-    # rows at a time
-    for index in _row_blocks(logits.shape):
+    # rows at a time (over the threads, for NumPy)
+    minus_scale = -scale
+
+    def block(index):
         out_block = out[index]
         xp.subtract(logits[index], lse[index][..., None], out=out_block)
         xp.exp(out_block, out=out_block)
-        out_block *= -scale[index][..., None]
+        out_block *= minus_scale[index][..., None]
+
+    if threads.numpy_only(logits, out):
+        threads.run(block, [(index,) for index in _row_blocks(logits.shape)])
+    else:
+        block((Ellipsis,))
     # + the one-hot term at each target
     b_idx, t_idx = xp.indices(targets.shape)
     out[b_idx, t_idx, targets] += scale

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..backend import array_module
 from ..optim import CLIP_EPS, SCHEDULES, adamw_init, check_adamw_state, learning_rate
+from . import threads
 
 __all__ = [
     "SCHEDULES",
@@ -71,48 +72,72 @@ def adamw_step(
     weight_decay: float = 0.01,
     decay_mask: Callable[[str], bool] | None = None,
 ) -> None:
-    """kto_np.optim.adamw_step in blocks, on checked arguments (see there for the formulas)."""
+    """kto_np.optim.adamw_step in blocks, on checked arguments (see there for the formulas). NumPy: the
+    blocks of every parameter spread over the threads (kto_np.fast.threads), each computed alike."""
     beta1, beta2 = betas
     step = int(state["step"]) + 1
     # Python floats times arrays keep the arrays' dtype (float32 stays float32).
     bias_correction1 = 1.0 - beta1**step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     step_size = lr / bias_correction1
+    numpy_tasks = []
     for key, param in params.items():
-        xp = array_module(param)
         decayed = bool(decay_mask(key)) if decay_mask is not None else param.ndim >= 2
-        decay = decayed and weight_decay
-        for param_block, grad, m, v in _flat_blocks(param, grads[key], state["m"][key], state["v"][key]):
-            scratch = xp.empty_like(param_block)
-            if decay:
-                param_block *= 1.0 - lr * weight_decay
-            m *= beta1
-            m += xp.multiply(grad, 1.0 - beta1, out=scratch)
-            v *= beta2
-            grad_squared = xp.multiply(grad, grad, out=scratch)
-            grad_squared *= 1.0 - beta2
-            v += grad_squared
-            denom = xp.sqrt(v, out=scratch)
-            denom /= bias_correction2_sqrt
-            denom += eps
-            update = xp.divide(m, denom, out=scratch)
-            update *= step_size
-            param_block -= update
+        decay = 1.0 - lr * weight_decay if decayed and weight_decay else None
+        arrays = (param, grads[key], state["m"][key], state["v"][key])
+        for block in _flat_blocks(*arrays):
+            if threads.numpy_only(*arrays):
+                numpy_tasks.append((*block, decay))
+            else:  # CuPy: the whole array, on the device
+                _adamw_block(*block, decay, beta1, beta2, eps, bias_correction2_sqrt, step_size,
+                             array_module(param).empty_like(param))
+
+    def numpy_block(param, grad, m, v, decay):
+        _adamw_block(param, grad, m, v, decay, beta1, beta2, eps, bias_correction2_sqrt, step_size,
+                     threads.scratch(param.size, param.dtype).reshape(param.shape))
+
+    threads.run(numpy_block, numpy_tasks)
     state["step"] = step
+
+
+def _adamw_block(param, grad, m, v, decay, beta1, beta2, eps, bias_correction2_sqrt, step_size, scratch):
+    """One block of AdamW, in place, through one scratch block: m, v updated, then param."""
+    xp = array_module(param)
+    if decay is not None:
+        param *= decay
+    m *= beta1
+    m += xp.multiply(grad, 1.0 - beta1, out=scratch)
+    v *= beta2
+    grad_squared = xp.multiply(grad, grad, out=scratch)
+    grad_squared *= 1.0 - beta2
+    v += grad_squared
+    denom = xp.sqrt(v, out=scratch)
+    denom /= bias_correction2_sqrt
+    denom += eps
+    update = xp.divide(m, denom, out=scratch)
+    update *= step_size
+    param -= update
 
 
 def _sum_of_squares(grads: dict, scale: float | None = None) -> float:
     """Σ (g / scale)² in float64: einsum's own loop per block, not BLAS dot (a threaded dot splits the
     sum differently for each thread count, and the last bit of the norm with it), blocks added by fsum."""
-    squares = []
+    blocks = [(block, array_module(grad)) for grad in grads.values() for (block,) in _flat_blocks(grad)]
+    squares = [0.0] * len(blocks)
+
+    def block_square(index):
+        block, xp = blocks[index]
+        flat = block.astype(xp.float64, copy=False).reshape(-1)
+        if scale is not None:
+            flat = flat / scale
+        squares[index] = float(xp.einsum("i,i->", flat, flat)) if flat.size else 0.0
+
     with np.errstate(over="ignore"):  # an overflowing sum of squares is handled by the caller
-        for grad in grads.values():
-            xp = array_module(grad)
-            for (block,) in _flat_blocks(grad):
-                flat = block.astype(xp.float64, copy=False).reshape(-1)
-                if scale is not None:
-                    flat = flat / scale
-                squares.append(float(xp.einsum("i,i->", flat, flat)) if flat.size else 0.0)
+        if all(xp is np for _, xp in blocks):
+            threads.run(block_square, [(i,) for i in range(len(blocks))])
+        else:
+            for i in range(len(blocks)):
+                block_square(i)
     try:
         return math.fsum(squares)
     except OverflowError:  # finite squares whose sum passes the float range

@@ -1,0 +1,154 @@
+"""The fast room's thread pool: elementwise and row-wise work spread over the cores.
+
+NumPy's ufuncs and reductions release the GIL, so a few Python threads, each running the same NumPy
+calls on its own rows, use every core where one NumPy call uses one. The fast ops cut their arrays
+into **fixed blocks** (`blocks`: a number of rows that depends on the array's shape only, never on the
+number of threads) and hand the blocks to `run`, which gives each thread a contiguous run of them.
+Each block is computed by the same calls whatever thread runs it, and anything summed over blocks is
+added in block order afterwards, so **the numbers do not depend on the thread count** (tests/test_fast.py
+runs every op on 1, 2 and 3 threads and compares bit for bit).
+
+The thread count: `KTO_NP_THREADS` when set (1 = no threads), else NumPy's BLAS thread count
+(threadpoolctl when installed; OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS; else the cores
+this process may run on). `set_threads(n)` changes it for the process; `set_threads(None)` goes back
+to the default.
+
+CuPy arrays never come here: the fast ops run them whole, on the device (`numpy_only`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import numpy as np
+
+__all__ = ["BLOCK_ELEMENTS", "ENV_VAR", "blocks", "default_threads", "numpy_only", "run", "scratch",
+           "set_threads", "threads"]
+
+ENV_VAR = "KTO_NP_THREADS"
+
+# Entries per block (256 KiB of float32): a block and the two or three block-sized scratch buffers an
+# op uses stay in a core's L2 cache while the op's passes go over it, and a thread's share of a
+# [B, T, 4C] array is still many blocks.
+BLOCK_ELEMENTS = 1 << 16
+
+_state: dict = {"threads": None, "executor": None, "executor_threads": 0}
+_lock = threading.Lock()
+_local = threading.local()  # per thread: the scratch buffers, and whether this thread is a worker
+
+
+def _blas_threads() -> int | None:
+    try:
+        from threadpoolctl import threadpool_info  # noqa: PLC0415  (optional: a better guess when there)
+    except ImportError:
+        threadpool_info = None
+    if threadpool_info is not None:
+        pools = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        numpy_pools = [i for i in pools if "numpy" in i.get("filepath", "")] or pools
+        if numpy_pools:
+            return int(numpy_pools[0]["num_threads"])
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def default_threads() -> int:
+    """KTO_NP_THREADS, else the BLAS thread count, else the cores this process may use (>= 1)."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{ENV_VAR} must be a positive integer (1 = no threads), got {value!r}")
+        return int(value)
+    blas = _blas_threads()
+    if blas is not None:
+        return max(1, blas)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads() -> int:
+    """The number of threads the fast ops use now."""
+    if _state["threads"] is None:
+        _state["threads"] = default_threads()
+    return _state["threads"]
+
+
+def set_threads(count: int | None) -> int:
+    """Use `count` threads from now on (1 = none; None = the default again). Returns the count."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"count must be a positive integer or None, got {count!r}")
+    _state["threads"] = default_threads() if count is None else count
+    return _state["threads"]
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        if _state["executor"] is None or _state["executor_threads"] < workers:
+            if _state["executor"] is not None:
+                _state["executor"].shutdown(wait=True)
+            _state["executor"] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kto_np-fast")
+            _state["executor_threads"] = workers
+        return _state["executor"]
+
+
+def numpy_only(*arrays) -> bool:
+    """True when every array is a NumPy array (CuPy arrays are run whole, never in threads)."""
+    return all(isinstance(a, np.ndarray) for a in arrays)
+
+
+def blocks(rows: int, row_size: int, block_elements: int | None = None) -> list[tuple[int, int]]:
+    """[(start, stop), ...] cutting range(rows) into blocks of about BLOCK_ELEMENTS entries (rows of
+    row_size entries each, at least one row a block). Depends on the shape only."""
+    per_block = max(1, (block_elements or BLOCK_ELEMENTS) // max(1, row_size))
+    return [(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
+
+
+def scratch(size: int, dtype) -> np.ndarray:
+    """A 1-D buffer of at least `size` entries of `dtype`, this thread's own, reused from call to call
+    (its contents are whatever the last user left)."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    key = np.dtype(dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[key] = np.empty(max(size, BLOCK_ELEMENTS), dtype=key)
+    return buffer[:size]
+
+
+def _run_range(function, tasks, errors: dict) -> None:
+    _local.worker = True
+    try:
+        with np.errstate(**errors):  # the caller's error state (NumPy keeps it per thread)
+            for task in tasks:
+                function(*task)
+    finally:
+        _local.worker = False
+
+
+def run(function, tasks) -> None:
+    """function(*task) for every task, spread over threads() threads: each thread a contiguous run of
+    the tasks, the calling thread one of them. Returns when all are done; re-raises the first error.
+    Serial (in order, in this thread) with one thread, one task, or when called from a worker."""
+    tasks = list(tasks)
+    count = min(threads(), len(tasks))
+    if count <= 1 or getattr(_local, "worker", False):
+        for task in tasks:
+            function(*task)
+        return
+    errors = np.geterr()
+    cuts = [len(tasks) * i // count for i in range(count + 1)]
+    executor = _executor(count - 1)
+    futures = [executor.submit(_run_range, function, tasks[cuts[i]:cuts[i + 1]], errors) for i in range(1, count)]
+    try:
+        _run_range(function, tasks[cuts[0]:cuts[1]], errors)
+    finally:
+        wait(futures)  # never leave a worker writing into arrays the caller may free
+    for future in futures:
+        future.result()
