@@ -13,6 +13,7 @@ import pytest
 
 import kto_np.fast.layers as fast_layers
 import kto_np.fast.logprobs as fast_lp
+import kto_np.fast.threads as fast_threads
 import kto_np.layers as layers
 import kto_np.logprobs as lp
 
@@ -285,3 +286,111 @@ def test_log_softmax(rng, dtype):
     logits = normal(rng, (3, 4, 9), dtype, 5.0)
     for axis in (-1, 0, 1):
         assert_twins(fast_lp.log_softmax(logits, axis=axis), lp.log_softmax(logits, axis=axis), dtype, f"axis {axis}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the threads: the numbers do not depend on how many there are
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 64 entries, so that small arrays are cut into many blocks and every thread gets some."""
+    monkeypatch.setattr(fast_threads, "BLOCK_ELEMENTS", 64)
+    yield
+    fast_threads.set_threads(None)
+
+
+def outputs_of_every_op(rng, dtype):
+    """Every threaded op of the fast room, forward and backward, on one set of inputs: a flat list."""
+    results = []
+    x = normal(rng, (3, 7, 10), dtype, 2.0) + dtype(0.5)
+    weight, bias = normal(rng, 10, dtype), normal(rng, 10, dtype)
+    dout = normal(rng, x.shape, dtype)
+    out, cache = fast_layers.layernorm_forward(x, weight, bias)
+    results += [out, cache.mean, cache.rstd, *fast_layers.layernorm_backward(dout, cache)]
+    out, cache = fast_layers.gelu_forward(x)
+    results += [out, cache.tanh_out, fast_layers.gelu_backward(dout, cache)]
+    scores = normal(rng, (2, 3, 6, 6), dtype, 3.0)
+    for mask in (None, layers.causal_mask(6, 6)):
+        probs, cache = fast_layers.softmax_forward(scores, mask=mask)
+        results += [probs, fast_layers.softmax_backward(normal(rng, scores.shape, dtype), cache)]
+    inputs = attention_inputs(rng, 2, 6, 8, dtype)
+    out, cache = fast_layers.attention_forward(*inputs, 2)
+    results += [out, *fast_layers.attention_backward(normal(rng, out.shape, dtype), cache)]
+    logits, tokens, mask = logprob_case(rng, 3, 7, 13, dtype)
+    logps, cache = fast_lp.sequence_logprobs_forward(logits, tokens, mask)
+    results += [logps, cache.shifted.logsumexp, fast_lp.sequence_logprobs_backward(normal(rng, 3, dtype), cache)]
+    return results
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_numbers_do_not_depend_on_the_thread_count(small_blocks, dtype):
+    runs = {}
+    for count in (1, 2, 3):
+        fast_threads.set_threads(count)
+        runs[count] = outputs_of_every_op(np.random.default_rng(11), dtype)
+    for count in (2, 3):
+        assert len(runs[count]) == len(runs[1])
+        for i, (mine, single) in enumerate(zip(runs[count], runs[1])):
+            assert mine.tobytes() == single.tobytes(), f"output {i}: {count} threads differ from 1"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_blocked_threaded_ops_are_twins_of_the_reading_edition(small_blocks, dtype):
+    fast_threads.set_threads(3)
+    test_layernorm(np.random.default_rng(1), dtype, (4, 9, 16))
+    test_gelu(np.random.default_rng(2), dtype)
+    test_softmax(np.random.default_rng(3), dtype, True)
+    test_softmax(np.random.default_rng(4), dtype, False)
+    test_attention(np.random.default_rng(5), dtype, 2, 6, 12, 3, 0.2)
+
+
+def test_a_whole_step_does_not_depend_on_the_thread_count(small_blocks):
+    from kto_np import bench
+    from kto_np.fast import optim as fast_optim
+
+    results = {}
+    for count in (1, 3):
+        fast_threads.set_threads(count)
+        step = bench.NumpyKTOStep(bench.CONFIGS["tiny"], seed=2)
+        losses = [step() for _ in range(2)]
+        norm = fast_optim.clip_grad_norm(step.loss_and_grads()[1], 1e-3)
+        results[count] = losses, norm, {k: v.tobytes() for k, v in step.params.items()}
+    assert results[1] == results[3]
+
+
+def test_the_pool_keeps_the_callers_error_state_and_raises_the_workers_errors(small_blocks):
+    fast_threads.set_threads(3)
+    huge = np.full(1000, 1e38, dtype=np.float32)
+    with np.errstate(over="ignore"):  # workers get the caller's error state: x * x overflows, silently
+        out, _ = fast_layers.gelu_forward(huge)
+    np.testing.assert_array_equal(out, huge)  # gelu(x) = x for large x
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):  # ... and raise where it says so
+        fast_layers.gelu_forward(huge)
+
+    def fail(start, stop):
+        if start > 0:
+            raise KeyError(f"block at {start}")
+
+    with pytest.raises(KeyError, match="block at"):
+        fast_threads.run(fail, fast_threads.blocks(1000, 1))
+
+
+def test_the_thread_count_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(fast_threads.ENV_VAR, "3")
+    assert fast_threads.default_threads() == 3
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv(fast_threads.ENV_VAR, bad)
+        with pytest.raises(ValueError, match=fast_threads.ENV_VAR):
+            fast_threads.default_threads()
+    monkeypatch.delenv(fast_threads.ENV_VAR)
+    assert fast_threads.default_threads() >= 1
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="count"):
+            fast_threads.set_threads(bad)
+
+
+def test_blocks_depend_on_the_shape_only():
+    assert fast_threads.blocks(10, 3, block_elements=7) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert fast_threads.blocks(3, 100, block_elements=7) == [(0, 1), (1, 2), (2, 3)]  # a row at least
+    assert fast_threads.blocks(0, 5) == []

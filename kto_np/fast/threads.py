@@ -3,7 +3,8 @@
 NumPy's ufuncs and reductions release the GIL, so a few Python threads, each running the same NumPy
 calls on its own rows, use every core where one NumPy call uses one. The fast ops cut their arrays
 into **fixed blocks** (`blocks`: a number of rows that depends on the array's shape only, never on the
-number of threads) and hand the blocks to `run`, which gives each thread a contiguous run of them.
+number of threads) and hand the blocks to `run`, where each thread takes the next block left (a thread
+that the system deschedules takes fewer, and the others do not wait for it).
 Each block is computed by the same calls whatever thread runs it, and anything summed over blocks is
 added in block order afterwards, so **the numbers do not depend on the thread count** (tests/test_fast.py
 runs every op on 1, 2 and 3 threads and compares bit for bit).
@@ -18,9 +19,10 @@ CuPy arrays never come here: the fast ops run them whole, on the device (`numpy_
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -122,33 +124,58 @@ def scratch(size: int, dtype) -> np.ndarray:
     return buffer[:size]
 
 
-def _run_range(function, tasks, errors: dict) -> None:
-    _local.worker = True
-    try:
-        with np.errstate(**errors):  # the caller's error state (NumPy keeps it per thread)
-            for task in tasks:
-                function(*task)
-    finally:
-        _local.worker = False
+class _Job:
+    """Tasks handed out one at a time to whichever thread asks next (a slow or descheduled thread takes
+    fewer; which thread runs a task never changes what the task computes)."""
+
+    def __init__(self, function, tasks, errors: dict):
+        self.function, self.tasks, self.errors = function, tasks, errors
+        self.next = itertools.count()  # next() is atomic under the GIL
+        self.lock = threading.Lock()
+        self.done = 0
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+
+    def work(self) -> None:
+        """Run tasks until none is left (in a worker, or in the calling thread)."""
+        was_worker = getattr(_local, "worker", False)
+        _local.worker = True
+        try:
+            with np.errstate(**self.errors):  # the caller's error state (NumPy keeps it per thread)
+                while True:
+                    index = next(self.next)
+                    if index >= len(self.tasks):
+                        return
+                    try:
+                        if self.error is None:
+                            self.function(*self.tasks[index])
+                    except BaseException as exc:  # noqa: BLE001  (handed to the caller, raised there)
+                        with self.lock:
+                            self.error = self.error or exc
+                    finally:
+                        with self.lock:
+                            self.done += 1
+                            if self.done == len(self.tasks):
+                                self.finished.set()
+        finally:
+            _local.worker = was_worker
 
 
 def run(function, tasks) -> None:
-    """function(*task) for every task, spread over threads() threads: each thread a contiguous run of
-    the tasks, the calling thread one of them. Returns when all are done; re-raises the first error.
-    Serial (in order, in this thread) with one thread, one task, or when called from a worker."""
+    """function(*task) for every task, spread over threads() threads (the calling thread one of them):
+    each thread takes the next task left until none is. Returns when all are done; raises the first
+    error. Serial (in order, in this thread) with one thread, one task, or when called from a worker."""
     tasks = list(tasks)
     count = min(threads(), len(tasks))
     if count <= 1 or getattr(_local, "worker", False):
         for task in tasks:
             function(*task)
         return
-    errors = np.geterr()
-    cuts = [len(tasks) * i // count for i in range(count + 1)]
+    job = _Job(function, tasks, np.geterr())
     executor = _executor(count - 1)
-    futures = [executor.submit(_run_range, function, tasks[cuts[i]:cuts[i + 1]], errors) for i in range(1, count)]
-    try:
-        _run_range(function, tasks[cuts[0]:cuts[1]], errors)
-    finally:
-        wait(futures)  # never leave a worker writing into arrays the caller may free
-    for future in futures:
-        future.result()
+    for _ in range(count - 1):
+        executor.submit(job.work)
+    job.work()
+    job.finished.wait()  # the tasks that workers took are done (a worker that starts late finds none)
+    if job.error is not None:
+        raise job.error
