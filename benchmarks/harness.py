@@ -1,6 +1,6 @@
-"""The benchmark harness around kto_np.bench's two training steps: the machine (threads, BLAS, matmul
-peak, load), interleaved timing, the peak-memory probe (a fresh process per side) and the RESULTS.md
-writer. Not part of the installed package: it runs from a source checkout, through
+"""The benchmark harness around kto_np.bench's training steps (kto_np, PyTorch eager, JAX jit): the machine
+(threads, BLAS, matmul peak, load), interleaved timing, the peak-memory probe (a fresh process per side),
+the targets and the RESULTS.md writer. Not part of the installed package: it runs from a source checkout, through
 
     python benchmarks/bench_step.py --configs small,medium,seed --results benchmarks/RESULTS.md
     kto-np bench --tiny            (kto_np.bench.run_from_args loads this file)
@@ -31,14 +31,21 @@ from kto_np.bench import (
     CONFIGS,
     DEFAULT_REPEATS,
     BenchConfig,
+    JaxKTOStep,
     NumpyKTOStep,
     TorchKTOStep,
     step_flops,
 )
+from kto_np.fast import threads as fast_threads
 from kto_np.files import atomic_write
 
 MEMORY_STEPS = 3
 MATMUL_SIZE = 2048
+
+# The issue's targets: kto_np's time over each peer's at most this (per config, default "other"), kto_np
+# at least this share of the sgemm peak (seed), peak memory at most PyTorch's.
+TARGET_RATIO = {"small": 0.8, "other": 0.6}
+TARGET_PEAK_SHARE = {"seed": 0.8}
 
 
 def _log(message: str) -> None:
@@ -214,11 +221,13 @@ def _peak_rss_bytes() -> int:
 def memory_probe_main(argv: list[str]) -> int:
     """In a fresh process: peak memory of a few steps of one side only; prints one JSON line.
 
-    argv: side ("numpy" | "torch"), config JSON, steps, backend ("numpy" | "cupy"), threads.
+    argv: side ("numpy" | "torch" | "jax"), config JSON, steps, backend ("numpy" | "cupy"), threads.
     CPU: the peak RSS (VmHWM, reset first) during the steps minus the RSS before the model is built:
     parameters, reference, AdamW state, activations, gradients and what the allocator keeps. Both
     sides first run one tiny step and a 512^3 product, so that neither counts its libraries'
-    one-time set-up (thread pools, BLAS buffers). GPU: CuPy's pool size, torch.cuda.max_memory_allocated.
+    one-time set-up (thread pools, BLAS buffers). JAX: the peak is reset again after the step is
+    compiled, so that the compiler's own memory is not counted (the parameters and state are). GPU:
+    CuPy's pool size, torch.cuda.max_memory_allocated.
     """
     side, config_json, steps, backend_name, threads = argv
     config, steps, threads = BenchConfig(**json.loads(config_json)), int(steps), int(threads)
@@ -227,10 +236,17 @@ def memory_probe_main(argv: list[str]) -> int:
         limit_blas_threads(threads)  # kept for the life of this process
     device = "cuda" if backend_name == "cupy" else "cpu"
 
+    fast_threads.set_threads(threads)
+
     def make_step(step_config):
         numpy_step = NumpyKTOStep(step_config)
         if side == "numpy":
             return numpy_step
+        if side == "jax":
+            step = JaxKTOStep(numpy_step)  # copies the weights: the NumPy side's are dropped
+            del numpy_step
+            gc.collect()
+            return step
         return TorchKTOStep(numpy_step, device=device, share_memory=True)  # shares (CPU) or copies (GPU)
 
     if side == "torch":
@@ -246,6 +262,8 @@ def memory_probe_main(argv: list[str]) -> int:
     gc.collect()
     before = _proc_status_bytes("VmRSS") if _reset_peak_rss() else _peak_rss_bytes()
     step = make_step(config)
+    if side == "jax":
+        _reset_peak_rss()
     if backend_name == "cupy":
         if side == "torch":
             torch.cuda.reset_peak_memory_stats()
@@ -272,6 +290,8 @@ def measure_memory(side: str, config: BenchConfig, backend_name: str, threads: i
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # a fresh process: the BLAS thread count can be set before NumPy loads (no threadpoolctl needed)
     env.update({var: str(threads) for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    if side == "jax":
+        env["XLA_FLAGS"] = _xla_flags(threads, env.get("XLA_FLAGS", ""))
     code = ("import sys; from kto_np.bench import load_harness; "
             "sys.exit(load_harness().memory_probe_main(sys.argv[1:]))")
     command = [sys.executable, "-c", code, side, json.dumps(config._asdict()), str(steps), backend_name,
@@ -295,6 +315,9 @@ class ConfigResult(NamedTuple):
     numpy_peak_bytes: int | None
     torch_peak_bytes: int | None
     flops: int
+    jax_seconds: float | None = None
+    jax_compile_seconds: float | None = None
+    jax_peak_bytes: int | None = None
 
 
 def _cores(value: float | None) -> str:
@@ -305,8 +328,9 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
 
 
-def _ratio(result: ConfigResult) -> float | None:
-    return None if result.torch_seconds is None else result.numpy_seconds / result.torch_seconds
+def _ratio(result: ConfigResult, peer: str = "torch") -> float | None:
+    seconds = result.torch_seconds if peer == "torch" else result.jax_seconds
+    return None if seconds is None else result.numpy_seconds / seconds
 
 
 def format_result_line(result: ConfigResult, peak_gflops: float) -> str:
@@ -315,20 +339,53 @@ def format_result_line(result: ConfigResult, peak_gflops: float) -> str:
     parts = [f"{config.name}: numpy {result.numpy_seconds * 1e3:.1f} ms"]
     if result.torch_seconds is not None:
         parts[0] += f", torch {result.torch_seconds * 1e3:.1f} ms, ratio {_ratio(result):.2f}"
+    if result.jax_seconds is not None:
+        parts[0] += (f", jax {result.jax_seconds * 1e3:.1f} ms, ratio {_ratio(result, 'jax'):.2f} "
+                     f"(jax compile {result.jax_compile_seconds:.1f} s)")
     parts.append(f"peak memory numpy {_mib(result.numpy_peak_bytes)}"
-                 + ("" if result.torch_seconds is None else f", torch {_mib(result.torch_peak_bytes)}"))
+                 + ("" if result.torch_seconds is None else f", torch {_mib(result.torch_peak_bytes)}")
+                 + ("" if result.jax_seconds is None else f", jax {_mib(result.jax_peak_bytes)}"))
     flops_part = f"numpy {numpy_gflops:.1f} GFLOP/s ({numpy_gflops / peak_gflops:.0%} of peak)"
-    if result.torch_seconds is not None:
-        torch_gflops = result.flops / result.torch_seconds / 1e9
-        flops_part += f", torch {torch_gflops:.1f} GFLOP/s ({torch_gflops / peak_gflops:.0%})"
+    for peer, seconds in (("torch", result.torch_seconds), ("jax", result.jax_seconds)):
+        if seconds is not None:
+            gflops = result.flops / seconds / 1e9
+            flops_part += f", {peer} {gflops:.1f} GFLOP/s ({gflops / peak_gflops:.0%})"
     parts.append(flops_part)
     return " | ".join(parts)
 
 
-def _versions(torch_module) -> str:
+def target_lines(results: list[ConfigResult], peak_gflops: float) -> list[str]:
+    """The issue's targets, one line each: met, or missed and by how much."""
+    lines = []
+    for r in results:
+        name = r.config.name
+        if name == "tiny":
+            continue
+        limit = TARGET_RATIO.get(name, TARGET_RATIO["other"])
+        for peer in ("torch", "jax"):
+            ratio = _ratio(r, peer)
+            if ratio is not None:
+                verdict = ("met" if ratio <= limit
+                           else f"missed by {ratio / limit - 1:.0%} (needs {ratio / limit:.2f}x faster)")
+                lines.append(f"{name}: numpy/{peer} {ratio:.2f} (target <= {limit}): {verdict}")
+        if name in TARGET_PEAK_SHARE:
+            share, goal = r.flops / r.numpy_seconds / 1e9 / peak_gflops, TARGET_PEAK_SHARE[name]
+            verdict = ("met" if share >= goal
+                       else f"missed by {goal - share:.0%} points (needs {goal / share:.2f}x faster)")
+            lines.append(f"{name}: kto_np at {share:.0%} of the sgemm peak (target >= {goal:.0%}): {verdict}")
+        if r.numpy_peak_bytes is not None and r.torch_peak_bytes is not None:
+            verdict = "met" if r.numpy_peak_bytes <= r.torch_peak_bytes else "missed"
+            lines.append(f"{name}: peak memory {_mib(r.numpy_peak_bytes)} vs torch {_mib(r.torch_peak_bytes)} "
+                         f"(target <= torch): {verdict}")
+    return lines
+
+
+def _versions(torch_module, jax_module=None) -> str:
     parts = [f"Python {platform.python_version()}", f"NumPy {np.__version__}", f"kto_np {__version__}"]
     if torch_module is not None:
         parts.append(f"torch {torch_module.__version__}")
+    if jax_module is not None:
+        parts.append(f"jax {jax_module.__version__}")
     if backend.get_backend() == "cupy":
         parts.append(f"CuPy {backend.xp().__version__}")
     return ", ".join(parts)
@@ -352,8 +409,9 @@ def format_results_markdown(results: list[ConfigResult], info: dict) -> str:
         f"- machine: {info['cpu']}, {info['cores']} logical cores, {info['memory']} memory; {info['platform']}",
         f"- libraries: {info['versions']}",
         f"- BLAS (NumPy): {info['blas']}",
-        f"- threads: {info['threads']} for both sides ({info['threads_source']}); "
-        f"torch.get_num_threads() = {info['torch_threads']}",
+        f"- threads: {info['threads']} for every side ({info['threads_source']}); "
+        f"torch.get_num_threads() = {info['torch_threads']}; kto_np's fast room: {info['fast_threads']} "
+        f"(kto_np.fast.threads); JAX: {info['jax_threads']}",
         f"- environment: {info['environment']}",
         f"- load average: {info['load']}",
         f"- float32 matmul peak ({MATMUL_SIZE}^3 sgemm, best of 3): NumPy {info['numpy_gflops']:.1f} GFLOP/s"
@@ -363,35 +421,48 @@ def format_results_markdown(results: list[ConfigResult], info: dict) -> str:
         "the two sides interleaved; memory: peak RSS rise of "
         f"{MEMORY_STEPS} steps of one side alone in a fresh process",
         "",
-        "| config | C | L | NH | V | T | B | repeats | numpy ms | torch ms | numpy/torch | numpy peak | "
-        "torch peak | numpy GFLOP/s | torch GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | C | L | NH | V | T | B | repeats | numpy ms | torch ms | numpy/torch | jax ms | numpy/jax | "
+        "jax compile s | numpy peak | torch peak | jax peak | numpy GFLOP/s | torch GFLOP/s | jax GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c = r.config
         numpy_gflops = r.flops / r.numpy_seconds / 1e9
         peak = info["peak_gflops"]
-        torch_ms = "n/a" if r.torch_seconds is None else f"{r.torch_seconds * 1e3:.1f}"
-        ratio = "n/a" if r.torch_seconds is None else f"{_ratio(r):.2f}"
-        torch_gflops = ("n/a" if r.torch_seconds is None
-                        else f"{r.flops / r.torch_seconds / 1e9:.1f} ({r.flops / r.torch_seconds / 1e9 / peak:.0%})")
+        def ms(seconds):
+            return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+
+        def gflops(seconds, r=r, peak=peak):
+            return "n/a" if seconds is None else f"{r.flops / seconds / 1e9:.1f} ({r.flops / seconds / 1e9 / peak:.0%})"
+
+        def ratio(peer, r=r):
+            value = _ratio(r, peer)
+            return "n/a" if value is None else f"{value:.2f}"
+
+        compile_s = "n/a" if r.jax_compile_seconds is None else f"{r.jax_compile_seconds:.1f}"
         lines.append(
             f"| {c.name} | {c.hidden_size} | {c.num_layers} | {c.num_heads} | {c.vocab_size} | {c.seq_len} | "
-            f"{c.batch_size} | {r.repeats} | {r.numpy_seconds * 1e3:.1f} | {torch_ms} | {ratio} | "
-            f"{_mib(r.numpy_peak_bytes)} | {_mib(r.torch_peak_bytes)} | "
-            f"{numpy_gflops:.1f} ({numpy_gflops / peak:.0%}) | {torch_gflops} |")
+            f"{c.batch_size} | {r.repeats} | {ms(r.numpy_seconds)} | {ms(r.torch_seconds)} | {ratio('torch')} | "
+            f"{ms(r.jax_seconds)} | {ratio('jax')} | {compile_s} | {_mib(r.numpy_peak_bytes)} | "
+            f"{_mib(r.torch_peak_bytes)} | {_mib(r.jax_peak_bytes)} | {numpy_gflops:.1f} ({numpy_gflops / peak:.0%}) | "
+            f"{gflops(r.torch_seconds)} | {gflops(r.jax_seconds)} |")
+    targets = target_lines(results, info["peak_gflops"])
+    if targets:
+        lines += ["", "Targets (issue 23):", ""] + [f"- {line}" for line in targets]
     lines += [
         "",
         "One step: reference forward (matched and KL rows) and policy forward on the KL rows without "
         "gradient, policy forward + backward on the matched rows, KTO loss (variant kto), AdamW "
-        "(lr 1e-4, wd 0.01 on matrices). float32, dropout 0 on both sides. GFLOP/s counts matrix "
+        "(lr 1e-4, wd 0.01 on matrices). float32, dropout 0 on every side. PyTorch: eager "
+        "(kto_np.torch_reference); JAX: the whole step as one jax.jit (kto_np.jax_reference), compiled ahead "
+        "of time (the compile column), not counted in its step time. GFLOP/s counts matrix "
         "products only (6 forward-equivalents per step); the percentage is of the matmul peak above.",
         "",
     ]
     return "\n".join(lines)
 
 
-RESULTS_HEADER = """# Benchmarks: one KTO step, kto_np against PyTorch eager
+RESULTS_HEADER = """# Benchmarks: one KTO step, kto_np against PyTorch eager and JAX jit
 
 Generated by `python benchmarks/bench_step.py --results benchmarks/RESULTS.md` (benchmarks/harness.py);
 do not edit by hand. Each section is one run; `--append` adds a section.
@@ -438,6 +509,26 @@ def _import_torch(backend_name: str):
     return torch, "cpu", None
 
 
+def _xla_flags(threads: int, flags: str) -> str:
+    """XLA_FLAGS that keep JAX's CPU computations on one thread when threads == 1 (else as they are)."""
+    if threads != 1 or "intra_op_parallelism_threads" in flags:
+        return flags
+    return (flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+
+def _import_jax(backend_name: str, threads: int):
+    """(jax or None, reason when None). Only next to the NumPy backend (JAX on the CPU)."""
+    if backend_name != "numpy":
+        return None, "JAX is compared on the CPU only (--backend numpy)"
+    if "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = _xla_flags(threads, os.environ.get("XLA_FLAGS", ""))
+    try:
+        import jax  # noqa: PLC0415
+    except ImportError:
+        return None, "JAX is not installed (pip install 'kto_np[jax]')"
+    return jax, None
+
+
 def run(args: argparse.Namespace, configs: list[BenchConfig]) -> int:
     """Run the benchmark on `configs` with the options `args` (kto_np.bench checked both). Exit code."""
     try:
@@ -467,9 +558,14 @@ def _run(args: argparse.Namespace, configs: list[BenchConfig], threads_source: s
     busy_at_start = busy_cores()
     torch, torch_device, no_torch_reason = (None, None, "--no-torch") if args.no_torch else _import_torch(args.backend)
     if torch is None:
-        _log(f"timing kto_np only: {no_torch_reason}")
+        _log(f"no PyTorch side: {no_torch_reason}")
     else:
         torch.set_num_threads(threads)
+    jax, no_jax_reason = (None, "--no-jax") if args.no_jax else _import_jax(args.backend, threads)
+    if jax is None:
+        _log(f"no JAX side: {no_jax_reason}")
+    if not os.environ.get(fast_threads.ENV_VAR):  # kto_np's fast room on as many threads as the BLAS
+        fast_threads.set_threads(threads)
     _log(f"threads: {threads} ({threads_source}); BLAS: {blas}; load average {load_at_start}")
     if busy_at_start is not None and busy_at_start > 0.25:
         _log(f"warning: other processes keep {busy_at_start:.1f} core(s) busy; timings on more than one "
@@ -510,20 +606,28 @@ def _run(args: argparse.Namespace, configs: list[BenchConfig], threads_source: s
         if torch is not None:
             steps["torch"] = TorchKTOStep(numpy_step, device=torch_device)
             synchronize["torch"] = _synchronizer("torch", args.backend)
+        jax_compile = None
+        if jax is not None:
+            _log(f"[{config.name}] compiling the JAX step")
+            steps["jax"] = JaxKTOStep(numpy_step)
+            synchronize["jax"] = lambda: None  # JaxKTOStep waits for its own results
+            jax_compile = steps["jax"].compile_seconds
         if args.profile:
             _profile_numpy_step(NumpyKTOStep(config, seed=args.seed))
         _log(f"[{config.name}] timing {args.warmup} warm-up + {repeats} step(s) per side, interleaved")
         medians = time_interleaved(steps, synchronize, repeats, args.warmup)
         del steps, numpy_step
         gc.collect()
-        numpy_peak = torch_peak = None
+        numpy_peak = torch_peak = jax_peak = None
         if not args.no_memory:
             _log(f"[{config.name}] peak memory: {MEMORY_STEPS} steps per side in a fresh process")
             numpy_peak = measure_memory("numpy", config, args.backend, threads)
             if torch is not None:
                 torch_peak = measure_memory("torch", config, args.backend, threads)
+            if jax is not None:
+                jax_peak = measure_memory("jax", config, args.backend, threads)
         result = ConfigResult(config, repeats, medians["numpy"], medians.get("torch"), numpy_peak, torch_peak,
-                              step_flops(config))
+                              step_flops(config), medians.get("jax"), jax_compile, jax_peak)
         results.append(result)
         print(format_result_line(result, peak_gflops), flush=True)
 
@@ -534,12 +638,17 @@ def _run(args: argparse.Namespace, configs: list[BenchConfig], threads_source: s
         info = {
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "backend": f"kto_np ({args.backend})",
-            "torch_device": "no torch" if torch is None else f"PyTorch eager ({torch_device})",
+            "torch_device": ("no torch" if torch is None else f"PyTorch eager ({torch_device})")
+                            + ("" if jax is None else " and JAX jit (cpu)"),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "cpu": cpu_model(), "cores": os.cpu_count(), "memory": _memory_total(),
-            "platform": platform.platform(), "versions": _versions(torch), "blas": blas,
+            "platform": platform.platform(), "versions": _versions(torch, jax), "blas": blas,
             "threads": threads, "threads_source": threads_source,
             "torch_threads": "n/a" if torch is None else torch.get_num_threads(),
+            "fast_threads": fast_threads.threads(),
+            "jax_threads": ("no JAX" if jax is None else
+                            f"jax {jax.__version__}, " + ("1 thread (XLA_FLAGS)" if threads == 1 else
+                                                          "XLA's own CPU thread pool")),
             "environment": environment, "numpy_gflops": numpy_gflops, "torch_gflops": torch_gflops,
             "load": f"{load_at_start} at the start, {load_average()} at the end (1, 5, 15 minutes); "
                     f"cores busy with other work: {_cores(busy_at_start)} at the start, {_cores(busy_cores())} "
@@ -549,10 +658,13 @@ def _run(args: argparse.Namespace, configs: list[BenchConfig], threads_source: s
         write_results(args.results, format_results_markdown(results, info), args.append)
         _log(f"wrote {args.results}")
 
-    with_torch = [r for r in results if r.torch_seconds is not None]
-    if with_torch:
-        final = next((r for r in with_torch if r.config.name == "medium"), with_torch[-1])
-        print(f"ratio numpy/torch {final.config.name}: {_ratio(final):.2f}", flush=True)
+    for line in target_lines(results, peak_gflops):
+        _log(f"target: {line}")
+    for peer in ("torch", "jax"):
+        with_peer = [r for r in results if _ratio(r, peer) is not None]
+        if with_peer:
+            final = next((r for r in with_peer if r.config.name == "medium"), with_peer[-1])
+            print(f"ratio numpy/{peer} {final.config.name}: {_ratio(final, peer):.2f}", flush=True)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""What the benchmark times: one KTO training step in kto_np (NumPy, or CuPy) and in PyTorch eager.
+"""What the benchmark times: one KTO training step in kto_np (NumPy, or CuPy), in PyTorch eager and, when
+JAX is installed, in JAX (jax.jit, on the CPU; its compile time is reported on its own).
 
 One step, the same on both sides, in this order:
   reference forward on the matched rows and on the KL rows      (no gradient)
@@ -7,7 +8,9 @@ One step, the same on both sides, in this order:
   backward to every policy parameter, AdamW update.
 The PyTorch side is kto_np.torch_reference (the independent twin the tests check kto_np against:
 plain torch ops, explicit attention, no fused kernels, no torch.compile), on a copy of the same
-weights. Dropout is 0 in every config so that both sides do exactly the same arithmetic.
+weights. The JAX side is kto_np.jax_reference (a jax.numpy twin of the same step, one jax.jit of the
+whole step, compiled ahead of time: the compile is timed apart from the steps). Dropout is 0 in every
+config so that every side does the same arithmetic.
 
 The harness that measures (threads, BLAS, matmul peak, interleaved timing, the memory probe,
 RESULTS.md) is benchmarks/harness.py, outside the package: `kto-np bench` runs it from a source
@@ -25,11 +28,12 @@ import argparse
 import importlib.util
 import os
 import sys
+import time
 from typing import NamedTuple
 
 import numpy as np
 
-from . import backend, torch_reference
+from . import backend, jax_reference, torch_reference
 from .architectures import build
 from .fast.optim import adamw_step
 from .losses import KTOConfig
@@ -41,6 +45,7 @@ __all__ = [
     "CONFIGS",
     "HYPER",
     "BenchConfig",
+    "JaxKTOStep",
     "NumpyKTOStep",
     "TorchKTOStep",
     "add_arguments",
@@ -213,6 +218,40 @@ class TorchKTOStep:
         return float(loss.detach())
 
 
+
+# ----------------------------------------------------------------------------------------------
+# the JAX side: kto_np.jax_reference, one jax.jit of the whole step, on a copy of the same weights
+
+
+class JaxKTOStep:
+    """The JAX twin of NumpyKTOStep (CPU), on a copy of its weights: kto_np.jax_reference.make_kto_step,
+    compiled ahead of time in the constructor (compile_seconds), so that no timed call compiles."""
+
+    def __init__(self, numpy_step: NumpyKTOStep, *, hyper: dict = HYPER):
+        jax = jax_reference.require_jax()
+        jnp = jax.numpy
+
+        def array(value, dtype=None):
+            return jnp.asarray(backend.to_numpy(value) if dtype is None else backend.to_numpy(value).astype(dtype))
+
+        self.jax = jax
+        self.params = {k: array(v) for k, v in numpy_step.params.items()}
+        self.ref_params = {k: array(v) for k, v in numpy_step.ref_params.items()}
+        self.state = jax_reference.adamw_init(self.params)
+        batch = numpy_step.batch
+        self.batch = {"tokens": array(batch.tokens, np.int32), "kl_tokens": array(batch.kl_tokens, np.int32),
+                      "labels": array(batch.labels, np.int32), "completion_mask": array(batch.completion_mask),
+                      "kl_completion_mask": array(batch.kl_completion_mask)}
+        step = jax_reference.make_kto_step(num_heads=numpy_step.model.config.num_heads, hyper=hyper)
+        start = time.perf_counter()
+        self.step = step.lower(self.params, self.ref_params, self.state, self.batch).compile()
+        self.compile_seconds = time.perf_counter() - start
+
+    def __call__(self) -> float:
+        self.params, self.state, loss = self.step(self.params, self.ref_params, self.state, self.batch)
+        self.jax.block_until_ready((self.params, self.state))
+        return float(loss)
+
 # ----------------------------------------------------------------------------------------------
 # the options (checked here, so that a bad option exits 2 before the harness loads)
 
@@ -231,7 +270,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both sides (default: NumPy's BLAS threads; another number needs "
                              "threadpoolctl)")
-    parser.add_argument("--no-torch", action="store_true", help="time kto_np only")
+    parser.add_argument("--no-torch", action="store_true", help="no PyTorch side")
+    parser.add_argument("--no-jax", action="store_true", help="no JAX side (it runs when JAX is installed)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--profile", action="store_true",
                         help="also print a cProfile of 3 kto_np steps per config (to stderr)")

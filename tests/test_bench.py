@@ -16,6 +16,7 @@ from kto_np import backend, bench
 from kto_np.gradcheck import rel_error
 
 TORCH_SKIP = "torch not installed (pip install 'kto_np[torch]')"
+JAX_SKIP = "JAX not installed (pip install 'kto_np[jax]')"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_step.py")
 TINY = bench.CONFIGS["tiny"]
@@ -25,6 +26,14 @@ harness = bench.load_harness()
 def has_torch() -> bool:
     try:
         import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def has_jax() -> bool:
+    try:
+        import jax  # noqa: F401
     except ImportError:
         return False
     return True
@@ -55,16 +64,21 @@ def test_script_prints_a_line_per_config_and_the_ratio_last(tiny_run):
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.strip().splitlines()
     number = r"\d+\.\d"
-    if has_torch():
-        assert len(lines) == 2, completed.stdout
-        assert re.fullmatch(
-            rf"tiny: numpy {number} ms, torch {number} ms, ratio \d+\.\d\d \| peak memory numpy {number} MiB, "
-            rf"torch {number} MiB \| numpy {number} GFLOP/s \(\d+% of peak\), torch {number} GFLOP/s \(\d+%\)",
-            lines[0]), lines[0]
-        assert re.fullmatch(r"ratio numpy/torch tiny: \d+\.\d\d", lines[-1]), lines[-1]
-    else:
-        assert len(lines) == 1 and lines[0].startswith("tiny: numpy "), completed.stdout
+    peers = [peer for peer, present in (("torch", has_torch()), ("jax", has_jax())) if present]
+    compile_time = rf" \(jax compile {number} s\)"
+    times = "".join(rf", {peer} {number} ms, ratio \d+\.\d\d" + (compile_time if peer == "jax" else "")
+                    for peer in peers)
+    memory = "".join(rf", {peer} {number} MiB" for peer in peers)
+    flops = "".join(rf", {peer} {number} GFLOP/s \(\d+%\)" for peer in peers)
+    assert len(lines) == 1 + len(peers), completed.stdout
+    assert re.fullmatch(rf"tiny: numpy {number} ms{times} \| peak memory numpy {number} MiB{memory} \| "
+                        rf"numpy {number} GFLOP/s \(\d+% of peak\){flops}", lines[0]), lines[0]
+    for line, peer in zip(lines[1:], peers):
+        assert re.fullmatch(rf"ratio numpy/{peer} tiny: \d+\.\d\d", line), line
+    if not has_torch():
         assert "torch is not installed" in completed.stderr
+    if not has_jax():
+        assert "JAX is not installed" in completed.stderr
     assert "[tiny] timing" in completed.stderr  # progress goes to stderr
 
 
@@ -117,9 +131,9 @@ def test_outside_a_source_checkout_the_entry_point_says_where_the_harness_is(mon
 
 
 def test_the_package_side_of_the_benchmark_imports_no_tool_above_it():
-    """kto_np/bench.py and kto_np/torch_reference.py: no import of the CLI (no cli <-> bench cycle), and
-    torch only inside functions."""
-    for name in ("bench.py", "torch_reference.py"):
+    """kto_np/bench.py, kto_np/torch_reference.py and kto_np/jax_reference.py: no import of the CLI (no
+    cli <-> bench cycle), and torch and JAX only inside functions."""
+    for name in ("bench.py", "torch_reference.py", "jax_reference.py"):
         with open(os.path.join(REPO, "kto_np", name), encoding="utf-8") as f:
             tree = ast.parse(f.read())
         imported = set()
@@ -130,7 +144,7 @@ def test_the_package_side_of_the_benchmark_imports_no_tool_above_it():
             elif isinstance(node, ast.Import):
                 imported |= {a.name for a in node.names}
         parts = {part for n in imported for part in n.split(".")}
-        assert "cli" not in parts and "torch" not in parts, (name, sorted(imported))
+        assert not parts & {"cli", "torch", "jax"}, (name, sorted(imported))
 
 
 def test_torch_reference_imports_without_torch_and_says_how_to_install_it():
@@ -241,3 +255,63 @@ def test_torch_twin_float32_stays_close():
         assert param.dtype == np.float32, name
         np.testing.assert_allclose(param, torch_step.params[name].detach().numpy(), rtol=1e-4, atol=bound,
                                    err_msg=name)
+
+
+def test_jax_reference_imports_without_jax_and_says_how_to_install_it():
+    code = ("import sys; sys.modules['jax'] = None\n"
+            "from kto_np import jax_reference\n"
+            "try:\n    jax_reference.require_jax()\n"
+            "except ImportError as exc:\n    print(exc)\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": REPO}, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "needs JAX" in completed.stdout and ".[jax]" in completed.stdout, completed.stdout
+
+
+def test_jax_twin_gives_the_same_steps_in_float32():
+    """The JAX side (one jax.jit of the whole step) against kto_np: the loss of each step and the weights
+    after AdamW, float32 (JAX's default precision)."""
+    pytest.importorskip("jax", reason=JAX_SKIP)
+    numpy_step = bench.NumpyKTOStep(TINY, seed=1)
+    jax_step = bench.JaxKTOStep(numpy_step)
+    assert jax_step.compile_seconds > 0
+    steps = 3
+    for _ in range(steps):
+        assert_close("float32 loss", numpy_step(), jax_step(), 1e-5)
+    bound = 2 * steps * bench.HYPER["lr"]  # as for the torch twin: AdamW moves a zero gradient's entry by ~lr
+    for name, param in numpy_step.params.items():
+        mine = np.asarray(jax_step.params[name])
+        assert mine.dtype == np.float32, name
+        np.testing.assert_allclose(param, mine, rtol=1e-4, atol=bound, err_msg=name)
+
+
+def result(name, numpy_ms, torch_ms=None, jax_ms=None, numpy_mib=None, torch_mib=None):
+    config = bench.CONFIGS[name]
+
+    def mib(value):
+        return None if value is None else int(value * 2**20)
+
+    return harness.ConfigResult(config, 3, numpy_ms / 1e3, None if torch_ms is None else torch_ms / 1e3,
+                                mib(numpy_mib), mib(torch_mib), bench.step_flops(config),
+                                None if jax_ms is None else jax_ms / 1e3, None if jax_ms is None else 1.0, None)
+
+
+def test_targets_say_met_or_by_how_much_they_are_missed():
+    seed = result("seed", 1000.0, torch_ms=1000.0, jax_ms=2000.0, numpy_mib=900, torch_mib=1000)
+    small = result("small", 40.0, torch_ms=50.0)
+    peak = bench.step_flops(bench.CONFIGS["seed"]) / 1.0 / 1e9 / 0.5  # the seed step runs at 50 % of it
+    lines = harness.target_lines([small, seed], peak)
+    assert lines == [
+        "small: numpy/torch 0.80 (target <= 0.8): met",
+        "seed: numpy/torch 1.00 (target <= 0.6): missed by 67% (needs 1.67x faster)",
+        "seed: numpy/jax 0.50 (target <= 0.6): met",
+        "seed: kto_np at 50% of the sgemm peak (target >= 80%): missed by 30% points (needs 1.60x faster)",
+        "seed: peak memory 900.0 MiB vs torch 1000.0 MiB (target <= torch): met",
+    ]
+    section = harness.format_results_markdown([small, seed], {
+        "date": "d", "backend": "b", "torch_device": "t", "command": "c", "cpu": "cpu", "cores": 2, "memory": "m",
+        "platform": "p", "versions": "v", "blas": "bl", "threads": 2, "threads_source": "s", "torch_threads": 2,
+        "fast_threads": 2, "jax_threads": "j", "environment": "e", "load": "l", "numpy_gflops": peak,
+        "torch_gflops": None, "peak_gflops": peak, "warmup": 1})
+    assert "| seed | 512 | 6 | 8 | 32000 | 256 | 4 | 3 | 1000.0 | 1000.0 | 1.00 | 2000.0 | 0.50 | 1.0 |" in section
+    assert "Targets (issue 23):" in section and "- seed: numpy/jax 0.50 (target <= 0.6): met" in section
