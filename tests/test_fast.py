@@ -394,3 +394,22 @@ def test_blocks_depend_on_the_shape_only():
     assert fast_threads.blocks(10, 3, block_elements=7) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     assert fast_threads.blocks(3, 100, block_elements=7) == [(0, 1), (1, 2), (2, 3)]  # a row at least
     assert fast_threads.blocks(0, 5) == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_matmul_is_the_product_whatever_the_threads(small_blocks, dtype):
+    """kto_np.fast.threads.batched_matmul (the attention's products): a @ b on any thread count, for
+    contiguous stacks and for transposed views (with threadpoolctl installed, the stack goes over the pool)."""
+    rng = np.random.default_rng(6)
+    a, b = normal(rng, (2, 3, 5, 4), dtype), normal(rng, (2, 3, 4, 6), dtype)
+    c = normal(rng, (2, 3, 6, 5), dtype)
+    expected = [np.matmul(a, b), np.matmul(c.transpose(0, 1, 3, 2), normal(np.random.default_rng(7), (2, 3, 6, 2),
+                                                                               dtype))]
+    for count in (1, 2, 3):
+        fast_threads.set_threads(count)
+        got = [fast_threads.batched_matmul(a, b),
+               fast_threads.batched_matmul(c.transpose(0, 1, 3, 2), normal(np.random.default_rng(7), (2, 3, 6, 2),
+                                                                           dtype))]
+        for mine, theirs in zip(got, expected):
+            assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
+            np.testing.assert_allclose(mine, theirs, rtol=10 * TOLERANCE[dtype], atol=0)

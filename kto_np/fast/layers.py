@@ -369,11 +369,11 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
     # k^T as its own contiguous array: OpenBLAS runs small plain products A @ B on one thread, but
     # sends A @ B.T (a transposed operand) to its threaded path, slow for many small heads
     k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, T]
-    scores = q @ k_t  # [B, NH, T, T]
+    scores = threads.batched_matmul(q, k_t)  # [B, NH, T, T]
     # scores = q @ k^T * scale, and softmax, in one buffer
     probs, softmax_cache = _softmax_in_place(scores, mask=causal_mask(T, T, xp), scale=scale)
     probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
-    y = probs_dropped @ v  # [B, NH, T, HS]
+    y = threads.batched_matmul(probs_dropped, v)  # [B, NH, T, HS]
     out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
     cache = AttentionCache(qkv_cache, q, k, v, softmax_cache, dropout_cache, probs_dropped, proj_cache, scale)
     return out, cache
@@ -388,15 +388,15 @@ def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
     dy = xp.ascontiguousarray(split_heads(dy_merged, NH))  # [B, NH, T, HS]
     # y = probs_dropped @ v
     v_t = xp.ascontiguousarray(cache.v.transpose(0, 1, 3, 2))  # [B, NH, HS, T] (see k_t in the forward)
-    dprobs_dropped = dy @ v_t  # [B, NH, T, T]
-    dv = cache.probs_dropped.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, HS]
+    dprobs_dropped = threads.batched_matmul(dy, v_t)  # [B, NH, T, T]
+    dv = threads.batched_matmul(cache.probs_dropped.transpose(0, 1, 3, 2), dy)  # [B, NH, T, HS]
     dprobs = dropout_backward(dprobs_dropped, cache.dropout_cache)
     # the [B, NH, T, T] gradients are computed in one buffer (dprobs is a new array here, or
     # dprobs_dropped itself without dropout: needed for nothing else either way)
     # scores = q @ k^T * scale: dscores gets the scale in the same pass (masked entries get 0)
     dscores = _softmax_backward_in_place(dprobs, cache.softmax_cache, scale=cache.scale)
-    dq = dscores @ cache.k  # [B, NH, T, HS]
-    dk = dscores.transpose(0, 1, 3, 2) @ cache.q  # [B, NH, T, HS]
+    dq = threads.batched_matmul(dscores, cache.k)  # [B, NH, T, HS]
+    dk = threads.batched_matmul(dscores.transpose(0, 1, 3, 2), cache.q)  # [B, NH, T, HS]
     dqkv = xp.empty((B, T, 3, NH, HS), dtype=dout.dtype)
     dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
     dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)

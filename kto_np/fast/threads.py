@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["BLOCK_ELEMENTS", "ENV_VAR", "blocks", "default_threads", "numpy_only", "run", "scratch",
-           "set_threads", "threads"]
+__all__ = ["BLOCK_ELEMENTS", "ENV_VAR", "batched_matmul", "blocks", "default_threads", "numpy_only", "run",
+           "scratch", "set_threads", "threads"]
 
 ENV_VAR = "KTO_NP_THREADS"
 
@@ -36,7 +36,7 @@ ENV_VAR = "KTO_NP_THREADS"
 # [B, T, 4C] array is still many blocks.
 BLOCK_ELEMENTS = 1 << 16
 
-_state: dict = {"threads": None, "executor": None, "executor_threads": 0}
+_state: dict = {"threads": None, "executor": None, "executor_threads": 0, "blas": None}
 _lock = threading.Lock()
 _local = threading.local()  # per thread: the scratch buffers, and whether this thread is a worker
 
@@ -179,3 +179,40 @@ def run(function, tasks) -> None:
     job.finished.wait()  # the tasks that workers took are done (a worker that starts late finds none)
     if job.error is not None:
         raise job.error
+
+
+def _blas_controller():
+    """threadpoolctl's controller of the BLAS libraries, or False when threadpoolctl is not installed."""
+    if _state["blas"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController  # noqa: PLC0415  (optional)
+        except ImportError:
+            _state["blas"] = False
+        else:
+            _state["blas"] = ThreadpoolController().select(user_api="blas")
+    return _state["blas"]
+
+
+def batched_matmul(a, b):
+    """a @ b for stacks of small matrices, a [..., m, k] and b [..., k, n] with the same leading shape.
+
+    With more than one thread and threadpoolctl installed: blocks of the stack over this pool, each
+    product on one BLAS thread. A threaded BLAS splits each small product over its threads and makes
+    them meet once per product (attention: B NH products of [T, HS] @ [HS, T] a layer); the pool hands
+    whole products to the threads instead, and a thread that the system deschedules holds nobody up.
+    (The BLAS runs on one thread while the products do: the whole process's BLAS, for that time.)
+    Otherwise, and for CuPy arrays: a @ b.
+    """
+    controller = _blas_controller() if threads() > 1 and numpy_only(a, b) and a.ndim >= 3 else False
+    if not controller or a.shape[:-2] != b.shape[:-2]:
+        return a @ b
+    m, n = a.shape[-2], b.shape[-1]
+    out = np.empty((*a.shape[:-2], m, n), dtype=np.result_type(a, b))
+    a_stack, b_stack = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out_stack = out.reshape(-1, m, n)
+    tasks = blocks(out_stack.shape[0], m * n)
+    if len(tasks) < 2:
+        return a @ b
+    with controller.limit(limits=1):
+        run(lambda start, stop: np.matmul(a_stack[start:stop], b_stack[start:stop], out=out_stack[start:stop]), tasks)
+    return out
