@@ -318,6 +318,7 @@ class ConfigResult(NamedTuple):
     jax_seconds: float | None = None
     jax_compile_seconds: float | None = None
     jax_peak_bytes: int | None = None
+    profile: list | None = None  # profile_by_op's rows (--profile)
 
 
 def _cores(value: float | None) -> str:
@@ -449,6 +450,9 @@ def format_results_markdown(results: list[ConfigResult], info: dict) -> str:
     targets = target_lines(results, info["peak_gflops"])
     if targets:
         lines += ["", "Targets (issue 23):", ""] + [f"- {line}" for line in targets]
+    for r in results:
+        if r.profile:
+            lines += [""] + format_profile(r.config.name, r.profile)
     lines += [
         "",
         "One step: reference forward (matched and KL rows) and policy forward on the KL rows without "
@@ -480,6 +484,87 @@ def write_results(path: str, section: str, append: bool) -> None:
         f.write(text)
 
 
+# Where a kto_np step's time goes: (module, function, category). Each function's time is counted
+# without the wrapped functions it calls (exclusive), so the categories add up to the step.
+PROFILE_OPS = [
+    ("kto_np.fast.layers", "linear_forward", "matmul: linear layers (+ bias)"),
+    ("kto_np.fast.layers", "linear_backward", "matmul: linear layers (+ bias)"),
+    ("kto_np.fast.layers", "attention_forward", "matmul: attention heads (+ head copies)"),
+    ("kto_np.fast.layers", "attention_backward", "matmul: attention heads (+ head copies)"),
+    ("kto_np.model", "GPT._forward", "matmul: the head (+ embeddings)"),
+    ("kto_np.model", "GPT._backward", "matmul: the head (+ embedding gradient)"),
+    ("kto_np.fast.layers", "_softmax_in_place", "elementwise: softmax"),
+    ("kto_np.fast.layers", "_softmax_backward_in_place", "elementwise: softmax"),
+    ("kto_np.fast.layers", "gelu_forward", "elementwise: GELU"),
+    ("kto_np.fast.layers", "gelu_backward", "elementwise: GELU"),
+    ("kto_np.fast.layers", "layernorm_forward", "elementwise: LayerNorm"),
+    ("kto_np.fast.layers", "layernorm_backward", "elementwise: LayerNorm"),
+    ("kto_np.model", "block_forward", "elementwise: residual adds"),
+    ("kto_np.model", "block_backward", "elementwise: residual adds"),
+    ("kto_np.fast.logprobs", "logprobs_forward", "log-softmax over the vocabulary"),
+    ("kto_np.fast.logprobs", "_logprobs_backward_into", "log-softmax over the vocabulary"),
+    ("kto_np.bench", "adamw_step", "optimizer: AdamW"),
+    ("kto_np.step", "check_finite", "guards (the doors' checks) and glue"),
+    ("kto_np.step", "_check_kto_step", "guards (the doors' checks) and glue"),
+    ("kto_np.bench", "reference_logps", "guards (the doors' checks) and glue"),
+    ("kto_np.bench", "kto_step", "guards (the doors' checks) and glue"),
+]
+
+
+def profile_by_op(step, steps: int = 2) -> list[tuple[str, float, float]]:
+    """[(category, seconds per step, share of the step's wall time)] of `steps` calls of a kto_np step,
+    largest first, the rest of the step last ("other"). The functions of PROFILE_OPS are wrapped for
+    the calls (and restored), each timed without the wrapped functions it calls."""
+    import importlib  # noqa: PLC0415
+
+    totals: dict = {}
+    stack: list = []
+    restore = []
+
+    def wrap(owner, name, category):
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            stack.append(0.0)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                inner = stack.pop()
+                totals[category] = totals.get(category, 0.0) + elapsed - inner
+                if stack:
+                    stack[-1] += elapsed
+
+        setattr(owner, name, timed)
+        restore.append((owner, name, original))
+
+    try:
+        for module_name, qualified, category in PROFILE_OPS:
+            owner = importlib.import_module(module_name)
+            *classes, name = qualified.split(".")
+            for class_name in classes:
+                owner = getattr(owner, class_name)
+            wrap(owner, name, category)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps
+    finally:
+        for owner, name, original in reversed(restore):
+            setattr(owner, name, original)
+    rows = sorted(((c, t / steps, t / steps / wall) for c, t in totals.items()), key=lambda row: -row[1])
+    other = wall - sum(t for _, t, _ in rows)
+    return rows + [("other (the step outside the ops above)", other, other / wall)]
+
+
+def format_profile(name: str, rows) -> list[str]:
+    wall = sum(t for _, t, _ in rows)
+    lines = [f"Where a kto_np {name} step's {wall * 1e3:.0f} ms go (exclusive time per op, --profile):", "",
+             "| op | ms per step | share |", "|---|---|---|"]
+    return lines + [f"| {category} | {seconds * 1e3:.1f} | {share:.1%} |" for category, seconds, share in rows]
+
+
 def _profile_numpy_step(step: NumpyKTOStep, steps: int = 3, top: int = 25) -> None:
     import cProfile  # noqa: PLC0415
     import io  # noqa: PLC0415
@@ -493,7 +578,6 @@ def _profile_numpy_step(step: NumpyKTOStep, steps: int = 3, top: int = 25) -> No
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
     _log(stream.getvalue())
-
 
 
 def _import_torch(backend_name: str):
@@ -612,8 +696,14 @@ def _run(args: argparse.Namespace, configs: list[BenchConfig], threads_source: s
             steps["jax"] = JaxKTOStep(numpy_step)
             synchronize["jax"] = lambda: None  # JaxKTOStep waits for its own results
             jax_compile = steps["jax"].compile_seconds
+        profile = None
         if args.profile:
-            _profile_numpy_step(NumpyKTOStep(config, seed=args.seed))
+            profiled = NumpyKTOStep(config, seed=args.seed)
+            profiled()  # warm-up
+            profile = profile_by_op(profiled)
+            _log("\n".join(format_profile(config.name, profile)))
+            _profile_numpy_step(profiled)
+            del profiled
         _log(f"[{config.name}] timing {args.warmup} warm-up + {repeats} step(s) per side, interleaved")
         medians = time_interleaved(steps, synchronize, repeats, args.warmup)
         del steps, numpy_step
@@ -627,7 +717,7 @@ def _run(args: argparse.Namespace, configs: list[BenchConfig], threads_source: s
             if jax is not None:
                 jax_peak = measure_memory("jax", config, args.backend, threads)
         result = ConfigResult(config, repeats, medians["numpy"], medians.get("torch"), numpy_peak, torch_peak,
-                              step_flops(config), medians.get("jax"), jax_compile, jax_peak)
+                              step_flops(config), medians.get("jax"), jax_compile, jax_peak, profile)
         results.append(result)
         print(format_result_line(result, peak_gflops), flush=True)
 

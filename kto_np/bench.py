@@ -274,7 +274,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-jax", action="store_true", help="no JAX side (it runs when JAX is installed)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--profile", action="store_true",
-                        help="also print a cProfile of 3 kto_np steps per config (to stderr)")
+                        help="also profile kto_np's step per config: where its time goes, op by op (to stderr "
+                             "and into --results), and a cProfile of 3 steps (to stderr)")
     parser.add_argument("--results", default=None, metavar="PATH", help="write a RESULTS.md there (atomically)")
     parser.add_argument("--append", action="store_true", help="add a section to --results instead of replacing it")
     parser.add_argument("--seed", type=int, default=0, help="weights and batch seed (default 0)")

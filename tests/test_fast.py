@@ -296,6 +296,7 @@ def test_log_softmax(rng, dtype):
 def small_blocks(monkeypatch):
     """Blocks of 64 entries, so that small arrays are cut into many blocks and every thread gets some."""
     monkeypatch.setattr(fast_threads, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(fast_threads, "MIN_PARALLEL_ELEMENTS", 0)  # every op with two blocks or more in threads
     yield
     fast_threads.set_threads(None)
 
@@ -388,6 +389,30 @@ def test_the_thread_count_comes_from_the_environment(monkeypatch):
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="count"):
             fast_threads.set_threads(bad)
+
+
+def test_the_pool_runs_tasks_on_several_threads_and_small_work_in_the_caller(small_blocks, monkeypatch):
+    import threading
+    import time
+
+    def record(seen):
+        def task(i):
+            time.sleep(0.01)  # releases the GIL, as NumPy's ufuncs do
+            seen.append(threading.get_ident())
+        return task
+
+    fast_threads.set_threads(3)
+    seen = []
+    fast_threads.run(record(seen), [(i,) for i in range(12)])
+    assert len(seen) == 12 and len(set(seen)) >= 2, "the tasks ran on one thread"
+    monkeypatch.setattr(fast_threads, "MIN_PARALLEL_ELEMENTS", 1000)
+    seen = []
+    fast_threads.run(record(seen), [(i,) for i in range(4)], work=999)
+    assert set(seen) == {threading.get_ident()}  # too little work: all in the calling thread
+    fast_threads.set_threads(1)
+    seen = []
+    fast_threads.run(record(seen), [(i,) for i in range(4)])
+    assert set(seen) == {threading.get_ident()}
 
 
 def test_blocks_depend_on_the_shape_only():

@@ -7,6 +7,13 @@ the same numbers (float64 to 1e-12 relative, float32 to 1e-5; `tests/test_fast.p
     kto_np.fast.logprobs  <->  kto_np.logprobs   cache-sized blocks over the vocabulary, dlogits in the logits
     kto_np.fast.optim     <->  kto_np.optim      AdamW and the gradient norm in cache-sized blocks
 
+    kto_np.fast.threads   (no twin)             the thread pool the blocks above are spread over
+
+NumPy releases the GIL in its ufuncs and reductions, so the fast ops cut their arrays into fixed,
+cache-sized blocks and run the blocks on a few threads (KTO_NP_THREADS, default NumPy's BLAS thread
+count; 1 = no threads). The blocks depend on the shapes only, so the numbers do not depend on the
+thread count. CuPy arrays are computed whole, on the device, with no threads.
+
 Read the reading edition first: these files say how, not what. A model built with `fast=True`
 (`kto_np.build(..., fast=True)`) runs its forward and backward on `fast.layers`; training, the demo and
 the benchmark use the fast room, the oracle, gradcheck and the tutorials the reading edition.

@@ -13,6 +13,10 @@ are `kto-np bench` measurements of a training step):
   on strided views, and OpenBLAS sends A @ B.T (a transposed operand) to its threaded path, slow for
   many small heads.
 - linear runs one 2-D matrix product over all rows ([N, in] @ [in, out]) and adds the bias in place.
+- LayerNorm, GELU and softmax run over fixed cache-sized blocks of rows on the fast room's threads
+  (kto_np.fast.threads: each block's passes stay in cache, and both cores work); attention's per-head
+  products go over the same threads, one BLAS thread each (threads.batched_matmul). The blocks depend
+  on the shapes only: the numbers do not depend on the thread count. CuPy arrays are computed whole.
 
 The caches, the constants and the ops with nothing to make faster (embedding, dropout, causal_mask,
 split_heads, merge_heads) are the reading edition's own, imported from it.
@@ -129,7 +133,7 @@ def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
             _layernorm_block(x_rows[start:stop], weight, bias, eps, out_rows[start:stop], mean_rows[start:stop],
                              rstd_rows[start:stop], squares)
 
-        threads.run(block, threads.blocks(x_rows.shape[0], C))
+        threads.run(block, threads.blocks(x_rows.shape[0], C), x.size)
     return out, LayerNormCache(x, weight, mean, rstd)
 
 
@@ -174,7 +178,7 @@ def layernorm_backward(dout, cache: LayerNormCache):
                                       rstd_rows[start:stop], cache.weight, dx_rows[start:stop], sums[index],
                                       buffer[0], buffer[1])
 
-        threads.run(block, [(i, start, stop) for i, (start, stop) in enumerate(rows)])
+        threads.run(block, [(i, start, stop) for i, (start, stop) in enumerate(rows)], x.size)
     dbias, dweight = sums.sum(axis=0) if sums.shape[0] > 1 else sums[0]
     return dx, dweight, dbias
 
@@ -209,7 +213,8 @@ def _elementwise(kernel, out_arrays, in_arrays):
         kernel(*out_arrays, *in_arrays)
         return
     flat = [a.reshape(-1) for a in (*out_arrays, *in_arrays)]
-    threads.run(lambda start, stop: kernel(*(a[start:stop] for a in flat)), threads.blocks(flat[0].size, 1))
+    threads.run(lambda start, stop: kernel(*(a[start:stop] for a in flat)), threads.blocks(flat[0].size, 1),
+                flat[0].size)
 
 
 def gelu_forward(x):
@@ -300,7 +305,7 @@ def _softmax_in_place(x, mask=None, scale=None):
         _softmax_block(x, excluded, scale)
     else:
         groups, rows = found
-        threads.run(lambda start, stop: _softmax_block(groups[start:stop], excluded, scale), rows)
+        threads.run(lambda start, stop: _softmax_block(groups[start:stop], excluded, scale), rows, x.size)
     return x, SoftmaxCache(x)
 
 
@@ -331,7 +336,7 @@ def _softmax_backward_in_place(dprobs, cache: SoftmaxCache, scale=None):
         groups, rows = found
         probs_groups = probs.reshape(groups.shape)
         threads.run(lambda start, stop: _softmax_backward_block(groups[start:stop], probs_groups[start:stop], scale),
-                    rows)
+                    rows, dprobs.size)
     return dprobs
 
 

@@ -7,6 +7,8 @@ and why:
 - Forward and backward go over the [B, T, V] logits one block of rows at a time (about 1 MiB,
   cache-sized: see _CHUNK_ELEMENTS), so exp(logits) never exists for more than one block and the
   logits are read from memory about once per pass.
+- The blocks run on the fast room's threads (kto_np.fast.threads), each with its own block-sized
+  buffer; CuPy arrays go block after block through one buffer.
 - The backward writes dlogits = mask * dlogp * (onehot - softmax) into one [B, T, V] array without
   other [B, T, V] temporaries.
 - **sequence_logprobs_backward writes dlogits INTO the logits array that sequence_logprobs_forward was
@@ -83,7 +85,7 @@ def _logsumexp_last(logits):
         piece = logits[index]  # [rows, V] or [b, T, V], a view
         _logsumexp_block(piece, lse[index], threads.scratch(piece.size, logits.dtype).reshape(piece.shape))
 
-    threads.run(block, blocks)
+    threads.run(block, blocks, logits.size)
     return lse
 
 
@@ -124,7 +126,7 @@ def _logprobs_backward_into(dlogps, cache: LogprobsCache, out):
         out_block *= minus_scale[index][..., None]
 
     if threads.numpy_only(logits, out):
-        threads.run(block, [(index,) for index in _row_blocks(logits.shape)])
+        threads.run(block, [(index,) for index in _row_blocks(logits.shape)], logits.size)
     else:
         block((Ellipsis,))
     # + the one-hot term at each target

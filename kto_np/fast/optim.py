@@ -3,8 +3,10 @@
 What is fast: with NumPy, each array is processed in blocks of 1 MiB of float32 (`_BLOCK_ELEMENTS`
 entries) whose few temporaries stay in cache, updated in place through one reused scratch block, instead
 of the parameter-sized temporaries (m̂, v̂, sqrt(v̂), ...) that the formulas allocate, and page-fault, at
-every step. CuPy arrays and non-contiguous arrays are processed whole. The norm is still accumulated in
-float64 and added with math.fsum, in an order that does not depend on the number of BLAS threads.
+every step; the blocks of all parameters run on the fast room's threads (kto_np.fast.threads), each
+block computed alike whatever thread runs it. CuPy arrays and non-contiguous arrays are processed whole.
+The norm is still accumulated in float64 and added with math.fsum, in an order that does not depend on
+the number of BLAS threads or of the fast room's threads.
 
 These functions assume checked arguments: no type, shape, dtype or finiteness check is made here.
 Callers check once at their door (`kto_np.optim` checks everything; training guards the loss, the
@@ -96,7 +98,7 @@ def adamw_step(
         _adamw_block(param, grad, m, v, decay, beta1, beta2, eps, bias_correction2_sqrt, step_size,
                      threads.scratch(param.size, param.dtype).reshape(param.shape))
 
-    threads.run(numpy_block, numpy_tasks)
+    threads.run(numpy_block, numpy_tasks, sum(task[0].size for task in numpy_tasks))
     state["step"] = step
 
 
@@ -134,7 +136,7 @@ def _sum_of_squares(grads: dict, scale: float | None = None) -> float:
 
     with np.errstate(over="ignore"):  # an overflowing sum of squares is handled by the caller
         if all(xp is np for _, xp in blocks):
-            threads.run(block_square, [(i,) for i in range(len(blocks))])
+            threads.run(block_square, [(i,) for i in range(len(blocks))], sum(b.size for b, _ in blocks))
         else:
             for i in range(len(blocks)):
                 block_square(i)

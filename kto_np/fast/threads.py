@@ -36,6 +36,10 @@ ENV_VAR = "KTO_NP_THREADS"
 # [B, T, 4C] array is still many blocks.
 BLOCK_ELEMENTS = 1 << 16
 
+# Below this many entries of work a job runs in the calling thread: waking a worker costs tens of
+# microseconds on a quiet machine and milliseconds on a busy one, more than a small op takes.
+MIN_PARALLEL_ELEMENTS = 1 << 19
+
 _state: dict = {"threads": None, "executor": None, "executor_threads": 0, "blas": None}
 _lock = threading.Lock()
 _local = threading.local()  # per thread: the scratch buffers, and whether this thread is a worker
@@ -161,13 +165,14 @@ class _Job:
             _local.worker = was_worker
 
 
-def run(function, tasks) -> None:
+def run(function, tasks, work: int | None = None) -> None:
     """function(*task) for every task, spread over threads() threads (the calling thread one of them):
     each thread takes the next task left until none is. Returns when all are done; raises the first
-    error. Serial (in order, in this thread) with one thread, one task, or when called from a worker."""
+    error. Serial (in order, in this thread) with one thread, one task, less `work` (entries, when
+    given) than MIN_PARALLEL_ELEMENTS, or when called from a worker."""
     tasks = list(tasks)
     count = min(threads(), len(tasks))
-    if count <= 1 or getattr(_local, "worker", False):
+    if count <= 1 or (work is not None and work < MIN_PARALLEL_ELEMENTS) or getattr(_local, "worker", False):
         for task in tasks:
             function(*task)
         return
@@ -211,7 +216,8 @@ def batched_matmul(a, b):
     a_stack, b_stack = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     out_stack = out.reshape(-1, m, n)
     tasks = blocks(out_stack.shape[0], m * n)
-    if len(tasks) < 2:
+    work = out.size * a.shape[-1]  # multiply-adds
+    if len(tasks) < 2 or work < MIN_PARALLEL_ELEMENTS * 16:
         return a @ b
     with controller.limit(limits=1):
         run(lambda start, stop: np.matmul(a_stack[start:stop], b_stack[start:stop], out=out_stack[start:stop]), tasks)
