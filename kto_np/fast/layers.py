@@ -122,7 +122,7 @@ def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
     out = xp.empty(x.shape, dtype=x.dtype)
     mean = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)
     rstd = xp.empty_like(mean)
-    if not threads.numpy_only(x) or x.size == 0:
+    if not threads.blocked(x):
         _layernorm_block(x, weight, bias, eps, out, mean, rstd, xp.empty_like(x))
     else:
         x_rows, out_rows = x.reshape(-1, C), out.reshape(-1, C)
@@ -162,7 +162,7 @@ def layernorm_backward(dout, cache: LayerNormCache):
     xp = array_module(x)
     C = x.shape[-1]
     dx = xp.empty(x.shape, dtype=x.dtype)
-    if not threads.numpy_only(x, dout) or x.size == 0:
+    if not threads.blocked(x, dout):
         sums = xp.empty((1, 2, C), dtype=x.dtype)
         _layernorm_backward_block(dout, x, cache.mean, cache.rstd, cache.weight, dx, sums[0],
                                   xp.empty_like(x), xp.empty_like(x))
@@ -209,7 +209,7 @@ def _layernorm_backward_block(dout, x, mean, rstd, weight, dx, sums, x_hat, g_x_
 def _elementwise(kernel, out_arrays, in_arrays):
     """kernel(*outs, *ins) on the whole arrays (CuPy), or on matching flat blocks over the threads (NumPy;
     every array C-contiguous and of one shape). Each block's scratch: threads.scratch."""
-    if not threads.numpy_only(*in_arrays) or not all(a.flags.c_contiguous for a in in_arrays):
+    if not threads.blocked(*in_arrays) or not all(a.flags.c_contiguous for a in in_arrays):
         kernel(*out_arrays, *in_arrays)
         return
     flat = [a.reshape(-1) for a in (*out_arrays, *in_arrays)]
@@ -284,7 +284,7 @@ def softmax_backward(dprobs, cache: SoftmaxCache):
 def _matrix_blocks(x, mask):
     """x as [N, rows, K] row groups that a 2-D mask [rows, K] (or no mask) fits, with their blocks; None
     when the blocks cannot be views (CuPy, a non-contiguous x, a mask of another shape)."""
-    if not threads.numpy_only(x) or not x.flags.c_contiguous or x.ndim == 0 or x.size == 0:
+    if not threads.blocked(x) or not x.flags.c_contiguous or x.ndim == 0:
         return None
     if mask is None:
         groups = x.reshape(-1, 1, x.shape[-1])

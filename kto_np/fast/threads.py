@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["BLOCK_ELEMENTS", "ENV_VAR", "batched_matmul", "blocks", "default_threads", "numpy_only", "run",
+__all__ = ["BLOCK_ELEMENTS", "ENV_VAR", "batched_matmul", "blocked", "blocks", "default_threads", "numpy_only", "run",
            "scratch", "set_threads", "threads"]
 
 ENV_VAR = "KTO_NP_THREADS"
@@ -106,6 +106,12 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 def numpy_only(*arrays) -> bool:
     """True when every array is a NumPy array (CuPy arrays are run whole, never in threads)."""
     return all(isinstance(a, np.ndarray) for a in arrays)
+
+
+def blocked(*arrays) -> bool:
+    """Whether an op on these arrays goes in blocks: NumPy arrays, the first more than one block (one
+    block is the whole array: the same numbers without the blocks' bookkeeping)."""
+    return numpy_only(*arrays) and arrays[0].size > BLOCK_ELEMENTS
 
 
 def blocks(rows: int, row_size: int, block_elements: int | None = None) -> list[tuple[int, int]]:
