@@ -297,7 +297,6 @@ def small_blocks(monkeypatch):
     """Blocks of 64 entries, so that small arrays are cut into many blocks and every thread gets some."""
     monkeypatch.setattr(fast_threads, "BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(fast_threads, "MIN_PARALLEL_ELEMENTS", 0)  # every op with two blocks or more in threads
-    monkeypatch.setattr(fast_layers, "CAUSAL_ROWS", 4)  # attention's causal softmax in pieces of 4 query rows
     yield
     fast_threads.set_threads(None)
 
@@ -345,7 +344,7 @@ def test_the_blocked_threaded_ops_are_twins_of_the_reading_edition(small_blocks,
     test_softmax(np.random.default_rng(3), dtype, True)
     test_softmax(np.random.default_rng(4), dtype, False)
     test_attention(np.random.default_rng(5), dtype, 2, 6, 12, 3, 0.2)
-    test_attention(np.random.default_rng(6), dtype, 3, 11, 8, 2, 0.0)  # three causal pieces, the last partial
+    test_attention(np.random.default_rng(6), dtype, 3, 11, 8, 2, 0.0)
     test_attention(np.random.default_rng(7), dtype, 2, 9, 8, 4, 0.3)
 
 

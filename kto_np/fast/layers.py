@@ -295,55 +295,18 @@ def _matrix_blocks(x, mask):
     return groups, threads.blocks(groups.shape[0], groups.shape[1] * groups.shape[2])
 
 
-# Query rows per piece of a causal softmax: the piece of rows [r, r + CAUSAL_ROWS) reads the keys
-# [0, r + CAUSAL_ROWS) only (the rest are masked), so a [T, T] matrix costs about half its entries.
-CAUSAL_ROWS = 32
-
-
-def _softmax_in_place(x, mask=None, scale=None, causal=False):
+def _softmax_in_place(x, mask=None, scale=None):
     """softmax_forward(x * scale) computed in x's own buffer: x becomes probs (and is the cache's probs).
     Attention's scores are needed for nothing else, so no second [B, NH, T, T] array is made. NumPy: a
-    block of whole [T, T] matrices at a time, over the threads. causal=True: mask is causal_mask(T, T)
-    (attention's), and the blocks skip the keys that a piece of query rows cannot see."""
+    block of whole [T, T] matrices at a time, over the threads."""
     excluded = None if mask is None else ~mask
     found = _matrix_blocks(x, mask)
     if found is None:
         _softmax_block(x, excluded, scale)
     else:
         groups, rows = found
-        if causal:
-            pieces = _causal_pieces(groups.shape[-1])
-            threads.run(lambda start, stop: _causal_softmax_block(groups[start:stop], pieces, scale), rows, x.size)
-        else:
-            threads.run(lambda start, stop: _softmax_block(groups[start:stop], excluded, scale), rows, x.size)
+        threads.run(lambda start, stop: _softmax_block(groups[start:stop], excluded, scale), rows, x.size)
     return x, SoftmaxCache(x)
-
-
-def _causal_pieces(T: int):
-    """[(r0, r1, excluded [r1 - r0, r1] or None), ...]: query rows r0..r1-1 see keys 0..r1-1, the
-    excluded ones (key > query) marked."""
-    pieces = []
-    for r0 in range(0, T, CAUSAL_ROWS):
-        r1 = min(r0 + CAUSAL_ROWS, T)
-        excluded = ~np.tri(r1 - r0, r1, k=r0, dtype=bool)  # row i (query r0 + i) sees keys <= r0 + i
-        pieces.append((r0, r1, excluded if excluded.any() else None))
-    return pieces
-
-
-def _causal_softmax_block(probs, pieces, scale):
-    """softmax(probs * scale) under the causal mask, in place, probs [n, T, T]: each piece of query rows
-    over the keys it can see; the keys after them get probability 0 (every row sees its own key)."""
-    for r0, r1, excluded in pieces:
-        seen = probs[:, r0:r1, :r1]
-        if scale is not None:
-            seen *= scale
-        if excluded is not None:
-            np.copyto(seen, probs.dtype.type(-np.inf), where=excluded)
-        seen -= seen.max(axis=-1, keepdims=True)
-        np.exp(seen, out=seen)
-        total = seen.sum(axis=-1, keepdims=True)
-        seen *= np.divide(1.0, total, out=total)
-        probs[:, r0:r1, r1:] = 0
 
 
 def _softmax_block(probs, excluded, scale):
@@ -363,39 +326,18 @@ def _softmax_block(probs, excluded, scale):
     probs *= xp.divide(1.0, total, out=total)
 
 
-def _softmax_backward_in_place(dprobs, cache: SoftmaxCache, scale=None, causal=False):
-    """softmax_backward computed in dprobs' own buffer: dprobs becomes dx (times scale, when given).
-    causal=True: the forward was causal (attention's), and dx is 0 wherever probs is."""
+def _softmax_backward_in_place(dprobs, cache: SoftmaxCache, scale=None):
+    """softmax_backward computed in dprobs' own buffer: dprobs becomes dx (times scale, when given)."""
     probs = cache.probs
-    T = dprobs.shape[-1] if dprobs.ndim >= 2 else 0
-    if causal and dprobs.shape == probs.shape and dprobs.shape[-2:] == (T, T):
-        found = _matrix_blocks(dprobs, np.ones((T, T), dtype=bool))
-    else:
-        found = _matrix_blocks(dprobs, None) if dprobs.shape == probs.shape else None
-        causal = False
+    found = _matrix_blocks(dprobs, None) if dprobs.shape == probs.shape else None
     if found is None:
         _softmax_backward_block(dprobs, probs, scale)
     else:
         groups, rows = found
         probs_groups = probs.reshape(groups.shape)
-        if causal:
-            pieces = _causal_pieces(T)
-
-            def block(start, stop):
-                _causal_softmax_backward_block(groups[start:stop], probs_groups[start:stop], pieces, scale)
-        else:
-            def block(start, stop):
-                _softmax_backward_block(groups[start:stop], probs_groups[start:stop], scale)
-
-        threads.run(block, rows, dprobs.size)
+        threads.run(lambda start, stop: _softmax_backward_block(groups[start:stop], probs_groups[start:stop], scale),
+                    rows, dprobs.size)
     return dprobs
-
-
-def _causal_softmax_backward_block(dx, probs, pieces, scale):
-    """_softmax_backward_block over the keys each piece of query rows sees; 0 after them."""
-    for r0, r1, _ in pieces:
-        _softmax_backward_block(dx[:, r0:r1, :r1], probs[:, r0:r1, :r1], scale)
-        dx[:, r0:r1, r1:] = 0
 
 
 def _softmax_backward_block(dx, probs, scale):
@@ -434,7 +376,7 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
     k_t = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # [B, NH, HS, T]
     scores = threads.batched_matmul(q, k_t)  # [B, NH, T, T]
     # scores = q @ k^T * scale, and softmax, in one buffer
-    probs, softmax_cache = _softmax_in_place(scores, mask=causal_mask(T, T, xp), scale=scale, causal=True)
+    probs, softmax_cache = _softmax_in_place(scores, mask=causal_mask(T, T, xp), scale=scale)
     probs_dropped, dropout_cache = dropout_forward(probs, dropout, train=train, rng=rng)
     y = threads.batched_matmul(probs_dropped, v)  # [B, NH, T, HS]
     out, proj_cache = linear_forward(merge_heads(y), c_proj_weight, c_proj_bias)
@@ -457,7 +399,7 @@ def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
     # the [B, NH, T, T] gradients are computed in one buffer (dprobs is a new array here, or
     # dprobs_dropped itself without dropout: needed for nothing else either way)
     # scores = q @ k^T * scale: dscores gets the scale in the same pass (masked entries get 0)
-    dscores = _softmax_backward_in_place(dprobs, cache.softmax_cache, scale=cache.scale, causal=True)
+    dscores = _softmax_backward_in_place(dprobs, cache.softmax_cache, scale=cache.scale)
     dq = threads.batched_matmul(dscores, cache.k)  # [B, NH, T, HS]
     dk = threads.batched_matmul(dscores.transpose(0, 1, 3, 2), cache.q)  # [B, NH, T, HS]
     dqkv = xp.empty((B, T, 3, NH, HS), dtype=dout.dtype)
