@@ -109,9 +109,11 @@ def numpy_only(*arrays) -> bool:
 
 
 def blocked(*arrays) -> bool:
-    """Whether an op on these arrays goes in blocks: NumPy arrays, the first more than one block (one
-    block is the whole array: the same numbers without the blocks' bookkeeping)."""
-    return numpy_only(*arrays) and arrays[0].size > BLOCK_ELEMENTS
+    """Whether an op on these arrays goes in blocks: NumPy arrays, the first more than one block and at
+    least MIN_PARALLEL_ELEMENTS entries. A smaller array is one op on the whole array (it fits in the
+    cache, and the blocks' bookkeeping would cost more than they save). A choice by size only: the
+    numbers still do not depend on the thread count."""
+    return numpy_only(*arrays) and arrays[0].size > BLOCK_ELEMENTS and arrays[0].size >= MIN_PARALLEL_ELEMENTS
 
 
 def blocks(rows: int, row_size: int, block_elements: int | None = None) -> list[tuple[int, int]]:
