@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as benchmarks/bench_step.py (NumPy is not loaded yet)
 
 
 def _import_revision(revision: str, folder: Path):
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
         print(f"base {args.base} ({_set_fast_threads('kto_np_base', args.fast_threads)}) vs working tree "
               f"({_set_fast_threads('kto_np', args.fast_threads)}), {args.pairs} pairs, BLAS threads "
               f"{args.threads or 'as is'}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
+              f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', '(unset)')}, "
               f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         for name in args.configs.split(","):
             sides = {"base": base.NumpyKTOStep(base.CONFIGS[name]),

@@ -651,6 +651,10 @@ def _run(args: argparse.Namespace, configs: list[BenchConfig], threads_source: s
     if not os.environ.get(fast_threads.ENV_VAR):  # kto_np's fast room on as many threads as the BLAS
         fast_threads.set_threads(threads)
     _log(f"threads: {threads} ({threads_source}); BLAS: {blas}; load average {load_at_start}")
+    if threads > 1 and not os.environ.get("OPENBLAS_THREAD_TIMEOUT"):
+        _log("warning: OPENBLAS_THREAD_TIMEOUT is unset: OpenBLAS's threads spin ~0.1 s after each product and "
+             "take the cores the fast room's threads need (benchmarks/bench_step.py sets it to 4; with "
+             "`kto-np bench`, set it in the environment)")
     if busy_at_start is not None and busy_at_start > 0.25:
         _log(f"warning: other processes keep {busy_at_start:.1f} core(s) busy; timings on more than one "
              "thread suffer most (threads wait for each other's time slices)")
@@ -724,7 +728,7 @@ def _run(args: argparse.Namespace, configs: list[BenchConfig], threads_source: s
     if args.results:
         environment = ", ".join(f"{var}={os.environ[var]}" if var in os.environ else f"{var} unset"
                                 for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
-                                            "OMP_NUM_THREADS"))
+                                            "OMP_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "KTO_NP_THREADS"))
         info = {
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "backend": f"kto_np ({args.backend})",

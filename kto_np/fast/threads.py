@@ -15,6 +15,11 @@ this process may run on). `set_threads(n)` changes it for the process; `set_thre
 to the default.
 
 CuPy arrays never come here: the fast ops run them whole, on the device (`numpy_only`).
+
+OpenBLAS's own threads spin for about 2^28 cycles (~0.1 s) after each matrix product before they
+sleep; on a machine with as many cores as threads the spinning thread takes the core a worker of this
+pool needs, and the threads win nothing. Set OPENBLAS_THREAD_TIMEOUT=4 in the environment (read when
+NumPy loads OpenBLAS): benchmarks/bench_step.py does.
 """
 
 from __future__ import annotations
