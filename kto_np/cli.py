@@ -9,6 +9,11 @@ import sys
 
 from . import __version__
 
+# OpenBLAS's idle threads spin for a while after each matrix product and take the cores the fast room's
+# threads need (kto_np/fast/threads.py; docs/SPEED.md): the command shortens the spin before NumPy loads,
+# unless the environment says otherwise. (A library user sets it the same way, before importing NumPy.)
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 COMMANDS = ("gradcheck", "figures", "oracle", "bench", "demo", "train", "exercise")
 # TrainConfig fields that have a command-line option (the rest come from the preset)
 TRAINING_OPTIONS = ("steps", "sft_steps", "variant", "beta", "desirable_weight", "undesirable_weight",
