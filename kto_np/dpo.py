@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import array_module
-from .losses import _check_no_overflow, _on_module, log_sigmoid, sigmoid
+from .backend import array_module, to_module
+from .losses import _check_no_overflow, log_sigmoid, sigmoid
 from .validation import as_float_array, check_finite_scalar, check_same_shape
 
 __all__ = ["DPOCache", "dpo_backward", "dpo_forward", "dpo_loss", "dpo_loss_and_grad", "dpo_metrics"]
@@ -43,7 +43,7 @@ def dpo_forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
         check_same_shape(name, arrays[name], "policy_chosen_logps", policy_chosen_logps)
     beta = check_finite_scalar("beta", beta, positive=True)
     xp = array_module(*arrays.values())
-    arrays = {name: _on_module(xp, value) for name, value in arrays.items()}
+    arrays = {name: to_module(value, xp) for name, value in arrays.items()}
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
         chosen_log_ratios = arrays["policy_chosen_logps"] - arrays["ref_chosen_logps"]
         rejected_log_ratios = arrays["policy_rejected_logps"] - arrays["ref_rejected_logps"]

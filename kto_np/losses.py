@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import array_module, to_numpy
+from .backend import array_module, to_module
 from .validation import (
     NonFiniteError,
     as_float_array,
@@ -283,8 +283,8 @@ def _check_arrays(variant, policy_logps, ref_logps, labels, kl_policy_logps, kl_
     ref_logps = as_float_array("ref_logps", ref_logps, ndim=1)
     check_same_shape("ref_logps", ref_logps, "policy_logps", policy_logps)
     xp = array_module(policy_logps, ref_logps)
-    policy_logps, ref_logps = _on_module(xp, policy_logps), _on_module(xp, ref_logps)  # one module: no mix
-    desirable = _on_module(xp, as_labels("labels", labels, policy_logps.shape[0]))
+    policy_logps, ref_logps = to_module(policy_logps, xp), to_module(ref_logps, xp)  # one module: no mix
+    desirable = to_module(as_labels("labels", labels, policy_logps.shape[0]), xp)
 
     given = [name for name, value in (("kl_policy_logps", kl_policy_logps), ("kl_ref_logps", kl_ref_logps))
              if value is not None]
@@ -299,8 +299,8 @@ def _check_arrays(variant, policy_logps, ref_logps, labels, kl_policy_logps, kl_
         missing = "kl_ref_logps" if given[0] == "kl_policy_logps" else "kl_policy_logps"
         raise ValueError(f"{missing} must be given together with {given[0]} (both or neither), got None")
     if given:
-        kl_policy_logps = _on_module(xp, as_float_array("kl_policy_logps", kl_policy_logps, ndim=1))
-        kl_ref_logps = _on_module(xp, as_float_array("kl_ref_logps", kl_ref_logps, ndim=1))
+        kl_policy_logps = to_module(as_float_array("kl_policy_logps", kl_policy_logps, ndim=1), xp)
+        kl_ref_logps = to_module(as_float_array("kl_ref_logps", kl_ref_logps, ndim=1), xp)
         check_same_shape("kl_ref_logps", kl_ref_logps, "kl_policy_logps", kl_policy_logps)
     return policy_logps, ref_logps, desirable, kl_policy_logps, kl_ref_logps
 
@@ -347,10 +347,6 @@ def _check_no_overflow(what: str, dtype, quantities: dict, arguments: str) -> No
         raise NonFiniteError(f"{what} overflows {np.dtype(dtype).name} for these inputs ({arguments}): "
                          f"{', '.join(bad)} would not be finite; use a smaller beta or weights, or "
                          "log-probabilities of a sensible size")
-
-
-def _on_module(xp, arr):
-    return to_numpy(arr) if xp is np else xp.asarray(arr)
 
 
 # ---------------------------------------------------------------------------------------------------
