@@ -328,7 +328,20 @@ class GPT:
         return logits, cache
 
     def _forward(self, params: dict, tokens, *, train: bool, rng, keep_cache: bool):
-        """The forward pass itself, on checked arguments."""
+        """The forward pass itself, on checked arguments: the body, then the head."""
+        x_final, cache = self.body_forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache)
+        B, T, C = x_final.shape
+        head_weight = self.head_weight(params)  # [V, C]
+        logits = (x_final.reshape(B * T, C) @ head_weight.T).reshape(B, T, -1)  # [B, T, V]
+        return logits, cache
+
+    def head_weight(self, params: dict):
+        """The head's [V, C] matrix: wte.weight (tied) or lm_head.weight."""
+        return params["wte.weight"] if self.config.tie_embeddings else params["lm_head.weight"]
+
+    def body_forward(self, params: dict, tokens, *, train: bool = False, rng=None, keep_cache: bool = True):
+        """The forward pass up to the head, unchecked (forward checks; step.py calls this on arguments it
+        checked at its door): tokens [B, T] -> (x_final [B, T, C], the cache backward needs, or None)."""
         config, ops = self.config, self.ops
         xp = array_module(params["wte.weight"])
         tokens = xp.asarray(tokens)
@@ -343,14 +356,12 @@ class GPT:
             if keep_cache:
                 block_caches.append(block_cache)
         x_final, ln_f_cache = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
-        head_weight = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]  # [V, C]
-        V = head_weight.shape[0]
-        logits = (x_final.reshape(B * T, -1) @ head_weight.T).reshape(B, T, V)
         if not keep_cache:
-            return logits, None
+            return x_final, None
+        head_weight = self.head_weight(params)
         cache = GPTCache(wte_cache, embedding_dropout_cache, block_caches, ln_f_cache, x_final,
-                         head_weight, (B, T, V), config.np_dtype)
-        return logits, cache
+                         head_weight, (B, T, head_weight.shape[0]), config.np_dtype)
+        return x_final, cache
 
     def backward(self, dlogits, cache: GPTCache, *, check: bool = True) -> dict:
         """dlogits [B, T, V] (d loss / d logits) -> grads, same keys and shapes as params.
@@ -387,15 +398,22 @@ class GPT:
         return array_module(cache.x_final).asarray(dlogits)
 
     def _backward(self, dlogits, cache: GPTCache) -> dict:
-        """The backward pass itself, the forward read bottom-up, on checked arguments."""
-        config, ops = self.config, self.ops
-        xp = array_module(cache.x_final)
+        """The backward pass itself, the forward read bottom-up, on checked arguments: the head, then
+        the body."""
         B, T, V = cache.logits_shape
-        grads: dict = {}
         # logits = x_final @ head_weight.T
         dlogits_rows = dlogits.reshape(B * T, V)
         dx_final = (dlogits_rows @ cache.head_weight).reshape(B, T, -1)  # [B, T, C]
         dhead_weight = dlogits_rows.T @ cache.x_final.reshape(B * T, -1)  # [V, C]
+        return self.body_backward(dx_final, dhead_weight, cache)
+
+    def body_backward(self, dx_final, dhead_weight, cache: GPTCache) -> dict:
+        """The backward pass below the head, unchecked: dx_final [B, T, C] and the head's gradient
+        dhead_weight [V, C] -> grads, same keys and shapes as params."""
+        config, ops = self.config, self.ops
+        xp = array_module(cache.x_final)
+        T = cache.logits_shape[1]
+        grads: dict = {}
         # x_final = ln_f(x)
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(dx_final, cache.ln_f)
         for layer in reversed(range(config.num_layers)):

@@ -16,6 +16,7 @@ import numpy as np
 from . import logprobs
 from .architectures import Model
 from .backend import array_module, asarray, resolve_dtype, to_module
+from .fast import head as fast_head
 from .fast import logprobs as fast_logprobs
 from .losses import KTOConfig
 from .validation import as_float_array, check_bool, check_finite, check_positive_int, check_rng, reject_autograd
@@ -159,13 +160,36 @@ def _logprob_ops(model):
     return fast_logprobs if model.fast else logprobs
 
 
-def _completion_logps(model, params: dict, tokens, completion_mask, *, keep_cache: bool, train=False, rng=None):
+def _scored_logits_only(model) -> bool:
+    """Whether the step computes the head only where a completion token is scored: a fast model that
+    runs its body and head apart (GPT). The numbers are those of the full logits."""
+    return model.fast and hasattr(model, "body_forward")
+
+
+def _completion_logps(model, params: dict, tokens, completion_mask, *, keep_cache: bool, train=False, rng=None,
+                      dense=False):
     """Forward + shifted log-probs of the completion tokens, on checked arguments: [B, T] -> [B], and
-    the caches (model cache, log-prob cache) that the backward needs (None when not keep_cache)."""
+    the caches (model cache, log-prob cache) that the backward (_completion_grads) needs (None when not
+    keep_cache). A fast GPT computes its logits at the scored positions only, unless dense=True."""
+    if _scored_logits_only(model) and not dense:
+        x_final, model_cache = model.body_forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache)
+        logps, head_cache = fast_head.head_logprobs_forward(x_final, model.head_weight(params), tokens,
+                                                                completion_mask)  # [B]
+        return logps, ((model_cache, head_cache) if keep_cache else None)
     logits, model_cache = model.forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache,
                                         check=False)  # [B, T, V]
     logps, logp_cache = _logprob_ops(model).sequence_logprobs_forward(logits, tokens, completion_mask)  # [B]
     return logps, ((model_cache, logp_cache) if keep_cache else None)
+
+
+def _completion_grads(model, dlogps, caches) -> dict:
+    """The gradient of every parameter from dL/dlogps [B], through the caches of _completion_logps."""
+    model_cache, logp_cache = caches
+    if isinstance(logp_cache, fast_head.HeadLogprobsCache):
+        dx_final, dhead_weight = fast_head.head_logprobs_backward(dlogps, logp_cache)
+        return model.body_backward(dx_final, dhead_weight, model_cache)
+    dlogits = _logprob_ops(model).sequence_logprobs_backward(dlogps, logp_cache)  # [B, T, V]
+    return model.backward(dlogits, model_cache, check=False)
 
 
 def completion_logps(model, params: dict, tokens, completion_mask, *, train=False, rng=None):
@@ -179,8 +203,12 @@ def completion_logps(model, params: dict, tokens, completion_mask, *, train=Fals
 def forward_logps(model, params: dict, tokens, completion_mask):
     """Completion log-probs [B] with no gradient (the frozen reference; the policy's KL rows, whose
     z is detached). Keeps no activations: it costs the memory of one layer at a time."""
-    logits, _ = model.forward(params, tokens, keep_cache=False)  # [B, T, V]
-    return _logprob_ops(model).sequence_logprobs_forward(logits, tokens, completion_mask)[0]
+    model.check_params(params)
+    tokens = model.check_tokens(tokens)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite log-probs are reported below, by name
+        logps = _completion_logps(model, params, tokens, completion_mask, keep_cache=False)[0]
+    check_finite("the log-probabilities (params give non-finite logits)", logps)
+    return logps
 
 
 def reference_logps(model, ref_params: dict, batch: Batch):
@@ -263,7 +291,17 @@ def _check_kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train
 
 
 def _kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config: KTOConfig, train, rng):
-    """kto_dlogits on checked arguments.
+    """kto_dlogits on checked arguments."""
+    loss, metrics, dlogps, (model_cache, logp_cache) = _kto_loss(model, params, batch, ref_logps, kl_ref_logps,
+                                                                 config, train, rng, dense=True)
+    dlogits = _logprob_ops(model).sequence_logprobs_backward(dlogps, logp_cache)
+    return loss, metrics, dlogits, model_cache
+
+
+def _kto_loss(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config: KTOConfig, train, rng, *,
+              dense=False):
+    """The KTO loss of a batch and its gradient w.r.t. the policy's log-probs, on checked arguments:
+    (loss, metrics, dL/dlogps [B], the caches of the matched rows' forward).
 
     The KL rows go through a policy forward only (z_ref is detached, so they need no backward), run
     before the policy forward so that its activations are not held meanwhile.
@@ -272,15 +310,14 @@ def _kto_dlogits(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, con
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is reported below, by name
         if kl_ref_logps is not None:
             kl_logps, _ = _completion_logps(model, params, batch.kl_tokens, batch.kl_completion_mask,
-                                            keep_cache=False)
-        logps, (model_cache, logp_cache) = _completion_logps(model, params, batch.tokens, batch.completion_mask,
-                                                             keep_cache=True, train=train, rng=rng)
+                                            keep_cache=False, dense=dense)
+        logps, caches = _completion_logps(model, params, batch.tokens, batch.completion_mask, keep_cache=True,
+                                          train=train, rng=rng, dense=dense)
         check_finite("the policy's log-probabilities (params give non-finite logits)",
                      {"matched rows": logps, **({} if kl_logps is None else {"KL rows": kl_logps})})
         loss, dlogps, metrics = config.loss_and_grad(logps, ref_logps, batch.labels, kl_logps, kl_ref_logps)
     check_finite("the KTO loss", loss)
-    dlogits = _logprob_ops(model).sequence_logprobs_backward(dlogps, logp_cache)
-    return loss, metrics, dlogits, model_cache
+    return loss, metrics, dlogps, caches
 
 
 def kto_step(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config: KTOConfig, *,
@@ -295,10 +332,9 @@ def kto_step(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config:
     A NaN or infinite loss or gradient raises validation.NonFiniteError.
     """
     ref_logps, kl_ref_logps = _check_kto_step(model, params, batch, ref_logps, kl_ref_logps, config, train, rng)
-    loss, metrics, dlogits, model_cache = _kto_dlogits(model, params, batch, ref_logps, kl_ref_logps, config,
-                                                       train, rng)
+    loss, metrics, dlogps, caches = _kto_loss(model, params, batch, ref_logps, kl_ref_logps, config, train, rng)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite gradients are reported below, by name
-        grads = model.backward(dlogits, model_cache, check=False)
+        grads = _completion_grads(model, dlogps, caches)
     check_finite("the gradients (params overflow on the way back)", grads)
     return loss, metrics, grads
 
@@ -311,14 +347,13 @@ def sft_step(model, params: dict, batch: Batch, *, train=False, rng=None):
     """
     _check_step(model, params, batch, train, rng)
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is reported below, by name
-        logps, (model_cache, logp_cache) = _completion_logps(model, params, batch.tokens, batch.completion_mask,
-                                                             keep_cache=True, train=train, rng=rng)
+        logps, caches = _completion_logps(model, params, batch.tokens, batch.completion_mask, keep_cache=True,
+                                          train=train, rng=rng)
         num_tokens = float(batch.completion_mask.sum())
         loss = -float(logps.sum()) / num_tokens
     check_finite("the SFT loss (params give non-finite logits)", loss)
     dlogps = array_module(logps).full(logps.shape, -1.0 / num_tokens, dtype=logps.dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite gradients are reported below, by name
-        dlogits = _logprob_ops(model).sequence_logprobs_backward(dlogps, logp_cache)
-        grads = model.backward(dlogits, model_cache, check=False)
+        grads = _completion_grads(model, dlogps, caches)
     check_finite("the gradients (params overflow on the way back)", grads)
     return loss, {}, grads

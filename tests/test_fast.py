@@ -288,6 +288,56 @@ def test_log_softmax(rng, dtype):
         assert_twins(fast_lp.log_softmax(logits, axis=axis), lp.log_softmax(logits, axis=axis), dtype, f"axis {axis}")
 
 
+def head_case(rng, B, T, C, V, dtype):
+    """x_final, a head, tokens and a mask with every kind of row: the mask on position 0 (scored by
+    nothing), a row with no completion token, fractional weights, a row scored to its end."""
+    x_final, head_weight = normal(rng, (B, T, C), dtype), normal(rng, (V, C), dtype, 0.5)
+    tokens = rng.integers(0, V, size=(B, T))
+    mask = (rng.random((B, T)) > 0.4).astype(dtype)
+    mask[0, 0], mask[1] = 1, 0  # position 0 has no logits scoring it; row 1 scores nothing
+    mask[2, 3:] = rng.random(T - 3)  # fractional weights, to the end of the row
+    return x_final, head_weight, tokens, mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, C, V, chunk", [(4, 9, 6, 13, 13 * 2), (3, 7, 5, 70, 1 << 22), (3, 5, 4, 70_000, None)])
+def test_the_head_at_the_scored_positions_is_the_full_heads_twin(rng, monkeypatch, dtype, B, T, C, V, chunk):
+    """fast.head (logits only where a completion token is scored) against the reading edition's full
+    logits x_final @ head_weight.T and kto_np.logprobs: log-probs, dx_final, dhead_weight."""
+    import kto_np.fast.head as fast_head
+
+    if chunk is not None:
+        monkeypatch.setattr(fast_lp, "_CHUNK_ELEMENTS", chunk)
+    x_final, head_weight, tokens, mask = head_case(rng, B, T, C, V, dtype)
+    logits = x_final @ head_weight.T  # [B, T, V]
+    logps_r, cache_r = lp.sequence_logprobs_forward(logits, tokens, mask)
+    logps_f, cache_f = fast_head.head_logprobs_forward(x_final, head_weight, tokens, mask)
+    assert_twins(logps_f, logps_r, dtype, "logps")
+    assert logps_f[1] == 0.0  # nothing scored
+    assert cache_f.logits.logits.shape == (1, int((mask[:, 1:] != 0).sum()), V)  # only the scored rows
+    dlogps = normal(rng, B, dtype)
+    dlogits = lp.sequence_logprobs_backward(dlogps, cache_r)
+    dx_final_r = dlogits @ head_weight
+    dhead_weight_r = dlogits.reshape(-1, V).T @ x_final.reshape(-1, C)
+    dx_final_f, dhead_weight_f = fast_head.head_logprobs_backward(dlogps, cache_f)
+    assert_twins(dx_final_f, dx_final_r, dtype, "dx_final")
+    assert_twins(dhead_weight_f, dhead_weight_r, dtype, "dhead_weight")
+    np.testing.assert_array_equal(dx_final_f[1], 0.0)
+    np.testing.assert_array_equal(dx_final_f[:, -1], 0.0)
+
+
+def test_the_head_with_nothing_scored(rng):
+    import kto_np.fast.head as fast_head
+
+    x_final, head_weight, tokens, _ = head_case(rng, 3, 6, 4, 11, np.float64)
+    logps, cache = fast_head.head_logprobs_forward(x_final, head_weight, tokens, np.zeros((3, 6)))
+    np.testing.assert_array_equal(logps, 0.0)
+    dx_final, dhead_weight = fast_head.head_logprobs_backward(np.ones(3), cache)
+    np.testing.assert_array_equal(dx_final, 0.0)
+    np.testing.assert_array_equal(dhead_weight, 0.0)
+    assert dx_final.shape == x_final.shape and dhead_weight.shape == head_weight.shape
+
+
 # ----------------------------------------------------------------------------------------------
 # the threads: the numbers do not depend on how many there are
 

@@ -152,3 +152,42 @@ def test_a_kto_step_checks_its_arguments_once_at_the_door(fast):
     assert 0 < calls <= 15, calls
     # and the same check of the counter: the public forward alone checks (it is a door)
     assert _calls_into(validation.__file__, model.forward, params, batch.tokens) > 0
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_a_fast_step_is_the_reading_editions_step(dtype, rtol, tie_embeddings):
+    """A fast GPT's step computes its head only where a completion token is scored (kto_np.fast.head):
+    the same loss, metrics and every gradient as the reading edition's full logits, with dropout (the
+    same masks from the same seed), for KTO, SFT and the forward-only log-probs. Row 1 has an empty
+    completion: nothing of it is scored."""
+    kwargs = dict(hidden_size=16, num_layers=2, num_heads=4, vocab_size=37, dropout=0.1, max_seq_len=16,
+                  dtype=dtype, tie_embeddings=tie_embeddings)
+    reading, fast = build(**kwargs), build(**kwargs, fast=True)
+    assert step._scored_logits_only(fast) and not step._scored_logits_only(reading)
+    params, ref_params = reading.init(3), reading.init(4)
+    batch = step.make_batch([[5, 6], [7], [8, 9, 10], [11]], [[1, 2, 3], [], [2, 2], [30, 31, 32, 33]],
+                            [1, 0, 1, 0], dtype=dtype, max_len=12)
+    config = KTOConfig(variant="kto")
+    results = []
+    for model in (reading, fast):
+        ref, kl_ref = step.reference_logps(model, ref_params, batch)
+        loss, metrics, grads = step.kto_step(model, params, batch, ref, kl_ref, config, train=True,
+                                             rng=np.random.default_rng(6))
+        sft_loss, _, sft_grads = step.sft_step(model, params, batch, train=True, rng=np.random.default_rng(7))
+        logps = step.forward_logps(model, params, batch.tokens, batch.completion_mask)
+        results.append((ref, kl_ref, loss, metrics, grads, sft_loss, sft_grads, logps))
+    reading_results, fast_results = results
+    for what, a, b in zip(["ref", "kl_ref"], reading_results[:2], fast_results[:2]):
+        np.testing.assert_allclose(b, a, rtol=rtol, err_msg=what)
+    np.testing.assert_allclose(fast_results[2], reading_results[2], rtol=rtol)
+    for key, value in reading_results[3].items():
+        np.testing.assert_allclose(fast_results[3][key], value, rtol=rtol, atol=rtol, err_msg=key)
+    np.testing.assert_allclose(fast_results[5], reading_results[5], rtol=rtol)
+    for grads_a, grads_b in ((reading_results[4], fast_results[4]), (reading_results[6], fast_results[6])):
+        assert grads_a.keys() == grads_b.keys()
+        for name in grads_a:
+            scale = float(np.abs(grads_a[name]).max())
+            np.testing.assert_allclose(grads_b[name], grads_a[name], rtol=rtol, atol=rtol * scale, err_msg=name)
+    np.testing.assert_allclose(fast_results[7], reading_results[7], rtol=rtol)
+    assert reading_results[7][1] == 0.0 == fast_results[7][1]

@@ -60,6 +60,8 @@ def _row_blocks(shape):
     shifted view logits[:, :-1], which reshape(-1, V) would copy).
     """
     B, T, V = shape
+    if B * T == 0:  # no rows (the head at the scored positions, when nothing is scored)
+        return []
     rows_per_block = max(1, _CHUNK_ELEMENTS // max(V, 1))
     if rows_per_block >= T:  # whole sequences per block
         sequences = rows_per_block // T
@@ -171,3 +173,4 @@ def sequence_logprobs_backward(dlogps, cache: SequenceLogprobsCache):
 def sequence_logprobs(logits, tokens, completion_mask):
     """Shifted completion log-probabilities [B] (see sequence_logprobs_forward), unchecked."""
     return sequence_logprobs_forward(logits, tokens, completion_mask)[0]
+
