@@ -216,6 +216,21 @@ def test_step_flops_counts_every_matrix_product():
     assert bench.step_flops(config) == 6 * forward
 
 
+def test_scored_step_flops_leaves_out_the_heads_products_where_nothing_is_scored():
+    """The head is [N, C] @ [C, V] at the N scored positions: 4 times for the matched rows (two forwards,
+    a backward of two products) and 2 times for the KL rows, counted here row by row of the batch."""
+    config = bench.CONFIGS["small"]
+    batch = bench.synthetic_batch(config)
+    C, V = config.hidden_size, config.vocab_size
+    B, T = batch.tokens.shape
+    dense_head = 6 * (2 * B * T * C * V)
+    matched = sum(int(np.count_nonzero(row[1:])) for row in np.asarray(batch.completion_mask))
+    kl = sum(int(np.count_nonzero(row[1:])) for row in np.asarray(batch.kl_completion_mask))
+    assert 0 < matched < B * (T - 1) and 0 < kl < B * (T - 1)
+    scored_head = 4 * (2 * matched * C * V) + 2 * (2 * kl * C * V)
+    assert bench.scored_step_flops(config, batch) == bench.step_flops(config) - dense_head + scored_head
+
+
 def test_torch_twin_gives_the_same_loss_gradients_and_adamw_step():
     """float64: the benchmark's PyTorch implementation against kto_np, tensor by tensor."""
     torch = pytest.importorskip("torch", reason=TORCH_SKIP)
