@@ -4,6 +4,9 @@ rows (the one rotation of completions), the reference log-probabilities, the KTO
     tokens [B, T] --model.forward--> logits [B, T, V] --sequence_logprobs--> logps [B]
     --KTO loss--> dL/dlogps [B] --logprobs backward--> dL/dlogits [B, T, V] --model.backward--> grads
 
+A fast GPT (build(..., fast=True)) computes its logits only at the positions that score a completion
+token (kto_np.fast.head: the same numbers, without the prompt's and the padding's logits).
+
 Shape letters: B batch, T the longest prompt + completion row, T' the longest KL row, V vocabulary.
 """
 

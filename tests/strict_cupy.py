@@ -428,6 +428,7 @@ _FUNCTION_NAMES = (
     "reshape", "ravel", "transpose", "swapaxes", "moveaxis", "expand_dims", "squeeze", "broadcast_to",
     "where", "einsum", "dot", "tensordot", "outer", "clip",
     "argmax", "argmin", "cumsum", "sort", "argsort", "partition", "argpartition", "count_nonzero", "nonzero",
+    "flatnonzero",
     "isin", "unique", "allclose", "isclose", "array_equal", "round", "around", "diff", "tile", "repeat",
     "flip", "roll", "atleast_1d", "atleast_2d", "result_type", "copyto", "shape", "ndim", "size",
 )

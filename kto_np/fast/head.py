@@ -27,8 +27,8 @@ __all__ = ["HeadLogprobsCache", "head_logprobs_backward", "head_logprobs_forward
 
 class HeadLogprobsCache(NamedTuple):
     logits: LogprobsCache  # of the [1, N, V] logits at the scored positions (the backward overwrites them)
-    b_index: Any  # [N] the row of each scored position
-    t_index: Any  # [N] its position t (its logits score token t + 1)
+    rows: Any  # [N] each scored position's row b (its dlogp scales it)
+    positions: Any  # [N] its flat position b T + t in [B, T] (its logits score token t + 1)
     x_rows: Any  # [N, C] the hidden states there
     head_weight: Any  # [V, C]
     x_shape: tuple  # (B, T, C)
@@ -45,18 +45,21 @@ def head_logprobs_forward(x_final, head_weight, tokens, completion_mask):
     B, T, C = x_final.shape
     tokens = xp.asarray(tokens)  # host arrays join the hidden states' module
     completion_mask = xp.asarray(completion_mask, dtype=x_final.dtype)
-    b_index, t_index = xp.nonzero(completion_mask[:, 1:])  # [N] each, row-major
-    x_rows = x_final[b_index, t_index]  # [N, C]
+    # the scored entries of the shifted [B, T - 1] mask, flat: entry b (T - 1) + t is position b T + t
+    scored = xp.flatnonzero(completion_mask[:, 1:])  # [N]
+    rows = scored // max(T - 1, 1)
+    positions = scored + rows
+    x_rows = x_final.reshape(B * T, C).take(positions, axis=0)  # [N, C]
     logits = (x_rows @ head_weight.T)[None]  # [1, N, V]
-    targets = tokens[b_index, t_index + 1][None]  # [1, N]
-    weights = completion_mask[b_index, t_index + 1][None]  # [1, N]
+    targets = tokens.reshape(-1).take(positions + 1)[None]  # [1, N]
+    weights = completion_mask.reshape(-1).take(positions + 1)[None]  # [1, N]
     lse = _logsumexp_last(logits)  # [1, N]
-    token_logps = xp.zeros((B, T - 1), dtype=x_final.dtype)  # 0 where nothing is scored, as the mask makes it
     target_logits = xp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [1, N]
-    token_logps[b_index, t_index] = ((target_logits - lse) * weights)[0]
-    logps = token_logps.sum(axis=1)  # [B]
-    cache = HeadLogprobsCache(LogprobsCache(logits, targets, weights, lse), b_index, t_index, x_rows,
-                              head_weight, (B, T, C))
+    token_logps = xp.zeros(B * (T - 1), dtype=x_final.dtype)  # 0 where nothing is scored, as the mask makes it
+    token_logps[scored] = ((target_logits - lse) * weights)[0]
+    logps = token_logps.reshape(B, T - 1).sum(axis=1)  # [B]
+    cache = HeadLogprobsCache(LogprobsCache(logits, targets, weights, lse), rows, positions, x_rows, head_weight,
+                              (B, T, C))
     return logps, cache
 
 
@@ -66,11 +69,12 @@ def head_logprobs_backward(dlogps, cache: HeadLogprobsCache):
     where nothing is scored."""
     logits, targets, weights, lse = cache.logits
     xp = array_module(logits)
+    B, T, C = cache.x_shape
     # each scored position's scale: its mask value times its row's dlogp
-    scale = weights * xp.asarray(dlogps, dtype=logits.dtype)[cache.b_index][None]  # [1, N]
+    scale = weights * xp.asarray(dlogps, dtype=logits.dtype).take(cache.rows)[None]  # [1, N]
     dlogits = _logprobs_backward_into(xp.ones(1, dtype=logits.dtype), LogprobsCache(logits, targets, scale, lse),
                                       out=logits)[0]  # [N, V]
-    dx_final = xp.zeros(cache.x_shape, dtype=logits.dtype)
-    dx_final[cache.b_index, cache.t_index] = dlogits @ cache.head_weight  # [N, C]
+    dx_final = xp.zeros((B * T, C), dtype=logits.dtype)
+    dx_final[cache.positions] = dlogits @ cache.head_weight  # [N, C]
     dhead_weight = dlogits.T @ cache.x_rows  # [V, C]
-    return dx_final, dhead_weight
+    return dx_final.reshape(B, T, C), dhead_weight
