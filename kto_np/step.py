@@ -21,6 +21,7 @@ from .architectures import Model
 from .backend import array_module, asarray, resolve_dtype, to_module
 from .fast import head as fast_head
 from .fast import logprobs as fast_logprobs
+from .fast import packed as fast_packed
 from .losses import KTOConfig
 from .validation import as_float_array, check_bool, check_finite, check_positive_int, check_rng, reject_autograd
 
@@ -175,9 +176,14 @@ def _completion_logps(model, params: dict, tokens, completion_mask, *, keep_cach
     the caches (model cache, log-prob cache) that the backward (_completion_grads) needs (None when not
     keep_cache). A fast GPT computes its logits at the scored positions only, unless dense=True."""
     if _scored_logits_only(model) and not dense:
-        x_final, model_cache = model.body_forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache)
+        if train and model.config.dropout > 0:  # dropout's masks are drawn over the full rows
+            x_final, model_cache = model.body_forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache)
+            row_starts = None
+        else:  # the positions the loss reads, rows packed end to end (kto_np.fast.packed)
+            spans, row_starts = fast_packed.row_spans(completion_mask)
+            x_final, model_cache = fast_packed.body_forward(model, params, tokens, spans, keep_cache=keep_cache)
         logps, head_cache = fast_head.head_logprobs_forward(x_final, model.head_weight(params), tokens,
-                                                                completion_mask)  # [B]
+                                                            completion_mask, row_starts)  # [B]
         return logps, ((model_cache, head_cache) if keep_cache else None)
     logits, model_cache = model.forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache,
                                         check=False)  # [B, T, V]
@@ -190,6 +196,8 @@ def _completion_grads(model, dlogps, caches) -> dict:
     model_cache, logp_cache = caches
     if isinstance(logp_cache, fast_head.HeadLogprobsCache):
         dx_final, dhead_weight = fast_head.head_logprobs_backward(dlogps, logp_cache)
+        if isinstance(model_cache, fast_packed.PackedBodyCache):
+            return fast_packed.body_backward(model, dx_final, dhead_weight, model_cache)
         return model.body_backward(dx_final, dhead_weight, model_cache)
     dlogits = _logprob_ops(model).sequence_logprobs_backward(dlogps, logp_cache)  # [B, T, V]
     return model.backward(dlogits, model_cache, check=False)

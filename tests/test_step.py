@@ -155,16 +155,25 @@ def test_a_kto_step_checks_its_arguments_once_at_the_door(fast):
 
 
 @pytest.mark.parametrize("dtype, rtol", [("float64", 1e-12), ("float32", 1e-5)])
-@pytest.mark.parametrize("tie_embeddings", [True, False])
-def test_a_fast_step_is_the_reading_editions_step(dtype, rtol, tie_embeddings):
-    """A fast GPT's step computes its head only where a completion token is scored (kto_np.fast.head):
-    the same loss, metrics and every gradient as the reading edition's full logits, with dropout (the
-    same masks from the same seed), for KTO, SFT and the forward-only log-probs. Row 1 has an empty
-    completion: nothing of it is scored."""
-    kwargs = dict(hidden_size=16, num_layers=2, num_heads=4, vocab_size=37, dropout=0.1, max_seq_len=16,
-                  dtype=dtype, tie_embeddings=tie_embeddings)
+@pytest.mark.parametrize("tie_embeddings, positional", [(True, "learned"), (False, "learned"), (True, "sinusoidal")])
+@pytest.mark.parametrize("dropout, train", [(0.1, True), (0.1, False), (0.0, True)], ids=["dropout", "eval", "p0"])
+def test_a_fast_step_is_the_reading_editions_step(monkeypatch, dtype, rtol, tie_embeddings, positional, dropout,
+                                                  train):
+    """A fast GPT's step computes its head only where a completion token is scored (kto_np.fast.head)
+    and, where no dropout applies, its body only on the positions the loss reads, rows packed end to
+    end (kto_np.fast.packed): the same loss, metrics and every gradient as the reading edition's full
+    rows and logits, for KTO, SFT and the forward-only log-probs; with dropout, the same masks from the
+    same seed. Row 1 has an empty completion: nothing of it is scored. Row 2's completion ends early
+    (max_len pads every row)."""
+    from kto_np.fast import packed
+
+    kwargs = dict(hidden_size=16, num_layers=2, num_heads=4, vocab_size=37, dropout=dropout, max_seq_len=16,
+                  dtype=dtype, tie_embeddings=tie_embeddings, positional=positional)
     reading, fast = build(**kwargs), build(**kwargs, fast=True)
     assert step._scored_logits_only(fast) and not step._scored_logits_only(reading)
+    packed_bodies = []
+    monkeypatch.setattr(packed, "body_forward", lambda *a, body=packed.body_forward, **k: packed_bodies.append(1)
+                        or body(*a, **k))
     params, ref_params = reading.init(3), reading.init(4)
     batch = step.make_batch([[5, 6], [7], [8, 9, 10], [11]], [[1, 2, 3], [], [2, 2], [30, 31, 32, 33]],
                             [1, 0, 1, 0], dtype=dtype, max_len=12)
@@ -172,9 +181,9 @@ def test_a_fast_step_is_the_reading_editions_step(dtype, rtol, tie_embeddings):
     results = []
     for model in (reading, fast):
         ref, kl_ref = step.reference_logps(model, ref_params, batch)
-        loss, metrics, grads = step.kto_step(model, params, batch, ref, kl_ref, config, train=True,
+        loss, metrics, grads = step.kto_step(model, params, batch, ref, kl_ref, config, train=train,
                                              rng=np.random.default_rng(6))
-        sft_loss, _, sft_grads = step.sft_step(model, params, batch, train=True, rng=np.random.default_rng(7))
+        sft_loss, _, sft_grads = step.sft_step(model, params, batch, train=train, rng=np.random.default_rng(7))
         logps = step.forward_logps(model, params, batch.tokens, batch.completion_mask)
         results.append((ref, kl_ref, loss, metrics, grads, sft_loss, sft_grads, logps))
     reading_results, fast_results = results
@@ -191,3 +200,18 @@ def test_a_fast_step_is_the_reading_editions_step(dtype, rtol, tie_embeddings):
             np.testing.assert_allclose(grads_b[name], grads_a[name], rtol=rtol, atol=rtol * scale, err_msg=name)
     np.testing.assert_allclose(fast_results[7], reading_results[7], rtol=rtol)
     assert reading_results[7][1] == 0.0 == fast_results[7][1]
+    # packed: the two reference passes, the policy's KL rows and the forward-only pass always; the KTO
+    # and SFT steps' matched rows too unless dropout applies
+    assert len(packed_bodies) == (4 if train and dropout > 0 else 6)
+
+
+def test_row_spans_keep_each_row_to_its_last_scored_position():
+    from kto_np.fast.packed import row_spans
+
+    mask = np.array([[0, 0, 1, 1, 0, 0],   # scored t = 1, 2: keeps 0..2
+                     [0, 0, 0, 0, 0, 0],   # nothing scored: keeps nothing
+                     [1, 0, 0, 0, 0, 1],   # position 0 scores nothing; t = 4 scored: keeps 0..4
+                     [0, 1, 0, 0, 0, 0]])  # t = 0 scored: keeps 0
+    spans, row_starts = row_spans(mask)
+    assert spans == [(0, 0, 3), (2, 3, 8), (3, 8, 9)]
+    assert row_starts.tolist() == [0, 3, 3, 8]

@@ -1,0 +1,197 @@
+"""The model's body on the positions the loss reads, rows packed end to end (no twin in the reading
+edition, which runs every row to the batch's full length T).
+
+A causal model's hidden state at position t depends on positions 0..t only, and the sequence log-probs
+read the logits at the positions t whose next token is a completion token. So row b needs positions
+0..last_b only, last_b its last scored position; the padding after it (and the tail of a row whose
+completion ended early) changes nothing the loss reads, and its gradient is exactly 0. This module runs
+the GPT body on those positions alone:
+
+    tokens [B, T] -> the kept positions of every row, end to end: x [M, C], M = sum_b (last_b + 1)
+    -> embeddings, blocks, ln_f on [M, C] (every op but attention works row by row already)
+    -> attention one row at a time, on its own [NH, length_b, HS] heads (a causal mask per row)
+    -> x_final [M, C], read by kto_np.fast.head at the scored positions (row_starts).
+
+The numbers are those of the full rows (tests/test_fast.py, tests/test_step.py). The saving is the
+batch's padding: in the benchmark's batch (rows of 3/4 T to T, padded to T) ~12 % of every product of
+the body; in real batches, whose rows vary more in length, often more.
+
+Dropout draws its masks over the full [B, T] shape, so a step that applies dropout (train=True and
+dropout > 0) runs the full rows (GPT.body_forward) and draws the reading edition's masks; step.py
+chooses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..backend import array_module, to_numpy
+from ..layers import LAYERNORM_EPS, AttentionGrads, EmbeddingCache, LayerNormCache, LinearCache, causal_mask
+from ..model import block_backward, block_forward, param_shapes
+from . import layers as fast_layers
+from . import threads
+
+__all__ = ["PackedAttentionCache", "PackedBodyCache", "PackedLayers", "attention_backward", "attention_forward",
+           "body_backward", "body_forward", "row_spans"]
+
+
+def row_spans(completion_mask) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """The rows' kept positions, packed end to end: (spans, row_starts).
+
+    Row b keeps positions 0..last_b, last_b the last t with completion_mask[b, t + 1] != 0 (none for a
+    row that scores nothing). spans: (b, start, stop) for each row that keeps any, start:stop its place
+    in the packed array; row_starts [B] (int64, host): where each row starts there (kto_np.fast.head).
+    """
+    scored = to_numpy(completion_mask)[:, 1:] != 0  # [B, T - 1]
+    width = scored.shape[1]
+    lengths = np.where(scored.any(axis=1), width - np.argmax(scored[:, ::-1], axis=1), 0)  # last_b + 1
+    row_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    spans = [(b, int(start), int(start + length)) for b, (start, length) in enumerate(zip(row_starts, lengths))
+             if length > 0]
+    return spans, row_starts
+
+
+# ----------------------------------------------------------------------------------------------
+# attention, one packed row at a time
+
+
+class PackedAttentionCache(NamedTuple):
+    qkv_cache: LinearCache  # x [M, C] -> qkv [M, 3C]
+    rows: list  # per kept row: (start, stop, q, k, v [NH, length, HS], SoftmaxCache of probs [NH, length, length])
+    proj_cache: LinearCache  # y [M, C] -> out [M, C]
+    scale: float  # 1 / sqrt(HS)
+
+
+def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads: int, spans):
+    """kto_np.fast.layers.attention_forward (no dropout) on packed rows: x [M, C] -> out [M, C].
+
+    The projections run on all M positions at once; q k^T, the causal softmax and probs v run per row
+    (start, stop) of spans, on that row's [NH, length, HS] heads."""
+    xp = array_module(x)
+    M, C = x.shape
+    HS = C // num_heads
+    scale = 1.0 / math.sqrt(HS)
+    qkv, qkv_cache = fast_layers.linear_forward(x, c_attn_weight, c_attn_bias)  # [M, 3C]
+    y = xp.empty((M, C), dtype=x.dtype)
+    rows = []
+    for start, stop in spans:
+        length = stop - start
+        heads = xp.ascontiguousarray(qkv[start:stop].reshape(length, 3, num_heads, HS).transpose(1, 2, 0, 3))
+        q, k, v = heads[0], heads[1], heads[2]  # [NH, length, HS] each
+        k_t = xp.ascontiguousarray(k.transpose(0, 2, 1))  # [NH, HS, length] (see fast.layers)
+        scores = threads.batched_matmul(q, k_t)  # [NH, length, length]
+        probs, softmax_cache = fast_layers._softmax_in_place(scores, mask=causal_mask(length, length, xp),
+                                                             scale=scale)
+        y[start:stop] = threads.batched_matmul(probs, v).transpose(1, 0, 2).reshape(length, C)
+        rows.append((start, stop, q, k, v, softmax_cache))
+    out, proj_cache = fast_layers.linear_forward(y, c_proj_weight, c_proj_bias)
+    return out, PackedAttentionCache(qkv_cache, rows, proj_cache, scale)
+
+
+def attention_backward(dout, cache: PackedAttentionCache) -> AttentionGrads:
+    """Backward of attention_forward, row by row: dout [M, C] -> AttentionGrads (dx [M, C])."""
+    xp = array_module(dout)
+    M, C = dout.shape
+    dy, dc_proj_weight, dc_proj_bias = fast_layers.linear_backward(dout, cache.proj_cache)  # [M, C]
+    dqkv = xp.zeros((M, 3, C), dtype=dout.dtype)  # 0 at positions no row keeps (none, when packed)
+    for start, stop, q, k, v, softmax_cache in cache.rows:
+        length, num_heads, HS = stop - start, q.shape[0], q.shape[2]
+        dy_heads = xp.ascontiguousarray(dy[start:stop].reshape(length, num_heads, HS).transpose(1, 0, 2))
+        dprobs = threads.batched_matmul(dy_heads, xp.ascontiguousarray(v.transpose(0, 2, 1)))  # [NH, len, len]
+        dv = threads.batched_matmul(softmax_cache.probs.transpose(0, 2, 1), dy_heads)  # [NH, length, HS]
+        dscores = fast_layers._softmax_backward_in_place(dprobs, softmax_cache, scale=cache.scale)
+        dq = threads.batched_matmul(dscores, k)
+        dk = threads.batched_matmul(dscores.transpose(0, 2, 1), q)
+        for index, d in enumerate((dq, dk, dv)):
+            dqkv[start:stop, index] = d.transpose(1, 0, 2).reshape(length, C)
+    dx, dc_attn_weight, dc_attn_bias = fast_layers.linear_backward(dqkv.reshape(M, 3 * C), cache.qkv_cache)
+    return AttentionGrads(dx, dc_attn_weight, dc_attn_bias, dc_proj_weight, dc_proj_bias)
+
+
+class PackedLayers:
+    """kto_np.fast.layers with attention over the packed rows of one batch: the ops model.block_forward
+    and block_backward run on (every other op works position by position, on [M, C] as on [B, T, C])."""
+
+    def __init__(self, spans):
+        self.spans = spans
+
+    def __getattr__(self, name):
+        return getattr(fast_layers, name)
+
+    def attention_forward(self, x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads, *,
+                          dropout=0.0, train=False, rng=None):
+        if train and dropout > 0:
+            raise ValueError("packed rows run without dropout (step.py runs the full rows when dropout applies)")
+        return attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads, self.spans)
+
+    def attention_backward(self, dout, cache: PackedAttentionCache) -> AttentionGrads:
+        return attention_backward(dout, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# the body of a GPT on packed rows
+
+
+class PackedBodyCache(NamedTuple):
+    wte: EmbeddingCache  # the packed tokens' lookup
+    spans: list  # (b, start, stop) of each kept row (row_spans)
+    blocks: list  # L x model.BlockCache
+    ln_f: LayerNormCache
+    ops: PackedLayers
+    dtype: Any
+
+
+def _kept_positions(spans, T: int):
+    """(flat indices b T + t into tokens [B, T], positions t) of the packed positions, [M] each (host)."""
+    if not spans:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    t = np.concatenate([np.arange(stop - start) for _, start, stop in spans])
+    flat = np.concatenate([row * T + np.arange(stop - start) for row, start, stop in spans])
+    return flat, t
+
+
+def body_forward(model, params: dict, tokens, spans, *, keep_cache: bool = True):
+    """model.body_forward (without dropout) on the packed rows of spans (row_spans): tokens [B, T] ->
+    (x_final [M, C], the cache body_backward needs, or None)."""
+    config = model.config
+    xp = array_module(params["wte.weight"])
+    tokens = xp.asarray(tokens)
+    flat, t = _kept_positions(spans, tokens.shape[1])
+    ops = PackedLayers([(start, stop) for _, start, stop in spans])
+    x, wte_cache = ops.embedding_forward(params["wte.weight"], tokens.reshape(-1).take(xp.asarray(flat)))  # [M, C]
+    x += model.position_embeddings(params, tokens.shape[1]).take(xp.asarray(t), axis=0)
+    block_caches = []
+    for layer in range(config.num_layers):
+        x, block_cache = block_forward(params, layer, x, config, train=False, rng=None, ops=ops)
+        if keep_cache:
+            block_caches.append(block_cache)
+    x_final, ln_f_cache = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
+    if not keep_cache:
+        return x_final, None
+    return x_final, PackedBodyCache(wte_cache, spans, block_caches, ln_f_cache, ops, config.np_dtype)
+
+
+def body_backward(model, dx_final, dhead_weight, cache: PackedBodyCache) -> dict:
+    """model.body_backward on packed rows: dx_final [M, C] and dhead_weight [V, C] -> grads (same keys
+    and shapes as params; 0 from the positions the rows do not keep, as in the full rows)."""
+    config, ops = model.config, cache.ops
+    xp = array_module(dx_final)
+    grads: dict = {}
+    dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(dx_final, cache.ln_f)
+    for layer in reversed(range(config.num_layers)):
+        dx = block_backward(dx, cache.blocks[layer], layer, grads, ops)
+    if config.positional == "learned":
+        dwpe = xp.zeros(param_shapes(config)["wpe.weight"], dtype=cache.dtype)
+        for _, start, stop in cache.spans:  # row b's positions are 0..length_b - 1
+            dwpe[:stop - start] += dx[start:stop]
+        grads["wpe.weight"] = dwpe
+    if config.tie_embeddings:
+        grads["wte.weight"] = ops.embedding_backward(dx, cache.wte, out=dhead_weight)
+    else:
+        grads["wte.weight"] = ops.embedding_backward(dx, cache.wte)
+        grads["lm_head.weight"] = dhead_weight
+    return {name: grads[name] for name in param_shapes(config)}
