@@ -8,6 +8,7 @@ the same numbers (float64 to 1e-12 relative, float32 to 1e-5; `tests/test_fast.p
     kto_np.fast.optim     <->  kto_np.optim      AdamW and the gradient norm in cache-sized blocks
 
     kto_np.fast.head      (no twin)             the head and the log-probs at the scored positions only
+    kto_np.fast.packed    (no twin)             the body on the positions the loss reads, rows end to end
     kto_np.fast.threads   (no twin)             the thread pool the blocks above are spread over
 
 NumPy releases the GIL in its ufuncs and reductions, so the fast ops cut their arrays into fixed,
