@@ -137,12 +137,21 @@ def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
     return out, LayerNormCache(x, weight, mean, rstd)
 
 
+def _row_means(x, out):
+    """The mean of each row of x [..., C] into out [..., 1], as a matrix-vector product with (1/C, ..., 1/C):
+    a BLAS pass, several times faster than NumPy's reduction over short rows (C of 128 to 1024)."""
+    xp = array_module(x)
+    C = x.shape[-1]
+    xp.matmul(x.reshape(-1, C), xp.full((C, 1), 1.0 / C, dtype=x.dtype), out=out.reshape(-1, 1))
+    return out
+
+
 def _layernorm_block(x, weight, bias, eps, out, mean, rstd, squares):
     """layernorm_forward of rows x [n, C] into out [n, C], mean and rstd [n, 1]; squares: scratch [n, C]."""
     xp = array_module(x)
-    xp.mean(x, axis=-1, keepdims=True, out=mean)
+    _row_means(x, mean)
     centered = xp.subtract(x, mean, out=out)
-    var = xp.mean(xp.multiply(centered, centered, out=squares), axis=-1, keepdims=True, out=rstd)
+    var = _row_means(xp.multiply(centered, centered, out=squares), rstd)
     var += eps
     xp.sqrt(var, out=rstd)
     xp.divide(1.0, rstd, out=rstd)  # rstd = 1 / sqrt(var + eps)
@@ -196,8 +205,9 @@ def _layernorm_backward_block(dout, x, mean, rstd, weight, dx, sums, x_hat, g_x_
     xp.sum(g_x_hat.reshape(-1, C), axis=0, out=sums[1])  # dweight
     g_x_hat *= weight  # g * x_hat
     xp.multiply(dout, weight, out=dx)  # g
-    dx -= dx.mean(axis=-1, keepdims=True)
-    x_hat *= g_x_hat.mean(axis=-1, keepdims=True)
+    row_means = xp.empty((*dx.shape[:-1], 2), dtype=dx.dtype)  # mean(g), mean(g * x_hat)
+    dx -= _row_means(dx, row_means[..., :1])
+    x_hat *= _row_means(g_x_hat, row_means[..., 1:])
     dx -= x_hat
     dx *= rstd
 
