@@ -322,7 +322,7 @@ class ConfigResult(NamedTuple):
     jax_compile_seconds: float | None = None
     jax_peak_bytes: int | None = None
     profile: list | None = None  # profile_by_op's rows (--profile)
-    numpy_flops: int | None = None  # the products kto_np computes (the head at the scored positions only)
+    numpy_flops: int | None = None  # the products kto_np computes (kept positions, the head where scored)
 
 
 def _numpy_gflops(result: ConfigResult) -> float:
@@ -471,9 +471,10 @@ def format_results_markdown(results: list[ConfigResult], info: dict) -> str:
         "(kto_np.torch_reference); JAX: the whole step as one jax.jit (kto_np.jax_reference), compiled ahead "
         "of time (the compile column), not counted in its step time. GFLOP/s counts matrix "
         "products only (6 forward-equivalents per step); the percentage is of the matmul peak above. "
-        "kto_np computes the head's logits only at the positions that score a completion token "
-        "(kto_np.fast.head; the peers compute them everywhere, as TRL does): its GFLOP/s and peak share count "
-        "the products it computes, " + ", ".join(
+        "kto_np runs each row only to its last scored position (kto_np.fast.packed) and computes the head's "
+        "logits only at the positions that score a completion token (kto_np.fast.head); the peers, as TRL, "
+        "run every position of the padded batch: kto_np's GFLOP/s and peak share count the products it "
+        "computes, " + ", ".join(
             f"{r.numpy_flops / r.flops:.0%} of the dense step's at {r.config.name}" for r in results
             if r.numpy_flops is not None) + ".",
         "",

@@ -120,18 +120,19 @@ def step_flops(config: BenchConfig) -> int:
 
 
 def scored_step_flops(config: BenchConfig, batch: Batch) -> int:
-    """step_flops less the head's products at the positions that score nothing, which kto_np's fast room
-    skips (kto_np.fast.head): the products kto_np computes for this batch. The head's 2 C V per position
-    counts at the N scored positions of the matched rows 4 times (reference and policy forwards, 2 for the
-    backward) and of the KL rows 2 times (reference and policy forwards), instead of 6 B T."""
-    B, T, C, V = config.batch_size, config.seq_len, config.hidden_size, config.vocab_size
+    """The matrix products kto_np's fast step computes for this batch (2 per multiply-add): step_flops
+    on each row's kept positions 0..last_b (kto_np.fast.packed; M of them) and the head at the N scored
+    positions only (kto_np.fast.head). Per pass, as step_flops: M 2 L 12 C^2 + sum_b L 4 length_b^2 C
+    + N 2 C V; the matched rows count 4 passes (two forwards, a backward of two), the KL rows 2."""
+    C, V, L = config.hidden_size, config.vocab_size, config.num_layers
 
-    def scored(mask) -> int:
-        return int((backend.to_numpy(mask)[:, 1:] != 0).sum())
+    def forward(mask) -> int:
+        scored = backend.to_numpy(mask)[:, 1:] != 0  # [B, T - 1]
+        lengths = [int(np.flatnonzero(row)[-1]) + 1 if row.any() else 0 for row in scored]
+        return sum(length * 2 * L * 12 * C * C + L * 4 * length * length * C for length in lengths) + \
+            int(scored.sum()) * 2 * C * V
 
-    head = 2 * C * V
-    return step_flops(config) - head * (6 * B * T - 4 * scored(batch.completion_mask)
-                                        - 2 * scored(batch.kl_completion_mask))
+    return 4 * forward(batch.completion_mask) + 2 * forward(batch.kl_completion_mask)
 
 
 # ----------------------------------------------------------------------------------------------

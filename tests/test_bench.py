@@ -216,19 +216,31 @@ def test_step_flops_counts_every_matrix_product():
     assert bench.step_flops(config) == 6 * forward
 
 
-def test_scored_step_flops_leaves_out_the_heads_products_where_nothing_is_scored():
-    """The head is [N, C] @ [C, V] at the N scored positions: 4 times for the matched rows (two forwards,
-    a backward of two products) and 2 times for the KL rows, counted here row by row of the batch."""
+def test_scored_step_flops_counts_the_kept_positions_and_the_scored_heads_products():
+    """kto_np's fast step runs each row to its last scored position (packed) and the head at the scored
+    positions: the products counted here product by product, row by row (as the dense count above), the
+    matched rows in 4 passes (two forwards, a backward of two), the KL rows in 2."""
     config = bench.CONFIGS["small"]
     batch = bench.synthetic_batch(config)
-    C, V = config.hidden_size, config.vocab_size
-    B, T = batch.tokens.shape
-    dense_head = 6 * (2 * B * T * C * V)
-    matched = sum(int(np.count_nonzero(row[1:])) for row in np.asarray(batch.completion_mask))
-    kl = sum(int(np.count_nonzero(row[1:])) for row in np.asarray(batch.kl_completion_mask))
-    assert 0 < matched < B * (T - 1) and 0 < kl < B * (T - 1)
-    scored_head = 4 * (2 * matched * C * V) + 2 * (2 * kl * C * V)
-    assert bench.scored_step_flops(config, batch) == bench.step_flops(config) - dense_head + scored_head
+    C, V, L, NH = config.hidden_size, config.vocab_size, config.num_layers, config.num_heads
+    HS = C // NH
+
+    def one_pass(mask):
+        total = 0
+        for row in np.asarray(mask):
+            scored = np.flatnonzero(row[1:])  # t whose logits score token t + 1
+            if scored.size == 0:
+                continue
+            n = int(scored[-1]) + 1  # positions 0..last scored
+            products = [(n, C, 3 * C), (n, C, C), (n, C, 4 * C), (n, 4 * C, C)] * L
+            products += [(n, HS, n), (n, n, HS)] * (L * NH)
+            products += [(scored.size, C, V)]
+            total += sum(2 * m * k * p for m, k, p in products)
+        return total
+
+    counted = 4 * one_pass(batch.completion_mask) + 2 * one_pass(batch.kl_completion_mask)
+    assert bench.scored_step_flops(config, batch) == counted
+    assert 0.6 * bench.step_flops(config) < counted < 0.95 * bench.step_flops(config)
 
 
 def test_torch_twin_gives_the_same_loss_gradients_and_adamw_step():
