@@ -412,6 +412,39 @@ def test_a_whole_step_does_not_depend_on_the_thread_count(small_blocks):
     assert results[1] == results[3]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", [1, 2])
+def test_packed_attention_is_the_reading_editions_attention_on_each_row(small_blocks, rng, dtype, count):
+    """kto_np.fast.packed's attention on rows of lengths 5, 0 (dropped), 7 and 1, packed end to end,
+    against kto_np.layers' attention on the padded batch, read at the kept positions; the gradients with
+    dout 0 beyond each row's end. With several threads (and threadpoolctl) the rows run in parallel."""
+    from kto_np.fast import packed
+
+    fast_threads.set_threads(count)
+    try:
+        B, T, C, NH = 4, 7, 8, 2
+        lengths = [5, 0, 7, 1]
+        x = normal(rng, (B, T, C), dtype)
+        weights = [normal(rng, shape, dtype, 0.5) for shape in ((C, 3 * C), (3 * C,), (C, C), (C,))]
+        dout = normal(rng, (B, T, C), dtype)
+        for b, length in enumerate(lengths):
+            dout[b, length:] = 0
+        out_r, cache_r = layers.attention_forward(x, *weights, NH)
+        grads_r = layers.attention_backward(dout, cache_r)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        spans = [(int(s), int(s + n)) for s, n in zip(starts, lengths) if n]
+        keep = [(b, t) for b, n in enumerate(lengths) for t in range(n)]
+        x_packed = np.stack([x[b, t] for b, t in keep])
+        out_p, cache_p = packed.attention_forward(x_packed, *weights, NH, spans)
+        assert_twins(out_p, np.stack([out_r[b, t] for b, t in keep]), dtype, "out")
+        grads_p = packed.attention_backward(np.stack([dout[b, t] for b, t in keep]), cache_p)
+        assert_twins(grads_p.dx, np.stack([grads_r.dx[b, t] for b, t in keep]), dtype, "dx")
+        for name in ("dc_attn_weight", "dc_attn_bias", "dc_proj_weight", "dc_proj_bias"):
+            assert_twins(getattr(grads_p, name), getattr(grads_r, name), dtype, name)
+    finally:
+        fast_threads.set_threads(None)
+
+
 def test_the_pool_keeps_the_callers_error_state_and_raises_the_workers_errors(small_blocks):
     fast_threads.set_threads(3)
     huge = np.full(1000, 1e38, dtype=np.float32)

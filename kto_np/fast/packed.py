@@ -65,6 +65,24 @@ class PackedAttentionCache(NamedTuple):
     scale: float  # 1 / sqrt(HS)
 
 
+def _each_row(function, rows, array, work: int) -> None:
+    """function(*row) for every row: on the fast room's threads, one BLAS thread each, when there are
+    several threads, several rows and threadpoolctl to hold BLAS to one thread meanwhile (each row's
+    products are small: whole rows per thread beat each product split over threads); else one row after
+    the other, each row's ops threaded as they are (always for CuPy arrays, `array` tells which, and
+    for less `work`, the entries of the rows' [NH, length, length] scores, than threads.MIN_PARALLEL_ELEMENTS).
+    function(..., matmul) gets the product to use."""
+    parallel = (threads.threads() > 1 and len(rows) > 1 and threads.numpy_only(array)
+                and work >= threads.MIN_PARALLEL_ELEMENTS)
+    controller = threads._blas_controller() if parallel else False
+    if not controller:
+        for row in rows:
+            function(*row, threads.batched_matmul)
+        return
+    with controller.limit(limits=1):
+        threads.run(function, [(*row, np.matmul) for row in rows])
+
+
 def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, num_heads: int, spans):
     """kto_np.fast.layers.attention_forward (no dropout) on packed rows: x [M, C] -> out [M, C].
 
@@ -76,17 +94,21 @@ def attention_forward(x, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
     scale = 1.0 / math.sqrt(HS)
     qkv, qkv_cache = fast_layers.linear_forward(x, c_attn_weight, c_attn_bias)  # [M, 3C]
     y = xp.empty((M, C), dtype=x.dtype)
-    rows = []
-    for start, stop in spans:
+    rows: list = [None] * len(spans)
+
+    def row(index, start, stop, matmul):
         length = stop - start
         heads = xp.ascontiguousarray(qkv[start:stop].reshape(length, 3, num_heads, HS).transpose(1, 2, 0, 3))
         q, k, v = heads[0], heads[1], heads[2]  # [NH, length, HS] each
         k_t = xp.ascontiguousarray(k.transpose(0, 2, 1))  # [NH, HS, length] (see fast.layers)
-        scores = threads.batched_matmul(q, k_t)  # [NH, length, length]
+        scores = matmul(q, k_t)  # [NH, length, length]
         probs, softmax_cache = fast_layers._softmax_in_place(scores, mask=causal_mask(length, length, xp),
                                                              scale=scale)
-        y[start:stop] = threads.batched_matmul(probs, v).transpose(1, 0, 2).reshape(length, C)
-        rows.append((start, stop, q, k, v, softmax_cache))
+        y[start:stop] = matmul(probs, v).transpose(1, 0, 2).reshape(length, C)
+        rows[index] = (start, stop, q, k, v, softmax_cache)
+
+    _each_row(row, [(index, start, stop) for index, (start, stop) in enumerate(spans)], qkv,
+              sum(num_heads * (stop - start) ** 2 for start, stop in spans))
     out, proj_cache = fast_layers.linear_forward(y, c_proj_weight, c_proj_bias)
     return out, PackedAttentionCache(qkv_cache, rows, proj_cache, scale)
 
@@ -96,17 +118,20 @@ def attention_backward(dout, cache: PackedAttentionCache) -> AttentionGrads:
     xp = array_module(dout)
     M, C = dout.shape
     dy, dc_proj_weight, dc_proj_bias = fast_layers.linear_backward(dout, cache.proj_cache)  # [M, C]
-    dqkv = xp.zeros((M, 3, C), dtype=dout.dtype)  # 0 at positions no row keeps (none, when packed)
-    for start, stop, q, k, v, softmax_cache in cache.rows:
+    dqkv = xp.empty((M, 3, C), dtype=dout.dtype)  # every packed position belongs to a row
+
+    def row(start, stop, q, k, v, softmax_cache, matmul):
         length, num_heads, HS = stop - start, q.shape[0], q.shape[2]
         dy_heads = xp.ascontiguousarray(dy[start:stop].reshape(length, num_heads, HS).transpose(1, 0, 2))
-        dprobs = threads.batched_matmul(dy_heads, xp.ascontiguousarray(v.transpose(0, 2, 1)))  # [NH, len, len]
-        dv = threads.batched_matmul(softmax_cache.probs.transpose(0, 2, 1), dy_heads)  # [NH, length, HS]
+        dprobs = matmul(dy_heads, xp.ascontiguousarray(v.transpose(0, 2, 1)))  # [NH, length, length]
+        dv = matmul(softmax_cache.probs.transpose(0, 2, 1), dy_heads)  # [NH, length, HS]
         dscores = fast_layers._softmax_backward_in_place(dprobs, softmax_cache, scale=cache.scale)
-        dq = threads.batched_matmul(dscores, k)
-        dk = threads.batched_matmul(dscores.transpose(0, 2, 1), q)
+        dq = matmul(dscores, k)
+        dk = matmul(dscores.transpose(0, 2, 1), q)
         for index, d in enumerate((dq, dk, dv)):
             dqkv[start:stop, index] = d.transpose(1, 0, 2).reshape(length, C)
+
+    _each_row(row, cache.rows, dy, sum(q.shape[0] * (stop - start) ** 2 for start, stop, q, *_ in cache.rows))
     dx, dc_attn_weight, dc_attn_bias = fast_layers.linear_backward(dqkv.reshape(M, 3 * C), cache.qkv_cache)
     return AttentionGrads(dx, dc_attn_weight, dc_attn_bias, dc_proj_weight, dc_proj_bias)
 

@@ -408,7 +408,8 @@ ECOSYSTEMS = {e.name: e for e in (
                "no KL pairs is calculate_KL = False (TRL's own switch)", "no log-prob metrics returned"),
               "float64", _detect_trl, _adapt_trl),
     Ecosystem("openrlhf", "OpenRLHF <= 0.9.5 openrlhf/models/loss.py KTOLoss, VanillaKTOLoss", "torch",
-              ("OpenRLHF returns the loss already averaged over the batch", "no log-prob metrics returned"),
+              ("OpenRLHF's KTOLoss returns the loss averaged over the batch (per-example losses are averaged "
+               "before the comparison)", "no log-prob metrics returned"),
               "float64", _detect_openrlhf, _adapt_openrlhf),
     Ecosystem("easydel", "EasyDeL kto_objective (JAX)", "jax",
               ("EasyDeL returns rewards per example over the batch, zero outside their class: compared as "
