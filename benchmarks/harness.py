@@ -526,8 +526,6 @@ PROFILE_OPS = [
     ("kto_np.fast.layers", "layernorm_backward", "elementwise: LayerNorm"),
     ("kto_np.model", "block_forward", "elementwise: residual adds"),
     ("kto_np.model", "block_backward", "elementwise: residual adds"),
-    ("kto_np.fast.packed", "block_forward", "elementwise: residual adds"),  # packed.py's own names for them
-    ("kto_np.fast.packed", "block_backward", "elementwise: residual adds"),
     ("kto_np.fast.logprobs", "logprobs_forward", "log-softmax over the vocabulary"),
     ("kto_np.fast.logprobs", "_logprobs_backward_into", "log-softmax over the vocabulary"),
     ("kto_np.fast.head", "_logsumexp_last", "log-softmax over the vocabulary"),

@@ -223,6 +223,25 @@ def block_backward(dout, cache: BlockCache, layer: int, grads: dict, ops=layers)
     return dx
 
 
+def blocks_forward(params: dict, x, config: GPTConfig, *, train: bool, rng, keep_cache: bool, ops=layers):
+    """The L blocks and the final LayerNorm: x [..., C] -> (x_final, [BlockCache] * L or [], ln_f cache)."""
+    block_caches = []
+    for layer in range(config.num_layers):
+        x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng, ops=ops)
+        if keep_cache:
+            block_caches.append(block_cache)
+    x_final, ln_f_cache = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
+    return x_final, block_caches, ln_f_cache
+
+
+def blocks_backward(dx_final, block_caches: list, ln_f_cache: LayerNormCache, grads: dict, ops=layers):
+    """Backward of blocks_forward: fills grads["ln_f.*"] and grads["h.*"] and returns dx."""
+    dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(dx_final, ln_f_cache)
+    for layer in reversed(range(len(block_caches))):
+        dx = block_backward(dx, block_caches[layer], layer, grads, ops)
+    return dx
+
+
 class GPT:
     """A GPT-2 style model: a frozen GPTConfig plus pure functions of a params dict.
 
@@ -350,12 +369,8 @@ class GPT:
         token_vectors, wte_cache = ops.embedding_forward(params["wte.weight"], tokens)  # [B, T, C]
         x = token_vectors + self.position_embeddings(params, T)  # [T, C] broadcast over B
         x, embedding_dropout_cache = ops.dropout_forward(x, config.dropout, train=train, rng=rng)
-        block_caches = []
-        for layer in range(config.num_layers):
-            x, block_cache = block_forward(params, layer, x, config, train=train, rng=rng, ops=ops)
-            if keep_cache:
-                block_caches.append(block_cache)
-        x_final, ln_f_cache = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
+        x_final, block_caches, ln_f_cache = blocks_forward(params, x, config, train=train, rng=rng,
+                                                           keep_cache=keep_cache, ops=ops)
         if not keep_cache:
             return x_final, None
         head_weight = self.head_weight(params)
@@ -414,10 +429,8 @@ class GPT:
         xp = array_module(cache.x_final)
         T = cache.logits_shape[1]
         grads: dict = {}
-        # x_final = ln_f(x)
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(dx_final, cache.ln_f)
-        for layer in reversed(range(config.num_layers)):
-            dx = block_backward(dx, cache.blocks[layer], layer, grads, ops)
+        # x_final = ln_f(block_L(...block_1(x)))
+        dx = blocks_backward(dx_final, cache.blocks, cache.ln_f, grads, ops)
         # x = dropout(wte[tokens] + positions)
         dx = ops.dropout_backward(dx, cache.embedding_dropout)
         if config.positional == "learned":

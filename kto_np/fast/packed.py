@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..backend import array_module, to_numpy
-from ..layers import LAYERNORM_EPS, AttentionGrads, EmbeddingCache, LayerNormCache, LinearCache, causal_mask
-from ..model import block_backward, block_forward, param_shapes
+from ..layers import AttentionGrads, EmbeddingCache, LayerNormCache, LinearCache, causal_mask
+from ..model import blocks_backward, blocks_forward, param_shapes
 from . import layers as fast_layers
 from . import threads
 
@@ -189,12 +189,8 @@ def body_forward(model, params: dict, tokens, spans, *, keep_cache: bool = True)
     ops = PackedLayers([(start, stop) for _, start, stop in spans])
     x, wte_cache = ops.embedding_forward(params["wte.weight"], tokens.reshape(-1).take(xp.asarray(flat)))  # [M, C]
     x += model.position_embeddings(params, tokens.shape[1]).take(xp.asarray(t), axis=0)
-    block_caches = []
-    for layer in range(config.num_layers):
-        x, block_cache = block_forward(params, layer, x, config, train=False, rng=None, ops=ops)
-        if keep_cache:
-            block_caches.append(block_cache)
-    x_final, ln_f_cache = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], LAYERNORM_EPS)
+    x_final, block_caches, ln_f_cache = blocks_forward(params, x, config, train=False, rng=None,
+                                                       keep_cache=keep_cache, ops=ops)
     if not keep_cache:
         return x_final, None
     return x_final, PackedBodyCache(wte_cache, spans, block_caches, ln_f_cache, ops, config.np_dtype)
@@ -206,9 +202,7 @@ def body_backward(model, dx_final, dhead_weight, cache: PackedBodyCache) -> dict
     config, ops = model.config, cache.ops
     xp = array_module(dx_final)
     grads: dict = {}
-    dx, grads["ln_f.weight"], grads["ln_f.bias"] = ops.layernorm_backward(dx_final, cache.ln_f)
-    for layer in reversed(range(config.num_layers)):
-        dx = block_backward(dx, cache.blocks[layer], layer, grads, ops)
+    dx = blocks_backward(dx_final, cache.blocks, cache.ln_f, grads, ops)
     if config.positional == "learned":
         dwpe = xp.zeros(param_shapes(config)["wpe.weight"], dtype=cache.dtype)
         for _, start, stop in cache.spans:  # row b's positions are 0..length_b - 1
