@@ -474,9 +474,9 @@ def format_results_markdown(results: list[ConfigResult], info: dict) -> str:
         "kto_np runs each row only to its last scored position (kto_np.fast.packed) and computes the head's "
         "logits only at the positions that score a completion token (kto_np.fast.head); the peers, as TRL, "
         "run every position of the padded batch: kto_np's GFLOP/s and peak share count the products it "
-        "computes, " + ", ".join(
-            f"{r.numpy_flops / r.flops:.0%} of the dense step's at {r.config.name}" for r in results
-            if r.numpy_flops is not None) + ".",
+        "computes" + "".join(
+            f"{', ' if i else ': '}{r.numpy_flops / r.flops:.0%} of the dense step's at {r.config.name}"
+            for i, r in enumerate(r for r in results if r.numpy_flops is not None)) + ".",
         "",
     ]
     return "\n".join(lines)

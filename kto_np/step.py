@@ -4,8 +4,14 @@ rows (the one rotation of completions), the reference log-probabilities, the KTO
     tokens [B, T] --model.forward--> logits [B, T, V] --sequence_logprobs--> logps [B]
     --KTO loss--> dL/dlogps [B] --logprobs backward--> dL/dlogits [B, T, V] --model.backward--> grads
 
-A fast GPT (build(..., fast=True)) computes its logits only at the positions that score a completion
-token (kto_np.fast.head: the same numbers, without the prompt's and the padding's logits).
+That is the reading edition's step, and the public completion_logps' always. A fast GPT
+(build(..., fast=True)) gives the same numbers while skipping what the loss never reads:
+
+    without dropout:  tokens --kto_np.fast.packed (each row to its last scored position, rows end to end)
+                      --> x_final [M, C] --kto_np.fast.head (the logits where a completion token is scored
+                      only, [N, V])--> logps [B]
+    with dropout:     tokens --GPT.body_forward (whole rows: the reading edition's dropout masks)
+                      --> x_final [B, T, C] --kto_np.fast.head--> logps [B]
 
 Shape letters: B batch, T the longest prompt + completion row, T' the longest KL row, V vocabulary.
 """
@@ -23,6 +29,7 @@ from .fast import head as fast_head
 from .fast import logprobs as fast_logprobs
 from .fast import packed as fast_packed
 from .losses import KTOConfig
+from .model import GPT
 from .validation import as_float_array, check_bool, check_finite, check_positive_int, check_rng, reject_autograd
 
 __all__ = [
@@ -165,18 +172,19 @@ def _logprob_ops(model):
 
 
 def _scored_logits_only(model) -> bool:
-    """Whether the step computes the head only where a completion token is scored: a fast model that
-    runs its body and head apart (GPT). The numbers are those of the full logits."""
-    return model.fast and hasattr(model, "body_forward")
+    """Whether the step computes the head only where a completion token is scored: a fast GPT (the fast
+    room's head and packed body are written for GPT's parameters). The numbers are those of the full logits."""
+    return model.fast and isinstance(model, GPT)
 
 
 def _completion_logps(model, params: dict, tokens, completion_mask, *, keep_cache: bool, train=False, rng=None,
                       dense=False):
     """Forward + shifted log-probs of the completion tokens, on checked arguments: [B, T] -> [B], and
-    the caches (model cache, log-prob cache) that the backward (_completion_grads) needs (None when not
-    keep_cache). A fast GPT computes its logits at the scored positions only, unless dense=True."""
+    the caches that the backward (_completion_grads) needs (None when not keep_cache): (model cache,
+    log-prob cache) of the dense path, or a fast GPT's (GPTCache or PackedBodyCache, HeadLogprobsCache)
+    (see the module docstring; dense=True takes the dense path for a fast model too)."""
     if _scored_logits_only(model) and not dense:
-        if train and model.config.dropout > 0:  # dropout's masks are drawn over the full rows
+        if train and model.config.dropout > 0:  # dropout draws its masks over the whole rows
             x_final, model_cache = model.body_forward(params, tokens, train=train, rng=rng, keep_cache=keep_cache)
             row_starts = None
         else:  # the positions the loss reads, rows packed end to end (kto_np.fast.packed)
@@ -192,7 +200,9 @@ def _completion_logps(model, params: dict, tokens, completion_mask, *, keep_cach
 
 
 def _completion_grads(model, dlogps, caches) -> dict:
-    """The gradient of every parameter from dL/dlogps [B], through the caches of _completion_logps."""
+    """The gradient of every parameter from dL/dlogps [B], through the caches of _completion_logps:
+    the head at the scored positions, then the packed or the whole-row body; or the dense log-prob
+    backward, then model.backward."""
     model_cache, logp_cache = caches
     if isinstance(logp_cache, fast_head.HeadLogprobsCache):
         dx_final, dhead_weight = fast_head.head_logprobs_backward(dlogps, logp_cache)
@@ -205,7 +215,8 @@ def _completion_grads(model, dlogps, caches) -> dict:
 
 def completion_logps(model, params: dict, tokens, completion_mask, *, train=False, rng=None):
     """Forward + shifted log-probs of the completion tokens: [B, T] -> [B], and the caches
-    (model cache, log-prob cache) that the backward needs. The model checks params and tokens."""
+    (model cache, log-prob cache) that model.backward and the log-prob backward need: the dense path
+    (every logit), for a fast model too. The model checks params and tokens."""
     logits, model_cache = model.forward(params, tokens, train=train, rng=rng)  # [B, T, V]
     logps, logp_cache = _logprob_ops(model).sequence_logprobs_forward(logits, tokens, completion_mask)  # [B]
     return logps, (model_cache, logp_cache)
@@ -216,6 +227,10 @@ def forward_logps(model, params: dict, tokens, completion_mask):
     z is detached). Keeps no activations: it costs the memory of one layer at a time."""
     model.check_params(params)
     tokens = model.check_tokens(tokens)
+    completion_mask = as_float_array("completion_mask", completion_mask, ndim=2)
+    if tuple(completion_mask.shape) != tuple(tokens.shape):
+        raise ValueError(f"completion_mask must have the shape of tokens {tuple(tokens.shape)}, got "
+                         f"{tuple(completion_mask.shape)}")
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite log-probs are reported below, by name
         logps = _completion_logps(model, params, tokens, completion_mask, keep_cache=False)[0]
     check_finite("the log-probabilities (params give non-finite logits)", logps)
@@ -319,9 +334,9 @@ def _kto_loss(model, params: dict, batch: Batch, ref_logps, kl_ref_logps, config
     """
     kl_logps = None
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is reported below, by name
-        if kl_ref_logps is not None:
+        if kl_ref_logps is not None:  # log-probs only, never dlogits: no dense path needed
             kl_logps, _ = _completion_logps(model, params, batch.kl_tokens, batch.kl_completion_mask,
-                                            keep_cache=False, dense=dense)
+                                            keep_cache=False)
         logps, caches = _completion_logps(model, params, batch.tokens, batch.completion_mask, keep_cache=True,
                                           train=train, rng=rng, dense=dense)
         check_finite("the policy's log-probabilities (params give non-finite logits)",

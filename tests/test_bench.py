@@ -218,8 +218,10 @@ def test_step_flops_counts_every_matrix_product():
 
 def test_scored_step_flops_counts_the_kept_positions_and_the_scored_heads_products():
     """kto_np's fast step runs each row to its last scored position (packed) and the head at the scored
-    positions: the products counted here product by product, row by row (as the dense count above), the
-    matched rows in 4 passes (two forwards, a backward of two), the KL rows in 2."""
+    positions: the products recounted here product by product, row by row (as the dense count above),
+    the matched rows in 4 passes (two forwards, a backward of two), the KL rows in 2. (What the step
+    itself runs is tested in test_step.py; this checks the count's arithmetic, and the band against the
+    dense count.)"""
     config = bench.CONFIGS["small"]
     batch = bench.synthetic_batch(config)
     C, V, L, NH = config.hidden_size, config.vocab_size, config.num_layers, config.num_heads

@@ -414,12 +414,17 @@ def test_a_whole_step_does_not_depend_on_the_thread_count(small_blocks):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("count", [1, 2])
-def test_packed_attention_is_the_reading_editions_attention_on_each_row(small_blocks, rng, dtype, count):
+def test_packed_attention_is_the_reading_editions_attention_on_each_row(small_blocks, monkeypatch, rng, dtype,
+                                                                       count):
     """kto_np.fast.packed's attention on rows of lengths 5, 0 (dropped), 7 and 1, packed end to end,
     against kto_np.layers' attention on the padded batch, read at the kept positions; the gradients with
-    dout 0 beyond each row's end. With several threads (and threadpoolctl) the rows run in parallel."""
+    dout 0 beyond each row's end. With 2 threads and threadpoolctl (CI's second pass) the rows run on the
+    pool, in parallel (checked); without threadpoolctl, one after the other."""
     from kto_np.fast import packed
 
+    pooled = []
+    monkeypatch.setattr(fast_threads, "run", lambda function, tasks, work=None, run=fast_threads.run:
+                        pooled.append(len(tasks)) or run(function, tasks, work))
     fast_threads.set_threads(count)
     try:
         B, T, C, NH = 4, 7, 8, 2
@@ -441,6 +446,8 @@ def test_packed_attention_is_the_reading_editions_attention_on_each_row(small_bl
         assert_twins(grads_p.dx, np.stack([grads_r.dx[b, t] for b, t in keep]), dtype, "dx")
         for name in ("dc_attn_weight", "dc_attn_bias", "dc_proj_weight", "dc_proj_bias"):
             assert_twins(getattr(grads_p, name), getattr(grads_r, name), dtype, name)
+        rows_on_the_pool = count > 1 and bool(fast_threads._blas_controller())
+        assert (3 in pooled) == rows_on_the_pool, pooled  # the 3 kept rows as one job, forward and backward
     finally:
         fast_threads.set_threads(None)
 

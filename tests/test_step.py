@@ -205,6 +205,59 @@ def test_a_fast_step_is_the_reading_editions_step(monkeypatch, dtype, rtol, tie_
     assert len(packed_bodies) == (4 if train and dropout > 0 else 6)
 
 
+@pytest.mark.parametrize("prompts, completions", [([[5], [6]], [[], []]), ([[5, 6], [7]], [[], [3]])],
+                         ids=["T=1", "one-row-empty"])
+def test_a_fast_step_with_nothing_or_little_scored_is_the_reading_editions_step(prompts, completions):
+    """Rows of one token (T = 1: nothing can be scored) and an empty completion beside a one-token one."""
+    kwargs = dict(hidden_size=8, num_layers=1, num_heads=2, vocab_size=11, dropout=0.0, max_seq_len=8,
+                  dtype="float64")
+    reading, fast = build(**kwargs), build(**kwargs, fast=True)
+    params, ref_params = reading.init(0), reading.init(1)
+    batch = step.make_batch(prompts, completions, [1, 0], dtype="float64")
+    outputs = []
+    for model in (reading, fast):
+        ref, kl_ref = step.reference_logps(model, ref_params, batch)
+        loss, _, grads = step.kto_step(model, params, batch, ref, kl_ref, KTOConfig(variant="kto"))
+        logps = step.forward_logps(model, params, batch.tokens, batch.completion_mask)
+        outputs.append((ref, kl_ref, loss, grads, logps))
+    for a, b in zip(*outputs):
+        if isinstance(a, dict):
+            for name in a:
+                np.testing.assert_allclose(b[name], a[name], rtol=1e-12, atol=1e-15, err_msg=name)
+        else:
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dropout, train", [(0.1, True), (0.0, False)])
+def test_kto_dlogits_of_a_fast_model_are_the_dense_dlogits(dropout, train):
+    """kto_dlogits (train.token_gradient_norms reads it) keeps every logit for a fast model too."""
+    kwargs = dict(hidden_size=16, num_layers=2, num_heads=4, vocab_size=37, dropout=dropout, max_seq_len=16,
+                  dtype="float64")
+    reading, fast = build(**kwargs), build(**kwargs, fast=True)
+    params, ref_params = reading.init(3), reading.init(4)
+    batch = step.make_batch(PROMPTS, COMPLETIONS, [1, 0, 1], dtype="float64", max_len=9)
+    results = []
+    for model in (reading, fast):
+        ref, kl_ref = step.reference_logps(model, ref_params, batch)
+        loss, _, dlogits, _ = step.kto_dlogits(model, params, batch, ref, kl_ref, KTOConfig(variant="kto"),
+                                               train=train, rng=np.random.default_rng(5))
+        results.append((loss, dlogits))
+    (loss_r, dlogits_r), (loss_f, dlogits_f) = results
+    assert dlogits_f.shape == dlogits_r.shape == (3, 9, 37)
+    np.testing.assert_allclose(loss_f, loss_r, rtol=1e-12)
+    np.testing.assert_allclose(dlogits_f, dlogits_r, rtol=1e-12, atol=1e-15)
+
+
+def test_forward_logps_checks_the_mask_at_its_door():
+    model = build(hidden_size=8, num_layers=1, num_heads=2, vocab_size=11, max_seq_len=8, fast=True)
+    params = model.init(0)
+    tokens = np.ones((2, 3), dtype=np.int64)
+    with pytest.raises(ValueError, match="completion_mask must have the shape of tokens"):
+        step.forward_logps(model, params, tokens, np.ones((2, 2)))
+    with pytest.raises(ValueError, match="completion_mask"):
+        step.forward_logps(model, params, tokens, np.ones(3))
+
+
 def test_row_spans_keep_each_row_to_its_last_scored_position():
     from kto_np.fast.packed import row_spans
 
@@ -215,3 +268,5 @@ def test_row_spans_keep_each_row_to_its_last_scored_position():
     spans, row_starts = row_spans(mask)
     assert spans == [(0, 0, 3), (2, 3, 8), (3, 8, 9)]
     assert row_starts.tolist() == [0, 3, 3, 8]
+    spans, row_starts = row_spans(np.ones((3, 1)))  # T = 1: nothing can be scored
+    assert spans == [] and row_starts.tolist() == [0, 0, 0]

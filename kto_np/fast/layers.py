@@ -123,7 +123,7 @@ def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
     mean = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)
     rstd = xp.empty_like(mean)
     if not threads.blocked(x):
-        _layernorm_block(x, weight, bias, eps, out, mean, rstd, xp.empty_like(x))
+        _layernorm_block(x, weight, bias, eps, out, mean, rstd, xp.empty_like(x), blas=True)
     else:
         x_rows, out_rows = x.reshape(-1, C), out.reshape(-1, C)
         mean_rows, rstd_rows = mean.reshape(-1, 1), rstd.reshape(-1, 1)
@@ -131,27 +131,32 @@ def layernorm_forward(x, weight, bias, eps: float = LAYERNORM_EPS):
         def block(start, stop):
             squares = threads.scratch((stop - start) * C, x.dtype).reshape(stop - start, C)
             _layernorm_block(x_rows[start:stop], weight, bias, eps, out_rows[start:stop], mean_rows[start:stop],
-                             rstd_rows[start:stop], squares)
+                             rstd_rows[start:stop], squares, blas=False)
 
         threads.run(block, threads.blocks(x_rows.shape[0], C), x.size)
     return out, LayerNormCache(x, weight, mean, rstd)
 
 
-def _row_means(x, out):
-    """The mean of each row of x [..., C] into out [..., 1], as a matrix-vector product with (1/C, ..., 1/C):
-    a BLAS pass, several times faster than NumPy's reduction over short rows (C of 128 to 1024)."""
+def _row_means(x, out, blas: bool):
+    """The mean of each row of x [..., C] into out [..., 1]. blas=True: a matrix-vector product with
+    (1/C, ..., 1/C), a BLAS pass several times faster than NumPy's reduction over short rows (C of 128 to
+    1024), for a whole array; blas=False: NumPy's mean, for the blocks the pool's threads run (no
+    threaded BLAS call beside the other blocks' threads). The choice follows the array's size only
+    (threads.blocked), so the numbers do not depend on the thread count."""
     xp = array_module(x)
+    if not blas:
+        return xp.mean(x, axis=-1, keepdims=True, out=out)
     C = x.shape[-1]
     xp.matmul(x.reshape(-1, C), xp.full((C, 1), 1.0 / C, dtype=x.dtype), out=out.reshape(-1, 1))
     return out
 
 
-def _layernorm_block(x, weight, bias, eps, out, mean, rstd, squares):
+def _layernorm_block(x, weight, bias, eps, out, mean, rstd, squares, *, blas: bool):
     """layernorm_forward of rows x [n, C] into out [n, C], mean and rstd [n, 1]; squares: scratch [n, C]."""
     xp = array_module(x)
-    _row_means(x, mean)
+    _row_means(x, mean, blas)
     centered = xp.subtract(x, mean, out=out)
-    var = _row_means(xp.multiply(centered, centered, out=squares), rstd)
+    var = _row_means(xp.multiply(centered, centered, out=squares), rstd, blas)
     var += eps
     xp.sqrt(var, out=rstd)
     xp.divide(1.0, rstd, out=rstd)  # rstd = 1 / sqrt(var + eps)
@@ -174,7 +179,7 @@ def layernorm_backward(dout, cache: LayerNormCache):
     if not threads.blocked(x, dout):
         sums = xp.empty((1, 2, C), dtype=x.dtype)
         _layernorm_backward_block(dout, x, cache.mean, cache.rstd, cache.weight, dx, sums[0],
-                                  xp.empty_like(x), xp.empty_like(x))
+                                  xp.empty_like(x), xp.empty_like(x), blas=True)
     else:
         rows = threads.blocks(x.size // C, C)
         x_rows, dout_rows, dx_rows = x.reshape(-1, C), dout.reshape(-1, C), dx.reshape(-1, C)
@@ -185,14 +190,14 @@ def layernorm_backward(dout, cache: LayerNormCache):
             buffer = threads.scratch(2 * (stop - start) * C, x.dtype).reshape(2, stop - start, C)
             _layernorm_backward_block(dout_rows[start:stop], x_rows[start:stop], mean_rows[start:stop],
                                       rstd_rows[start:stop], cache.weight, dx_rows[start:stop], sums[index],
-                                      buffer[0], buffer[1])
+                                      buffer[0], buffer[1], blas=False)
 
         threads.run(block, [(i, start, stop) for i, (start, stop) in enumerate(rows)], x.size)
     dbias, dweight = sums.sum(axis=0) if sums.shape[0] > 1 else sums[0]
     return dx, dweight, dbias
 
 
-def _layernorm_backward_block(dout, x, mean, rstd, weight, dx, sums, x_hat, g_x_hat):
+def _layernorm_backward_block(dout, x, mean, rstd, weight, dx, sums, x_hat, g_x_hat, *, blas: bool):
     """layernorm_backward of rows [..., C] into dx; sums [2, C] gets (sum of dout, sum of dout * x_hat)
     over the rows. x_hat and g_x_hat: scratch of x's shape. Three buffers instead of the formula's eight
     temporaries (LayerNorm runs 2L + 1 times per pass)."""
@@ -206,8 +211,8 @@ def _layernorm_backward_block(dout, x, mean, rstd, weight, dx, sums, x_hat, g_x_
     g_x_hat *= weight  # g * x_hat
     xp.multiply(dout, weight, out=dx)  # g
     row_means = xp.empty((*dx.shape[:-1], 2), dtype=dx.dtype)  # mean(g), mean(g * x_hat)
-    dx -= _row_means(dx, row_means[..., :1])
-    x_hat *= _row_means(g_x_hat, row_means[..., 1:])
+    dx -= _row_means(dx, row_means[..., :1], blas)
+    x_hat *= _row_means(g_x_hat, row_means[..., 1:], blas)
     dx -= x_hat
     dx *= rstd
 

@@ -173,4 +173,3 @@ def sequence_logprobs_backward(dlogps, cache: SequenceLogprobsCache):
 def sequence_logprobs(logits, tokens, completion_mask):
     """Shifted completion log-probabilities [B] (see sequence_logprobs_forward), unchecked."""
     return sequence_logprobs_forward(logits, tokens, completion_mask)[0]
-

@@ -16,6 +16,9 @@ The numbers are those of the full rows (tests/test_fast.py, tests/test_step.py).
 batch's padding: in the benchmark's batch (rows of 3/4 T to T, padded to T) ~12 % of every product of
 the body; in real batches, whose rows vary more in length, often more.
 
+On CuPy arrays the rows' attention is a loop of small kernels and row_spans reads the mask on the host:
+the same numbers, speed on a GPU not measured (no GPU has been lent to this project).
+
 Dropout draws its masks over the full [B, T] shape, so a step that applies dropout (train=True and
 dropout > 0) runs the full rows (GPT.body_forward) and draws the reading edition's masks; step.py
 chooses.
@@ -47,7 +50,10 @@ def row_spans(completion_mask) -> tuple[list[tuple[int, int, int]], np.ndarray]:
     """
     scored = to_numpy(completion_mask)[:, 1:] != 0  # [B, T - 1]
     width = scored.shape[1]
-    lengths = np.where(scored.any(axis=1), width - np.argmax(scored[:, ::-1], axis=1), 0)  # last_b + 1
+    lengths = np.zeros(scored.shape[0], dtype=np.int64)  # last_b + 1, 0 where nothing is scored
+    any_scored = scored.any(axis=1)
+    if any_scored.any():
+        lengths[any_scored] = width - np.argmax(scored[any_scored, ::-1], axis=1)
     row_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     spans = [(b, int(start), int(start + length)) for b, (start, length) in enumerate(zip(row_starts, lengths))
              if length > 0]
