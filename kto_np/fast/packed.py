@@ -8,7 +8,7 @@ completion ended early) changes nothing the loss reads, and its gradient is exac
 the GPT body on those positions alone:
 
     tokens [B, T] -> the kept positions of every row, end to end: x [M, C], M = sum_b (last_b + 1)
-    -> embeddings, blocks, ln_f on [M, C] (every op but attention works row by row already)
+    -> embeddings, blocks, ln_f on [M, C] (every op but attention works position by position)
     -> attention one row at a time, on its own [NH, length_b, HS] heads (a causal mask per row)
     -> x_final [M, C], read by kto_np.fast.head at the scored positions (row_starts).
 
