@@ -147,15 +147,19 @@ def test_the_package_side_of_the_benchmark_imports_no_tool_above_it():
         assert not parts & {"cli", "torch", "jax"}, (name, sorted(imported))
 
 
-def test_torch_reference_imports_without_torch_and_says_how_to_install_it():
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from kto_np import torch_reference\n"
-            "try:\n    torch_reference.require_torch()\n"
+@pytest.mark.parametrize("package, module, require, says, extra", [
+    ("torch", "torch_reference", "require_torch", "needs PyTorch", ".[torch]"),
+    ("jax", "jax_reference", "require_jax", "needs JAX", ".[jax]"),
+])
+def test_a_peer_imports_without_its_package_and_says_how_to_install_it(package, module, require, says, extra):
+    code = (f"import sys; sys.modules[{package!r}] = None\n"
+            f"from kto_np import {module}\n"
+            f"try:\n    {module}.{require}()\n"
             "except ImportError as exc:\n    print(exc)\n")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                                env={**os.environ, "PYTHONPATH": REPO}, timeout=120, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "needs PyTorch" in completed.stdout and ".[torch]" in completed.stdout, completed.stdout
+    assert says in completed.stdout and extra in completed.stdout, completed.stdout
 
 
 def test_cupy_backend_without_a_gpu_is_an_error(capsys):
@@ -284,17 +288,6 @@ def test_torch_twin_float32_stays_close():
         assert param.dtype == np.float32, name
         np.testing.assert_allclose(param, torch_step.params[name].detach().numpy(), rtol=1e-4, atol=bound,
                                    err_msg=name)
-
-
-def test_jax_reference_imports_without_jax_and_says_how_to_install_it():
-    code = ("import sys; sys.modules['jax'] = None\n"
-            "from kto_np import jax_reference\n"
-            "try:\n    jax_reference.require_jax()\n"
-            "except ImportError as exc:\n    print(exc)\n")
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": REPO}, timeout=120, check=False)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "needs JAX" in completed.stdout and ".[jax]" in completed.stdout, completed.stdout
 
 
 def test_jax_twin_gives_the_same_steps_in_float32():
